@@ -1,0 +1,160 @@
+"""The agent: backends, index writer, registration and command consumer, started and stopped together.
+
+It lives inside someone else's process, so it only runs plain daemon threads (one for the
+command stream, one for heartbeats, one for index writes), never touches the host's event
+loop, and installs no signal handlers: the host calls `stop()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import redis
+import torch
+
+from kvbus.agent.backends import HashSpace, StorageBackend, make_backends
+from kvbus.agent.consumer import CommandConsumer
+from kvbus.agent.handlers import CommandHandlers
+from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.registration import Registration, WorkerAddress
+from kvbus.shared import redis_conn
+from kvbus.shared.config import KVBusConfig
+from kvbus.shared.messages import EventKind
+
+log = logging.getLogger("kvbus.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        config: KVBusConfig,
+        *,
+        model: str,
+        worker_id: int = 0,
+        client: redis.Redis | None = None,
+        blocking_client: redis.Redis | None = None,
+    ) -> None:
+        self.config = config
+        self.instance_id = config.lmcache_instance_id
+        self.worker_id = worker_id
+        self.space = HashSpace(model, config.chunk_size, config.save_unfull_chunk)
+        self._redis = client or redis_conn.connect(config.redis_url)
+        self._blocking = blocking_client or redis_conn.connect(config.redis_url, blocking=True)
+        self.index = IndexWriter(self._redis, self.instance_id)
+        self.backends: list[StorageBackend] = make_backends(config, self.space, self.index)
+        if config.local_disk:
+            log.warning("local_disk is set, but this kvbus has no LocalDiskBackend yet; chunks stay in memory")
+        self.registration = Registration(
+            self._redis,
+            instance_id=self.instance_id,
+            worker_id=worker_id,
+            space=self.space,
+            locations=[b.location for b in self.backends],
+            address=_address(config, worker_id),
+            ttl_s=config.heartbeat_ttl,
+        )
+        self.consumer = CommandConsumer(
+            self._blocking,
+            instance_id=self.instance_id,
+            worker_id=worker_id,
+            handler=CommandHandlers({b.location: b for b in self.backends}, self.instance_id, worker_id),
+            before_reply=self.index.flush,
+            now_ms=self.registration.now_ms,
+        )
+        self._stop = threading.Event()
+        self._reregistering = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Register, drop index entries a crashed predecessor left, and start serving commands."""
+        self.registration.register()
+        self._publish_all()  # replaces whatever a crashed predecessor left in the index
+        self.consumer.ensure_group()
+        self.index.start()
+        for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._command_loop)):
+            thread = threading.Thread(target=target, name=f"kvbus-{name}-{self.instance_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("agent %s worker %d serving %s for model %s (chunk_size %d) via %s",
+                 self.instance_id, self.worker_id, ", ".join(b.location for b in self.backends) or "nothing",
+                 self.space.model, self.space.chunk_size, _redacted(self.config.redis_url))
+
+    def stop(self) -> None:
+        """Finish the command in hand, then deregister and drop this instance's index entries."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.index.stop()
+        try:
+            self.index.purge([b.location for b in self.backends])
+            self.registration.deregister()
+        except redis.RedisError as exc:
+            log.warning("could not deregister from Redis (%s); entries expire with the heartbeat", exc)
+        log.info("agent %s worker %d stopped", self.instance_id, self.worker_id)
+
+    def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:
+        """Keep a prompt's KV in the fastest backend; returns the tokens now held."""
+        return self.backends[0].store(tokens, kv) if self.backends else 0
+
+    def retrieve(self, tokens: Sequence[int]) -> list[torch.Tensor]:
+        return self.backends[0].retrieve(tokens) if self.backends else []
+
+    def contains(self, tokens: Sequence[int]) -> int:
+        return max((b.contains(tokens) for b in self.backends), default=0)
+
+    def _publish_all(self) -> None:
+        for backend in self.backends:
+            backend.publish_all()
+        self.index.flush()
+
+    def _heartbeat_loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.config.heartbeat_interval):
+            try:
+                if not self.registration.heartbeat():
+                    self._reregister("Redis no longer knows this instance (restarted or flushed)")
+                lost = self.index.take_resync_request()
+                if lost:
+                    self._reregister(f"index writes for {', '.join(lost)} were dropped while Redis was away")
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("heartbeat to Redis failing (%s); retrying", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("heartbeat to Redis recovered")
+            failing = False
+
+    def _reregister(self, reason: str) -> None:
+        with self._reregistering:
+            self.registration.register()
+            self.consumer.ensure_group()
+            self._publish_all()
+        held = sum(len(b) for b in self.backends)
+        self.registration.event(EventKind.RESYNCED, f"{held} chunks")
+        log.warning("re-registered %s and re-published %d chunks: %s", self.instance_id, held, reason)
+
+    def _command_loop(self) -> None:
+        self.consumer.run(self._stop, on_lost_group=lambda: self._reregister("its command group vanished"))
+
+
+def _address(config: KVBusConfig, worker_id: int) -> WorkerAddress:
+    def pick(ports: tuple[int, ...] | None) -> int | None:
+        if not ports:
+            return None
+        return ports[worker_id] if worker_id < len(ports) else None
+
+    peer_port = pick(config.p2p_init_ports)
+    host = config.p2p_host or "127.0.0.1"
+    return WorkerAddress(
+        host=host,
+        port=pick(config.lmcache_worker_ports),
+        peer_init_url=f"{host}:{peer_port}" if peer_port is not None else None,
+    )
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if sep else url

@@ -1,0 +1,76 @@
+"""Chunks as torch tensors in one device's memory, within a byte capacity, evicted least recently used."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+
+from kvbus.agent.backends.base import HashSpace, IndexEntry, IndexListener, StorageBackend
+
+log = logging.getLogger("kvbus.agent.backends")
+
+
+class TensorLRUBackend(StorageBackend):
+    def __init__(
+        self, space: HashSpace, capacity_bytes: int, device: torch.device, *, pin_memory: bool = False,
+        listener: IndexListener | None = None,
+    ) -> None:
+        super().__init__(space, listener)
+        self._capacity = capacity_bytes
+        self._device = device
+        self._pin = pin_memory
+        self._chunks: OrderedDict[str, tuple[IndexEntry, torch.Tensor]] = OrderedDict()
+        self._used = 0
+
+    def _put(self, entry: IndexEntry, tensor: torch.Tensor) -> bool:
+        if entry.key in self._chunks:
+            return True
+        size = tensor.numel() * tensor.element_size()
+        if size > self._capacity:
+            log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
+                        self.location, size, self._capacity)
+            return False
+        while self._used + size > self._capacity:
+            _, (old, old_tensor) = self._chunks.popitem(last=False)
+            self._used -= old_tensor.numel() * old_tensor.element_size()
+            self._evicted(old)
+        copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device, pin_memory=self._pin)
+        copy.copy_(tensor)
+        self._chunks[entry.key] = (entry, copy)
+        self._used += size
+        self._admitted(entry)
+        return True
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        held = self._chunks.get(key)
+        return None if held is None else held[1]
+
+    def _has(self, key: str) -> bool:
+        return key in self._chunks
+
+    def _clear(self) -> int:
+        freed = sum(entry.num_tokens for entry, _ in self._chunks.values())
+        self._chunks.clear()
+        self._used = 0
+        return freed
+
+    def _entries(self) -> list[IndexEntry]:
+        return [entry for entry, _ in self._chunks.values()]
+
+    def _touch_prefix(self, keys: list[str]) -> None:
+        for key in reversed(keys):
+            if key in self._chunks:
+                self._chunks.move_to_end(key)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity

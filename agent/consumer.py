@@ -1,0 +1,171 @@
+"""Reads this worker's commands from its instance's stream and answers each exactly once.
+
+Per command: run the handler (which frees buffers and queues index changes), flush the
+index, then in one write: record the result under a `done` key, XADD it to the result
+stream the command names, and XACK. Delivery is at least once, so:
+- a redelivery in this process reuses the result it already computed;
+- a redelivery after a restart finds the `done` key and is only acked;
+- a command past its deadline is answered "expired" and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import redis
+
+from kvbus.shared import keys
+from kvbus.shared.messages import Command, DecodeError, Result, ResultStatus, decode, encode
+from kvbus.shared.redis_conn import BLOCK_MS
+
+log = logging.getLogger("kvbus.agent.consumer")
+
+DONE_TTL_S = 3600
+RESULTS_MAXLEN = 10_000
+_REMEMBERED_RESULTS = 10_000
+
+Handler = Callable[[Command], Result]
+Entry = tuple[str, dict[str, str] | None]
+
+
+class CommandConsumer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        instance_id: str,
+        worker_id: int,
+        handler: Handler,
+        before_reply: Callable[[], None],
+        now_ms: Callable[[], int],
+        count: int = 32,
+    ) -> None:
+        self._redis = client
+        self._instance = instance_id
+        self._worker = worker_id
+        self._handler = handler
+        self._before_reply = before_reply
+        self._now_ms = now_ms
+        self._count = count
+        self._stream = keys.commands(instance_id)
+        self._group = keys.command_group(worker_id)
+        self._results: OrderedDict[str, Result] = OrderedDict()
+        self.handled = 0
+
+    def ensure_group(self) -> None:
+        """Create this worker's group, from the stream's start, so no command sent before it is missed."""
+        try:
+            self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def drain_pending(self) -> int:
+        """Answer what this worker had read but not acked (a previous run crashed); returns how many."""
+        total = 0
+        while True:
+            entries = self._read("0", block_ms=None)
+            if not entries:
+                return total
+            for entry_id, fields in entries:
+                self._handle(entry_id, fields, redelivered=True)
+            total += len(entries)
+
+    def poll(self, block_ms: int = BLOCK_MS) -> int:
+        """Wait up to `block_ms` for new commands and answer them; returns how many."""
+        entries = self._read(">", block_ms=block_ms)
+        for entry_id, fields in entries:
+            self._handle(entry_id, fields, redelivered=False)
+        return len(entries)
+
+    def run(self, stop: threading.Event, on_lost_group: Callable[[], None]) -> None:
+        """The loop of the consumer thread: pending entries first, then new ones, until `stop`."""
+        failing = False
+        need_pending = True
+        while not stop.is_set():
+            try:
+                if need_pending:
+                    self.drain_pending()
+                    need_pending = False
+                self.poll()
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("command stream %s lost its group (Redis restarted?); re-registering", self._stream)
+                on_lost_group()
+                need_pending = True
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("command stream %s unreadable (%s); retrying", self._stream, exc)
+                failing = True
+                need_pending = True
+                stop.wait(0.5)
+                continue
+            if failing:
+                log.info("command stream %s readable again", self._stream)
+            failing = False
+
+    def _read(self, start: str, block_ms: int | None) -> list[Entry]:
+        reply = self._redis.xreadgroup(
+            self._group, self._group, {self._stream: start}, count=self._count, block=block_ms
+        )
+        return reply[0][1] if reply else []
+
+    def _handle(self, entry_id: str, fields: dict[str, str] | None, *, redelivered: bool) -> None:
+        if not fields:
+            # Trimmed while pending: nobody can be waiting for it any more.
+            self._redis.xack(self._stream, self._group, entry_id)
+            return
+        try:
+            command = decode(Command, fields)
+        except DecodeError as exc:
+            log.error("dropping undecodable command %s on %s: %s", entry_id, self._stream, exc)
+            self._redis.xack(self._stream, self._group, entry_id)
+            return
+        result = self._results.get(command.event_id)
+        if result is None:
+            if redelivered and self._redis.exists(keys.done(self._instance, self._worker, command.event_id)):
+                log.info("%s already answered before a restart; acking its redelivery", command.event_id)
+                self._redis.xack(self._stream, self._group, entry_id)
+                return
+            result = self._execute(entry_id, command)
+            self._results[command.event_id] = result
+            if len(self._results) > _REMEMBERED_RESULTS:
+                self._results.popitem(last=False)
+        self._before_reply()
+        self._reply(entry_id, command, result)
+        self.handled += 1
+
+    def _execute(self, entry_id: str, command: Command) -> Result:
+        issued_ms = int(entry_id.split("-", 1)[0])
+        late_ms = self._now_ms() - (issued_ms + command.timeout_ms)
+        if late_ms > 0:
+            log.warning("%s %s arrived %d ms past its deadline; answering expired",
+                        command.kind, command.event_id, late_ms)
+            return self._result(command, ResultStatus.EXPIRED, detail=f"arrived {late_ms} ms past its deadline")
+        started = time.perf_counter()
+        try:
+            result = self._handler(command)
+        except Exception as exc:
+            log.exception("%s %s failed", command.kind, command.event_id)
+            return self._result(command, ResultStatus.ERROR, detail=f"{type(exc).__name__}: {exc}")
+        log.info("%s %s %s: %d tokens in %.1f ms", command.kind, command.event_id, command.location,
+                 result.num_tokens, (time.perf_counter() - started) * 1000)
+        return result
+
+    def _result(self, command: Command, status: ResultStatus, *, detail: str = "") -> Result:
+        return Result(event_id=command.event_id, instance_id=self._instance, worker_id=self._worker,
+                      status=status, detail=detail)
+
+    def _reply(self, entry_id: str, command: Command, result: Result) -> None:
+        fields = encode(result)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"], ex=DONE_TTL_S)
+        # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
+        pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
+        pipe.xack(self._stream, self._group, entry_id)
+        pipe.execute()

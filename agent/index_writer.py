@@ -1,0 +1,215 @@
+"""Keeps the Redis index equal to what this agent's backends hold.
+
+Backends report admissions, evictions and clears in order into one op log; `flush()`
+folds the log into a few batched commands (one HSET of many fields per location, not a
+round trip per chunk). A background thread flushes every few milliseconds; a command
+handler flushes synchronously before it answers, so the index is current when the
+controller's response goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import redis
+
+from kvbus.agent.backends.base import IndexEntry
+from kvbus.shared import keys
+from kvbus.shared.locations import Location
+
+log = logging.getLogger("kvbus.agent.index")
+
+FIELDS_PER_COMMAND = 1000
+MAX_QUEUED_OPS = 1_000_000  # past this, while Redis is away, queueing gives way to a full resync
+
+
+@dataclass
+class _Op:
+    kind: str  # "admit" | "evict" | "replace"
+    location: Location
+    entry: IndexEntry | None = None
+    entries: list[IndexEntry] = field(default_factory=list)
+
+
+@dataclass
+class _LocationDelta:
+    """The net effect of a run of ops on one location."""
+
+    purge: bool = False
+    admit: dict[str, int] = field(default_factory=dict)
+    evict: set[str] = field(default_factory=set)
+    heads_added: set[str] = field(default_factory=set)
+    heads_removed: set[str] = field(default_factory=set)
+
+    def apply(self, op: _Op) -> None:
+        if op.kind == "replace":
+            self.__init__(purge=True)  # type: ignore[misc]
+            for entry in op.entries:
+                self._admit(entry)
+            return
+        assert op.entry is not None
+        if op.kind == "admit":
+            self._admit(op.entry)
+        else:
+            self.admit.pop(op.entry.key, None)
+            self.evict.add(op.entry.key)
+            if op.entry.is_head:
+                self.heads_added.discard(op.entry.key)
+                self.heads_removed.add(op.entry.key)
+
+    def _admit(self, entry: IndexEntry) -> None:
+        self.evict.discard(entry.key)
+        self.admit[entry.key] = entry.num_tokens
+        if entry.is_head:
+            self.heads_removed.discard(entry.key)
+            self.heads_added.add(entry.key)
+
+
+class IndexWriter:
+    """The IndexListener of every backend of one agent."""
+
+    def __init__(self, client: redis.Redis, instance_id: str, *, flush_interval_s: float = 0.005) -> None:
+        self._redis = client
+        self._instance = instance_id
+        self._interval = flush_interval_s
+        self._ops: deque[_Op] = deque()
+        self._ops_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._overflowed = False
+        self._resync_needed: list[Location] = []
+        self.written = 0  # chunks written, for logs and benchmarks
+
+    # IndexListener: called by backends under their lock, so ops land in the order they happened.
+    def admitted(self, location: Location, entry: IndexEntry) -> None:
+        self._enqueue(_Op("admit", location, entry))
+
+    def evicted(self, location: Location, entry: IndexEntry) -> None:
+        self._enqueue(_Op("evict", location, entry))
+
+    def cleared(self, location: Location) -> None:
+        self._enqueue(_Op("replace", location))
+
+    def replaced(self, location: Location, entries: list[IndexEntry]) -> None:
+        self._enqueue(_Op("replace", location, entries=entries))
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._ops_lock:
+            if op.kind == "replace":
+                # Whatever is queued for this location is superseded.
+                self._ops = deque(o for o in self._ops if o.location != op.location)
+            self._ops.append(op)
+            if len(self._ops) > MAX_QUEUED_OPS:
+                self._overflow()
+        if len(self._ops) >= FIELDS_PER_COMMAND:
+            self._wake.set()
+
+    def _overflow(self) -> None:
+        locations = {o.location for o in self._ops}
+        self._ops.clear()
+        self._resync_needed.extend(locations)
+        if not self._overflowed:
+            log.warning("index writes queued past %d while Redis is unreachable; "
+                        "the index will be rebuilt from the backends once it returns", MAX_QUEUED_OPS)
+        self._overflowed = True
+
+    def take_resync_request(self) -> list[Location]:
+        """Locations whose queued ops were dropped; the owner republishes them from its backends."""
+        with self._ops_lock:
+            locations, self._resync_needed = self._resync_needed, []
+            self._overflowed = False
+            return locations
+
+    def flush(self) -> None:
+        """Write every queued op to Redis now. Raises redis.RedisError; the ops then stay queued."""
+        with self._send_lock:
+            with self._ops_lock:
+                ops, self._ops = list(self._ops), deque()
+            if not ops:
+                return
+            try:
+                self._write(ops)
+            except redis.RedisError:
+                with self._ops_lock:
+                    self._ops.extendleft(reversed(ops))
+                raise
+
+    def purge(self, locations: list[Location]) -> None:
+        """Drop everything the index says this instance holds at `locations`, e.g. left by a crashed run."""
+        for location in locations:
+            self.replaced(location, [])
+        self.flush()
+
+    def _write(self, ops: list[_Op]) -> None:
+        deltas: dict[Location, _LocationDelta] = {}
+        for op in ops:
+            deltas.setdefault(op.location, _LocationDelta()).apply(op)
+        purged = [loc for loc, delta in deltas.items() if delta.purge]
+        old_heads: dict[Location, set[str]] = {}
+        if purged:
+            reads = self._redis.pipeline(transaction=False)
+            for location in purged:
+                reads.smembers(keys.heads(self._instance, location))
+            old_heads = dict(zip(purged, reads.execute()))
+        pipe = self._redis.pipeline(transaction=False)
+        for location, delta in deltas.items():
+            self._add_commands(pipe, location, delta, old_heads.get(location, set()))
+        pipe.execute()
+        self.written += sum(len(d.admit) for d in deltas.values())
+
+    def _add_commands(self, pipe: redis.client.Pipeline, location: Location, delta: _LocationDelta,
+                      old_heads: set[str]) -> None:
+        index_key = keys.index(self._instance, location)
+        heads_key = keys.heads(self._instance, location)
+        if delta.purge:
+            # Global head entries first: if the connection drops midway, heads_key still lists them.
+            for head in old_heads - delta.heads_added:
+                pipe.srem(keys.head(location, head), self._instance)
+            pipe.unlink(index_key, heads_key)
+        items = list(delta.admit.items())
+        for start in range(0, len(items), FIELDS_PER_COMMAND):
+            pipe.hset(index_key, mapping=dict(items[start : start + FIELDS_PER_COMMAND]))
+        evicted = list(delta.evict)
+        for start in range(0, len(evicted), FIELDS_PER_COMMAND):
+            pipe.hdel(index_key, *evicted[start : start + FIELDS_PER_COMMAND])
+        if delta.heads_added:
+            pipe.sadd(heads_key, *delta.heads_added)
+        if delta.heads_removed:
+            pipe.srem(heads_key, *delta.heads_removed)
+        for head in delta.heads_added:
+            pipe.sadd(keys.head(location, head), self._instance)
+        for head in delta.heads_removed:
+            pipe.srem(keys.head(location, head), self._instance)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"kvbus-index-{self._instance}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("index writes to Redis failing (%s); retrying", exc)
+                failing = True
+                time.sleep(0.2)
+                continue
+            if failing:
+                log.info("index writes to Redis recovered")
+            failing = False

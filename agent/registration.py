@@ -1,0 +1,116 @@
+"""An agent's presence in Redis: registration, heartbeat and deregistration, plus Redis's clock.
+
+Command deadlines are counted in Redis server time (stream entry ids), so each heartbeat
+also measures how far this host's clock is from Redis's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import redis
+
+from kvbus.agent.backends.base import HashSpace
+from kvbus.shared import keys
+from kvbus.shared.locations import Location
+from kvbus.shared.messages import AgentEvent, EventKind, encode
+
+EVENTS_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    host: str
+    port: int | None
+    peer_init_url: str | None
+
+
+class Registration:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        instance_id: str,
+        worker_id: int,
+        space: HashSpace,
+        locations: list[Location],
+        address: WorkerAddress,
+        ttl_s: float,
+    ) -> None:
+        self._redis = client
+        self._instance = instance_id
+        self._worker = worker_id
+        self._space = space
+        self._locations = locations
+        self._address = address
+        self._ttl_ms = int(ttl_s * 1000)
+        self._clock_offset_ms = 0
+        self.registered_at = time.time()
+
+    def now_ms(self) -> int:
+        """Redis server time, in ms, as estimated at the last heartbeat."""
+        return int(time.time() * 1000) + self._clock_offset_ms
+
+    def register(self) -> None:
+        worker_info = {
+            "instance_id": self._instance,
+            "worker_id": self._worker,
+            "ip": self._address.host,
+            "port": self._address.port if self._address.port is not None else "",
+            "peer_init_url": self._address.peer_init_url or "",
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "registration_time": self.registered_at,
+            "last_heartbeat_time": time.time(),
+        }
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(keys.INSTANCES, self._instance)
+        pipe.sadd(keys.HASH_SPACES, self._space.name)
+        pipe.hset(keys.info(self._instance), mapping={
+            "model": self._space.model,
+            "chunk_size": self._space.chunk_size,
+            "save_unfull_chunk": int(self._space.save_unfull_chunk),
+            "locations": json.dumps([str(loc) for loc in self._locations]),
+        })
+        pipe.hset(keys.worker(self._instance, self._worker), mapping=worker_info)
+        pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
+        pipe.execute()
+        self._sync_clock()
+        self.event(EventKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+
+    def heartbeat(self) -> bool:
+        """Refresh liveness; False when Redis no longer knows this instance (it restarted, or was flushed)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
+        pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
+        pipe.hset(keys.worker(self._instance, self._worker), "last_heartbeat_time", time.time())
+        pipe.time()
+        before = time.time()
+        _, known, _, server_time = pipe.execute()
+        self._set_clock(server_time, before, time.time())
+        return bool(known == 2)
+
+    def deregister(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.srem(keys.INSTANCES, self._instance)
+        pipe.unlink(keys.info(self._instance), keys.alive(self._instance),
+                    keys.worker(self._instance, self._worker), keys.commands(self._instance))
+        pipe.execute()
+        self.event(EventKind.DEREGISTERED, "clean shutdown")
+
+    def event(self, kind: EventKind, detail: str) -> None:
+        message = AgentEvent(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
+        self._redis.xadd(keys.EVENTS, encode(message), maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def _sync_clock(self) -> None:
+        before = time.time()
+        server_time = self._redis.time()
+        self._set_clock(server_time, before, time.time())
+
+    def _set_clock(self, server_time: tuple[int, int], before: float, after: float) -> None:
+        seconds, micros = server_time
+        self._clock_offset_ms = int((seconds + micros / 1e6 - (before + after) / 2) * 1000)

@@ -1,0 +1,53 @@
+"""Builds the controller's Starlette app from explicit arguments; the lifespan owns Redis and the bus."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio
+from starlette.applications import Starlette
+
+from kvbus.controller.bus import CommandBus
+from kvbus.controller.errors import EXCEPTION_HANDLERS
+from kvbus.controller.lookup import PrefixIndex
+from kvbus.controller.routes import ROUTES
+from kvbus.shared import redis_conn
+from kvbus.shared.config import KVBusConfig
+
+log = logging.getLogger("kvbus.controller")
+
+
+def create_app(
+    config: KVBusConfig,
+    *,
+    client: redis.asyncio.Redis | None = None,
+    reader: redis.asyncio.Redis | None = None,
+    controller_id: str | None = None,
+) -> Starlette:
+    """The controller. Clients passed in (tests share a fake server this way) are not closed by it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis_client = client or redis_conn.connect_async(config.redis_url)
+        reader_client = reader or redis_conn.connect_async(config.redis_url, blocking=True)
+        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout,
+                         controller_id=controller_id)
+        app.state.config = config
+        app.state.redis = redis_client
+        app.state.bus = bus
+        app.state.index = PrefixIndex(redis_client)
+        await bus.start()
+        log.info("controller %s ready; results on %s", bus.controller_id, bus.results_key)
+        try:
+            yield
+        finally:
+            await bus.stop()
+            if client is None:
+                await redis_client.aclose()
+            if reader is None:
+                await reader_client.aclose()
+            log.info("controller %s stopped", bus.controller_id)
+
+    return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -1,0 +1,140 @@
+"""The controller's side of the command bus: XADD a command, await its result.
+
+Each controller process owns one result stream, read by one task that resolves the
+futures of waiting requests, so any number of controller processes run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import redis
+import redis.asyncio
+
+from kvbus.controller.errors import AgentFailed, AgentTimeout, UnknownInstance
+from kvbus.shared import keys
+from kvbus.shared.messages import Command, CommandKind, DecodeError, Result, ResultStatus, decode, encode
+from kvbus.shared.redis_conn import BLOCK_MS
+
+log = logging.getLogger("kvbus.controller.bus")
+
+COMMAND_RETENTION_MS = 10 * 60 * 1000  # older commands have no waiter left; trimmed on XADD
+RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after this
+_TTL_REFRESH_S = 10
+
+
+def new_event_id(prefix: str) -> str:
+    """LMCache's event id shape: the operation's name followed by a uuid4."""
+    return f"{prefix}{uuid.uuid4()}"
+
+
+class CommandBus:
+    def __init__(
+        self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float,
+        controller_id: str | None = None,
+    ) -> None:
+        self._redis = client
+        self._reader = reader
+        self.timeout_s = timeout_s
+        self.controller_id = controller_id or f"{uuid.uuid4().hex[:12]}"
+        self.results_key = keys.results(self.controller_id)
+        self._pending: dict[str, asyncio.Future[Result]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._read_results(), name="kvbus-results")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self._redis.unlink(self.results_key)
+        except redis.RedisError:
+            pass  # it expires by itself
+
+    async def request(self, instance_id: str, kind: CommandKind, event_id: str, *, location: str) -> Result:
+        """Send a command to `instance_id` and return its agent's result, or raise a mapped APIError."""
+        command = Command(event_id=event_id, kind=kind, reply_to=self.results_key,
+                          timeout_ms=int(self.timeout_s * 1000), location=location)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending[event_id] = future
+        try:
+            # NOMKSTREAM: the stream exists only while an agent of the instance is registered.
+            entry_id = await self._redis.xadd(
+                keys.commands(instance_id), encode(command), nomkstream=True,
+                minid=int(time.time() * 1000) - COMMAND_RETENTION_MS, approximate=True,
+            )
+            if entry_id is None:
+                raise UnknownInstance(f"unknown instance_id {instance_id!r}: no agent has registered it "
+                                      "(check enable_controller and redis_url in the engine's config)")
+            result = await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            raise AgentTimeout(await self._silence(instance_id), event_id=event_id) from None
+        finally:
+            self._pending.pop(event_id, None)
+        if result.status == ResultStatus.EXPIRED:
+            raise AgentTimeout(f"the agent of {instance_id!r} received the command too late: {result.detail}",
+                               event_id=event_id)
+        if result.status == ResultStatus.ERROR:
+            raise AgentFailed(f"the agent of {instance_id!r} failed: {result.detail}", event_id=event_id)
+        return result
+
+    async def _silence(self, instance_id: str) -> str:
+        waited = f"the agent of {instance_id!r} did not answer within {self.timeout_s:g} s"
+        try:
+            alive = await self._redis.exists(keys.alive(instance_id))
+        except redis.RedisError:
+            return f"{waited}, and Redis became unreachable meanwhile"
+        if alive:
+            return f"{waited}; its heartbeat is fresh, so it is alive but busy or stuck"
+        return f"{waited}; it has no heartbeat: its engine is down or cannot reach Redis"
+
+    async def _read_results(self) -> None:
+        last_id = "0-0"
+        next_refresh = 0.0
+        failing = False
+        while True:
+            try:
+                if time.monotonic() >= next_refresh:
+                    if not await self._redis.expire(self.results_key, RESULTS_TTL_S):
+                        last_id = await self._create_results_stream()
+                    next_refresh = time.monotonic() + _TTL_REFRESH_S
+                reply = await self._reader.xread({self.results_key: last_id}, block=BLOCK_MS, count=512)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not failing:
+                    log.warning("result stream %s unreadable (%s); retrying", self.results_key, exc)
+                failing = True
+                next_refresh = 0.0  # Redis may have restarted empty: recreate the stream first
+                await asyncio.sleep(0.2)
+                continue
+            if failing:
+                log.info("result stream %s readable again", self.results_key)
+                failing = False
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    self._resolve(fields)
+
+    async def _create_results_stream(self) -> str:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self.results_key, {"controller": self.controller_id})
+        pipe.expire(self.results_key, RESULTS_TTL_S)
+        entry_id, _ = await pipe.execute()
+        log.info("result stream %s ready", self.results_key)
+        return str(entry_id)
+
+    def _resolve(self, fields: dict[str, str]) -> None:
+        if "event_id" not in fields:
+            return  # the stream's creation marker
+        try:
+            result = decode(Result, fields)
+        except DecodeError as exc:
+            log.error("ignoring undecodable result on %s: %s", self.results_key, exc)
+            return
+        future = self._pending.get(result.event_id)
+        if future is not None and not future.done():
+            future.set_result(result)

@@ -1,0 +1,92 @@
+"""Every error a client can see, as data, and the one place that turns them into JSON responses.
+
+Bodies keep FastAPI's `detail` field, which LMCache's clients read, and add a stable
+machine-readable `error` code plus whatever context helps (field, event_id).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import redis
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+class APIError(Exception):
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, detail: str, **context: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.context = context
+
+
+class MalformedBody(APIError):
+    status_code = 400
+    code = "malformed_body"
+
+
+class InvalidField(APIError):
+    status_code = 422
+    code = "invalid_field"
+
+
+class BodyTooLarge(APIError):
+    status_code = 413
+    code = "body_too_large"
+
+
+class UnknownInstance(APIError):
+    status_code = 404
+    code = "unknown_instance"
+
+
+class AgentFailed(APIError):
+    status_code = 502
+    code = "agent_failed"
+
+
+class BusUnavailable(APIError):
+    status_code = 503
+    code = "redis_unavailable"
+
+
+class AgentTimeout(APIError):
+    status_code = 504
+    code = "agent_timeout"
+
+
+def _body(status: int, code: str, detail: str, **context: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, "error": code, **context}, status_code=status)
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return _body(exc.status_code, exc.code, exc.detail, **exc.context)
+
+
+async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+    return _body(503, BusUnavailable.code,
+                 f"Redis is unreachable ({type(exc).__name__}: {exc}); the controller reconnects by itself, "
+                 "retry shortly and check that redis_url points at a running server")
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return _body(exc.status_code, "http", str(exc.detail), **({"path": request.url.path}))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return _body(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
+
+
+EXCEPTION_HANDLERS = {
+    APIError: api_error,
+    redis.ConnectionError: redis_error,
+    redis.TimeoutError: redis_error,
+    HTTPException: http_error,
+    Exception: unexpected_error,
+}

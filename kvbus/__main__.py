@@ -1,0 +1,5 @@
+import sys
+
+from kvbus.cli import main
+
+sys.exit(main())

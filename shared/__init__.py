@@ -1,0 +1,1 @@
+"""What the controller and the agents must agree on: config, chunk hashing, Redis keys, messages."""

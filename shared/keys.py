@@ -1,0 +1,69 @@
+"""Every Redis key kvbus uses, and nothing else. No other module spells a key.
+
+Per-instance keys carry the hash tag `{instance_id}`, so an instance's command stream
+and its index share one Redis Cluster slot. docs/redis-keys.md shows how to inspect each.
+"""
+
+from __future__ import annotations
+
+PREFIX = "kvbus"
+
+# Global keys.
+INSTANCES = f"{PREFIX}:instances"  # SET of registered instance ids
+HASH_SPACES = f"{PREFIX}:hashspaces"  # SET of "<chunk_size>:<model>" the fleet hashes with
+EVENTS = f"{PREFIX}:events"  # STREAM (capped) of agent lifecycle events
+
+
+def head(location: str, first_chunk: str) -> str:
+    """SET of instance ids holding, at `location`, the first chunk of a prompt: lookup's candidate filter."""
+    return f"{PREFIX}:head:{location}:{first_chunk}"
+
+
+def results(controller_id: str) -> str:
+    """STREAM of agent results for one controller process."""
+    return f"{PREFIX}:ctl:{controller_id}:results"
+
+
+# Per-instance keys.
+def _instance(instance_id: str) -> str:
+    return f"{PREFIX}:{{{instance_id}}}"
+
+
+def info(instance_id: str) -> str:
+    """HASH: the instance's model, chunk size and locations."""
+    return f"{_instance(instance_id)}:info"
+
+
+def alive(instance_id: str) -> str:
+    """STRING with a TTL, refreshed by the instance's agents: absent means nobody answers."""
+    return f"{_instance(instance_id)}:alive"
+
+
+def worker(instance_id: str, worker_id: int) -> str:
+    """HASH: one worker's address, pid and heartbeat time."""
+    return f"{_instance(instance_id)}:worker:{worker_id}"
+
+
+def commands(instance_id: str) -> str:
+    """STREAM of commands for the instance; each worker reads it through its own group."""
+    return f"{_instance(instance_id)}:cmd"
+
+
+def command_group(worker_id: int) -> str:
+    """Consumer group (and consumer) name of one worker on the command stream."""
+    return f"worker-{worker_id}"
+
+
+def index(instance_id: str, location: str) -> str:
+    """HASH chunk key -> token count of every chunk the instance holds at `location`."""
+    return f"{_instance(instance_id)}:idx:{location}"
+
+
+def heads(instance_id: str, location: str) -> str:
+    """SET of the first-chunk keys the instance holds at `location`: what to undo in head() on clear."""
+    return f"{_instance(instance_id)}:heads:{location}"
+
+
+def done(instance_id: str, worker_id: int, event_id: str) -> str:
+    """STRING with a TTL: the result a worker sent for `event_id`, so a redelivery is not executed twice."""
+    return f"{_instance(instance_id)}:done:{worker_id}:{event_id}"

@@ -1,0 +1,94 @@
+"""Commands, results and events as they travel on Redis streams.
+
+Each message is a flat set of readable stream fields (`redis-cli XRANGE` shows them as
+they are): strings go as they are, everything else as JSON. `decode` raises DecodeError,
+chained from the cause, for anything that does not fit the schema.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import msgspec
+
+
+class DecodeError(ValueError):
+    """A stream entry that is not a valid kvbus message."""
+
+
+class CommandKind(StrEnum):
+    CLEAR = "clear"
+
+
+class ResultStatus(StrEnum):
+    OK = "ok"
+    EXPIRED = "expired"  # arrived after its deadline; nothing was done
+    ERROR = "error"  # the agent tried and failed; `detail` says why
+
+
+class EventKind(StrEnum):
+    REGISTERED = "registered"
+    DEREGISTERED = "deregistered"
+    RESYNCED = "resynced"
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    event_id: str
+    kind: CommandKind
+    reply_to: str  # the result stream of the controller process that waits
+    timeout_ms: int  # counted from the stream entry's id, which is Redis server time
+    location: str = ""
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    event_id: str
+    instance_id: str
+    worker_id: int
+    status: ResultStatus
+    num_tokens: int = 0
+    detail: str = ""
+
+
+class AgentEvent(msgspec.Struct, frozen=True, kw_only=True):
+    kind: EventKind
+    instance_id: str
+    worker_id: int
+    detail: str = ""
+
+
+Message = TypeVar("Message", Command, Result, AgentEvent)
+
+
+def encode(message: Command | Result | AgentEvent) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        fields[name] = str(value) if isinstance(value, str) else json.dumps(value)
+    return fields
+
+
+def decode(kind: type[Message], fields: dict[Any, Any]) -> Message:
+    """Build a `kind` from stream fields (bytes or str), validating every value."""
+    try:
+        raw = {_text(k): _text(v) for k, v in fields.items()}
+        info = msgspec.inspect.type_info(kind)
+        assert isinstance(info, msgspec.inspect.StructType)
+        values: dict[str, Any] = {}
+        for spec in info.fields:
+            if spec.name not in raw:
+                continue
+            text = raw[spec.name]
+            values[spec.name] = text if _is_text(spec.type) else json.loads(text)
+        return msgspec.convert(values, type=kind)
+    except (msgspec.ValidationError, ValueError, UnicodeDecodeError, AssertionError) as exc:
+        raise DecodeError(f"not a valid {kind.__name__}: {exc}") from exc
+
+
+def _is_text(spec: msgspec.inspect.Type) -> bool:
+    return isinstance(spec, (msgspec.inspect.StrType, msgspec.inspect.EnumType))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
