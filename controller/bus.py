@@ -43,11 +43,15 @@ class CommandBus:
         self.results_key = keys.results(self.controller_id)
         self._pending: dict[str, asyncio.Future[Result]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
+        # The reader task uses only its own client: cancelling it midway through a command
+        # leaves that connection unusable, and nothing else must depend on it.
         self._task = asyncio.create_task(self._read_results(), name="kvbus-results")
 
     async def stop(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -97,14 +101,17 @@ class CommandBus:
         last_id = "0-0"
         next_refresh = 0.0
         failing = False
-        while True:
+        # redis-py can swallow a cancellation midway through a command, so the flag ends the loop too.
+        while not self._closing:
             try:
                 if time.monotonic() >= next_refresh:
-                    if not await self._redis.expire(self.results_key, RESULTS_TTL_S):
+                    if not await self._reader.expire(self.results_key, RESULTS_TTL_S):
                         last_id = await self._create_results_stream()
                     next_refresh = time.monotonic() + _TTL_REFRESH_S
                 reply = await self._reader.xread({self.results_key: last_id}, block=BLOCK_MS, count=512)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._closing:
+                    return
                 if not failing:
                     log.warning("result stream %s unreadable (%s); retrying", self.results_key, exc)
                 failing = True
@@ -120,7 +127,7 @@ class CommandBus:
                     self._resolve(fields)
 
     async def _create_results_stream(self) -> str:
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._reader.pipeline(transaction=False)
         pipe.xadd(self.results_key, {"controller": self.controller_id})
         pipe.expire(self.results_key, RESULTS_TTL_S)
         entry_id, _ = await pipe.execute()

@@ -102,6 +102,15 @@ class StorageBackend(ABC):
                 held = chunk.end
         return held
 
+    def discard(self, key: str) -> int:
+        """Free one chunk by key, as an eviction would; returns the tokens it held (0 if absent)."""
+        with self.lock:
+            entry = self._discard(key)
+            if entry is None:
+                return 0
+            self._evicted(entry)
+            return entry.num_tokens
+
     def clear(self) -> int:
         """Free every chunk; returns the tokens they held."""
         with self.lock:
@@ -133,6 +142,9 @@ class StorageBackend(ABC):
 
     @abstractmethod
     def _has(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _discard(self, key: str) -> IndexEntry | None: ...
 
     @abstractmethod
     def _clear(self) -> int: ...

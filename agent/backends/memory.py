@@ -33,9 +33,8 @@ class TensorLRUBackend(StorageBackend):
                         self.location, size, self._capacity)
             return False
         while self._used + size > self._capacity:
-            _, (old, old_tensor) = self._chunks.popitem(last=False)
-            self._used -= old_tensor.numel() * old_tensor.element_size()
-            self._evicted(old)
+            oldest = next(iter(self._chunks))
+            self._evicted(self._discard(oldest))  # type: ignore[arg-type]
         copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device, pin_memory=self._pin)
         copy.copy_(tensor)
         self._chunks[entry.key] = (entry, copy)
@@ -49,6 +48,14 @@ class TensorLRUBackend(StorageBackend):
 
     def _has(self, key: str) -> bool:
         return key in self._chunks
+
+    def _discard(self, key: str) -> IndexEntry | None:
+        held = self._chunks.pop(key, None)
+        if held is None:
+            return None
+        entry, tensor = held
+        self._used -= tensor.numel() * tensor.element_size()
+        return entry
 
     def _clear(self) -> int:
         freed = sum(entry.num_tokens for entry, _ in self._chunks.values())

@@ -1,0 +1,279 @@
+"""What every benchmark shares: its own redis-server, controller and agent processes, synthetic
+prompts and index entries, percentiles, per-process CPU time, and the figure table.
+
+Every process a benchmark starts is its own (a redis-server on a free loopback port, never the
+one on 6379) and is stopped by pid when the benchmark ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+import yaml
+
+from kvbus.agent.backends.base import HashSpace, IndexEntry
+from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.registration import Registration, WorkerAddress
+from kvbus.shared import keys
+from kvbus.shared.locations import Location
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CHUNK_SIZE = 256
+PROMPT_TOKENS = 8192  # 32 chunks of 256
+VOCAB = 128_256
+SPACE = HashSpace(MODEL, CHUNK_SIZE)
+CPU = Location.CPU
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- figures and statistics
+
+@dataclass
+class Figure:
+    """One reported number (or pair), with the conditions it was measured under and its target."""
+
+    name: str
+    conditions: str
+    measured: str
+    target: str = "-"
+    met: bool | None = None  # None: context only, no target
+    data: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linearly interpolated between closest ranks."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def print_table(figures: Sequence[Figure]) -> None:
+    columns = ("figure", "conditions", "measured", "target", "")
+    rows = [(f.name, f.conditions, f.measured, f.target,
+             "-" if f.met is None else ("ok" if f.met else "MISS")) for f in figures]
+    widths = [max(len(str(r[i])) for r in (columns, *rows)) for i in range(len(columns))]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(line.format(*columns))
+    print(line.format(*("-" * w for w in widths)))
+    for row in rows:
+        print(line.format(*row))
+
+
+def write_json(path: str, figures: Sequence[Figure], quick: bool) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({
+        "quick": quick, "host_cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "figures": [asdict(f) for f in figures],
+    }, indent=2))
+
+
+def main(run: Callable[[bool], list[Figure]], description: str | None) -> None:
+    """The command line every benchmark script shares: --quick and --json PATH."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and smaller data, for a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    args = parser.parse_args()
+    figures = run(args.quick)
+    print()
+    print_table(figures)
+    if args.json:
+        write_json(args.json, figures, args.quick)
+
+
+def note(message: str) -> None:
+    """Progress on stderr, so the table on stdout stays clean."""
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _wait(predicate: Callable[[], object], proc: subprocess.Popen[bytes], what: str, log: Path | None,
+          timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready\n{tail}")
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process by pid, SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _env() -> dict[str, str]:
+    """Our environment minus LMCACHE_* variables, which would override the configs we write."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}, "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class Proc:
+    process: subprocess.Popen[bytes]
+    url: str = ""  # where to reach it, for servers
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[Proc]:
+    """A redis-server of our own on a free loopback port, without persistence. Yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH")
+    for attempt in range(3):  # a free port can be taken between probing and binding
+        port = free_port()
+        log = workdir / f"redis-{port}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--dir", str(workdir)],
+                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            probe = redis.Redis(port=port, socket_connect_timeout=0.5)
+            _wait(probe.ping, proc, f"redis-server on port {port}", log)
+            probe.close()
+        except (RuntimeError, TimeoutError):
+            _stop(proc)
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield Proc(proc, f"redis://127.0.0.1:{port}/0")
+        finally:
+            _stop(proc)
+        return
+
+
+@contextlib.contextmanager
+def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
+    """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200. Yields its base URL."""
+    port = free_port()
+    log = workdir / f"controller-{port}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbus", "controller", "--port", str(port), "--redis-url", redis_url,
+             "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, proc, "controller", log)
+        yield Proc(proc, base)
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def agent(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
+    """`python -m kvbus agent` serving `instance_id`, ready once it is alive and reads its command stream."""
+    config = workdir / f"{instance_id}.yaml"
+    config.write_text(yaml.safe_dump({
+        "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
+        "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 1,
+    }))
+    log = workdir / f"agent-{instance_id}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        _wait(lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id)),
+              proc, f"agent {instance_id}", log)
+        yield Proc(proc)
+    finally:
+        client.close()
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    """A scratch directory for configs and process logs, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kvbus-bench-") as path:
+        yield Path(path)
+
+
+# ---------------------------------------------------------------- prompts and the index
+
+def random_prompt(rng: torch.Generator, num_tokens: int = PROMPT_TOKENS) -> array:
+    """`num_tokens` random ids from a Llama-3-sized vocabulary, as a compact array that hashes fast."""
+    tokens = array("I")
+    tokens.frombytes(torch.randint(0, VOCAB, (num_tokens,), dtype=torch.int32, generator=rng).numpy().tobytes())
+    return tokens
+
+
+def entries(tokens: Sequence[int], space: HashSpace = SPACE) -> list[IndexEntry]:
+    """The index entries a backend reports when it admits `tokens`: one per chunk, the first one a head."""
+    return [IndexEntry(c.key, c.num_tokens, c.start == 0) for c in space.chunks(tokens)]
+
+
+def unrelated_entries(rng: torch.Generator, num_chunks: int) -> list[IndexEntry]:
+    """`num_chunks` entries from distinct random 8192-token prompts (the last one cut short)."""
+    out: list[IndexEntry] = []
+    while len(out) < num_chunks:
+        out.extend(entries(random_prompt(rng))[: num_chunks - len(out)])
+    return out
+
+
+def register(client: redis.Redis, instance_id: str) -> None:
+    """Register `instance_id` as its agent would, for an instance whose index we write ourselves."""
+    Registration(client, instance_id=instance_id, worker_id=0, space=SPACE, locations=[CPU],
+                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=5.0).register()
+
+
+def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]) -> IndexWriter:
+    """Admit `admitted` at LocalCPUBackend through one IndexWriter and flush it; returns the writer."""
+    writer = IndexWriter(client, instance_id)
+    for entry in admitted:
+        writer.admitted(CPU, entry)
+    writer.flush()
+    return writer

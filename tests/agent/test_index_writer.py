@@ -1,0 +1,140 @@
+"""The Redis index stays equal to the backends, on fake and real Redis alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from kvbus.agent.backends.base import HashSpace, IndexEntry
+from kvbus.agent.backends.cpu import LocalCPUBackend
+from kvbus.agent.index_writer import IndexWriter
+from kvbus.shared import keys
+from kvbus.shared.locations import Location
+
+from .test_backends import kv
+
+SPACE = HashSpace("test/model", chunk_size=4)
+INSTANCE = "inst-a"
+CPU = Location.CPU
+
+
+@pytest.fixture(params=["fake", "real"])
+def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    if request.param == "fake":
+        yield fakeredis.FakeRedis(decode_responses=True)
+        return
+    url = request.getfixturevalue("redis_url")
+    real = redis.Redis.from_url(url, decode_responses=True)
+    yield real
+    real.close()
+
+
+def make(client: redis.Redis, capacity: int = 1 << 20) -> tuple[LocalCPUBackend, IndexWriter]:
+    writer = IndexWriter(client, INSTANCE)
+    return LocalCPUBackend(SPACE, capacity, writer), writer
+
+
+def test_admissions_become_index_fields_and_head_entries(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(10))
+    backend.store(prompt, kv(prompt))
+    assert client.hlen(keys.index(INSTANCE, CPU)) == 0  # nothing written until a flush
+    writer.flush()
+    chunks = SPACE.chunks(prompt)
+    assert client.hgetall(keys.index(INSTANCE, CPU)) == {c.key: str(c.num_tokens) for c in chunks}
+    assert client.smembers(keys.heads(INSTANCE, CPU)) == {chunks[0].key}
+    assert client.smembers(keys.head(CPU, chunks[0].key)) == {INSTANCE}
+
+
+def test_evictions_remove_fields_and_heads(client: redis.Redis) -> None:
+    backend, writer = make(client, capacity=3 * 64)
+    first, second = list(range(12)), list(range(100, 112))
+    backend.store(first, kv(first))
+    writer.flush()
+    backend.store(second, kv(second))  # evicts all of `first`
+    writer.flush()
+    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(second)}
+    assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
+    assert client.smembers(keys.heads(INSTANCE, CPU)) == {SPACE.chunks(second)[0].key}
+
+
+def test_an_admit_then_evict_in_one_batch_nets_out(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = [1, 2, 3, 4]
+    backend.store(prompt, kv(prompt))
+    backend.discard(SPACE.chunks(prompt)[0].key)
+    writer.flush()
+    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU)) == 0
+    assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+
+
+def test_clear_empties_this_location_only_and_keeps_later_admissions(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    other = IndexWriter(client, "inst-b")
+    shared_prompt = list(range(8))
+    LocalCPUBackend(SPACE, 1 << 20, other).store(shared_prompt, kv(shared_prompt))
+    other.flush()
+    backend.store(shared_prompt, kv(shared_prompt))
+    writer.flush()
+    client.hset(keys.index(INSTANCE, Location.DISK), "k", 1)
+    backend.clear()
+    later = [50, 51]
+    backend.store(later, kv(later))
+    writer.flush()
+    head = SPACE.chunks(shared_prompt)[0].key
+    assert client.smembers(keys.head(CPU, head)) == {"inst-b"}
+    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {SPACE.chunks(later)[0].key}
+    assert client.hlen(keys.index("inst-b", CPU)) == 2
+    assert client.hlen(keys.index(INSTANCE, Location.DISK)) == 1
+
+
+def test_purge_removes_what_a_previous_run_left(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    fresh = IndexWriter(client, INSTANCE)  # a restarted agent: empty memory, stale Redis
+    fresh.purge([CPU])
+    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU),
+                         keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+
+
+def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    writer = IndexWriter(client, INSTANCE)
+    client.config_resetstat()
+    for n in range(5000):
+        writer.admitted(CPU, IndexEntry(f"{n:032x}", 256, n % 32 == 0))
+    writer.flush()
+    stats = client.info("commandstats")
+    assert client.hlen(keys.index(INSTANCE, CPU)) == 5000
+    assert stats["cmdstat_hset"]["calls"] <= 5  # 1000 fields per HSET, not one round trip per chunk
+    client.close()
+
+
+def test_a_failed_flush_keeps_its_ops_for_the_next(fake_server: fakeredis.FakeServer) -> None:
+    client = fakeredis.FakeRedis(server=fake_server, decode_responses=True)
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    fake_server.connected = False
+    with pytest.raises(redis.ConnectionError):
+        writer.flush()
+    fake_server.connected = True
+    writer.flush()
+    assert client.hlen(keys.index(INSTANCE, CPU)) == 2
+
+
+def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    writer.start()
+    try:
+        prompt = list(range(8))
+        backend.store(prompt, kv(prompt))
+        from tests.conftest import wait_for
+        wait_for(lambda: client.hlen(keys.index(INSTANCE, CPU)) == 2, timeout=5, what="background flush")
+    finally:
+        writer.stop()

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from kvbus.shared import keys
+from kvbus.shared.locations import Location
+from kvbus.shared.messages import (
+    AgentEvent, Command, CommandKind, DecodeError, EventKind, Result, ResultStatus, decode, encode,
+)
+
+
+def test_every_per_instance_key_shares_the_instance_slot() -> None:
+    instance = "inst-42"
+    per_instance = [
+        keys.info(instance), keys.alive(instance), keys.worker(instance, 3), keys.commands(instance),
+        keys.index(instance, Location.CPU), keys.heads(instance, Location.DISK), keys.done(instance, 0, "Clear1"),
+    ]
+    assert all(k.startswith("kvbus:{inst-42}:") for k in per_instance)
+    assert {key_slot(k.encode()) for k in per_instance} == {key_slot(b"inst-42")}
+    assert key_slot(keys.commands("inst-43").encode()) != key_slot(b"inst-42")
+
+
+def test_global_keys_are_prefixed() -> None:
+    for key in (keys.INSTANCES, keys.HASH_SPACES, keys.EVENTS, keys.head(Location.CPU, "ab"), keys.results("c1")):
+        assert key.startswith("kvbus:")
+
+
+def test_messages_round_trip_as_readable_fields() -> None:
+    command = Command(event_id="Clear1", kind=CommandKind.CLEAR, reply_to="kvbus:ctl:c:results",
+                      timeout_ms=5000, location="LocalCPUBackend")
+    fields = encode(command)
+    assert fields == {"event_id": "Clear1", "kind": "clear", "reply_to": "kvbus:ctl:c:results",
+                      "timeout_ms": "5000", "location": "LocalCPUBackend"}
+    assert decode(Command, {k.encode(): v.encode() for k, v in fields.items()}) == command
+    result = Result(event_id="Clear1", instance_id="i", worker_id=0, status=ResultStatus.OK, num_tokens=12)
+    assert decode(Result, encode(result)) == result
+    event = AgentEvent(kind=EventKind.REGISTERED, instance_id="i", worker_id=1, detail="pid 7")
+    assert decode(AgentEvent, encode(event)) == event
+
+
+@pytest.mark.parametrize("fields", [
+    {"kind": "clear", "reply_to": "r", "timeout_ms": "1"},
+    {"event_id": "e", "kind": "explode", "reply_to": "r", "timeout_ms": "1"},
+    {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "soon"},
+    {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "[1]"},
+])
+def test_invalid_commands_raise_decode_error(fields: dict[str, str]) -> None:
+    with pytest.raises(DecodeError, match="not a valid Command"):
+        decode(Command, fields)
