@@ -121,13 +121,13 @@ class Processes:
     """kvbus controller and agent processes started by a test; all are killed at its end."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self._tmp = tmp_path
+        self.tmp = tmp_path
         self._procs: list[subprocess.Popen[bytes]] = []
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._env.pop("LMCACHE_CONFIG_FILE", None)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = open(self._tmp / log_name, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "kvbus", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=self._env)
         self._procs.append(proc)
@@ -143,7 +143,7 @@ class Processes:
 
     def agent(self, redis_url: str, instance_id: str = "lmcache_default_instance", *extra: str,
               config: dict[str, object] | None = None) -> subprocess.Popen[bytes]:
-        path = write_config(self._tmp / f"{instance_id}.yaml", redis_url=redis_url,
+        path = write_config(self.tmp / f"{instance_id}.yaml", redis_url=redis_url,
                             lmcache_instance_id=instance_id, **(config or {}))
         proc = self._spawn(["agent", "--config", str(path), *extra], f"agent-{instance_id}.log")
         client = redis.Redis.from_url(redis_url)
@@ -154,7 +154,7 @@ class Processes:
         return proc
 
     def log(self, name: str) -> str:
-        return (self._tmp / name).read_text()
+        return (self.tmp / name).read_text()
 
     def stop_all(self) -> None:
         for proc in self._procs:

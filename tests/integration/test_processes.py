@@ -1,0 +1,212 @@
+"""kvbus as users run it: controller and agent processes, real redis-server, curl-shaped HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from kvbus.shared import keys
+from kvbus.shared.messages import Result, decode
+from tests.conftest import SEED_TEXT, SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
+
+INSTANCE = "lmcache_default_instance"
+CLEAR_CPU = {"instance_id": INSTANCE, "location": "LocalCPUBackend"}
+
+
+def lookup(base: str, tokens: list[int] = SEED_TOKENS) -> dict[str, list[object]]:
+    response = httpx.post(f"{base}/lookup", json={"tokens": tokens}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["layout_info"]  # type: ignore[no-any-return]
+
+
+def clear(base: str, body: dict[str, str] = CLEAR_CPU, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{base}/clear", json=body, timeout=timeout)
+
+
+def results_by_event(client: redis.Redis) -> dict[str, list[Result]]:
+    seen: dict[str, list[Result]] = {}
+    for key in client.scan_iter(keys.results("*")):
+        for _, fields in client.xrange(key):
+            if "event_id" in fields:
+                result = decode(Result, fields)
+                seen.setdefault(result.event_id, []).append(result)
+    return seen
+
+
+def test_the_seed_flow_end_to_end(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url)
+    procs.agent(redis_url, INSTANCE, "--preload-text", SEED_TEXT)
+    wait_for(lambda: lookup(base) != {}, what="preloaded seed prompt in the index")
+    assert lookup(base) == {INSTANCE: ["LocalCPUBackend", 12]}
+    response = clear(base)
+    assert response.status_code == 200
+    assert response.json()["num_tokens"] == 12
+    assert response.json()["event_id"].startswith("Clear")
+    assert lookup(base) == {}  # no wait: the index was updated before the response went out
+
+
+def test_the_seed_token_body_preloaded_as_token_ids(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url)
+    procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+    wait_for(lambda: lookup(base) != {}, what="preloaded tokens in the index")
+    body = b'{\n"tokens": [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]\n }'
+    response = httpx.post(f"{base}/lookup", content=body, headers={"Content-Type": "application/json"})
+    assert response.json()["layout_info"] == {INSTANCE: ["LocalCPUBackend", 12]}
+
+
+def test_two_controllers_serve_clears_for_one_instance_at_once(procs: Processes, redis_url: str) -> None:
+    _, first = procs.controller(redis_url)
+    _, second = procs.controller(redis_url)
+    procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+    wait_for(lambda: lookup(first) != {}, what="preloaded tokens")
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda b=base: answers.append(clear(b)))
+               for base in [first, second] * 10]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in answers] == [200] * 20
+    assert sorted(r.json()["num_tokens"] for r in answers) == [0] * 19 + [12]
+    assert len({r.json()["event_id"] for r in answers}) == 20
+    assert lookup(second) == {}
+
+
+def test_a_killed_agent_answers_its_pending_commands_exactly_once_after_restart(
+    procs: Processes, redis_url: str, real_redis: redis.Redis,
+) -> None:
+    _, base = procs.controller(redis_url, timeout=20)
+    agent = procs.agent(redis_url, INSTANCE)
+    os.kill(agent.pid, signal.SIGSTOP)  # blocked in XREADGROUP: Redis still delivers into its PEL
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(clear(base))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    group = keys.command_group(0)
+    wait_for(lambda: real_redis.xinfo_groups(keys.commands(INSTANCE))[0]["entries-read"] >= 6
+             or len(real_redis.xrange(keys.commands(INSTANCE))) >= 6, what="six queued clears")
+    delivered = real_redis.xpending(keys.commands(INSTANCE), group)["pending"]
+    assert delivered >= 1  # at least one was in the dead agent's hands
+    agent.kill()
+    agent.wait(10)
+    procs.agent(redis_url, INSTANCE)
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    seen = results_by_event(real_redis)
+    assert {r.json()["event_id"] for r in answers} <= set(seen)
+    assert all(len(results) == 1 for results in seen.values())
+    assert real_redis.xpending(keys.commands(INSTANCE), group)["pending"] == 0
+
+
+def test_a_clear_to_a_dead_instance_is_504_within_the_timeout(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url, timeout=1.5)
+    agent = procs.agent(redis_url, INSTANCE)
+    agent.kill()
+    agent.wait(10)
+    started = time.monotonic()
+    response = clear(base)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert response.json()["event_id"].startswith("Clear")
+    assert "did not answer within 1.5 s" in response.json()["detail"]
+    assert 1.5 <= elapsed < 4.0
+
+
+def test_redis_restarted_under_a_running_controller(procs: Processes, tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        _, base = procs.controller(server.url)
+        procs.agent(server.url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+        wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
+        server.kill()
+        assert httpx.post(f"{base}/lookup", json={"tokens": SEED_TOKENS}, timeout=10).status_code == 503
+        assert clear(base).status_code == 503
+        server.start()  # empty: it keeps nothing on disk
+        wait_for(lambda: lookup(base) == {INSTANCE: ["LocalCPUBackend", 12]}, timeout=20,
+                 what="the agent to re-register and re-publish its index")
+        wait_for(lambda: clear(base).json().get("num_tokens") == 12, timeout=10, what="clear after recovery")
+        assert lookup(base) == {}
+    finally:
+        server.kill()
+
+
+def test_sigterm_lets_in_flight_clears_finish(procs: Processes, redis_url: str) -> None:
+    controller, base = procs.controller(redis_url, timeout=10)
+    agent = procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+    wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
+    os.kill(agent.pid, signal.SIGSTOP)
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(clear(base)))
+    thread.start()
+    time.sleep(0.5)
+    controller.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert controller.poll() is None  # still draining the in-flight request
+    os.kill(agent.pid, signal.SIGCONT)
+    thread.join()
+    assert answers[0].status_code == 200 and answers[0].json()["num_tokens"] == 12
+    # uvicorn re-raises the signal once shut down, so supervisors see why it exited.
+    assert controller.wait(15) in (0, -signal.SIGTERM)
+    logs = "".join(procs.log(name) for name in os.listdir(procs.tmp) if name.startswith("controller-"))
+    assert "stopped" in logs
+
+
+def test_an_agent_stopped_by_sigterm_deregisters(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url)
+    agent = procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+    wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(15) == 0
+    assert lookup(base) == {}
+    response = clear(base)
+    assert response.status_code == 404 and response.json()["error"] == "unknown_instance"
+    assert "agent lmcache_default_instance worker 0 stopped" in procs.log(f"agent-{INSTANCE}.log")
+
+
+def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "LMCACHE_REDIS_URL": redis_url}
+    proc = subprocess.Popen(["lmcache_controller", "--host", "localhost", "--port", str(port), "--monitor-port",
+                             "9001"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: httpx.get(f"http://localhost:{port}/healthz").status_code == 200, what="lmcache_controller")
+        assert lookup(f"http://localhost:{port}") == {}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize("command", [["controller"], ["agent"]])
+def test_bad_config_exits_nonzero_with_one_line(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("chunk_size: lots\n")
+    proc = subprocess.run([sys.executable, "-m", "kvbus", *command, "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "chunk_size='lots'" in proc.stderr and str(path) in proc.stderr
+
+
+def test_an_agent_whose_config_leaves_the_controller_off_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "off.yaml", enable_controller=False)
+    proc = subprocess.run([sys.executable, "-m", "kvbus", "agent", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "enable_controller is false" in proc.stderr
+
+
+def test_controller_help_says_what_the_monitor_port_is_for() -> None:
+    proc = subprocess.run([sys.executable, "-m", "kvbus", "controller", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    assert "--monitor-port" in proc.stdout and "LMCache worker bridge" in " ".join(proc.stdout.split())
