@@ -156,7 +156,7 @@ class IndexWriter:
             reads = self._redis.pipeline(transaction=False)
             for location in purged:
                 reads.smembers(keys.heads(self._instance, location))
-            old_heads = dict(zip(purged, reads.execute()))
+            old_heads = dict(zip(purged, reads.execute(), strict=True))
         pipe = self._redis.pipeline(transaction=False)
         for location, delta in deltas.items():
             self._add_commands(pipe, location, delta, old_heads.get(location, set()))

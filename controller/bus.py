@@ -7,6 +7,7 @@ futures of waiting requests, so any number of controller processes run side by s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -55,10 +56,8 @@ class CommandBus:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        try:
+        with contextlib.suppress(redis.RedisError):  # otherwise it expires by itself
             await self._redis.unlink(self.results_key)
-        except redis.RedisError:
-            pass  # it expires by itself
 
     async def request(self, instance_id: str, kind: CommandKind, event_id: str, *, location: str) -> Result:
         """Send a command to `instance_id` and return its agent's result, or raise a mapped APIError."""

@@ -89,7 +89,7 @@ def _contiguous(instance_id: str, chain: list[Chunk], held: list[list[str | None
     matched = 0
     location: Location | None = None
     for i, chunk in enumerate(chain):
-        where = next((loc for loc, values in zip(FASTEST_FIRST, held) if values[i] is not None), None)
+        where = next((loc for loc, values in zip(FASTEST_FIRST, held, strict=True) if values[i] is not None), None)
         if where is None:
             break
         matched, location = chunk.end, where

@@ -71,7 +71,7 @@ class StorageBackend(ABC):
             raise ValueError(f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, got {len(kv)}")
         stored = 0
         with self.lock:
-            for chunk, tensor in zip(chunks, kv):
+            for chunk, tensor in zip(chunks, kv, strict=True):
                 if not self._put(IndexEntry(chunk.key, chunk.num_tokens, chunk.start == 0), tensor):
                     break
                 stored = chunk.end

@@ -6,7 +6,15 @@ from redis.crc import key_slot
 from kvbus.shared import keys
 from kvbus.shared.locations import Location
 from kvbus.shared.messages import (
-    AgentEvent, Command, CommandKind, DecodeError, EventKind, Result, ResultStatus, decode, encode,
+    AgentEvent,
+    Command,
+    CommandKind,
+    DecodeError,
+    EventKind,
+    Result,
+    ResultStatus,
+    decode,
+    encode,
 )
 
 
