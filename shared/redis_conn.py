@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 BLOCK_MS = 1000  # XREAD/XREADGROUP BLOCK; kept well under the reader's socket timeout
 
 
-def _options(blocking: bool) -> dict[str, object]:
+def _options(blocking: bool, retry: redis.retry.Retry | redis.asyncio.retry.Retry) -> dict[str, object]:
     return {
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_timeout": COMMAND_TIMEOUT_S + (BLOCK_MS / 1000 if blocking else 0),
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
+        "retry": retry,
+        # Without this, pipelines do not retry at all: after a Redis restart the first pipeline
+        # on each pooled (now dead) connection would fail. Every pipeline kvbus sends is safe
+        # to repeat: index writes are idempotent and duplicate results are ignored by event id.
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 15,
         "decode_responses": True,
     }
@@ -28,9 +33,12 @@ def _options(blocking: bool) -> dict[str, object]:
 
 def connect(url: str, *, blocking: bool = False) -> redis.Redis:
     """A sync client, for agent threads that must not touch the engine's event loop."""
-    return redis.Redis.from_url(url, **_options(blocking))  # type: ignore[arg-type]
+    retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
+    return redis.Redis.from_url(url, **_options(blocking, retry))  # type: ignore[arg-type]
 
 
 def connect_async(url: str, *, blocking: bool = False) -> redis.asyncio.Redis:
     """An asyncio client, for the controller."""
-    return redis.asyncio.Redis.from_url(url, **_options(blocking))  # type: ignore[arg-type]
+    # The asyncio client needs the asyncio Retry: given the sync one it silently never retries.
+    retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
+    return redis.asyncio.Redis.from_url(url, **_options(blocking, retry))  # type: ignore[arg-type]

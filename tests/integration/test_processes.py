@@ -210,3 +210,30 @@ def test_controller_help_says_what_the_monitor_port_is_for() -> None:
                           timeout=60)
     assert proc.returncode == 0
     assert "--monitor-port" in proc.stdout and "LMCache worker bridge" in " ".join(proc.stdout.split())
+
+
+def test_a_pending_clear_survives_a_redis_crash_with_aof(procs: Processes, tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path, appendonly=True)
+    server.start()
+    try:
+        _, base = procs.controller(server.url, timeout=20)
+        agent = procs.agent(server.url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+        wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
+        os.kill(agent.pid, signal.SIGSTOP)
+        answers: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: answers.append(clear(base)))
+        thread.start()
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        wait_for(lambda: client.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"] == 1,
+                 what="the clear to reach the stopped agent's pending list")
+        client.close()
+        time.sleep(1.5)  # appendfsync everysec
+        server.kill()  # kill -9: only the AOF remains
+        server.start()
+        os.kill(agent.pid, signal.SIGCONT)
+        thread.join()
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].json()["num_tokens"] == 12
+        assert lookup(base) == {}
+    finally:
+        server.kill()
