@@ -7,6 +7,7 @@ also measures how far this host's clock is from Redis's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from kvbus.agent.backends.base import HashSpace
 from kvbus.shared import keys
 from kvbus.shared.locations import Location
 from kvbus.shared.messages import AgentEvent, EventKind, encode
+
+log = logging.getLogger("kvbus.agent.registration")
 
 EVENTS_MAXLEN = 10_000
 
@@ -56,6 +59,7 @@ class Registration:
         return int(time.time() * 1000) + self._clock_offset_ms
 
     def register(self) -> None:
+        self._warn_if_claimed()
         worker_info = {
             "instance_id": self._instance,
             "worker_id": self._worker,
@@ -81,6 +85,18 @@ class Registration:
         pipe.execute()
         self._sync_clock()
         self.event(EventKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+
+    def _warn_if_claimed(self) -> None:
+        """Two live agents under one (instance, worker) would split its commands between them."""
+        pid, host, last = self._redis.hmget(keys.worker(self._instance, self._worker),
+                                            ["pid", "hostname", "last_heartbeat_time"])
+        if pid is None or (pid, host) == (str(os.getpid()), socket.gethostname()):
+            return
+        age = time.time() - float(last or 0)
+        if age < self._ttl_ms / 1000:
+            log.warning("instance %s worker %d is already served by pid %s on %s (heartbeat %.1f s ago); "
+                        "give each engine its own lmcache_instance_id or worker id",
+                        self._instance, self._worker, pid, host, age)
 
     def heartbeat(self) -> bool:
         """Refresh liveness; False when Redis no longer knows this instance (it restarted, or was flushed)."""

@@ -6,12 +6,15 @@ machine-readable `error` code plus whatever context helps (field, event_id).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import redis
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+log = logging.getLogger("kvbus.controller")
 
 
 class APIError(Exception):
@@ -65,10 +68,13 @@ def _body(status: int, code: str, detail: str, **context: Any) -> JSONResponse:
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
+    if exc.status_code >= 500:
+        log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.detail)
     return _body(exc.status_code, exc.code, exc.detail, **exc.context)
 
 
 async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s %s -> 503: Redis unreachable (%s)", request.method, request.url.path, exc)
     return _body(503, BusUnavailable.code,
                  f"Redis is unreachable ({type(exc).__name__}: {exc}); the controller reconnects by itself, "
                  "retry shortly and check that redis_url points at a running server")
@@ -80,6 +86,7 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s -> 500", request.method, request.url.path, exc_info=exc)
     return _body(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
 

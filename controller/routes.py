@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -12,6 +15,8 @@ from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.schemas import ClearRequest, LookupRequest, check_token_count, parse
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.messages import CommandKind
+
+log = logging.getLogger("kvbus.controller")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -46,7 +51,10 @@ async def clear(request: Request) -> JSONResponse:
     bus: CommandBus = request.app.state.bus
     body = parse(await _body(request), ClearRequest)
     event_id = new_event_id("Clear")
+    started = time.perf_counter()
     result = await bus.request(body.instance_id, CommandKind.CLEAR, event_id, location=str(body.location))
+    log.info("clear %s %s %s: %d tokens in %.1f ms", event_id, body.instance_id, body.location,
+             result.num_tokens, (time.perf_counter() - started) * 1000)
     return JSONResponse({"event_id": event_id, "num_tokens": result.num_tokens})
 
 

@@ -138,3 +138,22 @@ def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
         wait_for(lambda: client.hlen(keys.index(INSTANCE, CPU)) == 2, timeout=5, what="background flush")
     finally:
         writer.stop()
+
+
+def test_a_long_outage_gives_way_to_a_full_resync(
+    fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvbus.agent import index_writer
+
+    monkeypatch.setattr(index_writer, "MAX_QUEUED_OPS", 5)
+    client = fakeredis.FakeRedis(server=fake_server, decode_responses=True)
+    backend, writer = make(client)
+    fake_server.connected = False
+    prompt = list(range(40))
+    backend.store(prompt, kv(prompt))  # 10 admissions: more than may queue
+    assert writer.take_resync_request() == [CPU]
+    fake_server.connected = True
+    backend.publish_all()
+    writer.flush()
+    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(prompt)}
+
