@@ -5,7 +5,8 @@ index, then in one write: record the result under a `done` key, XADD it to the r
 stream the command names, and XACK. Delivery is at least once, so:
 - a redelivery in this process reuses the result it already computed;
 - a redelivery after a restart finds the `done` key and is only acked;
-- a command past its deadline is answered "expired" and changes nothing.
+- a command past its deadline is answered "expired" and changes nothing, or, if it is a
+  redelivery (it may have been answered before), only acked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.agent.consumer")
 
-DONE_TTL_S = 3600
+# A done record outlives its command's deadline by this much. A redelivery later than that,
+# without a record, is past its deadline: nobody waits for it, so it is acked unanswered.
+DONE_GRACE_S = 60
 RESULTS_MAXLEN = 10_000
 _REMEMBERED_RESULTS = 10_000
 
@@ -128,8 +131,7 @@ class CommandConsumer:
             return
         result = self._results.get(command.event_id)
         if result is None:
-            if redelivered and self._redis.exists(keys.done(self._instance, self._worker, command.event_id)):
-                log.info("%s already answered before a restart; acking its redelivery", command.event_id)
+            if redelivered and self._answered_before(entry_id, command):
                 self._redis.xack(self._stream, self._group, entry_id)
                 return
             result = self._execute(entry_id, command)
@@ -140,9 +142,21 @@ class CommandConsumer:
         self._reply(entry_id, command, result)
         self.handled += 1
 
-    def _execute(self, entry_id: str, command: Command) -> Result:
+    def _answered_before(self, entry_id: str, command: Command) -> bool:
+        if self._redis.exists(keys.done(self._instance, self._worker, command.event_id)):
+            log.info("%s was answered before a restart; acking its redelivery", command.event_id)
+            return True
+        if self._late_ms(entry_id, command) > 0:
+            log.info("%s redelivered past its deadline; acking it unanswered", command.event_id)
+            return True
+        return False
+
+    def _late_ms(self, entry_id: str, command: Command) -> int:
         issued_ms = int(entry_id.split("-", 1)[0])
-        late_ms = self._now_ms() - (issued_ms + command.timeout_ms)
+        return self._now_ms() - (issued_ms + command.timeout_ms)
+
+    def _execute(self, entry_id: str, command: Command) -> Result:
+        late_ms = self._late_ms(entry_id, command)
         if late_ms > 0:
             log.warning("%s %s arrived %d ms past its deadline; answering expired",
                         command.kind, command.event_id, late_ms)
@@ -164,7 +178,8 @@ class CommandConsumer:
     def _reply(self, entry_id: str, command: Command, result: Result) -> None:
         fields = encode(result)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"], ex=DONE_TTL_S)
+        pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"],
+                 ex=command.timeout_ms // 1000 + DONE_GRACE_S)
         # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
         pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
         pipe.xack(self._stream, self._group, entry_id)

@@ -137,3 +137,22 @@ def test_no_result_stream_means_no_result_is_created(fake_redis: fakeredis.FakeR
     consumer.poll(block_ms=100)
     assert fake_redis.exists(REPLY) == 0
     assert pending(fake_redis) == 0
+
+
+def test_a_redelivery_past_its_deadline_without_a_record_is_acked_unanswered(
+    fake_redis: fakeredis.FakeRedis,
+) -> None:
+    handler = CountingHandler()
+    consumer = make_consumer(fake_redis, handler)
+    send(fake_redis, "Clear-stale", timeout_ms=1000, entry_id=f"{int(time.time() * 1000) - 5000}-0")
+    group = keys.command_group(0)
+    fake_redis.xreadgroup(group, group, {keys.commands(INSTANCE): ">"})  # read by a run that then died
+    assert consumer.drain_pending() == 1
+    assert handler.calls == [] and results(fake_redis) == [] and pending(fake_redis) == 0
+
+
+def test_the_done_record_lives_past_the_deadline_not_forever(fake_redis: fakeredis.FakeRedis) -> None:
+    consumer = make_consumer(fake_redis, CountingHandler())
+    send(fake_redis, "Clear-ttl", timeout_ms=5000)
+    consumer.poll(block_ms=100)
+    assert 60 < fake_redis.ttl(keys.done(INSTANCE, 0, "Clear-ttl")) <= 65
