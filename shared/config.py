@@ -85,6 +85,14 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def _instance_id(value: Any) -> str:
+    text = _text(value)
+    if any(c in text for c in "{} \t\n"):
+        # Braces would break the Redis Cluster hash tag that keeps an instance's keys in one slot.
+        raise ValueError("must not contain braces or whitespace")
+    return text
+
+
 def _optional_text(value: Any) -> str | None:
     return None if value is None else _text(value)
 
@@ -134,7 +142,7 @@ class KVBusConfig:
     # as the 12-token seed prompt, are cached and can be looked up and cleared.
     save_unfull_chunk: bool = _spec(_bool, True, "also store a trailing partial chunk")
     enable_controller: bool = _spec(_bool, False, "run the kvbus agent in this engine")
-    lmcache_instance_id: str = _spec(_text, "lmcache_default_instance", "this instance's id")
+    lmcache_instance_id: str = _spec(_instance_id, "lmcache_default_instance", "this instance's id")
     controller_pull_url: str | None = _spec(_optional_text, None, "LMCache worker bridge host:port")
     controller_reply_url: str | None = _spec(_optional_text, None, "LMCache worker reply host:port")
     lmcache_worker_ports: tuple[int, ...] | None = _spec(_optional_ports, None, "worker port per worker id")

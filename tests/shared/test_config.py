@@ -79,6 +79,7 @@ def test_unknown_key_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCap
     ("lmcache_worker_ports: [80, 70000]\n", "lmcache_worker_ports"),
     ("redis_url: localhost:6379\n", "redis_url"),
     ("lmcache_instance_id: ''\n", "lmcache_instance_id"),
+    ("lmcache_instance_id: 'a{b}'\n", "lmcache_instance_id"),
     ("command_timeout: 0\n", "command_timeout"),
 ])
 def test_a_bad_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
