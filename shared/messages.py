@@ -7,6 +7,7 @@ chained from the cause, for anything that does not fit the schema.
 
 from __future__ import annotations
 
+import functools
 import json
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -73,21 +74,22 @@ def decode(kind: type[Message], fields: dict[Any, Any]) -> Message:
     """Build a `kind` from stream fields (bytes or str), validating every value."""
     try:
         raw = {_text(k): _text(v) for k, v in fields.items()}
-        info = msgspec.inspect.type_info(kind)
-        assert isinstance(info, msgspec.inspect.StructType)
         values: dict[str, Any] = {}
-        for spec in info.fields:
-            if spec.name not in raw:
-                continue
-            text = raw[spec.name]
-            values[spec.name] = text if _is_text(spec.type) else json.loads(text)
+        for name, is_text in _field_kinds(kind):
+            if name in raw:
+                values[name] = raw[name] if is_text else json.loads(raw[name])
         return msgspec.convert(values, type=kind)
-    except (msgspec.ValidationError, ValueError, UnicodeDecodeError, AssertionError) as exc:
+    except (msgspec.ValidationError, ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"not a valid {kind.__name__}: {exc}") from exc
 
 
-def _is_text(spec: msgspec.inspect.Type) -> bool:
-    return isinstance(spec, (msgspec.inspect.StrType, msgspec.inspect.EnumType))
+@functools.cache
+def _field_kinds(kind: type[msgspec.Struct]) -> tuple[tuple[str, bool], ...]:
+    """Each field's name and whether it travels as plain text; inspecting a type costs ~0.1 ms."""
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    text_types = (msgspec.inspect.StrType, msgspec.inspect.EnumType)
+    return tuple((spec.name, isinstance(spec.type, text_types)) for spec in info.fields)
 
 
 def _text(value: Any) -> str:
