@@ -1,8 +1,9 @@
 """Reads this worker's commands from its instance's stream and answers each exactly once.
 
-Per command: run the handler (which frees buffers and queues index changes), flush the
-index, then in one write: record the result under a `done` key, XADD it to the result
-stream the command names, and XACK. Delivery is at least once, so:
+For each batch read together: run each command's handler (which frees buffers and queues
+index changes), flush the index once, then in one write: record each result under a
+`done` key, XADD it to the result stream its command names, and XACK the batch.
+Delivery is at least once, so:
 - a redelivery in this process reuses the result it already computed;
 - a redelivery after a restart finds the `done` key and is only acked;
 - a command past its deadline is answered "expired" and changes nothing, or, if it is a
@@ -70,19 +71,16 @@ class CommandConsumer:
     def drain_pending(self) -> int:
         """Answer what this worker had read but not acked (a previous run crashed); returns how many."""
         total = 0
-        while True:
-            entries = self._read("0", block_ms=None)
-            if not entries:
-                return total
-            for entry_id, fields in entries:
-                self._handle(entry_id, fields, redelivered=True)
+        while entries := self._read("0", block_ms=None):
+            self._answer(entries, redelivered=True)
             total += len(entries)
+        return total
 
     def poll(self, block_ms: int = BLOCK_MS) -> int:
         """Wait up to `block_ms` for new commands and answer them; returns how many."""
         entries = self._read(">", block_ms=block_ms)
-        for entry_id, fields in entries:
-            self._handle(entry_id, fields, redelivered=False)
+        if entries:
+            self._answer(entries, redelivered=False)
         return len(entries)
 
     def run(self, stop: threading.Event, on_lost_group: Callable[[], None]) -> None:
@@ -118,29 +116,43 @@ class CommandConsumer:
         )
         return reply[0][1] if reply else []
 
-    def _handle(self, entry_id: str, fields: dict[str, str] | None, *, redelivered: bool) -> None:
+    def _answer(self, entries: list[Entry], *, redelivered: bool) -> None:
+        """Run each command, then flush the index once and send all results, records and acks in one write."""
+        replies: list[tuple[Command, Result]] = []
+        for entry_id, fields in entries:
+            command = self._command(entry_id, fields)
+            if command is None:
+                continue
+            result = self._results.get(command.event_id)
+            if result is None:
+                if redelivered and self._answered_before(entry_id, command):
+                    continue
+                result = self._execute(entry_id, command)
+                self._results[command.event_id] = result
+                if len(self._results) > _REMEMBERED_RESULTS:
+                    self._results.popitem(last=False)
+            replies.append((command, result))
+        if replies:
+            self._before_reply()
+        pipe = self._redis.pipeline(transaction=False)
+        for command, result in replies:
+            fields = encode(result)
+            pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"],
+                     ex=command.timeout_ms // 1000 + DONE_GRACE_S)
+            # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
+            pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
+        pipe.xack(self._stream, self._group, *(entry_id for entry_id, _ in entries))
+        pipe.execute()
+        self.handled += len(replies)
+
+    def _command(self, entry_id: str, fields: dict[str, str] | None) -> Command | None:
         if not fields:
-            # Trimmed while pending: nobody can be waiting for it any more.
-            self._redis.xack(self._stream, self._group, entry_id)
-            return
+            return None  # trimmed while pending: nobody can be waiting for it any more
         try:
-            command = decode(Command, fields)
+            return decode(Command, fields)
         except DecodeError as exc:
             log.error("dropping undecodable command %s on %s: %s", entry_id, self._stream, exc)
-            self._redis.xack(self._stream, self._group, entry_id)
-            return
-        result = self._results.get(command.event_id)
-        if result is None:
-            if redelivered and self._answered_before(entry_id, command):
-                self._redis.xack(self._stream, self._group, entry_id)
-                return
-            result = self._execute(entry_id, command)
-            self._results[command.event_id] = result
-            if len(self._results) > _REMEMBERED_RESULTS:
-                self._results.popitem(last=False)
-        self._before_reply()
-        self._reply(entry_id, command, result)
-        self.handled += 1
+            return None
 
     def _answered_before(self, entry_id: str, command: Command) -> bool:
         if self._redis.exists(keys.done(self._instance, self._worker, command.event_id)):
@@ -174,13 +186,3 @@ class CommandConsumer:
     def _result(self, command: Command, status: ResultStatus, *, detail: str = "") -> Result:
         return Result(event_id=command.event_id, instance_id=self._instance, worker_id=self._worker,
                       status=status, detail=detail)
-
-    def _reply(self, entry_id: str, command: Command, result: Result) -> None:
-        fields = encode(result)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"],
-                 ex=command.timeout_ms // 1000 + DONE_GRACE_S)
-        # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
-        pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
-        pipe.xack(self._stream, self._group, entry_id)
-        pipe.execute()

@@ -5,6 +5,10 @@ folds the log into a few batched commands (one HSET of many fields per location,
 round trip per chunk). A background thread flushes every few milliseconds; a command
 handler flushes synchronously before it answers, so the index is current when the
 controller's response goes out.
+
+A clear drops the location's index hash at once. The global `head` sets are only hints
+that lookup verifies against that hash, so withdrawing this instance from them (one
+command per prompt) is queued as a `forget` op and done by the next flush.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ MAX_QUEUED_OPS = 1_000_000  # past this, while Redis is away, queueing gives way
 
 @dataclass
 class _Op:
-    kind: str  # "admit" | "evict" | "replace"
+    kind: str  # "admit" | "evict" | "replace" | "forget"
     location: Location
     entry: IndexEntry | None = None
     entries: list[IndexEntry] = field(default_factory=list)
+    heads: set[str] = field(default_factory=set)  # for "forget": head hints to withdraw
 
 
 @dataclass
@@ -50,6 +55,9 @@ class _LocationDelta:
             self.__init__(purge=True)  # type: ignore[misc]
             for entry in op.entries:
                 self._admit(entry)
+            return
+        if op.kind == "forget":
+            self.heads_removed |= op.heads - self.heads_added
             return
         assert op.entry is not None
         if op.kind == "admit":
@@ -140,38 +148,52 @@ class IndexWriter:
                     self._ops.extendleft(reversed(ops))
                 raise
 
+    def drain(self) -> None:
+        """Flush until nothing is queued, the head hints a clear leaves for later included."""
+        while self._ops:
+            self.flush()
+
     def purge(self, locations: list[Location]) -> None:
         """Drop everything the index says this instance holds at `locations`, e.g. left by a crashed run."""
         for location in locations:
             self.replaced(location, [])
-        self.flush()
+        self.drain()
 
     def _write(self, ops: list[_Op]) -> None:
         deltas: dict[Location, _LocationDelta] = {}
         for op in ops:
-            deltas.setdefault(op.location, _LocationDelta()).apply(op)
+            delta = deltas.get(op.location)
+            if delta is None:
+                delta = deltas[op.location] = _LocationDelta()
+            delta.apply(op)
         purged = [loc for loc, delta in deltas.items() if delta.purge]
-        old_heads: dict[Location, set[str]] = {}
         if purged:
-            reads = self._redis.pipeline(transaction=False)
-            for location in purged:
-                reads.smembers(keys.heads(self._instance, location))
-            old_heads = dict(zip(purged, reads.execute(), strict=True))
+            self._purge(purged, deltas)
         pipe = self._redis.pipeline(transaction=False)
         for location, delta in deltas.items():
-            self._add_commands(pipe, location, delta, old_heads.get(location, set()))
+            self._add_commands(pipe, location, delta)
         pipe.execute()
         self.written += sum(len(d.admit) for d in deltas.values())
 
-    def _add_commands(self, pipe: redis.client.Pipeline, location: Location, delta: _LocationDelta,
-                      old_heads: set[str]) -> None:
+    def _purge(self, locations: list[Location], deltas: dict[Location, _LocationDelta]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for location in locations:
+            pipe.smembers(keys.heads(self._instance, location))
+            pipe.unlink(keys.index(self._instance, location), keys.heads(self._instance, location))
+        replies = pipe.execute()
+        forget = [
+            _Op("forget", location, heads=set(old) - deltas[location].heads_added)
+            for location, old in zip(locations, replies[::2], strict=True) if old
+        ]
+        # Ahead of every op queued since: they happened after this clear.
+        with self._ops_lock:
+            self._ops.extendleft(reversed(forget))
+        if forget:
+            self._wake.set()
+
+    def _add_commands(self, pipe: redis.client.Pipeline, location: Location, delta: _LocationDelta) -> None:
         index_key = keys.index(self._instance, location)
         heads_key = keys.heads(self._instance, location)
-        if delta.purge:
-            # Global head entries first: if the connection drops midway, heads_key still lists them.
-            for head in old_heads - delta.heads_added:
-                pipe.srem(keys.head(location, head), self._instance)
-            pipe.unlink(index_key, heads_key)
         items = list(delta.admit.items())
         for start in range(0, len(items), FIELDS_PER_COMMAND):
             pipe.hset(index_key, mapping=dict(items[start : start + FIELDS_PER_COMMAND]))

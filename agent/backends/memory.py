@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from kvbus.agent.backends.base import HashSpace, IndexEntry, IndexListener, StorageBackend
 
 log = logging.getLogger("kvbus.agent.backends")
+
+_Chunks = OrderedDict[str, tuple[IndexEntry, torch.Tensor]]
 
 
 class TensorLRUBackend(StorageBackend):
@@ -21,8 +24,11 @@ class TensorLRUBackend(StorageBackend):
         self._capacity = capacity_bytes
         self._device = device
         self._pin = pin_memory
-        self._chunks: OrderedDict[str, tuple[IndexEntry, torch.Tensor]] = OrderedDict()
+        self._chunks: _Chunks = OrderedDict()
         self._used = 0
+        self._tokens = 0
+        self._reclaimed = threading.Event()
+        self._reclaimed.set()
 
     def _put(self, entry: IndexEntry, tensor: torch.Tensor) -> bool:
         if entry.key in self._chunks:
@@ -35,10 +41,13 @@ class TensorLRUBackend(StorageBackend):
         while self._used + size > self._capacity:
             oldest = next(iter(self._chunks))
             self._evicted(self._discard(oldest))  # type: ignore[arg-type]
+        # Memory a clear released is handed back before more is taken, so the capacity holds.
+        self._reclaimed.wait()
         copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device, pin_memory=self._pin)
         copy.copy_(tensor)
         self._chunks[entry.key] = (entry, copy)
         self._used += size
+        self._tokens += entry.num_tokens
         self._admitted(entry)
         return True
 
@@ -55,13 +64,28 @@ class TensorLRUBackend(StorageBackend):
             return None
         entry, tensor = held
         self._used -= tensor.numel() * tensor.element_size()
+        self._tokens -= entry.num_tokens
         return entry
 
     def _clear(self) -> int:
-        freed = sum(entry.num_tokens for entry, _ in self._chunks.values())
-        self._chunks.clear()
+        """Detach every chunk at once; their memory goes back on a helper thread.
+
+        Dropping 100k tensors one by one takes 70-180 ms; the clear's answer need not wait
+        for that, since nothing can reach the detached chunks any more.
+        """
+        freed = self._tokens
+        detached, self._chunks = self._chunks, OrderedDict()
         self._used = 0
+        self._tokens = 0
+        if detached:
+            self._reclaimed.clear()
+            threading.Thread(target=self._release, args=(detached,), name=f"kvbus-reclaim-{self.location}",
+                             daemon=True).start()
         return freed
+
+    def _release(self, detached: _Chunks) -> None:
+        detached.clear()
+        self._reclaimed.set()
 
     def _entries(self) -> list[IndexEntry]:
         return [entry for entry, _ in self._chunks.values()]

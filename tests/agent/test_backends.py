@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -166,3 +167,15 @@ def test_concurrent_stores_keep_accounts_straight(make: Factory) -> None:
         thread.join()
     assert len(backend) == 64
     assert backend.used_bytes == 64 * CHUNK_BYTES
+
+
+def test_memory_from_a_clear_is_back_before_new_chunks_are_admitted(make: Factory) -> None:
+    backend = make(1 << 20, Recorder())
+    prompt = list(range(4000))
+    backend.store(prompt, kv(prompt))
+    weak = weakref.ref(backend.retrieve(prompt[:4])[0])
+    assert backend.clear() == 4000
+    other = [1, 2, 3, 4]
+    assert backend.store(other, kv(other)) == 4  # waits for the detached chunks to be released
+    assert weak() is None
+    assert len(backend) == 1 and backend.used_bytes == CHUNK_BYTES

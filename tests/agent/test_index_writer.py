@@ -55,7 +55,7 @@ def test_evictions_remove_fields_and_heads(client: redis.Redis) -> None:
     backend.store(first, kv(first))
     writer.flush()
     backend.store(second, kv(second))  # evicts all of `first`
-    writer.flush()
+    writer.drain()
     assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(second)}
     assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
     assert client.smembers(keys.heads(INSTANCE, CPU)) == {SPACE.chunks(second)[0].key}
@@ -85,6 +85,8 @@ def test_clear_empties_this_location_only_and_keeps_later_admissions(client: red
     backend.store(later, kv(later))
     writer.flush()
     head = SPACE.chunks(shared_prompt)[0].key
+    assert client.hlen(keys.index(INSTANCE, CPU)) == 1  # gone from the index at once
+    writer.drain()  # the head hint, which lookup verifies anyway, goes on the next flush
     assert client.smembers(keys.head(CPU, head)) == {"inst-b"}
     assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {SPACE.chunks(later)[0].key}
     assert client.hlen(keys.index("inst-b", CPU)) == 2
@@ -157,3 +159,18 @@ def test_a_long_outage_gives_way_to_a_full_resync(
     writer.flush()
     assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(prompt)}
 
+
+
+def test_a_head_readmitted_right_after_a_clear_keeps_its_hint(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    backend.clear()
+    writer.flush()  # queues the withdrawal of the old head hint
+    backend.store(prompt, kv(prompt))  # the same prompt comes straight back
+    writer.drain()
+    head = SPACE.chunks(prompt)[0].key
+    assert client.smembers(keys.head(CPU, head)) == {INSTANCE}
+    assert client.smembers(keys.heads(INSTANCE, CPU)) == {head}
+    assert client.hlen(keys.index(INSTANCE, CPU)) == 2
