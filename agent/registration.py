@@ -74,6 +74,8 @@ class Registration:
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(keys.INSTANCES, self._instance)
         pipe.sadd(keys.HASH_SPACES, self._space.name)
+        if self._locations:
+            pipe.sadd(keys.LOCATIONS, *self._locations)
         pipe.hset(keys.info(self._instance), mapping={
             "model": self._space.model,
             "chunk_size": self._space.chunk_size,

@@ -2,8 +2,11 @@
 
 Cost is flat in the number of instances. The first chunk's key names a small set of
 candidate instances (the `head` sets); only those are read, with one HMGET per
-candidate and location, all in one pipeline. Each candidate is credited with its own
-contiguous prefix, across its locations, and instances without a heartbeat are skipped.
+candidate and location in use, all in one pipeline. Each candidate is credited with its
+own contiguous prefix, across its locations, and instances without a heartbeat are skipped.
+
+Two round trips in the usual case: the fleet's hash spaces and locations rarely change,
+so the head sets for the last ones seen are read speculatively alongside them.
 """
 
 from __future__ import annotations
@@ -28,53 +31,80 @@ class Match:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class _Fleet:
+    """What every lookup hashes with and reads from; a speculation hint, never trusted unchecked."""
+
+    spaces: tuple[str, ...] = ()
+    locations: tuple[Location, ...] = ()
+
+
 class PrefixIndex:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._redis = client
+        self._fleet = _Fleet()
 
     async def lookup(self, tokens: Sequence[int]) -> list[Match]:
         """Every live instance holding a prefix of `tokens`, longest first."""
-        spaces = sorted(await self._redis.smembers(keys.HASH_SPACES))
-        if len(tokens) > _INLINE_HASH_TOKENS:
-            chains = await asyncio.to_thread(_chains, tokens, spaces)
+        guess = self._fleet
+        guess_chains = await self._hash(tokens, guess.spaces)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(keys.HASH_SPACES)
+        pipe.smembers(keys.LOCATIONS)
+        _read_heads(pipe, guess_chains, guess.locations)
+        spaces, locations, *heads = await pipe.execute()
+        fleet = _Fleet(tuple(sorted(spaces)), tuple(loc for loc in FASTEST_FIRST if loc in locations))
+        if fleet == guess:
+            chains = guess_chains
         else:
-            chains = _chains(tokens, spaces)
-        if not chains:
-            return []
-        candidates = await self._candidates(chains)
+            self._fleet = fleet
+            chains = await self._hash(tokens, fleet.spaces)
+            pipe = self._redis.pipeline(transaction=False)
+            _read_heads(pipe, chains, fleet.locations)
+            heads = await pipe.execute()
+        candidates = _candidates(chains, heads, len(fleet.locations))
         if not candidates:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for instance_id, chain in candidates:
             pipe.exists(keys.alive(instance_id))
-            for location in FASTEST_FIRST:
+            for location in fleet.locations:
                 pipe.hmget(keys.index(instance_id, location), [chunk.key for chunk in chain])
         replies = await pipe.execute()
-        per = 1 + len(FASTEST_FIRST)
+        per = 1 + len(fleet.locations)
         matches = []
         for n, (instance_id, chain) in enumerate(candidates):
             alive, *held = replies[n * per : (n + 1) * per]
-            match = _contiguous(instance_id, chain, held) if alive else None
+            match = _contiguous(instance_id, chain, fleet.locations, held) if alive else None
             if match is not None:
                 matches.append(match)
         matches.sort(key=lambda m: (-m.num_tokens, m.instance_id))
         return matches
 
-    async def _candidates(self, chains: list[list[Chunk]]) -> list[tuple[str, list[Chunk]]]:
-        pipe = self._redis.pipeline(transaction=False)
-        for chain in chains:
-            for location in FASTEST_FIRST:
-                pipe.smembers(keys.head(location, chain[0].key))
-        replies = await pipe.execute()
-        found: dict[str, list[Chunk]] = {}
-        for n, chain in enumerate(chains):
-            for members in replies[n * len(FASTEST_FIRST) : (n + 1) * len(FASTEST_FIRST)]:
-                for instance_id in members:
-                    found.setdefault(instance_id, chain)
-        return sorted(found.items())
+    @staticmethod
+    async def _hash(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[list[Chunk]]:
+        if len(tokens) > _INLINE_HASH_TOKENS:
+            return await asyncio.to_thread(_chains, tokens, spaces)
+        return _chains(tokens, spaces)
 
 
-def _chains(tokens: Sequence[int], spaces: list[str]) -> list[list[Chunk]]:
+def _read_heads(pipe: redis.asyncio.client.Pipeline, chains: list[list[Chunk]],
+                locations: tuple[Location, ...]) -> None:
+    for chain in chains:
+        for location in locations:
+            pipe.smembers(keys.head(location, chain[0].key))
+
+
+def _candidates(chains: list[list[Chunk]], heads: list[set[str]], per_chain: int) -> list[tuple[str, list[Chunk]]]:
+    found: dict[str, list[Chunk]] = {}
+    for n, chain in enumerate(chains):
+        for members in heads[n * per_chain : (n + 1) * per_chain]:
+            for instance_id in members:
+                found.setdefault(instance_id, chain)
+    return sorted(found.items())
+
+
+def _chains(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[list[Chunk]]:
     """The chunk keys of `tokens` in every hash space the fleet registered (usually one)."""
     chains = []
     for space in spaces:
@@ -85,12 +115,13 @@ def _chains(tokens: Sequence[int], spaces: list[str]) -> list[list[Chunk]]:
     return chains
 
 
-def _contiguous(instance_id: str, chain: list[Chunk], held: list[list[str | None]]) -> Match | None:
+def _contiguous(instance_id: str, chain: list[Chunk], locations: tuple[Location, ...],
+                held: list[list[str | None]]) -> Match | None:
     matched = 0
-    location: Location | None = None
+    found: Location | None = None
     for i, chunk in enumerate(chain):
-        where = next((loc for loc, values in zip(FASTEST_FIRST, held, strict=True) if values[i] is not None), None)
+        where = next((loc for loc, values in zip(locations, held, strict=True) if values[i] is not None), None)
         if where is None:
             break
-        matched, location = chunk.end, where
-    return Match(instance_id, location, matched) if location is not None else None
+        matched, found = chunk.end, where
+    return Match(instance_id, found, matched) if found is not None else None

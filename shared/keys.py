@@ -11,6 +11,7 @@ PREFIX = "kvbus"
 # Global keys.
 INSTANCES = f"{PREFIX}:instances"  # SET of registered instance ids
 HASH_SPACES = f"{PREFIX}:hashspaces"  # SET of "<chunk_size>:<model>" the fleet hashes with
+LOCATIONS = f"{PREFIX}:locations"  # SET of the locations any agent keeps chunks at
 EVENTS = f"{PREFIX}:events"  # STREAM (capped) of agent lifecycle events
 
 
