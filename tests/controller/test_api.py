@@ -14,7 +14,7 @@ import redis
 from starlette.testclient import TestClient
 
 from kvbus.agent.agent import Agent
-from kvbus.agent.backends.base import HashSpace
+from kvbus.agent.backends.base import HashSpace, IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.registration import Registration, WorkerAddress
@@ -227,3 +227,21 @@ def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
             assert client.get("/healthz").json()["status"] == "ok"
     finally:
         server.kill()
+
+
+def test_a_prefix_spread_over_locations_counts_whole_and_names_the_last_chunks_place(
+    client: TestClient, redis_url: str,
+) -> None:
+    redis_client = redis.Redis.from_url(redis_url, decode_responses=True)
+    Registration(redis_client, instance_id="tiered", worker_id=0, space=SPACE,
+                 locations=[Location.GPU, Location.CPU, Location.DISK],
+                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=60).register()
+    writer = IndexWriter(redis_client, "tiered")
+    chunks = SPACE.chunks(PROMPT)
+    places = [(Location.CPU, Location.GPU), (Location.CPU,), (Location.DISK,)]  # chunk 3 is nowhere
+    for chunk, where in zip(chunks, places, strict=False):
+        for location in where:
+            writer.admitted(location, IndexEntry(chunk.key, chunk.num_tokens, chunk.start == 0))
+    writer.flush()
+    assert lookup(client, PROMPT) == {"tiered": ["LocalDiskBackend", 768]}
+    assert lookup(client, PROMPT[:256]) == {"tiered": ["LocalGPUBackend", 256]}
