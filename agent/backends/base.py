@@ -10,7 +10,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -36,8 +36,9 @@ class HashSpace:
         return f"{self.chunk_size}:{self.model}"
 
 
-@dataclass(frozen=True)
-class IndexEntry:
+class IndexEntry(NamedTuple):
+    """A tuple of plain values, which CPython's GC stops tracking: an agent holds 100k+ of them."""
+
     key: str
     num_tokens: int
     is_head: bool  # the first chunk of a prompt: lookup starts from these
