@@ -76,11 +76,9 @@ def print_table(figures: Sequence[Figure]) -> None:
     rows = [(f.name, f.conditions, f.measured, f.target,
              "-" if f.met is None else ("ok" if f.met else "MISS")) for f in figures]
     widths = [max(len(str(r[i])) for r in (columns, *rows)) for i in range(len(columns))]
-    line = "  ".join("{:<%d}" % w for w in widths)
-    print(line.format(*columns))
-    print(line.format(*("-" * w for w in widths)))
-    for row in rows:
-        print(line.format(*row))
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    for row in (columns, tuple("-" * w for w in widths), *rows):
+        print(line.format(*row).rstrip())
 
 
 def write_json(path: str, figures: Sequence[Figure], quick: bool) -> None:
@@ -122,6 +120,17 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in ticks: the box is shared, so say how busy."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
 def _wait(predicate: Callable[[], object], proc: subprocess.Popen[bytes], what: str, log: Path | None,
@@ -166,7 +175,7 @@ class Proc:
 
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[Proc]:
-    """A redis-server of our own on a free loopback port, without persistence. Yields its URL."""
+    """A redis-server of our own on a free loopback port, without persistence; its `url` is a redis:// URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH")
@@ -178,15 +187,16 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--daemonize", "no", "--dir", str(workdir)],
                 stdout=out, stderr=subprocess.STDOUT)
+        probe = redis.Redis(port=port, socket_connect_timeout=0.5)
         try:
-            probe = redis.Redis(port=port, socket_connect_timeout=0.5)
             _wait(probe.ping, proc, f"redis-server on port {port}", log)
-            probe.close()
         except (RuntimeError, TimeoutError):
             _stop(proc)
             if attempt == 2:
                 raise
             continue
+        finally:
+            probe.close()
         try:
             yield Proc(proc, f"redis://127.0.0.1:{port}/0")
         finally:
@@ -196,7 +206,7 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
 
 @contextlib.contextmanager
 def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
-    """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200. Yields its base URL."""
+    """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200; `url` is its base URL."""
     port = free_port()
     log = workdir / f"controller-{port}.log"
     with log.open("ab") as out:
@@ -213,26 +223,39 @@ def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
-def agent(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
-    """`python -m kvbus agent` serving `instance_id`, ready once it is alive and reads its command stream."""
-    config = workdir / f"{instance_id}.yaml"
-    config.write_text(yaml.safe_dump({
-        "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
-        "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 1,
-    }))
-    log = workdir / f"agent-{instance_id}.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env())
+def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path) -> Iterator[list[Proc]]:
+    """One `python -m kvbus agent` process per instance id, started together and each ready once it is
+    alive and reads its command stream."""
+    started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     client = redis.Redis.from_url(redis_url)
     try:
-        _wait(lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id)),
-              proc, f"agent {instance_id}", log)
-        yield Proc(proc)
+        for instance_id in instance_ids:
+            config = workdir / f"{instance_id}.yaml"
+            config.write_text(yaml.safe_dump({
+                "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
+                "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 1,
+            }))
+            log = workdir / f"agent-{instance_id}.log"
+            with log.open("ab") as out:
+                started.append((instance_id, subprocess.Popen(
+                    [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning"],
+                    stdout=out, stderr=subprocess.STDOUT, env=_env()), log))
+        def ready(instance_id: str) -> Callable[[], object]:
+            return lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id))
+        for instance_id, proc, log in started:
+            _wait(ready(instance_id), proc, f"agent {instance_id}", log)
+        yield [Proc(proc) for _, proc, _ in started]
     finally:
         client.close()
-        _stop(proc)
+        for _, proc, _ in started:
+            _stop(proc)
+
+
+@contextlib.contextmanager
+def agent(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
+    """`python -m kvbus agent` serving `instance_id`, ready once it is alive and reads its command stream."""
+    with agents(redis_url, [instance_id], workdir) as (proc,):
+        yield proc
 
 
 @contextlib.contextmanager
@@ -251,17 +274,25 @@ def random_prompt(rng: torch.Generator, num_tokens: int = PROMPT_TOKENS) -> arra
     return tokens
 
 
-def entries(tokens: Sequence[int], space: HashSpace = SPACE) -> list[IndexEntry]:
+def entries(tokens: Sequence[int]) -> list[IndexEntry]:
     """The index entries a backend reports when it admits `tokens`: one per chunk, the first one a head."""
-    return [IndexEntry(c.key, c.num_tokens, c.start == 0) for c in space.chunks(tokens)]
+    return [IndexEntry(c.key, c.num_tokens, c.start == 0) for c in SPACE.chunks(tokens)]
 
 
 def unrelated_entries(rng: torch.Generator, num_chunks: int) -> list[IndexEntry]:
-    """`num_chunks` entries from distinct random 8192-token prompts (the last one cut short)."""
-    out: list[IndexEntry] = []
-    while len(out) < num_chunks:
-        out.extend(entries(random_prompt(rng))[: num_chunks - len(out)])
-    return out
+    """`num_chunks` entries of distinct prompts of 8192 tokens: a head, then 31 more chunks (the last
+    prompt cut short).
+
+    Their keys are random digests of the length the hash space produces rather than hashes of
+    random prompts: to the index, a chained hash is just a random key, and hashing a million
+    chunks' worth of prompts (~11 us a chunk) would take most of a quick run.
+    """
+    key_chars = len(SPACE.chunks(list(range(CHUNK_SIZE)))[0].key)
+    per_prompt = PROMPT_TOKENS // CHUNK_SIZE
+    raw = torch.randint(0, 256, (num_chunks * key_chars // 2,), dtype=torch.uint8, generator=rng)
+    digits = raw.numpy().tobytes().hex()
+    return [IndexEntry(digits[i * key_chars : (i + 1) * key_chars], CHUNK_SIZE, i % per_prompt == 0)
+            for i in range(num_chunks)]
 
 
 def register(client: redis.Redis, instance_id: str) -> None:
@@ -270,10 +301,17 @@ def register(client: redis.Redis, instance_id: str) -> None:
                  address=WorkerAddress("127.0.0.1", None, None), ttl_s=5.0).register()
 
 
-def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]) -> IndexWriter:
-    """Admit `admitted` at LocalCPUBackend through one IndexWriter and flush it; returns the writer."""
+def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]) -> None:
+    """Admit `admitted` at LocalCPUBackend through one IndexWriter, as a backend would, and flush it."""
     writer = IndexWriter(client, instance_id)
     for entry in admitted:
         writer.admitted(CPU, entry)
     writer.flush()
-    return writer
+
+
+def publish(client: redis.Redis, instance_id: str, held: Sequence[IndexEntry]) -> None:
+    """Index `held` as everything `instance_id` holds at LocalCPUBackend, in one replacement, as a backend
+    republishes its chunks on start: a faster way than `ingest` to fill a fresh instance's index."""
+    writer = IndexWriter(client, instance_id)
+    writer.replaced(CPU, list(held))
+    writer.drain()
