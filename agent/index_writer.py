@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import redis
 
@@ -31,13 +32,14 @@ FIELDS_PER_COMMAND = 1000
 MAX_QUEUED_OPS = 1_000_000  # past this, while Redis is away, queueing gives way to a full resync
 
 
-@dataclass
-class _Op:
+class _Op(NamedTuple):
+    """One change, queued per chunk admitted or evicted: kept as light as a tuple."""
+
     kind: str  # "admit" | "evict" | "replace" | "forget"
     location: Location
     entry: IndexEntry | None = None
-    entries: list[IndexEntry] = field(default_factory=list)
-    heads: set[str] = field(default_factory=set)  # for "forget": head hints to withdraw
+    entries: tuple[IndexEntry, ...] = ()
+    heads: frozenset[str] = frozenset()  # for "forget": head hints to withdraw
 
 
 @dataclass
@@ -105,7 +107,7 @@ class IndexWriter:
         self._enqueue(_Op("replace", location))
 
     def replaced(self, location: Location, entries: list[IndexEntry]) -> None:
-        self._enqueue(_Op("replace", location, entries=entries))
+        self._enqueue(_Op("replace", location, entries=tuple(entries)))
 
     def _enqueue(self, op: _Op) -> None:
         with self._ops_lock:
@@ -113,9 +115,10 @@ class IndexWriter:
                 # Whatever is queued for this location is superseded.
                 self._ops = deque(o for o in self._ops if o.location != op.location)
             self._ops.append(op)
-            if len(self._ops) > MAX_QUEUED_OPS:
+            queued = len(self._ops)
+            if queued > MAX_QUEUED_OPS:
                 self._overflow()
-        if len(self._ops) >= FIELDS_PER_COMMAND:
+        if queued == FIELDS_PER_COMMAND:
             self._wake.set()
 
     def _overflow(self) -> None:
@@ -182,7 +185,7 @@ class IndexWriter:
             pipe.unlink(keys.index(self._instance, location), keys.heads(self._instance, location))
         replies = pipe.execute()
         forget = [
-            _Op("forget", location, heads=set(old) - deltas[location].heads_added)
+            _Op("forget", location, heads=frozenset(old) - deltas[location].heads_added)
             for location, old in zip(locations, replies[::2], strict=True) if old
         ]
         # Ahead of every op queued since: they happened after this clear.
