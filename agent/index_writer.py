@@ -54,7 +54,9 @@ class _LocationDelta:
 
     def apply(self, op: _Op) -> None:
         if op.kind == "replace":
+            withdrawn = self.heads_removed  # hints an earlier clear left to withdraw still must go
             self.__init__(purge=True)  # type: ignore[misc]
+            self.heads_removed = withdrawn
             for entry in op.entries:
                 self._admit(entry)
             return
@@ -112,8 +114,8 @@ class IndexWriter:
     def _enqueue(self, op: _Op) -> None:
         with self._ops_lock:
             if op.kind == "replace":
-                # Whatever is queued for this location is superseded.
-                self._ops = deque(o for o in self._ops if o.location != op.location)
+                # Whatever is queued for this location is superseded, but for hints left to withdraw.
+                self._ops = deque(o for o in self._ops if o.location != op.location or o.kind == "forget")
             self._ops.append(op)
             queued = len(self._ops)
             if queued > MAX_QUEUED_OPS:

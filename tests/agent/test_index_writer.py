@@ -174,3 +174,15 @@ def test_a_head_readmitted_right_after_a_clear_keeps_its_hint(client: redis.Redi
     assert client.smembers(keys.head(CPU, head)) == {INSTANCE}
     assert client.smembers(keys.heads(INSTANCE, CPU)) == {head}
     assert client.hlen(keys.index(INSTANCE, CPU)) == 2
+
+
+def test_a_second_clear_before_the_hints_go_still_withdraws_them(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    backend.clear()
+    writer.flush()  # the index is gone; withdrawing the hint is queued
+    backend.clear()
+    writer.drain()
+    assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
