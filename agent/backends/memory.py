@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -13,6 +14,7 @@ from kvbus.agent.backends.base import HashSpace, IndexEntry, IndexListener, Stor
 log = logging.getLogger("kvbus.agent.backends")
 
 _Chunks = OrderedDict[str, tuple[IndexEntry, torch.Tensor]]
+_RELEASE_SLICE = 1000
 
 
 class TensorLRUBackend(StorageBackend):
@@ -84,7 +86,11 @@ class TensorLRUBackend(StorageBackend):
         return freed
 
     def _release(self, detached: _Chunks) -> None:
-        detached.clear()
+        # In slices, yielding the GIL between them, so the clear's answer is not held up behind it.
+        while detached:
+            for _ in range(min(_RELEASE_SLICE, len(detached))):
+                detached.popitem()
+            time.sleep(0)
         self._reclaimed.set()
 
     def _entries(self) -> list[IndexEntry]:
