@@ -91,7 +91,8 @@ class Agent:
             self.index.purge([b.location for b in self.backends])
             self.registration.deregister()
         except redis.RedisError as exc:
-            log.warning("could not deregister from Redis (%s); entries expire with the heartbeat", exc)
+            log.warning("could not deregister from Redis (%s); lookups skip the instance once its heartbeat "
+                        "lapses, and its next start replaces its index entries", exc)
         log.info("agent %s worker %d stopped", self.instance_id, self.worker_id)
 
     def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:

@@ -58,7 +58,6 @@ class CommandConsumer:
         self._stream = keys.commands(instance_id)
         self._group = keys.command_group(worker_id)
         self._results: OrderedDict[str, Result] = OrderedDict()
-        self.handled = 0
 
     def ensure_group(self) -> None:
         """Create this worker's group, from the stream's start, so no command sent before it is missed."""
@@ -143,7 +142,6 @@ class CommandConsumer:
             pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
         pipe.xack(self._stream, self._group, *(entry_id for entry_id, _ in entries))
         pipe.execute()
-        self.handled += len(replies)
 
     def _command(self, entry_id: str, fields: dict[str, str] | None) -> Command | None:
         if not fields:

@@ -96,7 +96,6 @@ class IndexWriter:
         self._thread: threading.Thread | None = None
         self._overflowed = False
         self._resync_needed: list[Location] = []
-        self.written = 0  # chunks written, for logs and benchmarks
 
     # IndexListener: called by backends under their lock, so ops land in the order they happened.
     def admitted(self, location: Location, entry: IndexEntry) -> None:
@@ -178,7 +177,6 @@ class IndexWriter:
         for location, delta in deltas.items():
             self._add_commands(pipe, location, delta)
         pipe.execute()
-        self.written += sum(len(d.admit) for d in deltas.values())
 
     def _purge(self, locations: list[Location], deltas: dict[Location, _LocationDelta]) -> None:
         pipe = self._redis.pipeline(transaction=False)
