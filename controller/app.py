@@ -24,7 +24,6 @@ def create_app(
     *,
     client: redis.asyncio.Redis | None = None,
     reader: redis.asyncio.Redis | None = None,
-    controller_id: str | None = None,
 ) -> Starlette:
     """The controller. Clients passed in (tests share a fake server this way) are not closed by it."""
 
@@ -32,8 +31,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis_client = client or redis_conn.connect_async(config.redis_url)
         reader_client = reader or redis_conn.connect_async(config.redis_url, blocking=True)
-        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout,
-                         controller_id=controller_id)
+        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout)
         app.state.config = config
         app.state.redis = redis_client
         app.state.bus = bus

@@ -33,14 +33,11 @@ def new_event_id(prefix: str) -> str:
 
 
 class CommandBus:
-    def __init__(
-        self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float,
-        controller_id: str | None = None,
-    ) -> None:
+    def __init__(self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float) -> None:
         self._redis = client
         self._reader = reader
         self.timeout_s = timeout_s
-        self.controller_id = controller_id or f"{uuid.uuid4().hex[:12]}"
+        self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
         self._pending: dict[str, asyncio.Future[Result]] = {}
         self._task: asyncio.Task[None] | None = None
