@@ -33,15 +33,13 @@ class Agent:
         *,
         model: str,
         worker_id: int = 0,
-        client: redis.Redis | None = None,
-        blocking_client: redis.Redis | None = None,
     ) -> None:
         self.config = config
         self.instance_id = config.lmcache_instance_id
         self.worker_id = worker_id
         self.space = HashSpace(model, config.chunk_size, config.save_unfull_chunk)
-        self._redis = client or redis_conn.connect(config.redis_url)
-        self._blocking = blocking_client or redis_conn.connect(config.redis_url, blocking=True)
+        self._redis = redis_conn.connect(config.redis_url)
+        self._blocking = redis_conn.connect(config.redis_url, blocking=True)
         self.index = IndexWriter(self._redis, self.instance_id)
         self.backends: list[StorageBackend] = make_backends(config, self.space, self.index)
         if config.local_disk:

@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import redis.asyncio
 from starlette.applications import Starlette
 
 from kvbus.controller.bus import CommandBus
@@ -19,18 +18,13 @@ from kvbus.shared.config import KVBusConfig
 log = logging.getLogger("kvbus.controller")
 
 
-def create_app(
-    config: KVBusConfig,
-    *,
-    client: redis.asyncio.Redis | None = None,
-    reader: redis.asyncio.Redis | None = None,
-) -> Starlette:
-    """The controller. Clients passed in (tests share a fake server this way) are not closed by it."""
+def create_app(config: KVBusConfig) -> Starlette:
+    """The controller; Redis connections open in its lifespan, so the app itself holds no state."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis_client = client or redis_conn.connect_async(config.redis_url)
-        reader_client = reader or redis_conn.connect_async(config.redis_url, blocking=True)
+        redis_client = redis_conn.connect_async(config.redis_url)
+        reader_client = redis_conn.connect_async(config.redis_url, blocking=True)
         bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout)
         app.state.config = config
         app.state.redis = redis_client
@@ -42,10 +36,8 @@ def create_app(
             yield
         finally:
             await bus.stop()
-            if client is None:
-                await redis_client.aclose()
-            if reader is None:
-                await reader_client.aclose()
+            await redis_client.aclose()
+            await reader_client.aclose()
             log.info("controller %s stopped", bus.controller_id)
 
     return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
