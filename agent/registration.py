@@ -83,6 +83,7 @@ class Registration:
             "locations": json.dumps([str(loc) for loc in self._locations]),
         })
         pipe.hset(keys.worker(self._instance, self._worker), mapping=worker_info)
+        pipe.sadd(keys.workers(self._instance), self._worker)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.execute()
         self._sync_clock()
@@ -115,7 +116,7 @@ class Registration:
     def deregister(self) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.srem(keys.INSTANCES, self._instance)
-        pipe.unlink(keys.info(self._instance), keys.alive(self._instance),
+        pipe.unlink(keys.info(self._instance), keys.alive(self._instance), keys.workers(self._instance),
                     keys.worker(self._instance, self._worker), keys.commands(self._instance))
         pipe.execute()
         self.event(EventKind.DEREGISTERED, "clean shutdown")

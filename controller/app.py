@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from starlette.applications import Starlette
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import EXCEPTION_HANDLERS
 from kvbus.controller.lookup import PrefixIndex
+from kvbus.controller.reaper import Reaper
 from kvbus.controller.routes import ROUTES
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
@@ -31,10 +33,15 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.bus = bus
         app.state.index = PrefixIndex(redis_client)
         await bus.start()
+        reaper = Reaper(redis_client, reap_after_s=config.reap_after)
+        reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None
         log.info("controller %s ready; results on %s", bus.controller_id, bus.results_key)
         try:
             yield
         finally:
+            reaper.stop()
+            if reaping is not None:
+                await reaping
             await bus.stop()
             await redis_client.aclose()
             await reader_client.aclose()

@@ -153,6 +153,8 @@ class KVBusConfig:
     command_timeout: float = _spec(_positive, 5.0, "seconds the controller waits for an agent")
     heartbeat_interval: float = _spec(_positive, 1.0, "seconds between agent heartbeats")
     heartbeat_ttl: float = _spec(_positive, 5.0, "seconds after the last heartbeat an agent counts as dead")
+    reap_after: float = _spec(_non_negative, 600.0,
+                              "seconds without a heartbeat before a controller removes an instance; 0: never")
     max_lookup_tokens: int = _spec(_positive_int, 262_144, "longest token list /lookup accepts")
     controller_host: str = _spec(_text, "127.0.0.1", "controller bind address")
     controller_port: int = _spec(_port, 9000, "controller HTTP port")

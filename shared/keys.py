@@ -13,6 +13,7 @@ INSTANCES = f"{PREFIX}:instances"  # SET of registered instance ids
 HASH_SPACES = f"{PREFIX}:hashspaces"  # SET of "<chunk_size>:<model>" the fleet hashes with
 LOCATIONS = f"{PREFIX}:locations"  # SET of the locations any agent keeps chunks at
 EVENTS = f"{PREFIX}:events"  # STREAM (capped) of agent lifecycle events
+REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
 
 
 def head(location: str, first_chunk: str) -> str:
@@ -38,6 +39,11 @@ def info(instance_id: str) -> str:
 def alive(instance_id: str) -> str:
     """STRING with a TTL, refreshed by the instance's agents: absent means nobody answers."""
     return f"{_instance(instance_id)}:alive"
+
+
+def workers(instance_id: str) -> str:
+    """SET of the instance's registered worker ids."""
+    return f"{_instance(instance_id)}:workers"
 
 
 def worker(instance_id: str, worker_id: int) -> str:

@@ -33,6 +33,7 @@ class EventKind(StrEnum):
     REGISTERED = "registered"
     DEREGISTERED = "deregistered"
     RESYNCED = "resynced"
+    REAPED = "reaped"  # removed by a controller after `reap_after` seconds without a heartbeat
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,105 @@
+"""Removes instances whose agents stopped heartbeating long ago, so a fleet that churns does not fill Redis.
+
+Engines that are killed never deregister. Lookups skip them at once (no heartbeat), but
+their registration, stream and index would stay forever. Each round, one controller
+replica (a lock key with a TTL) removes instances with no heartbeat for `reap_after`
+seconds. The script that deletes an instance first checks its heartbeat again, inside
+Redis, so an agent that came back is never reaped; one that comes back later finds its
+registration gone at its next heartbeat and re-registers and re-publishes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis
+import redis.asyncio
+
+from kvbus.shared import keys
+from kvbus.shared.locations import FASTEST_FIRST
+from kvbus.shared.messages import AgentEvent, EventKind, encode
+
+log = logging.getLogger("kvbus.controller.reaper")
+
+EVENTS_MAXLEN = 10_000
+
+# KEYS: 1 the instance's alive key, 2 the instance set, 3..n+2 the instance's keys to delete,
+# then the global head sets to withdraw it from. ARGV: 1 the instance id, 2 n.
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[2])
+for i = n + 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+redis.call('UNLINK', unpack(KEYS, 3, n + 2))
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class Reaper:
+    def __init__(self, client: redis.asyncio.Redis, *, reap_after_s: float) -> None:
+        self._redis = client
+        self._reap_after = reap_after_s
+        self._interval = max(1.0, min(30.0, reap_after_s / 4))
+        self._script = client.register_script(_REAP)
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """End `run` after the round in hand; rounds are not cancelled midway through a command."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Reap every interval until `stop`; a failing round is logged and retried."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
+                return
+            try:
+                if await self._redis.set(keys.REAPER_LOCK, "1", nx=True, ex=max(1, int(self._interval))):
+                    await self.reap_once()
+            except redis.RedisError as exc:
+                log.warning("reaping skipped this round: %s", exc)
+
+    async def reap_once(self) -> list[str]:
+        """Remove every instance silent for `reap_after` seconds; returns their ids."""
+        instances = sorted(await self._redis.smembers(keys.INSTANCES))
+        pipe = self._redis.pipeline(transaction=False)
+        for instance_id in instances:
+            pipe.exists(keys.alive(instance_id))
+        silent = [i for i, alive in zip(instances, await pipe.execute(), strict=True) if not alive]
+        reaped = []
+        for instance_id in silent:
+            if await self._reap(instance_id):
+                reaped.append(instance_id)
+        return reaped
+
+    async def _reap(self, instance_id: str) -> bool:
+        workers = sorted(await self._redis.smembers(keys.workers(instance_id)))
+        pipe = self._redis.pipeline(transaction=False)
+        for worker_id in workers:
+            pipe.hget(keys.worker(instance_id, worker_id), "last_heartbeat_time")
+        for location in FASTEST_FIRST:
+            pipe.smembers(keys.heads(instance_id, location))
+        replies = await pipe.execute()
+        last_seen = max((float(t) for t in replies[: len(workers)] if t), default=0.0)
+        silence = time.time() - last_seen
+        if silence < self._reap_after:
+            return False
+        owned = [keys.info(instance_id), keys.workers(instance_id), keys.commands(instance_id),
+                 *(keys.worker(instance_id, w) for w in workers),
+                 *(keys.index(instance_id, loc) for loc in FASTEST_FIRST),
+                 *(keys.heads(instance_id, loc) for loc in FASTEST_FIRST)]
+        hints = [keys.head(loc, head) for loc, heads in zip(FASTEST_FIRST, replies[len(workers):], strict=True)
+                 for head in heads]
+        done = await self._script(keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *hints],
+                                  args=[instance_id, len(owned)])
+        if not done:
+            return False
+        event = AgentEvent(kind=EventKind.REAPED, instance_id=instance_id, worker_id=-1,
+                           detail=f"no heartbeat for {silence:.0f} s")
+        with contextlib.suppress(redis.RedisError):
+            await self._redis.xadd(keys.EVENTS, encode(event), maxlen=EVENTS_MAXLEN, approximate=True)
+        log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)
+        return True

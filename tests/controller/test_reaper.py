@@ -1,0 +1,76 @@
+"""Instances silent for `reap_after` seconds are removed whole; live or recently seen ones are not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from kvbus.controller.reaper import Reaper
+from kvbus.shared import keys, redis_conn
+from kvbus.shared.locations import Location
+from tests.conftest import SEED_TOKENS
+from tests.controller.test_api import PROMPT, SPACE, hold
+
+
+def reap(url: str, reap_after_s: float) -> list[str]:
+    async def once() -> list[str]:
+        client = redis_conn.connect_async(url)
+        try:
+            return await Reaper(client, reap_after_s=reap_after_s).reap_once()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(once())
+
+
+def silence(client: redis.Redis, instance_id: str, seconds: float) -> None:
+    client.delete(keys.alive(instance_id))
+    last = float(client.hget(keys.worker(instance_id, 0), "last_heartbeat_time") or 0)
+    client.hset(keys.worker(instance_id, 0), "last_heartbeat_time", last - seconds)
+
+
+def test_an_instance_silent_past_reap_after_is_removed_whole(redis_url: str, real_redis: redis.Redis) -> None:
+    hold(redis_url, "gone", PROMPT)
+    hold(redis_url, "peer", PROMPT)
+    silence(real_redis, "gone", 700)
+    head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
+    assert reap(redis_url, 600) == ["gone"]
+    assert real_redis.smembers(keys.INSTANCES) == {"peer"}
+    assert real_redis.smembers(head) == {"peer"}
+    assert list(real_redis.scan_iter("kvbus:{gone}:*")) == []
+    assert real_redis.xrange(keys.EVENTS)[-1][1] | {"detail": ""} == {
+        "kind": "reaped", "instance_id": "gone", "worker_id": "-1", "detail": ""}
+
+
+def test_live_and_recently_seen_instances_stay(redis_url: str, real_redis: redis.Redis) -> None:
+    hold(redis_url, "live", SEED_TOKENS)
+    hold(redis_url, "resting", SEED_TOKENS)
+    silence(real_redis, "resting", 30)
+    assert reap(redis_url, 600) == []
+    assert real_redis.smembers(keys.INSTANCES) == {"live", "resting"}
+    assert real_redis.hlen(keys.index("resting", Location.CPU)) == 1
+
+
+def test_a_heartbeat_arriving_before_the_script_saves_the_instance(redis_url: str, real_redis: redis.Redis) -> None:
+    hold(redis_url, "back", SEED_TOKENS)
+    silence(real_redis, "back", 700)
+
+    async def race() -> list[str]:
+        client = redis_conn.connect_async(redis_url)
+        reaper = Reaper(client, reap_after_s=600)
+        original = reaper._script
+
+        async def heartbeat_first(**kwargs: object) -> object:
+            real_redis.set(keys.alive("back"), 0, ex=5)  # the agent heartbeats just in time
+            return await original(**kwargs)
+
+        reaper._script = heartbeat_first  # type: ignore[assignment]
+        try:
+            return await reaper.reap_once()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(race()) == []
+    assert real_redis.sismember(keys.INSTANCES, "back")
+    assert real_redis.hlen(keys.index("back", Location.CPU)) == 1
