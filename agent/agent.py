@@ -14,13 +14,14 @@ from collections.abc import Sequence
 import redis
 import torch
 
-from kvbus.agent.backends import HashSpace, StorageBackend, make_backends
+from kvbus.agent.backends import StorageBackend, make_backends
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import EventKind
 
 log = logging.getLogger("kvbus.agent")

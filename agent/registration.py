@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import redis
 
-from kvbus.agent.backends.base import HashSpace
 from kvbus.shared import keys
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from kvbus.shared.messages import AgentEvent, EventKind, encode
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbus.agent.backends.base import HashSpace
+from kvbus.shared.hashing import HashSpace
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ import redis
 import torch
 import yaml
 
-from kvbus.agent.backends.base import HashSpace, IndexEntry
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

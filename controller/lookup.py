@@ -16,13 +16,14 @@ so the head sets for the last ones seen are read speculatively alongside them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio
 
 from kvbus.shared import keys
-from kvbus.shared.hashing import Chunk, chunk_keys
+from kvbus.shared.hashing import Chunk, HashSpace
 from kvbus.shared.locations import FASTEST_FIRST, Location
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
@@ -131,13 +132,13 @@ def _candidates(chains: list[list[Chunk]], heads: list[set[str]],
     return grouped
 
 
-def _chains(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[list[Chunk]]:
-    """The chunk keys of `tokens` in every hash space the fleet registered (usually one)."""
-    chains = []
-    for space in spaces:
-        size, _, model = space.partition(":")
-        if not size.isdigit() or int(size) < 1:
-            continue
-        chains.append(chunk_keys(tokens, model=model, chunk_size=int(size), save_unfull_chunk=True))
-    return chains
+def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[list[Chunk]]:
+    """The chunk keys of `tokens` in every hash space the fleet registered (usually one).
 
+    A lookup hashes any trailing partial chunk too: agents that do not store one simply miss it.
+    """
+    chains = []
+    for name in names:
+        with contextlib.suppress(ValueError):  # a stray entry must not fail every lookup
+            chains.append(HashSpace.from_name(name).chunks(tokens))
+    return chains

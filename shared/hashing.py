@@ -11,6 +11,7 @@ import hashlib
 import sys
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 DIGEST_BYTES = 16  # 128 bits: a collision would serve one prompt another prompt's KV.
@@ -63,3 +64,29 @@ def _pack(tokens: Sequence[int]) -> bytes:
     if sys.byteorder == "big":
         packed.byteswap()  # little-endian on the wire, whatever the host
     return packed.tobytes()
+
+
+@dataclass(frozen=True)
+class HashSpace:
+    """What a chunk key depends on besides the tokens. Agents register theirs by `name`;
+    the controller hashes a lookup once per registered space."""
+
+    model: str
+    chunk_size: int
+    save_unfull_chunk: bool = True
+
+    def chunks(self, tokens: Sequence[int]) -> list[Chunk]:
+        return chunk_keys(tokens, model=self.model, chunk_size=self.chunk_size,
+                          save_unfull_chunk=self.save_unfull_chunk)
+
+    @property
+    def name(self) -> str:
+        return f"{self.chunk_size}:{self.model}"
+
+    @classmethod
+    def from_name(cls, name: str) -> HashSpace:
+        """The space a registered `name` stands for; ValueError if it is not one."""
+        size, _, model = name.partition(":")
+        if not size.isdigit() or int(size) < 1 or not model:
+            raise ValueError(f"not a hash space name: {name!r}")
+        return cls(model, int(size))

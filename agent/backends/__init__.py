@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from kvbus.agent.backends.base import HashSpace, IndexListener, StorageBackend
+from kvbus.agent.backends.base import IndexListener, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.shared.config import KVBusConfig
+from kvbus.shared.hashing import HashSpace
 
 GB = 1024**3
 
@@ -17,4 +18,4 @@ def make_backends(config: KVBusConfig, space: HashSpace, listener: IndexListener
     return backends
 
 
-__all__ = ["HashSpace", "IndexListener", "LocalCPUBackend", "StorageBackend", "make_backends"]
+__all__ = ["IndexListener", "LocalCPUBackend", "StorageBackend", "make_backends"]

@@ -9,31 +9,12 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
-from kvbus.shared.hashing import Chunk, chunk_keys
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-
-
-@dataclass(frozen=True)
-class HashSpace:
-    """What a chunk key depends on besides the tokens; every agent of an instance shares one."""
-
-    model: str
-    chunk_size: int
-    save_unfull_chunk: bool = True
-
-    def chunks(self, tokens: Sequence[int]) -> list[Chunk]:
-        return chunk_keys(
-            tokens, model=self.model, chunk_size=self.chunk_size, save_unfull_chunk=self.save_unfull_chunk
-        )
-
-    @property
-    def name(self) -> str:
-        return f"{self.chunk_size}:{self.model}"
 
 
 class IndexEntry(NamedTuple):

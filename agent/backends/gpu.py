@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvbus.agent.backends.base import HashSpace, IndexListener
+from kvbus.agent.backends.base import IndexListener
 from kvbus.agent.backends.memory import TensorLRUBackend
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 

@@ -9,7 +9,8 @@ from collections import OrderedDict
 
 import torch
 
-from kvbus.agent.backends.base import HashSpace, IndexEntry, IndexListener, StorageBackend
+from kvbus.agent.backends.base import IndexEntry, IndexListener, StorageBackend
+from kvbus.shared.hashing import HashSpace
 
 log = logging.getLogger("kvbus.agent.backends")
 

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kvbus.agent.backends.base import HashSpace, IndexEntry, StorageBackend
+from kvbus.agent.backends.base import IndexEntry, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 SPACE = HashSpace("test/model", chunk_size=4)

@@ -8,10 +8,11 @@ import fakeredis
 import pytest
 import redis
 
-from kvbus.agent.backends.base import HashSpace, IndexEntry
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.shared import keys
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 from .test_backends import kv

@@ -5,9 +5,9 @@ import time
 import fakeredis
 import pytest
 
-from kvbus.agent.backends.base import HashSpace
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 INSTANCE = "inst-r"

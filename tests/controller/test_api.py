@@ -14,7 +14,7 @@ import redis
 from starlette.testclient import TestClient
 
 from kvbus.agent.agent import Agent
-from kvbus.agent.backends.base import HashSpace, IndexEntry
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.registration import Registration, WorkerAddress
@@ -23,6 +23,7 @@ from kvbus.controller import routes
 from kvbus.controller.app import create_app
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.conftest import MODEL, SEED_TOKENS, RedisServer, free_port
 

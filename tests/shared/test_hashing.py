@@ -68,3 +68,15 @@ def test_empty_input_has_no_chunks_and_bad_chunk_size_is_refused() -> None:
     assert chunk_keys([], model=MODEL, chunk_size=4) == []
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_keys([1], model=MODEL, chunk_size=0)
+
+
+def test_a_hash_space_round_trips_through_its_registered_name() -> None:
+    from kvbus.shared.hashing import HashSpace
+
+    space = HashSpace("org/model:v2", 128)
+    assert space.name == "128:org/model:v2"
+    assert HashSpace.from_name(space.name) == space
+    assert space.chunks(list(range(300))) == chunk_keys(list(range(300)), model="org/model:v2", chunk_size=128)
+    for bad in ("model", "0:model", "x:model", "256:"):
+        with pytest.raises(ValueError, match="not a hash space name"):
+            HashSpace.from_name(bad)
