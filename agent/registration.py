@@ -22,8 +22,6 @@ from kvbus.shared.messages import AgentEvent, EventKind, encode
 
 log = logging.getLogger("kvbus.agent.registration")
 
-EVENTS_MAXLEN = 10_000
-
 
 @dataclass(frozen=True)
 class WorkerAddress:
@@ -123,7 +121,7 @@ class Registration:
 
     def event(self, kind: EventKind, detail: str) -> None:
         message = AgentEvent(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
-        self._redis.xadd(keys.EVENTS, encode(message), maxlen=EVENTS_MAXLEN, approximate=True)
+        self._redis.xadd(keys.EVENTS, encode(message), maxlen=keys.EVENTS_MAXLEN, approximate=True)
 
     def _sync_clock(self) -> None:
         before = time.time()

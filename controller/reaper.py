@@ -24,8 +24,6 @@ from kvbus.shared.messages import AgentEvent, EventKind, encode
 
 log = logging.getLogger("kvbus.controller.reaper")
 
-EVENTS_MAXLEN = 10_000
-
 # KEYS: 1 the instance's alive key, 2 the instance set, 3..n+2 the instance's keys to delete,
 # then the global head sets to withdraw it from. ARGV: 1 the instance id, 2 n.
 _REAP = """
@@ -100,6 +98,6 @@ class Reaper:
         event = AgentEvent(kind=EventKind.REAPED, instance_id=instance_id, worker_id=-1,
                            detail=f"no heartbeat for {silence:.0f} s")
         with contextlib.suppress(redis.RedisError):
-            await self._redis.xadd(keys.EVENTS, encode(event), maxlen=EVENTS_MAXLEN, approximate=True)
+            await self._redis.xadd(keys.EVENTS, encode(event), maxlen=keys.EVENTS_MAXLEN, approximate=True)
         log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)
         return True

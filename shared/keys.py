@@ -12,7 +12,8 @@ PREFIX = "kvbus"
 INSTANCES = f"{PREFIX}:instances"  # SET of registered instance ids
 HASH_SPACES = f"{PREFIX}:hashspaces"  # SET of "<chunk_size>:<model>" the fleet hashes with
 LOCATIONS = f"{PREFIX}:locations"  # SET of the locations any agent keeps chunks at
-EVENTS = f"{PREFIX}:events"  # STREAM (capped) of agent lifecycle events
+EVENTS = f"{PREFIX}:events"  # STREAM of agent lifecycle events, capped at about EVENTS_MAXLEN
+EVENTS_MAXLEN = 10_000
 REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
 
 
