@@ -18,11 +18,9 @@ from kvbus import logs
 from kvbus.agent.agent import Agent
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.agent.tokenizer import encode_prompt
-from kvbus.shared.config import ConfigError, load
+from kvbus.shared.config import DEFAULT_MODEL, ConfigError, load
 
 log = logging.getLogger("kvbus.agent")
-
-DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -20,6 +20,8 @@ log = logging.getLogger("kvbus.config")
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_"
+# The seed's model: the name engines serve and agents key chunks by unless told otherwise.
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 class ConfigError(ValueError):

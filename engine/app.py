@@ -1,0 +1,166 @@
+"""The reference engine's OpenAI-compatible server: routes, and a lifespan that owns the model and the agent.
+
+Model work runs on one dedicated thread, so the event loop stays free for health checks and
+the model needs no lock; the agent runs its own threads beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import quicktok
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kvbus.agent.agent import Agent
+from kvbus.engine import protocol
+from kvbus.engine.errors import EXCEPTION_HANDLERS, BadRequest, EngineError
+from kvbus.engine.generator import Completion, Generator, SamplingParams
+from kvbus.engine.model import ModelShape, build_model
+from kvbus.shared.config import KVBusConfig
+
+log = logging.getLogger("kvbus.engine")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+LLAMA3_BOS = 128000
+_REDIS_RETRY_S = 2.0
+
+
+class _BodyTooLarge(EngineError):
+    status_code = 413
+    kind = "BadRequestError"
+
+
+TINY = ModelShape()
+
+
+def create_app(config: KVBusConfig, served_model: str, shape: ModelShape = TINY, seed: int = 0) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbus-engine-model")
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(model_thread, build_model, shape, seed)
+        agent = Agent(config, model=served_model)
+        await _start_agent(agent)
+        app.state.generator = Generator(model, agent, quicktok.get_encoding("llama3"))
+        app.state.model_thread = model_thread
+        app.state.served_model = served_model
+        app.state.created = int(time.time())
+        log.info("engine serving %s (%.1f M params, %d B of KV per token) as instance %s",
+                 served_model, sum(p.numel() for p in model.parameters()) / 1e6, shape.kv_bytes_per_token,
+                 config.lmcache_instance_id)
+        try:
+            yield
+        finally:
+            model_thread.shutdown(wait=True)
+            await asyncio.to_thread(agent.stop)
+            log.info("engine stopped")
+
+    return Starlette(routes=_ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+async def _start_agent(agent: Agent) -> None:
+    """Wait for Redis rather than die: `kvbus up` or compose may start it a moment later."""
+    warned = False
+    while True:
+        try:
+            await asyncio.to_thread(agent.start)
+            return
+        except redis.RedisError as exc:
+            if not warned:
+                log.warning("Redis unreachable at %s (%s); retrying every %.0f s", agent.config.redis_url, exc,
+                            _REDIS_RETRY_S)
+                warned = True
+            await asyncio.sleep(_REDIS_RETRY_S)
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _BodyTooLarge(f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise _BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+    return body
+
+
+def _tokens(generator: Generator, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return [LLAMA3_BOS, *generator.encoding.encode(prompt)]
+    vocab = generator.model.shape.vocab_size
+    if any(t >= vocab for t in prompt):
+        raise BadRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
+    return prompt
+
+
+async def completions(request: Request) -> JSONResponse:
+    generator: Generator = request.app.state.generator
+    served: str = request.app.state.served_model
+    body = protocol.decode(await _body(request), protocol.CompletionRequest)
+    protocol.check_model(body.model, served)
+    params = protocol.sampling_params(body)
+    prompts = [_tokens(generator, p) for p in protocol.prompts(body.prompt)]
+    limit = generator.model.shape.max_model_len
+    for prompt in prompts:
+        if len(prompt) + params.max_tokens > limit:
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)} tokens "
+                f"and max_tokens asks for {params.max_tokens} more; shorten the prompt or lower max_tokens",
+                param="prompt" if len(prompt) >= limit else "max_tokens")
+    loop = asyncio.get_running_loop()
+    results = [await loop.run_in_executor(request.app.state.model_thread, _complete, generator, p, params)
+               for p in prompts]
+    return JSONResponse(protocol.completion_response(served, results))
+
+
+def _complete(generator: Generator, prompt: list[int], params: SamplingParams) -> Completion:
+    return generator.complete(prompt, params)
+
+
+async def tokenize(request: Request) -> JSONResponse:
+    generator: Generator = request.app.state.generator
+    body = protocol.decode(await _body(request), protocol.TokenizeRequest)
+    protocol.check_model(body.model, request.app.state.served_model)
+    ids = list(generator.encoding.encode(body.prompt))
+    tokens = [LLAMA3_BOS, *ids] if body.add_special_tokens else ids
+    return JSONResponse({"count": len(tokens), "max_model_len": generator.model.shape.max_model_len,
+                         "tokens": tokens, "token_strs": None})
+
+
+async def detokenize(request: Request) -> JSONResponse:
+    generator: Generator = request.app.state.generator
+    body = protocol.decode(await _body(request), protocol.DetokenizeRequest)
+    protocol.check_model(body.model, request.app.state.served_model)
+    _tokens(generator, body.tokens)
+    return JSONResponse({"prompt": generator.encoding.decode(body.tokens)})
+
+
+async def models(request: Request) -> JSONResponse:
+    served: str = request.app.state.served_model
+    card: dict[str, Any] = {
+        "id": served, "object": "model", "created": request.app.state.created, "owned_by": "kvbus",
+        "root": served, "parent": None, "max_model_len": request.app.state.generator.model.shape.max_model_len,
+    }
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def health(request: Request) -> Response:
+    return Response(status_code=200)
+
+
+_ROUTES = [
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/detokenize", detokenize, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+]

@@ -1,0 +1,141 @@
+"""OpenAI's completions shapes (and vLLM's /tokenize), parsed into checked values and built back into JSON.
+
+Fields this engine does not implement are ignored, as vLLM ignores unknown ones; fields it
+does read are checked, and a bad one is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, TypeVar
+
+import msgspec
+
+from kvbus.engine.errors import BadRequest, ModelNotFound
+from kvbus.engine.generator import Completion, SamplingParams
+from kvbus.shared.hashing import TOKEN_LIMIT
+
+MAX_LOGPROBS = 20
+_T = TypeVar("_T")
+
+
+class CompletionRequest(msgspec.Struct):
+    prompt: Any
+    model: str | None = None
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    n: int = 1
+    stream: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class TokenizeRequest(msgspec.Struct):
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(msgspec.Struct):
+    tokens: list[int]
+    model: str | None = None
+
+
+def decode(body: bytes, kind: type[_T]) -> _T:
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = message.rpartition("at `$.")[2].rstrip("`").split("[")[0].split(".")[0] if "at `$." in message else None
+        if param is None and "missing required field" in message:
+            param = message.split("`")[1]
+        raise BadRequest(message, param=param) from None
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise ModelNotFound(f"The model `{requested}` does not exist; this engine serves `{served}`.", param="model")
+
+
+def sampling_params(request: CompletionRequest) -> SamplingParams:
+    if request.n != 1:
+        raise BadRequest("n must be 1: the reference engine returns one choice per prompt", param="n")
+    if request.stream:
+        raise BadRequest("stream is not supported by the reference engine; send stream: false", param="stream")
+    if request.echo:
+        raise BadRequest("echo is not supported by the reference engine", param="echo")
+    max_tokens = 16 if request.max_tokens is None else request.max_tokens
+    if max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    temperature = 1.0 if request.temperature is None else request.temperature
+    if not 0 <= temperature <= 2:
+        raise BadRequest(f"temperature must be in [0, 2], got {temperature}", param="temperature")
+    top_p = 1.0 if request.top_p is None else request.top_p
+    if not 0 < top_p <= 1:
+        raise BadRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+        raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}", param="logprobs")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=request.seed,
+                          logprobs=request.logprobs, stop=tuple(s for s in stop if s))
+
+
+def prompts(raw: Any) -> list[str | list[int]]:
+    """The request's prompts: a string, token ids, or a list of either (a batch)."""
+    if isinstance(raw, str) or _is_token_list(raw):
+        batch = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(p, str) or _is_token_list(p) for p in raw):
+        batch = raw
+    else:
+        raise BadRequest("prompt must be a string, a list of token ids, or a list of those", param="prompt")
+    for prompt in batch:
+        if len(prompt) == 0:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        if not isinstance(prompt, str) and any(not 0 <= t < TOKEN_LIMIT for t in prompt):
+            raise BadRequest("token ids must be non-negative integers", param="prompt")
+    return batch
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def completion_response(model: str, completions: list[Completion]) -> dict[str, Any]:
+    prompt_tokens = sum(c.prompt_tokens for c in completions)
+    generated = sum(len(c.token_ids) for c in completions)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": c.text, "logprobs": _logprobs(c) if c.token_logprobs else None,
+             "finish_reason": c.finish_reason, "stop_reason": None}
+            for i, c in enumerate(completions)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions)},
+        },
+    }
+
+
+def _logprobs(completion: Completion) -> dict[str, Any]:
+    offsets, position = [], 0
+    for token in completion.token_texts:
+        offsets.append(position)
+        position += len(token)
+    return {"tokens": completion.token_texts, "token_logprobs": completion.token_logprobs,
+            "top_logprobs": completion.top_logprobs, "text_offset": offsets}

@@ -1,0 +1,235 @@
+"""`kvbus up`: the whole seed set-up in one command: Redis, the controller and a reference engine.
+
+Redis is started only when none answers at the configured URL; it then runs with AOF under the
+data directory, so the index survives a restart. Each part logs to its own file there, and
+Ctrl-C or SIGTERM stops what this command started, engine first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+
+from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, load
+
+_START_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 20.0
+_SEED_TOKENS = "[128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]"
+
+
+class StartFailed(Exception):
+    pass
+
+
+@dataclass
+class _Part:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+class Stack:
+    def __init__(self, config: KVBusConfig, args: argparse.Namespace, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.args = args
+        self.say = say
+        self.data = Path(args.data_dir).resolve()
+        self.parts: list[_Part] = []
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        (self.data / "logs").mkdir(parents=True, exist_ok=True)
+        self._redis()
+        host = self.args.host
+        self.say("[2/3] controller")
+        self._spawn("controller", ["controller", "--host", host, "--port", str(self.args.controller_port),
+                                   "--redis-url", self.config.redis_url, *self._config_flag()])
+        self._wait_http("controller", f"http://{host}:{self.args.controller_port}/healthz")
+        self.say("[3/3] reference engine")
+        self._spawn("engine", ["engine", "--host", host, "--port", str(self.args.engine_port), "--model",
+                               self.args.model, "--redis-url", self.config.redis_url, "--instance-id",
+                               self.config.lmcache_instance_id, *self._config_flag()])
+        self._wait_http("engine", f"http://{host}:{self.args.engine_port}/health")
+
+    def _config_flag(self) -> list[str]:
+        return ["--config", str(Path(self.args.config).resolve())] if self.args.config else []
+
+    def _redis(self) -> None:
+        url = self.config.redis_url
+        self.say(f"[1/3] Redis at {_redacted(url)}")
+        if _pings(url):
+            self.say("      already running; using it")
+            return
+        where = urlsplit(url)
+        if where.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise StartFailed(f"no Redis answers at {_redacted(url)}, and kvbus up starts one only on this "
+                              "machine; start that server or point redis_url (or --redis-url) at one")
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StartFailed("no Redis answers and redis-server is not installed: apt-get install redis-server "
+                              "(Debian/Ubuntu), brew install redis (macOS), or docker run -p 6379:6379 redis:7")
+        store = self.data / "redis"
+        store.mkdir(parents=True, exist_ok=True)
+        port = where.port or 6379
+        self._spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
+                              "--appendfsync", "everysec", "--save", "", "--dir", str(store)], python=False)
+        self._wait("redis", lambda: _pings(url))
+        self.say(f"      started redis-server on port {port}, AOF under {store}")
+
+    def _spawn(self, name: str, argv: list[str], *, python: bool = True) -> None:
+        log_path = self.data / "logs" / f"{name}.log"
+        self.say(f"      starting {name} (log {log_path})")
+        command = [sys.executable, "-m", "kvbus", *argv] if python else argv
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        self.parts.append(_Part(name, process, log_path))
+
+    def _wait_http(self, name: str, url: str) -> None:
+        self._wait(name, lambda: _http_ok(url))
+        self.say(f"      {name} ready at {url.rsplit('/', 1)[0]}")
+
+    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+        part = next(p for p in self.parts if p.name == name)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not ready():
+            if part.process.poll() is not None:
+                raise StartFailed(f"{name} exited with code {part.process.returncode} while starting:\n"
+                                  f"{_tail(part.log_path)}")
+            if self.stopping.is_set():
+                raise StartFailed("interrupted while starting")
+            if time.monotonic() > deadline:
+                raise StartFailed(f"{name} was not ready after {_START_TIMEOUT_S:.0f} s; see {part.log_path}")
+            self.stopping.wait(0.2)
+
+    def watch(self) -> str | None:
+        """Block until asked to stop, or until a part dies: then its name."""
+        while not self.stopping.wait(0.5):
+            for part in self.parts:
+                if part.process.poll() is not None:
+                    return part.name
+        return None
+
+    def stop(self) -> None:
+        for part in reversed(self.parts):
+            if part.process.poll() is None:
+                part.process.send_signal(signal.SIGTERM)
+                try:
+                    part.process.wait(timeout=_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.say(f"{part.name} did not stop within {_STOP_TIMEOUT_S:.0f} s; killing it")
+                    part.process.kill()
+                    part.process.wait()
+            self.say(f"stopped {part.name}")
+
+
+def _pings(url: str) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if sep else url
+
+
+def _banner(config: KVBusConfig, args: argparse.Namespace) -> str:
+    engine = f"http://localhost:{args.engine_port}"
+    controller = f"http://localhost:{args.controller_port}"
+    instance = config.lmcache_instance_id
+    return f"""
+kvbus is up:
+  engine      {engine}  (OpenAI API, model {args.model}, instance {instance})
+  controller  {controller}  (/lookup, /clear, /healthz)
+  redis       {_redacted(config.redis_url)}
+  logs        {Path(args.data_dir).resolve() / 'logs'}
+
+Try the seed flow:
+  curl -X POST {engine}/v1/completions -H "Content-Type: application/json" \\
+    -d '{{"model": "{args.model}", "prompt": "Explain the significance of KV cache in language models.", \
+"max_tokens": 10}}'
+  curl -X POST {controller}/lookup -H "Content-Type: application/json" -d '{{"tokens": {_SEED_TOKENS}}}'
+  curl -X POST {controller}/clear -H "Content-Type: application/json" \\
+    -d '{{"instance_id": "{instance}", "location": "LocalCPUBackend"}}'
+
+Ctrl-C stops everything.
+"""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, else built-in defaults)")
+    parser.add_argument("--host", default="127.0.0.1", help="address the controller and engine bind (127.0.0.1)")
+    parser.add_argument("--controller-port", type=int, default=9000)
+    parser.add_argument("--engine-port", type=int, default=8000)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"engine's served model name ({DEFAULT_MODEL})")
+    parser.add_argument("--redis-url", help="override redis_url from the config")
+    parser.add_argument("--data-dir", default="data", help="Redis AOF and logs go here (./data)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "kvbus up") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        config = load(args.config).with_overrides(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    stack = Stack(config, args, say)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stack.stopping.set())
+    code = 0
+    try:
+        stack.start()
+        say(_banner(config, args))
+        died = stack.watch()
+        if died is not None:
+            part = next(p for p in stack.parts if p.name == died)
+            say(f"{died} exited with code {part.process.returncode}; stopping the rest. Its log ends:\n"
+                f"{_tail(part.log_path)}")
+            code = 1
+    except StartFailed as exc:
+        say(f"{prog}: {exc}")
+        code = 1
+    finally:
+        stack.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
