@@ -118,7 +118,7 @@ def write_config(path: Path, **values: object) -> Path:
 
 
 class Processes:
-    """kvbus controller and agent processes started by a test; all are killed at its end."""
+    """kvbus controller, agent and engine processes started by a test; all are killed at its end."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
@@ -152,6 +152,17 @@ class Processes:
                  what=f"agent {instance_id} to register")
         client.close()
         return proc
+
+    def engine(self, redis_url: str, instance_id: str = "lmcache_default_instance",
+               config: dict[str, object] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """A reference engine (`kvbus engine`) on a free port, once it answers /health."""
+        path = write_config(self.tmp / f"engine-{instance_id}.yaml", redis_url=redis_url,
+                            lmcache_instance_id=instance_id, **(config or {}))
+        port = free_port()
+        proc = self._spawn(["engine", "--config", str(path), "--port", str(port)], f"engine-{instance_id}.log")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, timeout=60, what=f"engine {instance_id}")
+        return proc, base
 
     def log(self, name: str) -> str:
         return (self.tmp / name).read_text()

@@ -1,0 +1,142 @@
+"""The reference engine in process, with its agent on a real redis-server: OpenAI shapes, reuse and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from kvbus.engine.app import create_app
+from kvbus.engine.model import ModelShape
+from kvbus.shared import keys
+from kvbus.shared.config import KVBusConfig
+from kvbus.shared.locations import Location
+from tests.conftest import MODEL, SEED_TEXT, SEED_TOKENS
+
+INSTANCE = "engine-under-test"
+SHAPE = ModelShape(max_model_len=1024)
+LONG = list(range(2000, 2600))  # 600 tokens: two full chunks and an 88-token tail
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[TestClient]:
+    config = KVBusConfig(enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE,
+                         heartbeat_interval=0.1)
+    with TestClient(create_app(config, MODEL, shape=SHAPE)) as test_client:
+        yield test_client
+
+
+def complete(client: TestClient, prompt: Any, **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4,
+                                                    "temperature": 0, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def indexed(redis_url: str) -> dict[str, str]:
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        return client.hgetall(keys.index(INSTANCE, Location.CPU))  # type: ignore[return-value]
+
+
+def test_completion_has_openai_shape_and_seed_prompt_is_held(client: TestClient, redis_url: str) -> None:
+    body = complete(client, SEED_TEXT, max_tokens=10)
+    assert body["object"] == "text_completion" and body["model"] == MODEL and body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert sorted(int(n) for n in indexed(redis_url).values()) == [12]
+
+
+def test_repeat_reuses_all_but_one_token_and_gives_the_same_logprobs(client: TestClient, redis_url: str) -> None:
+    cold = complete(client, LONG, logprobs=3)
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert sorted(int(n) for n in indexed(redis_url).values()) == [88, 256, 256]
+    warm = complete(client, LONG, logprobs=3)
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 599
+    cold_lp, warm_lp = cold["choices"][0]["logprobs"], warm["choices"][0]["logprobs"]
+    assert warm_lp["tokens"] == cold_lp["tokens"] and warm["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert warm_lp["token_logprobs"] == pytest.approx(cold_lp["token_logprobs"], abs=1e-4)
+    assert all(len(top) >= 3 for top in warm_lp["top_logprobs"])
+    assert warm_lp["text_offset"][0] == 0 and len(warm_lp["text_offset"]) == 4
+
+
+def test_a_longer_prompt_reuses_the_shared_full_chunks(client: TestClient) -> None:
+    complete(client, LONG)
+    longer = complete(client, [*LONG[:512], *range(7000, 7100)])
+    assert longer["usage"]["prompt_tokens_details"]["cached_tokens"] == 512
+
+
+def test_a_batch_of_prompts_gives_one_choice_each(client: TestClient) -> None:
+    body = complete(client, [SEED_TEXT, SEED_TOKENS])
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["text"] == body["choices"][1]["text"]  # the text and its ids are one prompt
+    assert body["usage"]["prompt_tokens"] == 24 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 11
+
+
+def test_sampling_with_a_seed_repeats_and_stop_strings_cut(client: TestClient) -> None:
+    first = complete(client, SEED_TEXT, temperature=1.0, seed=7, max_tokens=8)
+    again = complete(client, SEED_TEXT, temperature=1.0, seed=7, max_tokens=8)
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]
+    greedy = complete(client, SEED_TEXT, max_tokens=8)["choices"][0]["text"]
+    cut = complete(client, SEED_TEXT, max_tokens=8, stop=[greedy[3:6]])
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == greedy[: greedy.index(greedy[3:6])]
+
+
+def test_tokenize_models_and_health(client: TestClient) -> None:
+    tokens = client.post("/tokenize", json={"model": MODEL, "prompt": SEED_TEXT}).json()
+    assert tokens == {"count": 12, "max_model_len": 1024, "tokens": SEED_TOKENS, "token_strs": None}
+    bare = client.post("/tokenize", json={"prompt": "Hello, world!", "add_special_tokens": False}).json()
+    assert bare["tokens"] == [9906, 11, 1917, 0]
+    assert client.post("/detokenize", json={"tokens": [9906, 11, 1917, 0]}).json() == {"prompt": "Hello, world!"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status", "param", "phrase"), [
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "Expected `int | null`"),
+    ({"max_tokens": 3}, 400, "prompt", "missing required field"),
+    ({"prompt": ""}, 400, "prompt", "must not be empty"),
+    ({"prompt": []}, 400, "prompt", "prompt must be"),
+    ({"prompt": [1, "a"]}, 400, "prompt", "prompt must be"),
+    ({"prompt": [-1]}, 400, "prompt", "non-negative"),
+    ({"prompt": [128256]}, 400, "prompt", "vocabulary size 128256"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
+    ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
+    ({"prompt": "x", "stream": True}, 400, "stream", "not supported"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "`gpt-4` does not exist"),
+    ({"prompt": list(range(1020)), "max_tokens": 10}, 400, "max_tokens", "maximum context length is 1024"),
+    ({"prompt": list(range(1030))}, 400, "prompt", "maximum context length is 1024"),
+])
+def test_bad_requests_get_openai_errors_and_lose_nothing(client: TestClient, redis_url: str, body: dict[str, Any],
+                                                         status: int, param: str, phrase: str) -> None:
+    complete(client, SEED_TEXT)
+    held = indexed(redis_url)
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert phrase in error["message"] and error["param"] == param and error["code"] == status
+    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    assert indexed(redis_url) == held
+    assert complete(client, SEED_TEXT)["usage"]["prompt_tokens_details"]["cached_tokens"] == 11
+
+
+def test_malformed_and_oversized_bodies(client: TestClient) -> None:
+    response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", json=["a list"])
+    assert response.status_code == 400 and "JSON object" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", content=b"x" * (5 * 1024 * 1024))
+    assert response.status_code == 413
+    response = client.get("/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == 405
+    assert client.get("/nowhere").json()["error"]["type"] == "NotFoundError"
+
