@@ -1,0 +1,145 @@
+"""Reference engines as users run them: `kvbus up`, the seed's curl flow verbatim, and two engines side by side."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import MODEL, SEED_TEXT, SEED_TOKENS, Processes, free_port, wait_for, write_config
+
+INSTANCE = "lmcache_default_instance"
+PROMPT_600 = list(range(3000, 3600))
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(url, json=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def cached(engine: str, prompt: Any) -> int:
+    body = post(f"{engine}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+    return int(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def lookup(controller: str, tokens: list[int] = SEED_TOKENS) -> dict[str, list[Any]]:
+    return post(f"{controller}/lookup", {"tokens": tokens})["layout_info"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Any:
+    """`kvbus up` on free ports with a Redis URL where nothing listens, so it must start its own."""
+    redis_port, engine_port, controller_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LMCACHE_CONFIG_FILE", None)
+    config = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
+    out = (tmp_path / "up.out").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvbus", "up", "--config", str(config), "--redis-url",
+         f"redis://127.0.0.1:{redis_port}/0", "--engine-port", str(engine_port), "--controller-port",
+         str(controller_port), "--data-dir", str(tmp_path / "data")],
+        stdout=out, stderr=subprocess.STDOUT, env=env)
+    log = tmp_path / "up.out"
+    try:
+        wait_for(lambda: "kvbus is up" in log.read_text(), timeout=90, what="kvbus up")
+        yield proc, f"http://localhost:{engine_port}", f"http://localhost:{controller_port}", redis_port, tmp_path, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        out.close()
+        if _answers(redis_port):
+            redis.Redis(port=redis_port).shutdown(nosave=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.timeout(240)
+def test_seed_curl_flow_verbatim_against_kvbus_up(up: Any) -> None:
+    proc, engine, controller, redis_port, tmp_path, log = up
+    banner = log.read_text()
+    assert f"started redis-server on port {redis_port}" in banner
+    assert engine in banner and controller in banner
+    assert (tmp_path / "data" / "redis").is_dir()
+
+    completion = post(f"{engine}/v1/completions", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "prompt": "Explain the significance of KV cache in language models.",
+        "max_tokens": 10,
+    })
+    assert completion["usage"]["prompt_tokens"] == 12 and completion["usage"]["completion_tokens"] == 10
+    found = post(f"{controller}/lookup", {"tokens": SEED_TOKENS})
+    assert found["layout_info"] == {INSTANCE: ["LocalCPUBackend", 12]} and found["event_id"]
+    cleared = post(f"{controller}/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
+    assert cleared["num_tokens"] == 12 and cleared["event_id"]
+    assert post(f"{controller}/lookup", {"tokens": SEED_TOKENS})["layout_info"] == {}
+
+    # After the clear the engine recomputes, and the request after that hits again.
+    assert cached(engine, SEED_TEXT) == 0
+    assert lookup(controller) == {INSTANCE: ["LocalCPUBackend", 12]}
+    assert cached(engine, SEED_TEXT) == 11
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    text = log.read_text()
+    assert "stopped engine" in text and "stopped controller" in text and "stopped redis" in text
+    assert not _answers(redis_port)
+    assert any((tmp_path / "data" / "redis").rglob("*.aof*")), "Redis ran without AOF"
+
+
+@pytest.mark.timeout(240)
+def test_600_token_prompt_stores_two_full_and_one_partial_chunk(up: Any) -> None:
+    _, engine, controller, *_ = up
+    assert cached(engine, PROMPT_600) == 0
+    assert lookup(controller, PROMPT_600) == {INSTANCE: ["LocalCPUBackend", 600]}
+    assert lookup(controller, PROMPT_600[:512]) == {INSTANCE: ["LocalCPUBackend", 512]}
+    assert lookup(controller, PROMPT_600[:300]) == {INSTANCE: ["LocalCPUBackend", 256]}
+    assert cached(engine, PROMPT_600) == 599
+
+
+@pytest.mark.timeout(240)
+def test_two_engines_are_two_instances_and_a_clear_of_one_spares_the_other(procs: Processes, redis_url: str) -> None:
+    _, controller = procs.controller(redis_url, timeout=10)
+    _, first = procs.engine(redis_url, "engine-a")
+    _, second = procs.engine(redis_url, "engine-b")
+    cached(first, SEED_TEXT)
+    cached(second, SEED_TEXT)
+    assert lookup(controller) == {"engine-a": ["LocalCPUBackend", 12], "engine-b": ["LocalCPUBackend", 12]}
+    cleared = post(f"{controller}/clear", {"instance_id": "engine-a", "location": "LocalCPUBackend"})
+    assert cleared["num_tokens"] == 12
+    assert lookup(controller) == {"engine-b": ["LocalCPUBackend", 12]}
+    assert cached(second, SEED_TEXT) == 11
+    assert cached(first, SEED_TEXT) == 0
+
+
+def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> None:
+    python_only = tmp_path / "bin"
+    python_only.mkdir()
+    env = {**os.environ, "PATH": str(python_only)}
+    result = subprocess.run(
+        [sys.executable, "-m", "kvbus", "up", "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
+         "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    assert "redis-server is not installed: apt-get install redis-server" in result.stdout
+
+
+def test_kvbus_up_and_engine_refuse_bad_config_in_one_line(tmp_path: Path) -> None:
+    bad = write_config(tmp_path / "bad.yaml", chunk_size="big")
+    for command in (["up"], ["engine"]):
+        result = subprocess.run([sys.executable, "-m", "kvbus", *command, "--config", str(bad)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result
+        assert result.stderr.count("\n") == 1 and "chunk_size" in result.stderr
