@@ -260,6 +260,29 @@ def agent(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
+def engine(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
+    """`python -m kvbus engine` (the reference engine) serving `instance_id`, ready once /health answers."""
+    config = workdir / f"engine-{instance_id}.yaml"
+    config.write_text(yaml.safe_dump({
+        "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
+        "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 2,
+    }))
+    port = free_port()
+    log = workdir / f"engine-{instance_id}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbus", "engine", "--config", str(config), "--port", str(port),
+             "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: httpx.get(f"{base}/health", timeout=1).status_code == 200, proc, "engine", log, timeout=120)
+        yield Proc(proc, base)
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
 def workdir() -> Iterator[Path]:
     """A scratch directory for configs and process logs, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="kvbus-bench-") as path:
