@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import quicktok
 import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvbus.agent.agent import Agent
@@ -116,14 +117,45 @@ async def completions(request: Request) -> JSONResponse:
                 f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)} tokens "
                 f"and max_tokens asks for {params.max_tokens} more; shorten the prompt or lower max_tokens",
                 param="prompt" if len(prompt) >= limit else "max_tokens")
+    model_thread: ThreadPoolExecutor = request.app.state.model_thread
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_events(model_thread, generator, served, prompts, params, include_usage),
+                                 media_type="text/event-stream")
     loop = asyncio.get_running_loop()
-    results = [await loop.run_in_executor(request.app.state.model_thread, _complete, generator, p, params)
-               for p in prompts]
+    results = [await loop.run_in_executor(model_thread, generator.complete, p, params) for p in prompts]
     return JSONResponse(protocol.completion_response(served, results))
 
 
-def _complete(generator: Generator, prompt: list[int], params: SamplingParams) -> Completion:
-    return generator.complete(prompt, params)
+async def _events(model_thread: ThreadPoolExecutor, generator: Generator, served: str, prompts: list[list[int]],
+                  params: SamplingParams, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as vLLM sends them: text pieces, each choice's finish, usage if asked, [DONE]."""
+    loop = asyncio.get_running_loop()
+    cid, created = protocol.completion_id(), int(time.time())
+    results: list[Completion] = []
+    for index, prompt in enumerate(prompts):
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def run(prompt: list[int] = prompt, pieces: asyncio.Queue[str | None] = pieces) -> Completion:
+            try:
+                return generator.complete(prompt, params, lambda text: loop.call_soon_threadsafe(pieces.put_nowait,
+                                                                                                  text))
+            finally:
+                loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        job = loop.run_in_executor(model_thread, run)
+        while (piece := await pieces.get()) is not None:
+            yield _sse(protocol.stream_chunk(cid, created, served, index, piece))
+        result = await job
+        results.append(result)
+        yield _sse(protocol.stream_chunk(cid, created, served, index, "", result.finish_reason))
+    if include_usage:
+        yield _sse(protocol.usage_chunk(cid, created, served, results))
+    yield "data: [DONE]\n\n"
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 async def tokenize(request: Request) -> JSONResponse:

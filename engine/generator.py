@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import quicktok
@@ -52,12 +52,17 @@ class Generator:
         self.agent = agent
         self.encoding = encoding
 
-    def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+    def complete(self, prompt: Sequence[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> Completion:
+        """Generate; `on_text` (for streaming) gets each piece of text as soon as it is final."""
         started = time.perf_counter()
         logits, kvs, cached = self._prefill(prompt)
         result = Completion(prompt_tokens=len(prompt), cached_tokens=cached, prefill_s=time.perf_counter() - started)
         sampler = _Sampler(params)
         pieces: list[bytes] = []
+        sent = 0
+        # Text that could still turn out to begin a stop string, or half a UTF-8 character, waits.
+        held_back = max((len(s) for s in params.stop), default=1) - 1
         for step in range(params.max_tokens):
             token = sampler.pick(logits)
             result.token_ids.append(token)
@@ -67,14 +72,22 @@ class Generator:
                 result.finish_reason = "stop"
                 break
             pieces.append(self.encoding.decode_single_token_bytes(token))
-            text = b"".join(pieces).decode("utf-8", errors="replace")
-            hit = _first_stop(text, params.stop)
+            result.text = b"".join(pieces).decode("utf-8", errors="replace")
+            hit = _first_stop(result.text, params.stop)
             if hit is not None:
-                result.text, result.finish_reason = text[:hit], "stop"
-                return result
+                result.text, result.finish_reason = result.text[:hit], "stop"
+                break
+            if on_text is not None:
+                final = len(result.text) - held_back
+                while final > sent and result.text[final - 1] == "\ufffd":
+                    final -= 1
+                if final > sent:
+                    on_text(result.text[sent:final])
+                    sent = final
             if step + 1 < params.max_tokens:
                 logits, kvs = self.model(torch.tensor([token]), kvs)
-        result.text = b"".join(pieces).decode("utf-8", errors="replace")
+        if on_text is not None and len(result.text) > sent:
+            on_text(result.text[sent:])
         return result
 
     def _prefill(self, prompt: Sequence[int]) -> tuple[torch.Tensor, list[kv_chunks.LayerKV], int]:

@@ -20,6 +20,10 @@ MAX_LOGPROBS = 20
 _T = TypeVar("_T")
 
 
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
 class CompletionRequest(msgspec.Struct):
     prompt: Any
     model: str | None = None
@@ -32,6 +36,7 @@ class CompletionRequest(msgspec.Struct):
     echo: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    stream_options: StreamOptions | None = None
 
 
 class TokenizeRequest(msgspec.Struct):
@@ -70,8 +75,9 @@ def check_model(requested: str | None, served: str) -> None:
 def sampling_params(request: CompletionRequest) -> SamplingParams:
     if request.n != 1:
         raise BadRequest("n must be 1: the reference engine returns one choice per prompt", param="n")
-    if request.stream:
-        raise BadRequest("stream is not supported by the reference engine; send stream: false", param="stream")
+    if request.stream and request.logprobs is not None:
+        raise BadRequest("logprobs are not streamed by the reference engine; send stream: false to get them",
+                         param="logprobs")
     if request.echo:
         raise BadRequest("echo is not supported by the reference engine", param="echo")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
@@ -110,11 +116,13 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
 def completion_response(model: str, completions: list[Completion]) -> dict[str, Any]:
-    prompt_tokens = sum(c.prompt_tokens for c in completions)
-    generated = sum(len(c.token_ids) for c in completions)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+        "id": completion_id(),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
@@ -123,12 +131,31 @@ def completion_response(model: str, completions: list[Completion]) -> dict[str, 
              "finish_reason": c.finish_reason, "stop_reason": None}
             for i, c in enumerate(completions)
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": generated,
-            "total_tokens": prompt_tokens + generated,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions)},
-        },
+        "usage": usage(completions),
+    }
+
+
+def stream_chunk(cid: str, created: int, model: str, index: int, text: str,
+                 finish_reason: str | None = None) -> dict[str, Any]:
+    """One server-sent event of a streamed completion: a piece of one choice's text."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                         "stop_reason": None}]}
+
+
+def usage_chunk(cid: str, created: int, model: str, completions: list[Completion]) -> dict[str, Any]:
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
+            "usage": usage(completions)}
+
+
+def usage(completions: list[Completion]) -> dict[str, Any]:
+    prompt_tokens = sum(c.prompt_tokens for c in completions)
+    generated = sum(len(c.token_ids) for c in completions)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": generated,
+        "total_tokens": prompt_tokens + generated,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions)},
     }
 
 

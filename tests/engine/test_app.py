@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +88,34 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut(client: TestClient) -
     assert cut["choices"][0]["text"] == greedy[: greedy.index(greedy[3:6])]
 
 
+def test_streaming_sends_the_same_text_in_pieces_then_usage_and_done(client: TestClient) -> None:
+    whole = complete(client, SEED_TEXT, max_tokens=12)
+    with client.stream("POST", "/v1/completions", json={
+            "model": MODEL, "prompt": SEED_TEXT, "max_tokens": 12, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["finish_reason"] is None]
+    assert len(pieces) > 1 and "".join(pieces) == whole["choices"][0]["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 11
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_streaming_holds_back_text_until_it_cannot_begin_a_stop_string(client: TestClient) -> None:
+    greedy = complete(client, SEED_TEXT, max_tokens=8)["choices"][0]["text"]
+    stop = greedy[5:9]
+    with client.stream("POST", "/v1/completions", json={
+            "prompt": SEED_TEXT, "max_tokens": 8, "temperature": 0, "stream": True, "stop": stop}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == greedy[: greedy.index(stop)] and stop not in text
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_tokenize_models_and_health(client: TestClient) -> None:
     tokens = client.post("/tokenize", json={"model": MODEL, "prompt": SEED_TEXT}).json()
     assert tokens == {"count": 12, "max_model_len": 1024, "tokens": SEED_TOKENS, "token_strs": None}
@@ -111,7 +140,8 @@ def test_tokenize_models_and_health(client: TestClient) -> None:
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
     ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
-    ({"prompt": "x", "stream": True}, 400, "stream", "not supported"),
+    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs", "not streamed"),
+    ({"prompt": "x", "echo": True}, 400, "echo", "not supported"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "`gpt-4` does not exist"),
     ({"prompt": list(range(1020)), "max_tokens": 10}, 400, "max_tokens", "maximum context length is 1024"),
     ({"prompt": list(range(1030))}, 400, "prompt", "maximum context length is 1024"),
