@@ -34,6 +34,7 @@ class Agent:
         *,
         model: str,
         worker_id: int = 0,
+        layout: str | None = None,
     ) -> None:
         self.config = config
         self.instance_id = config.lmcache_instance_id
@@ -53,6 +54,7 @@ class Agent:
             locations=[b.location for b in self.backends],
             address=_address(config, worker_id),
             ttl_s=config.heartbeat_ttl,
+            layout=layout,
         )
         self.consumer = CommandConsumer(
             self._blocking,

@@ -22,6 +22,8 @@ from kvbus.shared.messages import AgentEvent, EventKind, encode
 
 log = logging.getLogger("kvbus.agent.registration")
 
+LAYOUT_FIELD = "layout"  # in the worker hash
+
 
 @dataclass(frozen=True)
 class WorkerAddress:
@@ -41,6 +43,7 @@ class Registration:
         locations: list[Location],
         address: WorkerAddress,
         ttl_s: float,
+        layout: str | None = None,
     ) -> None:
         self._redis = client
         self._instance = instance_id
@@ -49,6 +52,9 @@ class Registration:
         self._locations = locations
         self._address = address
         self._ttl_ms = int(ttl_s * 1000)
+        # What the bytes of this worker's chunks mean (model, dtype, block size, attention backend),
+        # for engines that store their own paged blocks; readers load only chunks of their layout.
+        self._layout = layout
         self._clock_offset_ms = 0
         self.registered_at = time.time()
 
@@ -68,6 +74,7 @@ class Registration:
             "hostname": socket.gethostname(),
             "registration_time": self.registered_at,
             "last_heartbeat_time": time.time(),
+            LAYOUT_FIELD: self._layout or "",
         }
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(keys.INSTANCES, self._instance)
