@@ -114,7 +114,7 @@ def test_600_token_prompt_stores_two_full_and_one_partial_chunk(up: Any) -> None
 def test_two_engines_are_two_instances_and_a_clear_of_one_spares_the_other(procs: Processes, redis_url: str) -> None:
     _, controller = procs.controller(redis_url, timeout=10)
     _, first = procs.engine(redis_url, "engine-a")
-    _, second = procs.engine(redis_url, "engine-b")
+    second_proc, second = procs.engine(redis_url, "engine-b")
     cached(first, SEED_TEXT)
     cached(second, SEED_TEXT)
     assert lookup(controller) == {"engine-a": ["LocalCPUBackend", 12], "engine-b": ["LocalCPUBackend", 12]}
@@ -123,6 +123,11 @@ def test_two_engines_are_two_instances_and_a_clear_of_one_spares_the_other(procs
     assert lookup(controller) == {"engine-b": ["LocalCPUBackend", 12]}
     assert cached(second, SEED_TEXT) == 11
     assert cached(first, SEED_TEXT) == 0
+
+    second_proc.send_signal(signal.SIGTERM)
+    assert second_proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    assert lookup(controller) == {"engine-a": ["LocalCPUBackend", 12]}
+    assert "agent engine-b worker 0 stopped" in procs.log("engine-engine-b.log")
 
 
 def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> None:
