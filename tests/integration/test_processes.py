@@ -177,7 +177,9 @@ def test_an_agent_stopped_by_sigterm_deregisters(procs: Processes, redis_url: st
 def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) -> None:
     port = free_port()
     env = {**os.environ, "LMCACHE_REDIS_URL": redis_url}
-    proc = subprocess.Popen(["lmcache_controller", "--host", "localhost", "--port", str(port), "--monitor-port",
+    # The console script pip installed beside this interpreter, as the seed runs it.
+    script = str(Path(sys.executable).parent / "lmcache_controller")
+    proc = subprocess.Popen([script, "--host", "localhost", "--port", str(port), "--monitor-port",
                              "9001"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: httpx.get(f"http://localhost:{port}/healthz").status_code == 200, what="lmcache_controller")
