@@ -15,6 +15,7 @@ kvbus key in `kv_connector_extra_config` overrides it.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvbus.agent.vllm")
 
 _KEYS = frozenset(f.name for f in fields(kvbus_config.KVBusConfig))
+_REDIS_RETRY_S = 2.0
 
 
 class KVBusConnectorMetadata(KVConnectorMetadata):
@@ -68,6 +70,7 @@ class KVBusConnector(KVConnectorBase_V1):
         self._layout = Layout(model, _dtype_name(vllm_config), block_size)
         self._agent: Agent | None = None
         self._mover: BlockMover | None = None
+        self._stopping = threading.Event()
         if role == KVConnectorRole.SCHEDULER:
             if transfer.kv_load_failure_policy != "recompute":
                 # vLLM's default fails a request whose load fails; a chunk cleared between the lookup
@@ -125,7 +128,8 @@ class KVBusConnector(KVConnectorBase_V1):
         paged = PagedKV(layers, block_dim, self._layout.block_size)
         self._agent = Agent(self._config, model=self._space.model, worker_id=get_tensor_model_parallel_rank(),
                             layout=str(layout))
-        self._agent.start()
+        # vLLM serves (uncached) while Redis is away; chunks saved meanwhile are published at registration.
+        threading.Thread(target=self._start_agent, name="kvbus-agent-start", daemon=True).start()
         self._mover = BlockMover(self._agent, paged, self._space)
         log.info("kvbus connector: %d layers of blocks %s, layout %s", len(layers), paged.block_shape, layout)
 
@@ -156,7 +160,22 @@ class KVBusConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._mover.take_failed_blocks() if self._mover is not None else set()
 
+    def _start_agent(self) -> None:
+        assert self._agent is not None
+        warned = False
+        while not self._stopping.is_set():
+            try:
+                self._agent.start()
+                return
+            except redis.RedisError as exc:
+                if not warned:
+                    log.warning("kvbus: Redis unreachable at %s (%s); retrying every %.0f s",
+                                self._config.redis_url, exc, _REDIS_RETRY_S)
+                warned = True
+                self._stopping.wait(_REDIS_RETRY_S)
+
     def shutdown(self) -> None:
+        self._stopping.set()
         if self._agent is not None:
             self._agent.stop()
             self._agent = None
