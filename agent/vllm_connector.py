@@ -61,6 +61,7 @@ class KVBusConnectorMetadata(KVConnectorMetadata):
 class KVBusConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _log_through_vllm()
         transfer = vllm_config.kv_transfer_config
         assert transfer is not None  # the base class refuses to start without it
         self._config = _config(transfer.kv_connector_extra_config)
@@ -179,6 +180,17 @@ class KVBusConnector(KVConnectorBase_V1):
         if self._agent is not None:
             self._agent.stop()
             self._agent = None
+
+
+def _log_through_vllm() -> None:
+    """kvbus's lines go where vLLM's go, in its format, unless the host set up kvbus logging itself."""
+    ours, theirs = logging.getLogger("kvbus"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level or logging.INFO)
+    ours.propagate = False
 
 
 def _config(extra: dict[str, Any]) -> kvbus_config.KVBusConfig:
