@@ -88,16 +88,16 @@ class _Attention(nn.Module):
             k = torch.cat((past.keys, k), dim=1)
             v = torch.cat((past.values, v), dim=1)
         kv = LayerKV(k, v)
-        group = self.shape.num_heads // self.shape.num_kv_heads
-        k_all = k.repeat_interleave(group, dim=0)
-        v_all = v.repeat_interleave(group, dim=0)
         offset = k.shape[1] - s
+        # A batch dimension of 1 lets CPU torch use its fused (flash) kernel instead of the math path.
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         if offset == 0:
-            out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+            out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)
         else:
             # Queries sit after `offset` cached positions: each sees the cache and its own past.
             allowed = torch.arange(k.shape[1]).unsqueeze(0) <= (torch.arange(s) + offset).unsqueeze(1)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed)
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=allowed, enable_gqa=True)
+        out = out.squeeze(0)
         return self.o_proj(out.transpose(0, 1).reshape(s, -1)), kv
 
 
