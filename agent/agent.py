@@ -80,7 +80,25 @@ class Agent:
             self._threads.append(thread)
         log.info("agent %s worker %d serving %s for model %s (chunk_size %d) via %s",
                  self.instance_id, self.worker_id, ", ".join(b.location for b in self.backends) or "nothing",
-                 self.space.model, self.space.chunk_size, _redacted(self.config.redis_url))
+                 self.space.model, self.space.chunk_size, redis_conn.redacted(self.config.redis_url))
+
+    def start_when_reachable(self, stop: threading.Event, retry_s: float = 2.0) -> bool:
+        """`start()`, retried while Redis is unreachable; False if `stop` was set first.
+
+        Engines and compose start in any order, so an agent waits for Redis rather than dying.
+        """
+        warned = False
+        while not stop.is_set():
+            try:
+                self.start()
+                return True
+            except redis.RedisError as exc:
+                if not warned:
+                    log.warning("Redis unreachable at %s (%s); retrying every %.0f s",
+                                redis_conn.redacted(self.config.redis_url), exc, retry_s)
+                warned = True
+                stop.wait(retry_s)
+        return False
 
     def stop(self) -> None:
         """Finish the command in hand, then deregister and drop this instance's index entries."""
@@ -155,8 +173,3 @@ def _address(config: KVBusConfig, worker_id: int) -> WorkerAddress:
         port=pick(config.lmcache_worker_ports),
         peer_init_url=f"{host}:{peer_port}" if peer_port is not None else None,
     )
-
-
-def _redacted(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://')[0]}://***@{tail}" if sep else url

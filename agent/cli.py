@@ -12,8 +12,6 @@ import signal
 import sys
 import threading
 
-import redis
-
 from kvbus import logs
 from kvbus.agent.agent import Agent
 from kvbus.agent.synthetic import synthetic_kv
@@ -66,17 +64,7 @@ def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     agent = Agent(config, model=args.model, worker_id=args.worker_id)
-    warned = False
-    while not stop.is_set():
-        try:
-            agent.start()
-            break
-        except redis.RedisError as exc:
-            if not warned:
-                log.warning("Redis unreachable at start (%s); retrying every 2 s", exc)
-            warned = True
-            stop.wait(2)
-    if stop.is_set():
+    if not agent.start_when_reachable(stop):
         return 0
     for tokens in prompts:
         held = agent.store(tokens, synthetic_kv(agent.space, tokens))

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvbus.agent.vllm")
 
 _KEYS = frozenset(f.name for f in fields(kvbus_config.KVBusConfig))
-_REDIS_RETRY_S = 2.0
 
 
 class KVBusConnectorMetadata(KVConnectorMetadata):
@@ -130,7 +129,8 @@ class KVBusConnector(KVConnectorBase_V1):
         self._agent = Agent(self._config, model=self._space.model, worker_id=get_tensor_model_parallel_rank(),
                             layout=str(layout))
         # vLLM serves (uncached) while Redis is away; chunks saved meanwhile are published at registration.
-        threading.Thread(target=self._start_agent, name="kvbus-agent-start", daemon=True).start()
+        threading.Thread(target=self._agent.start_when_reachable, args=(self._stopping,), name="kvbus-agent-start",
+                         daemon=True).start()
         self._mover = BlockMover(self._agent, paged, self._space)
         log.info("kvbus connector: %d layers of blocks %s, layout %s", len(layers), paged.block_shape, layout)
 
@@ -160,20 +160,6 @@ class KVBusConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._mover.take_failed_blocks() if self._mover is not None else set()
-
-    def _start_agent(self) -> None:
-        assert self._agent is not None
-        warned = False
-        while not self._stopping.is_set():
-            try:
-                self._agent.start()
-                return
-            except redis.RedisError as exc:
-                if not warned:
-                    log.warning("kvbus: Redis unreachable at %s (%s); retrying every %.0f s",
-                                self._config.redis_url, exc, _REDIS_RETRY_S)
-                warned = True
-                self._stopping.wait(_REDIS_RETRY_S)
 
     def shutdown(self) -> None:
         self._stopping.set()

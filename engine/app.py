@@ -10,19 +10,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import quicktok
-import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvbus.agent.agent import Agent
+from kvbus.agent.tokenizer import LLAMA3_BOS
 from kvbus.engine import protocol
 from kvbus.engine.errors import EXCEPTION_HANDLERS, BadRequest, EngineError
 from kvbus.engine.generator import Completion, Generator, SamplingParams
@@ -32,8 +33,6 @@ from kvbus.shared.config import KVBusConfig
 log = logging.getLogger("kvbus.engine")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-LLAMA3_BOS = 128000
-_REDIS_RETRY_S = 2.0
 
 
 class _BodyTooLarge(EngineError):
@@ -51,7 +50,11 @@ def create_app(config: KVBusConfig, served_model: str, shape: ModelShape = TINY,
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(model_thread, build_model, shape, seed)
         agent = Agent(config, model=served_model)
-        await _start_agent(agent)
+        stopping = threading.Event()
+        try:
+            await asyncio.to_thread(agent.start_when_reachable, stopping)
+        finally:
+            stopping.set()  # a shutdown during the wait ends it
         app.state.generator = Generator(model, agent, quicktok.get_encoding("llama3"))
         app.state.model_thread = model_thread
         app.state.served_model = served_model
@@ -67,21 +70,6 @@ def create_app(config: KVBusConfig, served_model: str, shape: ModelShape = TINY,
             log.info("engine stopped")
 
     return Starlette(routes=_ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-
-
-async def _start_agent(agent: Agent) -> None:
-    """Wait for Redis rather than die: `kvbus up` or compose may start it a moment later."""
-    warned = False
-    while True:
-        try:
-            await asyncio.to_thread(agent.start)
-            return
-        except redis.RedisError as exc:
-            if not warned:
-                log.warning("Redis unreachable at %s (%s); retrying every %.0f s", agent.config.redis_url, exc,
-                            _REDIS_RETRY_S)
-                warned = True
-            await asyncio.sleep(_REDIS_RETRY_S)
 
 
 async def _body(request: Request) -> bytes:

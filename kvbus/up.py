@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import redis
 
 from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, load
+from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 20.0
@@ -69,13 +70,13 @@ class Stack:
 
     def _redis(self) -> None:
         url = self.config.redis_url
-        self.say(f"[1/3] Redis at {_redacted(url)}")
+        self.say(f"[1/3] Redis at {redacted(url)}")
         if _pings(url):
             self.say("      already running; using it")
             return
         where = urlsplit(url)
         if where.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise StartFailed(f"no Redis answers at {_redacted(url)}, and kvbus up starts one only on this "
+            raise StartFailed(f"no Redis answers at {redacted(url)}, and kvbus up starts one only on this "
                               "machine; start that server or point redis_url (or --redis-url) at one")
         binary = shutil.which("redis-server")
         if binary is None:
@@ -159,11 +160,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _redacted(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://')[0]}://***@{tail}" if sep else url
-
-
 def _banner(config: KVBusConfig, args: argparse.Namespace) -> str:
     engine = f"http://localhost:{args.engine_port}"
     controller = f"http://localhost:{args.controller_port}"
@@ -172,7 +168,7 @@ def _banner(config: KVBusConfig, args: argparse.Namespace) -> str:
 kvbus is up:
   engine      {engine}  (OpenAI API, model {args.model}, instance {instance})
   controller  {controller}  (/lookup, /clear, /healthz)
-  redis       {_redacted(config.redis_url)}
+  redis       {redacted(config.redis_url)}
   logs        {Path(args.data_dir).resolve() / 'logs'}
 
 Try the seed flow:

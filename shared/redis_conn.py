@@ -42,3 +42,9 @@ def connect_async(url: str, *, blocking: bool = False) -> redis.asyncio.Redis:
     # The asyncio client needs the asyncio Retry: given the sync one it silently never retries.
     retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
     return redis.asyncio.Redis.from_url(url, **_options(blocking, retry))  # type: ignore[arg-type]
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and banners."""
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if sep else url

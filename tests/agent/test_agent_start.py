@@ -1,0 +1,49 @@
+"""An agent whose Redis is not up yet waits for it, and a stop ends the wait."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import redis
+
+from kvbus.agent.agent import Agent
+from kvbus.shared import keys
+from kvbus.shared.config import KVBusConfig
+from tests.conftest import MODEL, RedisServer, free_port
+
+INSTANCE = "late-redis"
+
+
+def test_an_agent_waits_for_redis_then_registers(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    agent = Agent(KVBusConfig(enable_controller=True, redis_url=server.url, lmcache_instance_id=INSTANCE), model=MODEL)
+    stop = threading.Event()
+    outcome: list[bool] = []
+    waiting = threading.Thread(target=lambda: outcome.append(agent.start_when_reachable(stop, retry_s=0.05)))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive(), "the agent gave up instead of waiting for Redis"
+    server.start()
+    try:
+        waiting.join(10)
+        assert outcome == [True]
+        client = redis.Redis.from_url(server.url)
+        assert client.exists(keys.alive(INSTANCE)) and client.sismember(keys.INSTANCES, INSTANCE)
+        agent.stop()
+        assert not client.sismember(keys.INSTANCES, INSTANCE)
+        client.close()
+    finally:
+        server.kill()
+
+
+def test_a_stop_ends_the_wait() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    agent = Agent(KVBusConfig(enable_controller=True, redis_url=url, lmcache_instance_id=INSTANCE), model=MODEL)
+    stop = threading.Event()
+    outcome: list[bool] = []
+    waiting = threading.Thread(target=lambda: outcome.append(agent.start_when_reachable(stop, retry_s=0.05)))
+    waiting.start()
+    stop.set()
+    waiting.join(10)
+    assert outcome == [False]
