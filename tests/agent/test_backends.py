@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvbus.agent.backends.base import IndexEntry, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
+from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
@@ -39,17 +42,22 @@ class Recorder:
 
 
 Factory = Callable[[int, Recorder], StorageBackend]
+# Builders take a directory of their own too, which only the disk backend uses.
+Builder = Callable[[int, Recorder, Path], StorageBackend]
 
 FACTORIES = [
-    pytest.param(lambda cap, rec: LocalCPUBackend(SPACE, cap, rec), id="cpu"),
-    pytest.param(lambda cap, rec: LocalGPUBackend(SPACE, cap, rec), id="gpu", marks=pytest.mark.skipif(
+    pytest.param(lambda cap, rec, _: LocalCPUBackend(SPACE, cap, rec), id="cpu"),
+    pytest.param(lambda cap, rec, _: LocalGPUBackend(SPACE, cap, rec), id="gpu", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param(lambda cap, rec, directory: LocalDiskBackend(SPACE, directory, cap, rec), id="disk"),
 ]
 
 
 @pytest.fixture(params=FACTORIES)
-def make(request: pytest.FixtureRequest) -> Factory:
-    return request.param  # type: ignore[no-any-return]
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    build: Builder = request.param
+    directories = (tmp_path / f"backend-{n}" for n in itertools.count())
+    return lambda cap, rec: build(cap, rec, next(directories))
 
 
 def kv(tokens: list[int], fill: float = 1.0) -> list[torch.Tensor]:
