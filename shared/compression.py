@@ -1,0 +1,41 @@
+"""The compression methods controller and agent agree on: names, whether lossy, and what each promises.
+
+No torch here: the controller imports this to validate requests and to name the known methods in
+its errors. The codecs themselves live in kvbus.agent.codecs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    lossless: bool
+    description: str
+    error_bound: str | None = None  # what a lossy method promises; None where the round trip is exact
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("int8", lossless=False,
+               description="per-channel symmetric int8 quantization with a float32 scale per channel",
+               error_bound="|x - x'| <= max|x_c| / 254 for every value of channel c (a column of the last "
+                           "dimension within one [.., tokens, channels] plane: one K or V of one layer in "
+                           "KV_2LTD), plus the stored dtype's own rounding of the restored value"),
+        Method("zlib", lossless=True,
+               description="zlib (level 1) over the tensor's bytes grouped by byte position; bit-exact, any dtype"),
+    )
+}
+
+KNOWN = ", ".join(METHODS)
+
+
+def method(name: str) -> Method:
+    """The method called `name`; ValueError naming the known ones if there is none."""
+    found = METHODS.get(name)
+    if found is None:
+        raise ValueError(f"unknown compression method {name!r}; known methods: {KNOWN}")
+    return found
