@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import redis
 import torch
 
-from kvbus.agent.backends import StorageBackend, make_backends
+from kvbus.agent.backends import LocalDiskBackend, StorageBackend, WriteBehind, make_backends
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.index_writer import IndexWriter
@@ -25,6 +25,10 @@ from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import EventKind
 
 log = logging.getLogger("kvbus.agent")
+
+# Stores waiting for the disk, in bytes. They are mostly the memory tier's own tensors, so the
+# queue costs little memory of its own; the bound caps how far the disk may fall behind.
+DISK_QUEUE_BYTES = 1024**3
 
 
 class Agent:
@@ -43,9 +47,12 @@ class Agent:
         self._redis = redis_conn.connect(config.redis_url)
         self._blocking = redis_conn.connect(config.redis_url, blocking=True)
         self.index = IndexWriter(self._redis, self.instance_id)
-        self.backends: list[StorageBackend] = make_backends(config, self.space, self.index)
-        if config.local_disk:
-            log.warning("local_disk is set, but this kvbus has no LocalDiskBackend yet; chunks stay in memory")
+        self.backends: list[StorageBackend] = make_backends(config, self.space, self.index, worker_id=worker_id,
+                                                            layout=layout or "")
+        # Stores go to the memory tier at once and to the disk through the write-behind thread.
+        self._memory = next((b for b in self.backends if not isinstance(b, LocalDiskBackend)), None)
+        self._disk = next((b for b in self.backends if isinstance(b, LocalDiskBackend)), None)
+        self.disk_writer = WriteBehind(self._disk, DISK_QUEUE_BYTES) if self._disk is not None else None
         self.registration = Registration(
             self._redis,
             instance_id=self.instance_id,
@@ -74,6 +81,8 @@ class Agent:
         self._publish_all()  # replaces whatever a crashed predecessor left in the index
         self.consumer.ensure_group()
         self.index.start()
+        if self.disk_writer is not None:
+            self.disk_writer.start()
         for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._command_loop)):
             thread = threading.Thread(target=target, name=f"kvbus-{name}-{self.instance_id}", daemon=True)
             thread.start()
@@ -105,6 +114,8 @@ class Agent:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.disk_writer is not None:
+            self.disk_writer.stop()  # queued stores reach the disk, so a restart finds them
         self.index.stop()
         try:
             self.index.purge([b.location for b in self.backends])
@@ -115,14 +126,40 @@ class Agent:
         log.info("agent %s worker %d stopped", self.instance_id, self.worker_id)
 
     def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:
-        """Keep a prompt's KV in the fastest backend; returns the tokens now held."""
-        return self.backends[0].store(tokens, kv) if self.backends else 0
+        """Keep a prompt's KV in memory now and on disk soon; returns the tokens held (in memory, if any)."""
+        held = self._memory.store(tokens, kv) if self._memory is not None else 0
+        if self._disk is not None and self.disk_writer is not None:
+            chunks = self.space.chunks(tokens)
+            if len(kv) != len(chunks):
+                raise ValueError(f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, "
+                                 f"got {len(kv)}")
+            if self._disk.count_held(chunks) < len(chunks):
+                # The memory tier's copies never change; the caller's tensors might once this returns.
+                owned = self._memory.retrieve(tokens) if self._memory is not None else []
+                self.disk_writer.submit(tokens, [*owned, *(t.detach().to("cpu", copy=True) for t in kv[len(owned):])])
+            if self._memory is None:
+                held = self._disk.contains(tokens)
+        return held
 
     def retrieve(self, tokens: Sequence[int]) -> list[torch.Tensor]:
-        return self.backends[0].retrieve(tokens) if self.backends else []
+        """The longest held prefix: from memory, then from disk for the chunks memory lacks."""
+        found = self._memory.retrieve(tokens) if self._memory is not None else []
+        if self._disk is not None:
+            chunks = self.space.chunks(tokens)
+            if len(found) < len(chunks):
+                found += self._disk.load(chunks[len(found):])
+        return found
 
     def contains(self, tokens: Sequence[int]) -> int:
-        return max((b.contains(tokens) for b in self.backends), default=0)
+        """The tokens `retrieve` would return now: memory's prefix, continued from disk."""
+        held = self._memory.contains(tokens) if self._memory is not None else 0
+        if self._disk is not None:
+            chunks = self.space.chunks(tokens)
+            first = -(-held // self.space.chunk_size)
+            more = self._disk.count_held(chunks[first:])
+            if more:
+                held = chunks[first + more - 1].end
+        return held
 
     def _publish_all(self) -> None:
         for backend in self.backends:

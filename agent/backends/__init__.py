@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from kvbus.agent.backends.base import IndexListener, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
+from kvbus.agent.backends.disk import LocalDiskBackend, WriteBehind
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 
 GB = 1024**3
 
+log = logging.getLogger("kvbus.agent.backends")
 
-def make_backends(config: KVBusConfig, space: HashSpace, listener: IndexListener | None) -> list[StorageBackend]:
+
+def make_backends(
+    config: KVBusConfig, space: HashSpace, listener: IndexListener | None, *, worker_id: int = 0, layout: str = "",
+) -> list[StorageBackend]:
     """The backends the config turns on, fastest first."""
     backends: list[StorageBackend] = []
     if config.local_cpu:
         backends.append(LocalCPUBackend(space, int(config.max_local_cpu_size * GB), listener))
+    if config.local_disk and config.max_local_disk_size <= 0:
+        log.warning("local_disk is %s but max_local_disk_size is 0; no chunks go to disk", config.local_disk)
+    elif config.local_disk:
+        backends.append(LocalDiskBackend(space, disk_directory(config, worker_id),
+                                         int(config.max_local_disk_size * GB), listener, layout=layout))
     return backends
 
 
-__all__ = ["IndexListener", "LocalCPUBackend", "StorageBackend", "make_backends"]
+def disk_directory(config: KVBusConfig, worker_id: int) -> Path:
+    """Each worker of each instance gets a directory of its own under `local_disk`: one's clear or
+    capacity must not delete another's files, and a restart finds its own files again."""
+    assert config.local_disk is not None
+    return Path(config.local_disk) / config.lmcache_instance_id / f"worker-{worker_id}"
+
+
+__all__ = ["IndexListener", "LocalCPUBackend", "LocalDiskBackend", "StorageBackend", "WriteBehind",
+           "disk_directory", "make_backends"]
