@@ -2,7 +2,8 @@
 
 For each batch read together: run each command's handler (which frees buffers and queues
 index changes), flush the index once, then in one write: record each result under a
-`done` key, XADD it to the result stream its command names, and XACK the batch.
+`done` key and in the command's event record (which /check_finish reads), XADD it to the
+result stream its command names and to the journal, and XACK the batch.
 Delivery is at least once, so:
 - a redelivery in this process reuses the result it already computed;
 - a redelivery after a restart finds the `done` key and is only acked;
@@ -12,6 +13,7 @@ Delivery is at least once, so:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -47,6 +49,7 @@ class CommandConsumer:
         before_reply: Callable[[], None],
         now_ms: Callable[[], int],
         count: int = 32,
+        event_retention_s: float = 3600.0,
     ) -> None:
         self._redis = client
         self._instance = instance_id
@@ -55,6 +58,7 @@ class CommandConsumer:
         self._before_reply = before_reply
         self._now_ms = now_ms
         self._count = count
+        self._event_retention_s = max(int(event_retention_s), 1)
         self._stream = keys.commands(instance_id)
         self._group = keys.command_group(worker_id)
         self._results: OrderedDict[str, Result] = OrderedDict()
@@ -93,9 +97,10 @@ class CommandConsumer:
                     need_pending = False
                 self.poll()
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # NOGROUP: Redis restarted or was flushed. UNBLOCKED: the stream was deleted (reaped) while read.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                log.warning("command stream %s lost its group (Redis restarted?); re-registering", self._stream)
+                log.warning("command stream %s lost its group (%s); re-registering", self._stream, exc)
                 on_lost_group()
                 need_pending = True
             except redis.RedisError as exc:
@@ -136,8 +141,13 @@ class CommandConsumer:
         pipe = self._redis.pipeline(transaction=False)
         for command, result in replies:
             fields = encode(result)
-            pipe.set(keys.done(self._instance, self._worker, command.event_id), fields["num_tokens"],
+            pipe.set(keys.done(self._instance, self._worker, command.event_id), result.num_tokens,
                      ex=command.timeout_ms // 1000 + DONE_GRACE_S)
+            record = keys.event(command.event_id)
+            pipe.hset(record, keys.event_result_field(self._worker), json.dumps(fields))
+            # The controller set the record's retention; this only keeps a record it never made from leaking.
+            pipe.expire(record, self._event_retention_s, nx=True)
+            pipe.xadd(keys.JOURNAL, {"type": "result", **fields}, maxlen=keys.JOURNAL_MAXLEN, approximate=True)
             # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
             pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
         pipe.xack(self._stream, self._group, *(entry_id for entry_id, _ in entries))

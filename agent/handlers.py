@@ -1,4 +1,9 @@
-"""What an agent does for each command kind, on its own backends. One small function per kind."""
+"""What an agent does for each command kind, on its own backends. One small function per kind.
+
+A request the backend cannot carry out (an unknown compression method, compression on a
+backend without it) raises ValueError there and is answered REFUSED with the backend's
+reason: a client's mistake, not the agent's failure.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,67 @@ from collections.abc import Callable, Mapping
 from kvbus.agent.backends.base import StorageBackend
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
+# LMCache's health codes.
+HEALTHY = 0
+MEMCHECK_FAILED = -1
+
 
 class CommandHandlers:
     def __init__(self, backends: Mapping[str, StorageBackend], instance_id: str, worker_id: int) -> None:
         self._backends = backends
         self._instance = instance_id
         self._worker = worker_id
-        self._by_kind: dict[CommandKind, Callable[[Command], Result]] = {CommandKind.CLEAR: self.clear}
+        self._by_kind: dict[CommandKind, Callable[[Command], Result]] = {
+            CommandKind.CLEAR: self.clear,
+            CommandKind.PIN: self.pin,
+            CommandKind.UNPIN: self.unpin,
+            CommandKind.COMPRESS: self.compress,
+            CommandKind.DECOMPRESS: self.decompress,
+            CommandKind.HEALTH: self.health,
+        }
 
     def __call__(self, command: Command) -> Result:
-        return self._by_kind[command.kind](command)
+        try:
+            return self._by_kind[command.kind](command)
+        except ValueError as exc:
+            return self._answer(command, ResultStatus.REFUSED, detail=str(exc))
 
     def clear(self, command: Command) -> Result:
         backend = self._backends.get(command.location)
         if backend is None:
-            return self._ok(command, 0, detail=f"this worker has no {command.location}")
-        return self._ok(command, backend.clear())
+            return self._absent(command)
+        return self._answer(command, num_tokens=backend.clear())
 
-    def _ok(self, command: Command, num_tokens: int, *, detail: str = "") -> Result:
+    def pin(self, command: Command) -> Result:
+        backend = self._backends.get(command.location)
+        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.pin(
+            command.tokens))
+
+    def unpin(self, command: Command) -> Result:
+        backend = self._backends.get(command.location)
+        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.unpin(
+            command.tokens))
+
+    def compress(self, command: Command) -> Result:
+        backend = self._backends.get(command.location)
+        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.compress(
+            command.tokens, command.method))
+
+    def decompress(self, command: Command) -> Result:
+        backend = self._backends.get(command.location)
+        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.decompress(
+            command.tokens, command.method))
+
+    def health(self, command: Command) -> Result:
+        """Every backend is within its capacity, so stores can still be admitted."""
+        problems = [f"{b.location} holds {b.used_bytes} B, over its {b.capacity_bytes} B"
+                    for b in self._backends.values() if b.used_bytes > b.capacity_bytes]
+        return self._answer(command, error_code=MEMCHECK_FAILED if problems else HEALTHY, detail="; ".join(problems))
+
+    def _absent(self, command: Command) -> Result:
+        return self._answer(command, detail=f"this worker has no {command.location}")
+
+    def _answer(self, command: Command, status: ResultStatus = ResultStatus.OK, *, num_tokens: int = 0,
+                error_code: int = 0, detail: str = "") -> Result:
         return Result(event_id=command.event_id, instance_id=self._instance, worker_id=self._worker,
-                      status=ResultStatus.OK, num_tokens=num_tokens, detail=detail)
+                      status=status, num_tokens=num_tokens, error_code=error_code, detail=detail)

@@ -32,6 +32,17 @@ class WorkerAddress:
     peer_init_url: str | None
 
 
+# Other ranks of the instance may still be serving: only the last one takes the instance away.
+_DEREGISTER = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('UNLINK', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
+return 1
+"""
+
+
 class Registration:
     def __init__(
         self,
@@ -118,13 +129,14 @@ class Registration:
         self._set_clock(server_time, before, time.time())
         return bool(known == 2)
 
-    def deregister(self) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.srem(keys.INSTANCES, self._instance)
-        pipe.unlink(keys.info(self._instance), keys.alive(self._instance), keys.workers(self._instance),
-                    keys.worker(self._instance, self._worker), keys.commands(self._instance))
-        pipe.execute()
-        self.event(EventKind.DEREGISTERED, "clean shutdown")
+    def deregister(self) -> bool:
+        """Remove this worker; the instance goes with its last worker. True if this was the last."""
+        last = bool(self._redis.eval(
+            _DEREGISTER, 6, keys.workers(self._instance), keys.worker(self._instance, self._worker), keys.INSTANCES,
+            keys.info(self._instance), keys.alive(self._instance), keys.commands(self._instance),
+            self._worker, self._instance))
+        self.event(EventKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
+        return last
 
     def event(self, kind: EventKind, detail: str) -> None:
         message = AgentEvent(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)

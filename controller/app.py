@@ -13,6 +13,7 @@ from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import EXCEPTION_HANDLERS
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.reaper import Reaper
+from kvbus.controller.registry import Registry
 from kvbus.controller.routes import ROUTES
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
@@ -27,11 +28,13 @@ def create_app(config: KVBusConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis_client = redis_conn.connect_async(config.redis_url)
         reader_client = redis_conn.connect_async(config.redis_url, blocking=True)
-        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout)
+        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout,
+                         event_retention_s=config.event_retention)
         app.state.config = config
         app.state.redis = redis_client
         app.state.bus = bus
         app.state.index = PrefixIndex(redis_client)
+        app.state.registry = Registry(redis_client)
         await bus.start()
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None

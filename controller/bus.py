@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio
 
-from kvbus.controller.errors import AgentFailed, AgentTimeout, UnknownInstance
+from kvbus.controller.errors import AgentTimeout, UnknownInstance
 from kvbus.shared import keys
-from kvbus.shared.messages import Command, CommandKind, DecodeError, Result, ResultStatus, decode, encode
+from kvbus.shared.messages import Command, CommandKind, DecodeError, Result, decode, encode
 from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.controller.bus")
@@ -32,14 +34,61 @@ def new_event_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4()}"
 
 
+# One atomic step: find the instance's workers, record the event for /check_finish, send the
+# command, journal it. No workers or no stream means the instance is unknown: nothing is written.
+_SEND = """
+local workers = redis.call('SMEMBERS', KEYS[1])
+if #workers == 0 then return false end
+local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 5))
+if not entry then return false end
+redis.call('HSET', KEYS[2], 'entry_id', entry, 'workers', '[' .. table.concat(workers, ',') .. ']',
+           unpack(cjson.decode(ARGV[4])))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'type', 'command', 'instance_id', KEYS[5],
+           unpack(ARGV, 5))
+return workers
+"""
+
+
+@dataclass
+class Outcome:
+    """Every worker's result for one command, by worker id."""
+
+    event_id: str
+    instance_id: str
+    results: dict[int, Result]
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.expected: set[int] | None = None
+        self.results: dict[int, Result] = {}
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, result: Result) -> None:
+        self.results[result.worker_id] = result
+        self._check()
+
+    def expect(self, workers: set[int]) -> None:
+        self.expected = workers
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.expected <= self.results.keys() and not self.done.done():
+            self.done.set_result(None)
+
+
 class CommandBus:
-    def __init__(self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float) -> None:
+    def __init__(self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float,
+                 event_retention_s: float = 3600.0) -> None:
         self._redis = client
         self._reader = reader
         self.timeout_s = timeout_s
+        self.event_retention_ms = int(event_retention_s * 1000)
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
-        self._pending: dict[str, asyncio.Future[Result]] = {}
+        self._send = client.register_script(_SEND)
+        self._pending: dict[str, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -56,35 +105,43 @@ class CommandBus:
         with contextlib.suppress(redis.RedisError):  # otherwise it expires by itself
             await self._redis.unlink(self.results_key)
 
-    async def request(self, instance_id: str, kind: CommandKind, event_id: str, *, location: str) -> Result:
-        """Send a command to `instance_id` and return its agent's result, or raise a mapped APIError."""
+    async def request(self, instance_id: str, kind: CommandKind, event_id: str, *, location: str = "",
+                      tokens: list[int] | None = None, method: str = "") -> Outcome:
+        """Send a command to every worker of `instance_id` and wait for all their results.
+
+        Raises UnknownInstance, or AgentTimeout naming the silent workers. The results may
+        still carry errors or refusals: what they mean depends on the command.
+        """
         command = Command(event_id=event_id, kind=kind, reply_to=self.results_key,
-                          timeout_ms=int(self.timeout_s * 1000), location=location)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending[event_id] = future
+                          timeout_ms=int(self.timeout_s * 1000), location=location, tokens=tokens or [],
+                          method=method)
+        record = {"kind": str(kind), "instance_id": instance_id, "location": location,
+                  "timeout_ms": command.timeout_ms}
+        waiter = _Waiter()
+        self._pending[event_id] = waiter
         try:
-            # NOMKSTREAM: the stream exists only while an agent of the instance is registered.
-            entry_id = await self._redis.xadd(
-                keys.commands(instance_id), encode(command), nomkstream=True,
-                minid=int(time.time() * 1000) - COMMAND_RETENTION_MS, approximate=True,
-            )
-            if entry_id is None:
+            workers = await self._send(
+                keys=[keys.workers(instance_id), keys.event(event_id), keys.commands(instance_id), keys.JOURNAL,
+                      instance_id],
+                args=[self.event_retention_ms, int(time.time() * 1000) - COMMAND_RETENTION_MS, keys.JOURNAL_MAXLEN,
+                      json.dumps([str(v) for kv in record.items() for v in kv]),
+                      *(v for kv in encode(command).items() for v in kv)])
+            if not workers:
                 raise UnknownInstance(f"unknown instance_id {instance_id!r}: no agent has registered it "
                                       "(check enable_controller and redis_url in the engine's config)")
-            result = await asyncio.wait_for(future, self.timeout_s)
+            waiter.expect({int(w) for w in workers})
+            await asyncio.wait_for(asyncio.shield(waiter.done), self.timeout_s)
         except TimeoutError:
-            raise AgentTimeout(await self._silence(instance_id), event_id=event_id) from None
+            raise AgentTimeout(await self._silence(instance_id, waiter), event_id=event_id) from None
         finally:
             self._pending.pop(event_id, None)
-        if result.status == ResultStatus.EXPIRED:
-            raise AgentTimeout(f"the agent of {instance_id!r} received the command too late: {result.detail}",
-                               event_id=event_id)
-        if result.status == ResultStatus.ERROR:
-            raise AgentFailed(f"the agent of {instance_id!r} failed: {result.detail}", event_id=event_id)
-        return result
+        return Outcome(event_id, instance_id, dict(sorted(waiter.results.items())))
 
-    async def _silence(self, instance_id: str) -> str:
-        waited = f"the agent of {instance_id!r} did not answer within {self.timeout_s:g} s"
+    async def _silence(self, instance_id: str, waiter: _Waiter) -> str:
+        silent = sorted((waiter.expected or set()) - waiter.results.keys())
+        answered = f" (workers {sorted(waiter.results)} answered)" if waiter.results else ""
+        waited = (f"worker {', '.join(map(str, silent))} of {instance_id!r} did not answer within "
+                  f"{self.timeout_s:g} s{answered}")
         try:
             alive = await self._redis.exists(keys.alive(instance_id))
         except redis.RedisError:
@@ -138,6 +195,6 @@ class CommandBus:
         except DecodeError as exc:
             log.error("ignoring undecodable result on %s: %s", self.results_key, exc)
             return
-        future = self._pending.get(result.event_id)
-        if future is not None and not future.done():
-            future.set_result(result)
+        waiter = self._pending.get(result.event_id)
+        if waiter is not None:
+            waiter.add(result)

@@ -47,6 +47,28 @@ class UnknownInstance(APIError):
     code = "unknown_instance"
 
 
+class UnknownMethod(APIError):
+    status_code = 400
+    code = "unknown_method"
+
+
+class UnknownEvent(APIError):
+    status_code = 404
+    code = "unknown_event"
+
+
+class UnknownWorker(APIError):
+    status_code = 404
+    code = "unknown_worker"
+
+
+class Refused(APIError):
+    """The agent cannot do this where asked (say, compress on a backend without compression)."""
+
+    status_code = 400
+    code = "refused"
+
+
 class AgentFailed(APIError):
     status_code = 502
     code = "agent_failed"

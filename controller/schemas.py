@@ -11,7 +11,8 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from kvbus.controller.errors import InvalidField, MalformedBody
+from kvbus.controller.errors import InvalidField, MalformedBody, UnknownMethod
+from kvbus.shared import compression
 from kvbus.shared.hashing import TOKEN_LIMIT
 from kvbus.shared.locations import KNOWN, Location
 
@@ -28,7 +29,39 @@ class ClearRequest(msgspec.Struct):
     location: Location
 
 
-Body = TypeVar("Body", LookupRequest, ClearRequest)
+class PinRequest(msgspec.Struct):
+    instance_id: InstanceId
+    location: Location
+    tokens: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+
+
+class CompressRequest(msgspec.Struct):
+    instance_id: InstanceId
+    method: Annotated[str, msgspec.Meta(min_length=1)]
+    location: Location
+    tokens: list[TokenId] = msgspec.field(default_factory=list)  # empty: every chunk at `location`
+
+
+class InstanceRequest(msgspec.Struct):
+    instance_id: InstanceId
+
+
+class CheckFinishRequest(msgspec.Struct):
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class QueryWorkerInfoRequest(msgspec.Struct):
+    instance_id: InstanceId  # "all" for every instance
+    worker_ids: list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+
+
+class QueryInstanceRequest(msgspec.Struct):
+    ip: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    event_id: str = ""  # LMCache requires it and ignores it
+
+
+Body = TypeVar("Body", LookupRequest, ClearRequest, PinRequest, CompressRequest, InstanceRequest,
+               CheckFinishRequest, QueryWorkerInfoRequest, QueryInstanceRequest)
 
 _FIELD_AT = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -54,3 +87,9 @@ def check_token_count(tokens: list[int], limit: int) -> None:
     if len(tokens) > limit:
         raise InvalidField(f"tokens: {len(tokens)} tokens exceed the limit of {limit} (max_lookup_tokens)",
                            field="tokens")
+
+
+def check_method(method: str) -> None:
+    if method not in compression.METHODS:
+        raise UnknownMethod(f"unknown compression method {method!r}; known methods: {', '.join(compression.METHODS)}",
+                            field="method")

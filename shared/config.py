@@ -157,6 +157,7 @@ class KVBusConfig:
     heartbeat_ttl: float = _spec(_positive, 5.0, "seconds after the last heartbeat an agent counts as dead")
     reap_after: float = _spec(_non_negative, 600.0,
                               "seconds without a heartbeat before a controller removes an instance; 0: never")
+    event_retention: float = _spec(_positive, 3600.0, "seconds /check_finish remembers a command's outcome")
     max_lookup_tokens: int = _spec(_positive_int, 262_144, "longest token list /lookup accepts")
     controller_host: str = _spec(_text, "127.0.0.1", "controller bind address")
     controller_port: int = _spec(_port, 9000, "controller HTTP port")

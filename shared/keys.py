@@ -15,11 +15,23 @@ LOCATIONS = f"{PREFIX}:locations"  # SET of the locations any agent keeps chunks
 EVENTS = f"{PREFIX}:events"  # STREAM of agent lifecycle events, capped at about EVENTS_MAXLEN
 EVENTS_MAXLEN = 10_000
 REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
+JOURNAL = f"{PREFIX}:journal"  # STREAM of every command sent and every result returned, capped
+JOURNAL_MAXLEN = 100_000
 
 
 def head(location: str, first_chunk: str) -> str:
     """SET of instance ids holding, at `location`, the first chunk of a prompt: lookup's candidate filter."""
     return f"{PREFIX}:head:{location}:{first_chunk}"
+
+
+def event(event_id: str) -> str:
+    """HASH with a TTL: a command's kind, instance, expected workers, deadline and each worker's result."""
+    return f"{PREFIX}:event:{event_id}"
+
+
+def event_result_field(worker_id: int) -> str:
+    """The field of event() that holds one worker's result."""
+    return f"worker:{worker_id}"
 
 
 def results(controller_id: str) -> str:

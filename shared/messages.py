@@ -21,12 +21,18 @@ class DecodeError(ValueError):
 
 class CommandKind(StrEnum):
     CLEAR = "clear"
+    PIN = "pin"
+    UNPIN = "unpin"
+    COMPRESS = "compress"
+    DECOMPRESS = "decompress"
+    HEALTH = "health"
 
 
 class ResultStatus(StrEnum):
     OK = "ok"
     EXPIRED = "expired"  # arrived after its deadline; nothing was done
     ERROR = "error"  # the agent tried and failed; `detail` says why
+    REFUSED = "refused"  # the request cannot be done there (say, compress on disk); nothing was done
 
 
 class EventKind(StrEnum):
@@ -42,6 +48,8 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     reply_to: str  # the result stream of the controller process that waits
     timeout_ms: int  # counted from the stream entry's id, which is Redis server time
     location: str = ""
+    tokens: list[int] = msgspec.field(default_factory=list)  # empty: every chunk at `location`
+    method: str = ""  # compression method, for compress and decompress
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +58,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: int
     status: ResultStatus
     num_tokens: int = 0
+    error_code: int = 0  # health: LMCache's codes, 0 healthy
     detail: str = ""
 
 
@@ -64,11 +73,26 @@ Message = TypeVar("Message", Command, Result, AgentEvent)
 
 
 def encode(message: Command | Result | AgentEvent) -> dict[str, str]:
+    """Stream fields; fields left at their defaults are omitted, so entries stay short and readable."""
     fields: dict[str, str] = {}
-    for name in message.__struct_fields__:
+    for name, default in _defaults(type(message)):
         value = getattr(message, name)
+        if default is not _REQUIRED and value == default:
+            continue
         fields[name] = str(value) if isinstance(value, str) else json.dumps(value)
     return fields
+
+
+_REQUIRED = object()
+
+
+@functools.cache
+def _defaults(kind: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    def default(spec: msgspec.structs.FieldInfo) -> Any:
+        if spec.default is not msgspec.NODEFAULT:
+            return spec.default
+        return spec.default_factory() if spec.default_factory is not msgspec.NODEFAULT else _REQUIRED
+    return tuple((spec.name, default(spec)) for spec in msgspec.structs.fields(kind))
 
 
 def decode(kind: type[Message], fields: dict[Any, Any]) -> Message:
