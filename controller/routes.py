@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from kvbus.controller import events, outcomes
+from kvbus.controller import events, openapi, outcomes
 from kvbus.controller.bus import CommandBus, new_event_id
 from kvbus.controller.errors import BodyTooLarge, InvalidField
 from kvbus.controller.lookup import PrefixIndex
@@ -161,6 +161,13 @@ def _check_tokens(request: Request, tokens: list[int]) -> None:
     check_token_count(tokens, config.max_lookup_tokens)
 
 
+_SPEC = openapi.spec()
+
+
+async def openapi_json(request: Request) -> JSONResponse:
+    return JSONResponse(_SPEC)
+
+
 async def healthz(request: Request) -> JSONResponse:
     bus: CommandBus = request.app.state.bus
     await request.app.state.redis.ping()
@@ -181,4 +188,5 @@ ROUTES = [
     Route("/controller/key-stats", key_stats, methods=["GET"]),
     Route("/controller/workers", workers, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]

@@ -1,0 +1,45 @@
+"""GET /openapi.json documents every route the controller serves, with its body and its error answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from kvbus.controller.app import create_app
+from kvbus.controller.routes import ROUTES
+from kvbus.shared.config import KVBusConfig
+
+
+@pytest.fixture
+def spec(redis_url: str) -> Iterator[dict[str, Any]]:
+    with TestClient(create_app(KVBusConfig(redis_url=redis_url))) as client:
+        response = client.get("/openapi.json")
+        assert response.status_code == 200
+        yield response.json()
+
+
+def test_every_route_is_documented_with_its_errors(spec: dict[str, Any]) -> None:
+    served = {(r.path, m.lower()) for r in ROUTES if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    assert served - {("/openapi.json", "get")} == documented
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert "503" in op["responses"], (path, method)
+            if method == "post":
+                assert {"400", "422"} <= op["responses"].keys(), path
+                ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.removeprefix("#/components/schemas/") in spec["components"]["schemas"]
+
+
+def test_request_schemas_are_the_validating_structs(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    assert schemas["ClearRequest"]["required"] == ["instance_id", "location"]
+    assert "LocalCPUBackend" in str(schemas["ClearRequest"]["properties"]["location"]) or "Location" in schemas
+    assert schemas["CompressRequest"]["required"] == ["instance_id", "method", "location"]
+    compress = spec["paths"]["/compress"]["post"]["responses"]
+    assert "unknown_method" in compress["400"]["description"] and "unknown_instance" in compress["404"]["description"]
+    assert "agent_timeout" in compress["504"]["description"]
