@@ -2,6 +2,9 @@
 
 A backend knows nothing of Redis. It tells an IndexListener about every admission,
 eviction and clear, in order and under its lock, and the listener keeps the index.
+
+Pinning and compression are optional: their public methods work on any backend through
+protected hooks that refuse with UnsupportedOperation until a backend implements them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,14 @@ from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
+from kvbus.agent.codecs import Packed
+from kvbus.shared import compression
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
+
+
+class UnsupportedOperation(NotImplementedError, ValueError):
+    """This backend does not implement the operation asked of it (pin, compress, ...)."""
 
 
 class IndexEntry(NamedTuple):
@@ -61,31 +70,30 @@ class StorageBackend(ABC):
         return stored
 
     def retrieve(self, tokens: Sequence[int]) -> list[torch.Tensor]:
-        """The tensors of the longest held prefix of `tokens`, one per chunk, in order."""
-        found: list[torch.Tensor] = []
+        """The tensors of the longest held prefix of `tokens`, one per chunk, in order.
+
+        A compressed chunk comes back decoded, as a new tensor of the shape, dtype and device it
+        was stored with (within its method's error bound); it is decoded outside the lock.
+        """
+        found: list[torch.Tensor | Packed] = []
         keys: list[str] = []
         with self.lock:
             for chunk in self.space.chunks(tokens):
-                tensor = self._get(chunk.key)
-                if tensor is None:
+                held = self._get(chunk.key)
+                if held is None:
                     break
-                found.append(tensor)
+                found.append(held)
                 keys.append(chunk.key)
             self._touch_prefix(keys)
-        return found
+        return [held.decode() if isinstance(held, Packed) else held for held in found]
 
     def contains(self, tokens: Sequence[int]) -> int:
         """How many tokens of `tokens`, from position 0, this backend holds."""
-        held = 0
         with self.lock:
-            for chunk in self.space.chunks(tokens):
-                if not self._has(chunk.key):
-                    break
-                held = chunk.end
-        return held
+            return self._held_prefix(tokens)[1]
 
     def discard(self, key: str) -> int:
-        """Free one chunk by key, as an eviction would; returns the tokens it held (0 if absent)."""
+        """Free one chunk by key, as an eviction would; returns the tokens it held (0 if absent or pinned)."""
         with self.lock:
             entry = self._discard(key)
             if entry is None:
@@ -94,18 +102,111 @@ class StorageBackend(ABC):
             return entry.num_tokens
 
     def clear(self) -> int:
-        """Free every chunk; returns the tokens they held."""
+        """Free every chunk but the pinned ones; returns the tokens of the chunks freed.
+
+        Pinned survivors go to the listener as one replacement of the location's index, which
+        costs one op per survivor rather than one per freed chunk.
+        """
         with self.lock:
             freed = self._clear()
             if self.listener is not None:
-                self.listener.cleared(self.location)
+                survivors = self._entries()
+                if survivors:
+                    self.listener.replaced(self.location, survivors)
+                else:
+                    self.listener.cleared(self.location)
         return freed
+
+    def pin(self, tokens: Sequence[int]) -> int:
+        """Pin the chunks of the longest held prefix of `tokens`; returns that prefix's tokens (0 if none).
+
+        A pinned chunk survives eviction and clear() until unpinned. Pinning is a flag, not a
+        count: pinning twice then unpinning once leaves the chunk unpinned.
+        """
+        with self.lock:
+            keys, held = self._held_prefix(tokens)
+            self._set_pinned(keys, True)
+        return held
+
+    def unpin(self, tokens: Sequence[int]) -> int:
+        """Unpin the chunks of the longest held prefix of `tokens`; returns that prefix's tokens.
+
+        Chunks of the prefix that were not pinned count too: the answer says how much of `tokens`
+        is now held unpinned, the same figure pin() gave, whatever was pinned before.
+        """
+        with self.lock:
+            keys, held = self._held_prefix(tokens)
+            self._set_pinned(keys, False)
+        return held
+
+    def compress(self, tokens: Sequence[int], method: str) -> int:
+        """Compress the chunks of the held prefix of `tokens` (every held chunk if `tokens` is empty).
+
+        Returns the tokens of those chunks now compressed with `method`, those that already were
+        included. A chunk compressed with another method is left alone and not counted, and so is
+        one the method cannot take (int8 on integers, inf or nan) or would not make smaller.
+        ValueError for an unknown method, naming the known ones.
+        """
+        compression.method(method)
+        return self._compress_keys(self._targets(tokens), method)
+
+    def decompress(self, tokens: Sequence[int], method: str) -> int:
+        """Decompress the chunks of the held prefix of `tokens` (every held chunk if `tokens` is empty).
+
+        Only chunks compressed with `method` are decoded. Returns the tokens of the chunks now
+        plain, those that already were included. Growing back may evict unpinned chunks; a chunk
+        that cannot fit even then stays compressed and is not counted. ValueError for an unknown
+        method, naming the known ones.
+        """
+        compression.method(method)
+        return self._decompress_keys(self._targets(tokens), method, prefix=bool(tokens))
+
+    def stats(self) -> dict[str, int]:
+        """Counts for metrics: chunks, tokens, bytes and capacity held, and how much of it is pinned or compressed.
+
+        This default is for backends without pinning or compression, and counts tokens in O(chunks).
+        """
+        with self.lock:
+            return {"chunks": len(self), "tokens": sum(entry.num_tokens for entry in self._entries()),
+                    "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
+                    "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0, "compressed_bytes": 0}
 
     def publish_all(self) -> None:
         """Hand the listener the full set of held chunks, as one replacement of what it had."""
         with self.lock:
             if self.listener is not None:
                 self.listener.replaced(self.location, self._entries())
+
+    def _held_prefix(self, tokens: Sequence[int]) -> tuple[list[str], int]:
+        keys: list[str] = []
+        held = 0
+        for chunk in self.space.chunks(tokens):
+            if not self._has(chunk.key):
+                break
+            keys.append(chunk.key)
+            held = chunk.end
+        return keys, held
+
+    def _targets(self, tokens: Sequence[int]) -> list[str]:
+        with self.lock:
+            if not tokens:
+                return [entry.key for entry in self._entries()]
+            return self._held_prefix(tokens)[0]
+
+    def _unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(f"{self.location} does not support {operation}")
+
+    def _set_pinned(self, keys: list[str], pinned: bool) -> None:
+        """Pin or unpin these held chunks; called under the lock, with an empty list too."""
+        raise self._unsupported("pin" if pinned else "unpin")
+
+    def _compress_keys(self, keys: list[str], method: str) -> int:
+        """compress() for these chunks, taking the lock itself; `method` is known."""
+        raise self._unsupported("compress")
+
+    def _decompress_keys(self, keys: list[str], method: str, *, prefix: bool) -> int:
+        """decompress() for these chunks, taking the lock itself; `prefix`: they are a prompt's, head first."""
+        raise self._unsupported("decompress")
 
     def _admitted(self, entry: IndexEntry) -> None:
         if self.listener is not None:
@@ -120,7 +221,8 @@ class StorageBackend(ABC):
         """Keep a copy of `tensor`; False when it can never fit."""
 
     @abstractmethod
-    def _get(self, key: str) -> torch.Tensor | None: ...
+    def _get(self, key: str) -> torch.Tensor | Packed | None:
+        """The chunk as held: a compressed one is decoded by the caller, outside the lock."""
 
     @abstractmethod
     def _has(self, key: str) -> bool: ...

@@ -1,4 +1,11 @@
-"""Chunks as torch tensors in one device's memory, within a byte capacity, evicted least recently used."""
+"""Chunks as torch tensors in one device's memory, within a byte capacity, evicted least recently used.
+
+Pinned chunks are kept apart from the LRU order, so eviction and clear() never see them. A chunk
+is held plain or compressed (a codecs.Packed on the same device), and the capacity counts what is
+held. (De)compression goes chunk by chunk: the codec runs outside the lock, and its result is
+swapped in only if the chunk still holds what was encoded, so a clear or a lookup waits at most
+for one swap, never for a codec.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,44 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
+from kvbus.agent import codecs
 from kvbus.agent.backends.base import IndexEntry, IndexListener, StorageBackend
+from kvbus.agent.codecs import Packed
 from kvbus.shared.hashing import HashSpace
 
 log = logging.getLogger("kvbus.agent.backends")
 
-_Chunks = OrderedDict[str, tuple[IndexEntry, torch.Tensor]]
+_Data = torch.Tensor | Packed
+_Held = tuple[IndexEntry, _Data]
+_Chunks = OrderedDict[str, _Held]
 _RELEASE_SLICE = 1000
+
+
+def _nbytes(data: _Data) -> int:
+    return data.nbytes if isinstance(data, Packed) else data.numel() * data.element_size()
+
+
+class _Tally:
+    """Running totals of one group of chunks, so stats and capacity checks never walk the chunks."""
+
+    __slots__ = ("chunks", "tokens", "bytes", "compressed_chunks", "compressed_bytes")
+
+    def __init__(self) -> None:
+        self.chunks = self.tokens = self.bytes = self.compressed_chunks = self.compressed_bytes = 0
+
+    def add(self, held: _Held, sign: int = 1) -> None:
+        entry, data = held
+        size = _nbytes(data)
+        self.chunks += sign
+        self.tokens += sign * entry.num_tokens
+        self.bytes += sign * size
+        if isinstance(data, Packed):
+            self.compressed_chunks += sign
+            self.compressed_bytes += sign * size
 
 
 class TensorLRUBackend(StorageBackend):
@@ -27,59 +62,75 @@ class TensorLRUBackend(StorageBackend):
         self._capacity = capacity_bytes
         self._device = device
         self._pin = pin_memory
-        self._chunks: _Chunks = OrderedDict()
-        self._used = 0
-        self._tokens = 0
+        self._lru: _Chunks = OrderedDict()  # unpinned chunks, least recently used first
+        self._pinned: dict[str, _Held] = {}
+        self._lru_tally = _Tally()
+        self._pinned_tally = _Tally()
         self._reclaimed = threading.Event()
         self._reclaimed.set()
 
     def _put(self, entry: IndexEntry, tensor: torch.Tensor) -> bool:
-        if entry.key in self._chunks:
+        if self._has(entry.key):
             return True
         size = tensor.numel() * tensor.element_size()
         if size > self._capacity:
             log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
                         self.location, size, self._capacity)
             return False
-        while self._used + size > self._capacity:
-            oldest = next(iter(self._chunks))
-            self._evicted(self._discard(oldest))  # type: ignore[arg-type]
+        if not self._make_room(size):
+            log.debug("%s: pinned chunks leave no room for a %d-byte chunk", self.location, size)
+            return False
         # Memory a clear released is handed back before more is taken, so the capacity holds.
         self._reclaimed.wait()
         copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device, pin_memory=self._pin)
         copy.copy_(tensor)
-        self._chunks[entry.key] = (entry, copy)
-        self._used += size
-        self._tokens += entry.num_tokens
+        held = (entry, copy)
+        self._lru[entry.key] = held
+        self._lru_tally.add(held)
         self._admitted(entry)
         return True
 
-    def _get(self, key: str) -> torch.Tensor | None:
-        held = self._chunks.get(key)
+    def _make_room(self, size: int, keep: str | None = None) -> bool:
+        """Evict unpinned chunks but `keep`, least recent first, until `size` more bytes fit.
+
+        False, evicting nothing, when they cannot fit even with every such chunk gone.
+        """
+        kept = self._lru.get(keep) if keep is not None else None
+        floor = self._pinned_tally.bytes + (_nbytes(kept[1]) if kept is not None else 0)
+        if floor + size > self._capacity:
+            return False
+        while self.used_bytes + size > self._capacity:
+            oldest = next(key for key in self._lru if key != keep)  # passes over at most one key
+            self._evicted(self._discard(oldest))  # type: ignore[arg-type]
+        return True
+
+    def _held(self, key: str) -> _Held | None:
+        held = self._lru.get(key)
+        return held if held is not None else self._pinned.get(key)
+
+    def _get(self, key: str) -> _Data | None:
+        held = self._held(key)
         return None if held is None else held[1]
 
     def _has(self, key: str) -> bool:
-        return key in self._chunks
+        return key in self._lru or key in self._pinned
 
     def _discard(self, key: str) -> IndexEntry | None:
-        held = self._chunks.pop(key, None)
+        held = self._lru.pop(key, None)  # a pinned chunk is not in the LRU order: it stays
         if held is None:
             return None
-        entry, tensor = held
-        self._used -= tensor.numel() * tensor.element_size()
-        self._tokens -= entry.num_tokens
-        return entry
+        self._lru_tally.add(held, -1)
+        return held[0]
 
     def _clear(self) -> int:
-        """Detach every chunk at once; their memory goes back on a helper thread.
+        """Detach every unpinned chunk at once; their memory goes back on a helper thread.
 
         Dropping 100k tensors one by one takes 70-180 ms; the clear's answer need not wait
         for that, since nothing can reach the detached chunks any more.
         """
-        freed = self._tokens
-        detached, self._chunks = self._chunks, OrderedDict()
-        self._used = 0
-        self._tokens = 0
+        freed = self._lru_tally.tokens
+        detached, self._lru = self._lru, OrderedDict()
+        self._lru_tally = _Tally()
         if detached:
             self._reclaimed.clear()
             threading.Thread(target=self._release, args=(detached,), name=f"kvbus-reclaim-{self.location}",
@@ -95,19 +146,94 @@ class TensorLRUBackend(StorageBackend):
         self._reclaimed.set()
 
     def _entries(self) -> list[IndexEntry]:
-        return [entry for entry, _ in self._chunks.values()]
+        return [entry for entry, _ in self._lru.values()] + [entry for entry, _ in self._pinned.values()]
 
     def _touch_prefix(self, keys: list[str]) -> None:
         for key in reversed(keys):
-            if key in self._chunks:
-                self._chunks.move_to_end(key)
+            if key in self._lru:
+                self._lru.move_to_end(key)
+
+    def _set_pinned(self, keys: list[str], pinned: bool) -> None:
+        if pinned:
+            self._move(keys, self._lru, self._lru_tally, self._pinned, self._pinned_tally)
+        else:
+            # Back as most recently used, head last, so eviction takes the prompt's tail first.
+            self._move(list(reversed(keys)), self._pinned, self._pinned_tally, self._lru, self._lru_tally)
+
+    @staticmethod
+    def _move(keys: list[str], source: dict[str, _Held], source_tally: _Tally, target: dict[str, _Held],
+              target_tally: _Tally) -> None:
+        for key in keys:
+            held = source.pop(key, None)
+            if held is not None:
+                source_tally.add(held, -1)
+                target[key] = held
+                target_tally.add(held)
+
+    def _compress_keys(self, keys: list[str], method: str) -> int:
+        for key in keys:
+            with self.lock:
+                plain = self._get(key)
+            if not isinstance(plain, torch.Tensor):
+                continue
+            try:
+                packed = codecs.encode(plain, method)
+            except codecs.Unsuitable as exc:
+                log.debug("%s: chunk %s stays plain: %s", self.location, key, exc)
+                continue
+            if packed.nbytes < _nbytes(plain):
+                with self.lock:
+                    self._swap(key, plain, packed)
+        return self._tokens_where(keys, lambda data: isinstance(data, Packed) and data.method == method)
+
+    def _decompress_keys(self, keys: list[str], method: str, *, prefix: bool) -> int:
+        if prefix:
+            # Decompressing is for use: growing chunks should evict other prompts before this one.
+            with self.lock:
+                self._touch_prefix(keys)
+        for key in keys:
+            with self.lock:
+                packed = self._get(key)
+            if not isinstance(packed, Packed) or packed.method != method:
+                continue
+            plain = packed.decode()
+            if self._pin:
+                plain = plain.pin_memory()
+            with self.lock:
+                if self._get(key) is packed and self._make_room(_nbytes(plain) - packed.nbytes, keep=key):
+                    self._reclaimed.wait()
+                    self._swap(key, packed, plain)
+        return self._tokens_where(keys, lambda data: isinstance(data, torch.Tensor))
+
+    def _swap(self, key: str, old: _Data, new: _Data) -> None:
+        """Hold `new` for `key` in place of `old`, if the chunk still holds `old`; its LRU place stays."""
+        for chunks, tally in ((self._lru, self._lru_tally), (self._pinned, self._pinned_tally)):
+            held = chunks.get(key)
+            if held is not None and held[1] is old:
+                tally.add(held, -1)
+                chunks[key] = held = (held[0], new)
+                tally.add(held)
+                return
+
+    def _tokens_where(self, keys: list[str], state: Callable[[_Data], bool]) -> int:
+        with self.lock:
+            return sum(held[0].num_tokens for held in map(self._held, keys) if held is not None and state(held[1]))
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            lru, pinned = self._lru_tally, self._pinned_tally
+            return {"chunks": lru.chunks + pinned.chunks, "tokens": lru.tokens + pinned.tokens,
+                    "bytes": lru.bytes + pinned.bytes, "capacity_bytes": self._capacity,
+                    "pinned_chunks": pinned.chunks, "pinned_tokens": pinned.tokens,
+                    "compressed_chunks": lru.compressed_chunks + pinned.compressed_chunks,
+                    "compressed_bytes": lru.compressed_bytes + pinned.compressed_bytes}
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._lru) + len(self._pinned)
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return self._lru_tally.bytes + self._pinned_tally.bytes
 
     @property
     def capacity_bytes(self) -> int:

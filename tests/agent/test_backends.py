@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbus.agent.backends.base import IndexEntry, StorageBackend
+from kvbus.agent import codecs
+from kvbus.agent.backends.base import IndexEntry, StorageBackend, UnsupportedOperation
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
@@ -188,3 +189,341 @@ def test_memory_from_a_clear_is_back_before_new_chunks_are_admitted(make: Factor
     assert backend.store(other, kv(other)) == 4  # waits for the detached chunks to be released
     assert weak() is None
     assert len(backend) == 1 and backend.used_bytes == CHUNK_BYTES
+
+
+# Pinning: a pinned chunk survives eviction and clear() until unpinned. The memory backends implement
+# pinning and compression; a backend without them refuses (see the end of this file).
+
+@pytest.fixture(params=[factory for factory in FACTORIES if factory.id in ("cpu", "gpu")])
+def make_memory(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    build: Builder = request.param
+    return lambda cap, rec: build(cap, rec, tmp_path)
+
+
+def test_pin_answers_the_held_prefix_and_is_a_flag_not_a_count(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(10))
+    backend.store(prompt, kv(prompt))
+    assert backend.pin(prompt + [99]) == 8  # the 10-token tail chunk is not a prefix of 11 tokens
+    assert backend.pin(prompt) == 10
+    assert backend.pin(prompt) == 10
+    assert backend.pin([7, 7, 7, 7]) == 0 and backend.pin([]) == 0
+    assert backend.stats()["pinned_chunks"] == 3 and backend.stats()["pinned_tokens"] == 10
+    assert backend.unpin(prompt) == 10  # once undoes any number of pins
+    assert backend.unpin(prompt) == 10  # held, if no longer pinned, still counts
+    assert backend.stats()["pinned_chunks"] == 0
+    assert backend.clear() == 10
+
+
+def test_eviction_passes_over_pinned_chunks(make_memory: Factory) -> None:
+    recorder = Recorder()
+    backend = make_memory(4 * CHUNK_BYTES, recorder)
+    pinned, other, newest = list(range(12)), [100, 101, 102, 103], [200, 201, 202, 203]
+    backend.store(pinned, kv(pinned))
+    backend.pin(pinned)
+    backend.store(other, kv(other))
+    assert backend.store(newest, kv(newest)) == 4
+    assert backend.contains(pinned) == 12 and backend.contains(other) == 0
+    assert [op[2].key for op in recorder.ops if op[0] == "evict"] == [SPACE.chunks(other)[0].key]  # type: ignore[attr-defined]
+    assert backend.discard(SPACE.chunks(pinned)[0].key) == 0  # as an eviction would: pinned stays
+    assert backend.used_bytes <= backend.capacity_bytes
+
+
+def test_with_only_pinned_chunks_left_a_store_that_cannot_fit_stores_nothing(make_memory: Factory) -> None:
+    recorder = Recorder()
+    backend = make_memory(3 * CHUNK_BYTES, recorder)
+    pinned = list(range(12))
+    backend.store(pinned, kv(pinned))
+    backend.pin(pinned)
+    other = list(range(100, 108))
+    assert backend.store(other, kv(other)) == 0
+    assert backend.contains(pinned) == 12 and len(backend) == 3
+    assert not [op for op in recorder.ops if op[0] == "evict"]
+    backend.unpin(pinned)
+    assert backend.store(other, kv(other)) == 8  # unpinned, the tails go first
+    assert backend.contains(pinned) == 4
+
+
+def test_clear_spares_pinned_chunks_counts_only_the_freed_and_lists_survivors(make_memory: Factory) -> None:
+    recorder = Recorder()
+    backend = make_memory(1 << 20, recorder)
+    kept, freed = list(range(10)), list(range(50, 53))
+    backend.store(kept, kv(kept))
+    backend.store(freed, kv(freed))
+    backend.pin(kept)
+    assert backend.clear() == 3
+    assert backend.contains(kept) == 10 and backend.contains(freed) == 0
+    assert len(backend) == 3 and backend.used_bytes == 2 * CHUNK_BYTES + CHUNK_BYTES // 2
+    kind, location, entries = recorder.ops[-1]
+    assert (kind, location) == ("replace", backend.location)
+    assert sorted(entries) == sorted(IndexEntry(c.key, c.num_tokens, c.start == 0)  # type: ignore[call-overload]
+                                     for c in SPACE.chunks(kept))
+    assert backend.clear() == 0
+    assert backend.unpin(kept) == 10
+    assert backend.clear() == 10
+    assert len(backend) == 0 and backend.used_bytes == 0
+    assert recorder.ops[-1] == ("clear", backend.location, None)
+
+
+# Compression: real codecs, smaller accounts, same lookups.
+
+def kv_2ltd(tokens: list[int], seed: int = 0) -> list[torch.Tensor]:
+    """KV_2LTD chunks [2, 2 layers, tokens, 16] in float32, random: 1 KiB per full chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 2, len(tokens[i: i + SPACE.chunk_size]), 16, generator=generator)
+            for i in range(0, len(tokens), SPACE.chunk_size)]
+
+
+KV_CHUNK = 2 * 2 * 4 * 16 * 4
+INT8_CHUNK = 2 * 2 * 4 * 16 + 2 * 2 * 16 * 4  # int8 values + a float32 scale per K/V, layer and channel
+
+
+def test_int8_shrinks_used_bytes_and_lookups_still_hit_within_its_bound(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(12))
+    original = kv_2ltd(prompt)
+    backend.store(prompt, original)
+    device = backend.retrieve(prompt)[0].device
+    assert backend.used_bytes == 3 * KV_CHUNK
+    assert backend.compress(prompt, "int8") == 12
+    assert backend.used_bytes == 3 * INT8_CHUNK
+    assert backend.stats()["compressed_chunks"] == 3 and backend.stats()["compressed_bytes"] == 3 * INT8_CHUNK
+    assert backend.contains(prompt) == 12
+    restored = backend.retrieve(prompt)
+    for got, want in zip(restored, original, strict=True):
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, device)
+        bound = want.abs().amax(dim=-2, keepdim=True) / 254
+        assert bool(((got.cpu() - want).abs() <= bound * (1 + 1e-6)).all())
+    assert backend.compress(prompt, "int8") == 12  # already compressed with it: counted, untouched
+    assert backend.compress(prompt, "zlib") == 0  # compressed with another method: left alone
+    assert backend.decompress(prompt, "zlib") == 0
+    assert backend.decompress(prompt, "int8") == 12
+    assert backend.used_bytes == 3 * KV_CHUNK and backend.stats()["compressed_chunks"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(backend.retrieve(prompt), restored, strict=True))
+    assert backend.decompress(prompt, "int8") == 12  # already plain: counted
+
+
+def test_zlib_round_trips_bit_exact_including_bfloat16(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(10))
+    original = [t.to(torch.bfloat16) for t in kv_2ltd(prompt)]
+    backend.store(prompt, original)
+    before = backend.used_bytes
+    assert backend.compress(prompt, "zlib") == 10
+    assert backend.used_bytes < before
+    for got, want in zip(backend.retrieve(prompt), original, strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got.cpu(), want)
+    assert backend.decompress(prompt, "zlib") == 10
+    assert backend.used_bytes == before
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(backend.retrieve(prompt), original, strict=True))
+
+
+def test_a_chunk_a_method_cannot_shrink_or_take_stays_plain_and_uncounted(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    floats, ints = list(range(8)), list(range(100, 108))
+    backend.store(floats, [torch.randn(4, 8, dtype=torch.float16) for _ in range(2)])  # int8 scales cost as much
+    backend.store(ints, [torch.arange(32).reshape(4, 8) for _ in range(2)])  # int8 takes floats only
+    assert backend.compress(floats, "int8") == 0
+    assert backend.compress(ints, "int8") == 0
+    assert backend.compress(ints, "zlib") == 8
+    assert backend.stats()["compressed_chunks"] == 2
+
+
+def test_compress_takes_the_held_prefix_or_with_no_tokens_everything(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    first, second = list(range(12)), list(range(100, 106))
+    backend.store(first, kv_2ltd(first))
+    backend.store(second, kv_2ltd(second, seed=1))
+    assert backend.compress(first[:8] + [999] * 4, "int8") == 8
+    assert backend.stats()["compressed_chunks"] == 2
+    assert backend.compress([], "int8") == 18
+    assert backend.compress([5, 5, 5, 5], "int8") == 0
+    assert backend.decompress([], "int8") == 18
+    assert backend.stats()["compressed_chunks"] == 0
+
+
+def test_an_unknown_method_is_refused_naming_the_known_ones(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(4))
+    backend.store(prompt, kv_2ltd(prompt))
+    for operation in (backend.compress, backend.decompress):
+        with pytest.raises(ValueError, match="unknown compression method 'gzip'; known methods: int8, zlib"):
+            operation(prompt, "gzip")
+    assert backend.stats()["compressed_chunks"] == 0
+
+
+def test_compressed_chunks_leave_room_for_more(make_memory: Factory) -> None:
+    recorder = Recorder()
+    backend = make_memory(4 * KV_CHUNK, recorder)
+    first, second = list(range(12)), list(range(100, 108))
+    backend.store(first, kv_2ltd(first))
+    backend.compress(first, "int8")
+    assert backend.store(second, kv_2ltd(second)) == 8
+    assert backend.contains(first) == 12 and backend.contains(second) == 8
+    assert not [op for op in recorder.ops if op[0] == "evict"]
+    # Growing back needs room: the other prompt's tail goes first, the prompt asked for stays whole.
+    assert backend.decompress(first, "int8") == 12
+    assert backend.used_bytes <= backend.capacity_bytes
+    assert backend.contains(first) == 12 and backend.contains(second) == 4
+
+
+def test_a_chunk_that_cannot_grow_back_stays_compressed_and_uncounted(make_memory: Factory) -> None:
+    backend = make_memory(4 * KV_CHUNK, Recorder())
+    small, big = list(range(12)), list(range(100, 108))
+    backend.store(small, kv_2ltd(small))
+    backend.compress(small, "int8")
+    backend.store(big, kv_2ltd(big))
+    backend.pin(small)
+    backend.pin(big)  # nothing left to evict: room for one chunk to grow, not three
+    assert backend.decompress(small, "int8") == 4
+    assert backend.used_bytes == 4 * KV_CHUNK
+    assert backend.stats()["compressed_chunks"] == 2
+    assert backend.contains(small) == 12 and backend.contains(big) == 8
+
+
+def test_pinned_chunks_can_be_compressed_and_survive_clear_compressed(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(12))
+    original = kv_2ltd(prompt)
+    backend.store(prompt, original)
+    backend.pin(prompt)
+    assert backend.compress(prompt, "int8") == 12
+    assert backend.clear() == 0
+    stats = backend.stats()
+    assert (stats["pinned_chunks"], stats["compressed_chunks"], stats["bytes"]) == (3, 3, 3 * INT8_CHUNK)
+    for got, want in zip(backend.retrieve(prompt), original, strict=True):
+        assert bool(((got.cpu() - want).abs() <= want.abs().amax(dim=-2, keepdim=True) / 254 * (1 + 1e-6)).all())
+
+
+class Bare(StorageBackend):
+    """The least a backend implements: pinning and compression are left to the defaults."""
+
+    location = Location.DISK
+
+    def __init__(self) -> None:
+        super().__init__(SPACE)
+        self._chunks: dict[str, tuple[IndexEntry, torch.Tensor]] = {}
+
+    def _put(self, entry: IndexEntry, tensor: torch.Tensor) -> bool:
+        self._chunks[entry.key] = (entry, tensor.clone())
+        return True
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        held = self._chunks.get(key)
+        return None if held is None else held[1]
+
+    def _has(self, key: str) -> bool:
+        return key in self._chunks
+
+    def _discard(self, key: str) -> IndexEntry | None:
+        held = self._chunks.pop(key, None)
+        return None if held is None else held[0]
+
+    def _clear(self) -> int:
+        freed = sum(entry.num_tokens for entry, _ in self._chunks.values())
+        self._chunks.clear()
+        return freed
+
+    def _entries(self) -> list[IndexEntry]:
+        return [entry for entry, _ in self._chunks.values()]
+
+    def _touch_prefix(self, keys: list[str]) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self._chunks.values())
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 1 << 20
+
+
+@pytest.mark.parametrize("operation", ["pin", "unpin", "compress", "decompress"])
+def test_a_backend_without_pinning_or_compression_refuses_by_name(operation: str) -> None:
+    backend = Bare()
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    call = getattr(backend, operation)
+    method = () if operation.endswith("pin") else ("zlib",)
+    for tokens in (prompt, []):  # refused alike whether or not anything is held
+        with pytest.raises(UnsupportedOperation, match=f"^LocalDiskBackend does not support {operation}$"):
+            call(tokens, *method)
+    if operation.endswith("compress"):
+        with pytest.raises(ValueError, match="known methods: int8, zlib"):  # the method is checked first
+            call(prompt, "snappy")
+    assert backend.clear() == 8
+
+
+def test_every_backend_reports_the_same_stats(make: Factory) -> None:
+    backend = Bare()
+    prompt = list(range(6))
+    backend.store(prompt, kv(prompt))
+    assert backend.stats() == {"chunks": 2, "tokens": 6, "bytes": 3 * CHUNK_BYTES // 2, "capacity_bytes": 1 << 20,
+                               "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0, "compressed_bytes": 0}
+    other = make(1 << 20, Recorder())
+    other.store(prompt, kv(prompt))
+    assert other.stats() == backend.stats()
+
+
+def test_clear_and_lookups_do_not_wait_for_a_codec(make_memory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(8))
+    backend.store(prompt, kv_2ltd(prompt))
+    encoding, release = threading.Event(), threading.Event()
+    real_encode = codecs.encode
+
+    def slow_encode(tensor: torch.Tensor, method: str) -> codecs.Packed:
+        encoding.set()
+        assert release.wait(10)
+        return real_encode(tensor, method)
+
+    monkeypatch.setattr(codecs, "encode", slow_encode)
+    answers: list[int] = []
+    compressing = threading.Thread(target=lambda: answers.append(backend.compress(prompt, "int8")))
+    compressing.start()
+    assert encoding.wait(10)
+    assert backend.contains(prompt) == 8  # while the first chunk is being encoded
+    assert backend.clear() == 8
+    release.set()
+    compressing.join(10)
+    assert answers == [0]  # what was encoded was cleared meanwhile: nothing swapped in
+    assert len(backend) == 0 and backend.used_bytes == 0 and backend.stats()["compressed_chunks"] == 0
+
+
+def test_concurrent_compress_decompress_store_and_clear_keep_accounts_straight(make_memory: Factory) -> None:
+    backend = make_memory(16 * KV_CHUNK, Recorder())
+    stop = threading.Event()
+
+    def churn() -> None:
+        for n in range(30):
+            prompt = [n * 100 + i for i in range(16)]
+            backend.store(prompt, kv_2ltd(prompt, seed=n))
+            if n % 3 == 0:
+                backend.pin(prompt[:4])
+            if n % 7 == 0:
+                backend.clear()
+        stop.set()
+
+    def codec(method: str) -> None:
+        while not stop.is_set():
+            backend.compress([], method)
+            backend.decompress([], method)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=codec, args=("int8",)),
+               threading.Thread(target=codec, args=("zlib",))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert backend.used_bytes <= backend.capacity_bytes and backend.stats()["chunks"] == len(backend)
+    backend.decompress([], "int8")
+    backend.decompress([], "zlib")
+    stats = backend.stats()
+    assert stats["compressed_chunks"] == 0  # the pinned chunks, at most 10, always fit plain
+    assert backend.used_bytes == len(backend) * KV_CHUNK and stats["tokens"] == len(backend) * 4  # recounted
+    assert backend.clear() == stats["tokens"] - stats["pinned_tokens"]
+    assert len(backend) == stats["pinned_chunks"]

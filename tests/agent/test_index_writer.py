@@ -187,3 +187,24 @@ def test_a_second_clear_before_the_hints_go_still_withdraws_them(client: redis.R
     backend.clear()
     writer.drain()
     assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+
+
+def test_clear_leaves_pinned_chunks_in_the_index(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    kept, freed = list(range(10)), list(range(50, 58))
+    backend.store(kept, kv(kept))
+    backend.store(freed, kv(freed))
+    writer.flush()
+    backend.pin(kept)
+    assert backend.clear() == 8
+    writer.flush()  # what a command handler does before it answers
+    kept_head, freed_head = SPACE.chunks(kept)[0].key, SPACE.chunks(freed)[0].key
+    assert client.hgetall(keys.index(INSTANCE, CPU)) == {c.key: str(c.num_tokens) for c in SPACE.chunks(kept)}
+    writer.drain()
+    assert client.smembers(keys.heads(INSTANCE, CPU)) == {kept_head}
+    assert client.smembers(keys.head(CPU, kept_head)) == {INSTANCE}
+    assert client.exists(keys.head(CPU, freed_head)) == 0
+    backend.unpin(kept)
+    assert backend.clear() == 10
+    writer.drain()
+    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU), keys.head(CPU, kept_head)) == 0
