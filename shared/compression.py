@@ -24,7 +24,8 @@ METHODS: dict[str, Method] = {
                description="per-channel symmetric int8 quantization with a float32 scale per channel",
                error_bound="|x - x'| <= max|x_c| / 254 for every value of channel c (a column of the last "
                            "dimension within one [.., tokens, channels] plane: one K or V of one layer in "
-                           "KV_2LTD), plus the stored dtype's own rounding of the restored value"),
+                           "KV_2LTD), plus rounding the result to the stored dtype, at most eps/2 of it "
+                           "(|x'| / 256 for bfloat16, / 2048 for float16)"),
         Method("zlib", lossless=True,
                description="zlib (level 1) over the tensor's bytes grouped by byte position; bit-exact, any dtype"),
     )
