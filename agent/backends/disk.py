@@ -266,11 +266,15 @@ class LocalDiskBackend(StorageBackend):
             digest, raw_header, header = _read_header(handle)
             if header.key != key:
                 raise ChunkFileError(f"the file holds chunk {header.key}")
-            handle.seek(_payload_offset(len(raw_header)))
+            offset = _payload_offset(len(raw_header))
+            # Checked before allocating: a damaged header must not make us allocate what it claims.
+            if os.fstat(handle.fileno()).st_size != offset + header.payload_bytes:
+                raise ChunkFileError("file size does not match its header")
+            handle.seek(offset)
             payload = torch.empty(header.payload_bytes, dtype=torch.uint8)
             view = payload.numpy()
-            if handle.readinto(memoryview(view)) != header.payload_bytes or handle.read(1):
-                raise ChunkFileError("payload has the wrong length")
+            if handle.readinto(memoryview(view)) != header.payload_bytes:
+                raise ChunkFileError("payload is short")
         check = hashlib.sha256(_LENGTH.pack(len(raw_header)))
         check.update(raw_header)
         check.update(view)

@@ -70,7 +70,7 @@ def test_a_restart_removes_stray_temp_files_and_files_it_cannot_use(tmp_path: Pa
     assert not list(tmp_path.glob("*.tmp")) and (tmp_path / "notes.txt").exists()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "delete"])
 def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(tmp_path: Path, damage: str,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     recorder = Recorder()
@@ -83,6 +83,8 @@ def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(tmp_path: Path, damage: 
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(bytes(data[:-1]))
+    elif damage == "header":  # claims a bigger tensor than the file holds
+        path.write_bytes(bytes(data).replace(b'"shape":[4,8]', b'"shape":[9,8]'))
     else:
         path.unlink()
     with caplog.at_level(logging.WARNING, "kvbus.agent.backends"):
