@@ -18,6 +18,7 @@ from kvbus.agent.backends import LocalDiskBackend, StorageBackend, WriteBehind, 
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.peer import PeerServer
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
@@ -62,15 +63,19 @@ class Agent:
             address=_address(config, worker_id),
             ttl_s=config.heartbeat_ttl,
             layout=layout,
+            stats=lambda: {str(b.location): b.stats() for b in self.backends},
         )
         self.consumer = CommandConsumer(
             self._blocking,
             instance_id=self.instance_id,
             worker_id=worker_id,
-            handler=CommandHandlers({b.location: b for b in self.backends}, self.instance_id, worker_id),
+            handler=CommandHandlers({b.location: b for b in self.backends}, self.instance_id, worker_id,
+                                    space=self.space, transfer_timeout_s=config.command_timeout),
             before_reply=self.index.flush,
             now_ms=self.registration.now_ms,
+            event_retention_s=config.event_retention,
         )
+        self.peer: PeerServer | None = None
         self._stop = threading.Event()
         self._reregistering = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -80,6 +85,8 @@ class Agent:
         self.registration.register()
         self._publish_all()  # replaces whatever a crashed predecessor left in the index
         self.consumer.ensure_group()
+        if self.peer is None:
+            self.peer = self._listen_for_peers()
         self.index.start()
         if self.disk_writer is not None:
             self.disk_writer.start()
@@ -110,20 +117,38 @@ class Agent:
         return False
 
     def stop(self) -> None:
-        """Finish the command in hand, then deregister and drop this instance's index entries."""
+        """Finish the command in hand, then deregister; the last worker of the instance drops its index entries."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.peer is not None:
+            self.peer.stop()
         if self.disk_writer is not None:
             self.disk_writer.stop()  # queued stores reach the disk, so a restart finds them
         self.index.stop()
         try:
-            self.index.purge([b.location for b in self.backends])
-            self.registration.deregister()
+            if self.registration.deregister():
+                self.index.purge([b.location for b in self.backends])
         except redis.RedisError as exc:
             log.warning("could not deregister from Redis (%s); lookups skip the instance once its heartbeat "
                         "lapses, and its next start replaces its index entries", exc)
         log.info("agent %s worker %d stopped", self.instance_id, self.worker_id)
+
+    def _listen_for_peers(self) -> PeerServer | None:
+        """The endpoint other agents /move chunks into, where p2p_init_ports gives this worker a port."""
+        url = self.registration.address.peer_init_url
+        if url is None:
+            return None
+        host, _, port = url.rpartition(":")
+        try:
+            server = PeerServer(host, int(port), self.space, {b.location: b for b in self.backends},
+                                after_store=self.index.flush, timeout_s=self.config.command_timeout)
+        except OSError as exc:
+            log.error("cannot listen for peer transfers on %s (%s): moves into this worker will fail; "
+                      "free the port or change p2p_init_ports", url, exc)
+            return None
+        server.start()
+        return server
 
     def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:
         """Keep a prompt's KV in memory now and on disk soon; returns the tokens held (in memory, if any)."""

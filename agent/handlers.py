@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from kvbus.agent import peer
 from kvbus.agent.backends.base import StorageBackend
+from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
 # LMCache's health codes.
@@ -18,10 +20,13 @@ MEMCHECK_FAILED = -1
 
 
 class CommandHandlers:
-    def __init__(self, backends: Mapping[str, StorageBackend], instance_id: str, worker_id: int) -> None:
+    def __init__(self, backends: Mapping[str, StorageBackend], instance_id: str, worker_id: int, *,
+                 space: HashSpace, transfer_timeout_s: float) -> None:
         self._backends = backends
         self._instance = instance_id
         self._worker = worker_id
+        self._space = space
+        self._transfer_timeout_s = transfer_timeout_s
         self._by_kind: dict[CommandKind, Callable[[Command], Result]] = {
             CommandKind.CLEAR: self.clear,
             CommandKind.PIN: self.pin,
@@ -29,6 +34,7 @@ class CommandHandlers:
             CommandKind.COMPRESS: self.compress,
             CommandKind.DECOMPRESS: self.decompress,
             CommandKind.HEALTH: self.health,
+            CommandKind.MOVE: self.move,
         }
 
     def __call__(self, command: Command) -> Result:
@@ -62,6 +68,38 @@ class CommandHandlers:
         backend = self._backends.get(command.location)
         return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.decompress(
             command.tokens, command.method))
+
+    def move(self, command: Command) -> Result:
+        """Copy the held prefix of `tokens` to the destination, then drop it here unless `should_copy`.
+
+        The source drops nothing until the destination holds the chunks, so a destination that
+        dies midway leaves the source as it was.
+        """
+        source = self._backends.get(command.location)
+        if source is None:
+            return self._absent(command)
+        tensors = source.retrieve(command.tokens)
+        if not tensors:
+            return self._answer(command, detail="none of tokens is held here")
+        chunks = self._space.chunks(command.tokens)[: len(tensors)]
+        tokens = command.tokens[: chunks[-1].end]
+        peer_url = command.peers.get(str(self._worker))
+        if peer_url is None:
+            target = self._backends.get(command.dest_location)
+            if target is None:
+                raise ValueError(f"this worker has no {command.dest_location} to move chunks to")
+            moved = target.store(tokens, tensors)
+        else:
+            try:
+                moved = peer.send(peer_url, self._space, command.dest_location, tokens, tensors,
+                                  self._transfer_timeout_s)
+            except peer.TransferFailed as exc:
+                return self._answer(command, ResultStatus.ERROR, detail=f"{exc}; the source keeps its chunks")
+        if not command.should_copy:
+            for chunk in chunks:
+                if chunk.end <= moved:
+                    source.discard(chunk.key)
+        return self._answer(command, num_tokens=moved)
 
     def health(self, command: Command) -> Result:
         """Every backend is within its capacity, so stores can still be admitted."""

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -23,6 +24,7 @@ from kvbus.shared.messages import AgentEvent, EventKind, encode
 log = logging.getLogger("kvbus.agent.registration")
 
 LAYOUT_FIELD = "layout"  # in the worker hash
+BackendStats = dict[str, dict[str, int]]  # location -> StorageBackend.stats()
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,20 @@ class Registration:
         address: WorkerAddress,
         ttl_s: float,
         layout: str | None = None,
+        stats: Callable[[], BackendStats] | None = None,
     ) -> None:
         self._redis = client
         self._instance = instance_id
         self._worker = worker_id
         self._space = space
         self._locations = locations
-        self._address = address
+        self.address = address
         self._ttl_ms = int(ttl_s * 1000)
         # What the bytes of this worker's chunks mean (model, dtype, block size, attention backend),
         # for engines that store their own paged blocks; readers load only chunks of their layout.
         self._layout = layout
+        # Only the agent knows what its backends hold in bytes; dashboards read it from the worker hash.
+        self._stats = stats
         self._clock_offset_ms = 0
         self.registered_at = time.time()
 
@@ -78,9 +83,9 @@ class Registration:
         worker_info = {
             "instance_id": self._instance,
             "worker_id": self._worker,
-            "ip": self._address.host,
-            "port": self._address.port if self._address.port is not None else "",
-            "peer_init_url": self._address.peer_init_url or "",
+            "ip": self.address.host,
+            "port": self.address.port if self.address.port is not None else "",
+            "peer_init_url": self.address.peer_init_url or "",
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "registration_time": self.registered_at,
@@ -122,7 +127,10 @@ class Registration:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
-        pipe.hset(keys.worker(self._instance, self._worker), "last_heartbeat_time", time.time())
+        beat: dict[str, str | float] = {"last_heartbeat_time": time.time()}
+        if self._stats is not None:
+            beat[keys.WORKER_STATS_FIELD] = json.dumps(self._stats(), separators=(",", ":"))
+        pipe.hset(keys.worker(self._instance, self._worker), mapping=beat)
         pipe.time()
         before = time.time()
         _, known, _, server_time = pipe.execute()

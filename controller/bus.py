@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -105,17 +106,15 @@ class CommandBus:
         with contextlib.suppress(redis.RedisError):  # otherwise it expires by itself
             await self._redis.unlink(self.results_key)
 
-    async def request(self, instance_id: str, kind: CommandKind, event_id: str, *, location: str = "",
-                      tokens: list[int] | None = None, method: str = "") -> Outcome:
+    async def request(self, instance_id: str, kind: CommandKind, event_id: str, **fields: Any) -> Outcome:
         """Send a command to every worker of `instance_id` and wait for all their results.
 
         Raises UnknownInstance, or AgentTimeout naming the silent workers. The results may
         still carry errors or refusals: what they mean depends on the command.
         """
         command = Command(event_id=event_id, kind=kind, reply_to=self.results_key,
-                          timeout_ms=int(self.timeout_s * 1000), location=location, tokens=tokens or [],
-                          method=method)
-        record = {"kind": str(kind), "instance_id": instance_id, "location": location,
+                          timeout_ms=int(self.timeout_s * 1000), **fields)
+        record = {"kind": str(kind), "instance_id": instance_id, "location": command.location,
                   "timeout_ms": command.timeout_ms}
         waiter = _Waiter()
         self._pending[event_id] = waiter

@@ -52,6 +52,9 @@ ENDPOINTS = (
               schemas.CompressRequest, _TOKENS, (*_COMMAND_ERRORS, errors.UnknownMethod)),
     _Endpoint("/decompress", "post", "Decompress the held prefix of tokens (all chunks if tokens is empty)",
               schemas.CompressRequest, _TOKENS, (*_COMMAND_ERRORS, errors.UnknownMethod)),
+    _Endpoint("/move", "post", "Move (or copy) the held prefix of tokens to another location or instance; "
+              "checksummed, and the source drops its copy only once the destination holds it",
+              schemas.MoveRequest, _TOKENS, _COMMAND_ERRORS),
     _Endpoint("/health", "post", "Each worker's health code (0 healthy, -1 memory check failed, -1001 error)",
               schemas.InstanceRequest, {"type": "object", "properties": {
                   "event_id": {"type": "string"},

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from kvbus.controller import events, openapi, outcomes
 from kvbus.controller.bus import CommandBus, new_event_id
-from kvbus.controller.errors import BodyTooLarge, InvalidField
+from kvbus.controller.errors import BodyTooLarge, InvalidField, Refused
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.registry import Registry
 from kvbus.controller.registry import key_stats as registry_stats
@@ -22,6 +22,7 @@ from kvbus.controller.schemas import (
     CompressRequest,
     InstanceRequest,
     LookupRequest,
+    MoveRequest,
     PinRequest,
     QueryInstanceRequest,
     QueryWorkerInfoRequest,
@@ -108,6 +109,29 @@ async def _command(request: Request, instance_id: str, kind: CommandKind, prefix
     return JSONResponse(answer)
 
 
+async def move(request: Request) -> JSONResponse:
+    registry: Registry = request.app.state.registry
+    body = parse(await _body(request), MoveRequest)
+    _check_tokens(request, body.tokens)
+    (source, source_location), (dest, dest_location) = body.old_position, body.new_position
+    if source == dest and source_location == dest_location:
+        raise InvalidField("old_position and new_position are the same", field="new_position")
+    peers: dict[str, str] = {}
+    if dest != source:
+        (sending,), (receiving,) = await registry.instances(source), await registry.instances(dest)
+        if len(sending.workers) != len(receiving.workers):
+            raise Refused(f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
+                          "chunks move rank to rank, so both need the same number")
+        for sender, receiver in zip(sending.workers, receiving.workers, strict=True):
+            if not receiver["peer_init_url"]:
+                raise Refused(f"worker {receiver['worker_id']} of {dest!r} has no peer endpoint: set p2p_host and "
+                              "p2p_init_ports in its config")
+            peers[str(sender["worker_id"])] = receiver["peer_init_url"]
+    return await _command(request, source, CommandKind.MOVE, "Move", location=str(source_location),
+                          tokens=body.tokens, dest_location=str(dest_location), peers=peers,
+                          should_copy=body.should_copy)
+
+
 async def health(request: Request) -> JSONResponse:
     bus: CommandBus = request.app.state.bus
     body = parse(await _body(request), InstanceRequest)
@@ -181,6 +205,7 @@ ROUTES = [
     Route("/unpin", unpin, methods=["POST"]),
     Route("/compress", compress, methods=["POST"]),
     Route("/decompress", decompress, methods=["POST"]),
+    Route("/move", move, methods=["POST"]),
     Route("/health", health, methods=["POST"]),
     Route("/check_finish", check_finish, methods=["POST"]),
     Route("/query_worker_info", query_worker_info, methods=["POST"]),

@@ -42,6 +42,13 @@ class CompressRequest(msgspec.Struct):
     tokens: list[TokenId] = msgspec.field(default_factory=list)  # empty: every chunk at `location`
 
 
+class MoveRequest(msgspec.Struct):
+    old_position: tuple[InstanceId, Location]
+    new_position: tuple[InstanceId, Location]
+    tokens: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+    should_copy: bool = False
+
+
 class InstanceRequest(msgspec.Struct):
     instance_id: InstanceId
 
@@ -60,7 +67,7 @@ class QueryInstanceRequest(msgspec.Struct):
     event_id: str = ""  # LMCache requires it and ignores it
 
 
-Body = TypeVar("Body", LookupRequest, ClearRequest, PinRequest, CompressRequest, InstanceRequest,
+Body = TypeVar("Body", LookupRequest, ClearRequest, PinRequest, CompressRequest, MoveRequest, InstanceRequest,
                CheckFinishRequest, QueryWorkerInfoRequest, QueryInstanceRequest)
 
 _FIELD_AT = re.compile(r"at `\$\.?([^`]*)`")

@@ -26,6 +26,7 @@ class CommandKind(StrEnum):
     COMPRESS = "compress"
     DECOMPRESS = "decompress"
     HEALTH = "health"
+    MOVE = "move"
 
 
 class ResultStatus(StrEnum):
@@ -50,6 +51,11 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     location: str = ""
     tokens: list[int] = msgspec.field(default_factory=list)  # empty: every chunk at `location`
     method: str = ""  # compression method, for compress and decompress
+    # move: where the chunks go. peers: the destination worker's peer endpoint for each source
+    # worker (host:port), absent when they stay within the instance.
+    dest_location: str = ""
+    peers: dict[str, str] = msgspec.field(default_factory=dict)  # worker id (as text) -> host:port
+    should_copy: bool = False
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
