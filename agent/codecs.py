@@ -40,12 +40,18 @@ class Packed(ABC):
     def decode(self) -> torch.Tensor: ...
 
 
-class Int8(Packed):
-    """Symmetric int8 with a float32 scale per channel: per column of the last dimension, per plane.
+def scale_dims(ndim: int) -> tuple[int, ...]:
+    """The dimensions one int8 scale spans in a tensor of `ndim` >= 2 dimensions (see Int8)."""
+    return tuple(range(2 if ndim >= 4 else 0, ndim - 1))
 
-    A plane is everything but the last two dimensions, so a KV_2LTD chunk [2, layers, tokens, D] gets a
-    scale per K/V, layer and column; a 1-D tensor is one channel. Rounding to the nearest of 255 levels
-    spaced scale = max|x_c| / 127 apart errs by at most scale / 2 = max|x_c| / 254.
+
+class Int8(Packed):
+    """Symmetric int8 with a float32 scale per channel, a channel being a column of the last dimension.
+
+    A tensor of 4 or more dimensions gets its scales per index of its first two as well: per K/V
+    and layer for a KV_2LTD chunk [2, layers, tokens, D], per layer and block for paged blocks.
+    A 1-D tensor is one channel. Rounding to the nearest of 255 levels spaced
+    scale = max|x_c| / 127 apart errs by at most scale / 2 = max|x_c| / 254.
     """
 
     __slots__ = ("values", "scale")
@@ -61,12 +67,13 @@ class Int8(Packed):
         if not tensor.is_floating_point() or tensor.element_size() < 2:
             raise Unsuitable(f"int8 quantizes floats of 2 bytes or more, not {tensor.dtype}")
         x = tensor.detach().float()
-        planes = x if x.dim() >= 2 else x.reshape(-1, 1)
-        amax = planes.abs().amax(dim=-2, keepdim=True)
+        if x.dim() < 2:
+            x = x.reshape(-1, 1)
+        amax = x.abs().amax(dim=scale_dims(x.dim()), keepdim=True)
         if not bool(torch.isfinite(amax).all()):
             raise Unsuitable("int8 cannot represent inf or nan")
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero channel stays zero
-        values = torch.round(planes / scale).clamp_(-127, 127).to(torch.int8)
+        values = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
         return cls(values, scale, tensor.shape, tensor.dtype)
 
     @property

@@ -16,6 +16,7 @@ from kvbus.agent.backends.base import IndexEntry, StorageBackend, UnsupportedOpe
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
+from kvbus.agent.synthetic import synthetic_kv
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
@@ -316,6 +317,15 @@ def test_zlib_round_trips_bit_exact_including_bfloat16(make_memory: Factory) -> 
     assert backend.decompress(prompt, "zlib") == 10
     assert backend.used_bytes == before
     assert all(torch.equal(a.cpu(), b) for a, b in zip(backend.retrieve(prompt), original, strict=True))
+
+
+def test_int8_takes_the_standalone_agent_s_five_dimensional_chunks(make_memory: Factory) -> None:
+    backend = make_memory(1 << 20, Recorder())
+    prompt = list(range(12))
+    backend.store(prompt, synthetic_kv(SPACE, prompt))  # [2, 4 layers, tokens, 2 heads, 16] float16
+    assert backend.used_bytes == 3 * 2 * 4 * 4 * 2 * 16 * 2
+    assert backend.compress(prompt, "int8") == 12
+    assert backend.used_bytes == 3 * (2 * 4 * 4 * 2 * 16 + 2 * 4 * 16 * 4)  # a scale per K/V, layer, channel
 
 
 def test_a_chunk_a_method_cannot_shrink_or_take_stays_plain_and_uncounted(make_memory: Factory) -> None:

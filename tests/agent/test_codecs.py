@@ -35,8 +35,8 @@ def model_kv(tokens: int = 512) -> list[torch.Tensor]:
 
 
 def int8_bound(x: torch.Tensor) -> torch.Tensor:
-    """max|x_c| / 254 per channel, broadcast over the tensor (for KV_2LTD and other >= 2-D tensors)."""
-    return x.float().abs().amax(dim=-2, keepdim=True) / 254
+    """max|x_c| / 254 per channel, broadcast over the tensor (for tensors of 2 or more dimensions)."""
+    return x.float().abs().amax(dim=codecs.scale_dims(x.dim()), keepdim=True) / 254
 
 
 def test_every_catalogued_method_has_a_codec_and_keeps_its_promise() -> None:
@@ -88,8 +88,13 @@ def test_int8_on_the_reference_model_s_kv() -> None:
 
 
 def test_int8_takes_any_shape_with_the_last_dimension_as_channels() -> None:
+    assert codecs.scale_dims(4) == (2,)  # KV_2LTD: over tokens, per K/V, layer and channel
     blocks = torch.randn(3, 2, 16, 2, 8)  # opaque paged blocks: [layers, blocks, *block_shape]
-    assert bool(((codecs.encode(blocks, "int8").decode() - blocks).abs() <= int8_bound(blocks) * (1 + 1e-6)).all())
+    packed = codecs.encode(blocks, "int8")
+    assert isinstance(packed, codecs.Int8) and packed.scale.shape == (3, 2, 1, 1, 8)
+    assert bool(((packed.decode() - blocks).abs() <= int8_bound(blocks) * (1 + 1e-6)).all())
+    rows = torch.randn(5, 16, 8)
+    assert bool(((codecs.encode(rows, "int8").decode() - rows).abs() <= int8_bound(rows) * (1 + 1e-6)).all())
     flat = torch.tensor([3.0, -1.0, 0.5])  # 1-D: one channel
     assert bool(((codecs.encode(flat, "int8").decode() - flat).abs() <= 3.0 / 254 * (1 + 1e-6)).all())
     zeros = torch.zeros(4, 8)
