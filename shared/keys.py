@@ -64,6 +64,10 @@ def worker(instance_id: str, worker_id: int) -> str:
     return f"{_instance(instance_id)}:worker:{worker_id}"
 
 
+# The field of worker() where each heartbeat writes JSON {location: backend stats}: only agents know bytes held.
+WORKER_STATS_FIELD = "stats"
+
+
 def commands(instance_id: str) -> str:
     """STREAM of commands for the instance; each worker reads it through its own group."""
     return f"{_instance(instance_id)}:cmd"
