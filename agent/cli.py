@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from kvbus import logs
 from kvbus.agent.agent import Agent
@@ -31,7 +32,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--preload-text", action="append", default=[], metavar="TEXT",
                         help="prompt whose (synthetic) KV to hold from the start; repeatable")
     parser.add_argument("--preload-tokens", action="append", default=[], metavar="IDS",
-                        help="comma-separated token ids to hold KV for; repeatable")
+                        help="comma-separated token ids to hold KV for, or @FILE holding them; repeatable")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -39,6 +40,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
     prompts = [encode_prompt(text, args.model) for text in args.preload_text]
     for ids in args.preload_tokens:
+        if ids.startswith("@"):
+            # A long prompt does not fit in one command-line argument (128 KiB on Linux).
+            ids = Path(ids[1:]).read_text()
         try:
             prompts.append([int(t) for t in ids.replace(" ", "").split(",") if t])
         except ValueError:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
         if not config.enable_controller:
             raise ConfigError(f"enable_controller is false in {args.config}; set it to True to join the bus")
         prompts = _prompts(args)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 

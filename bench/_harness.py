@@ -224,9 +224,11 @@ def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
-def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path) -> Iterator[list[Proc]]:
+def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path, *,
+           extra_config: Callable[[str], dict[str, object]] | None = None,
+           args: Sequence[str] = ()) -> Iterator[list[Proc]]:
     """One `python -m kvbus agent` process per instance id, started together and each ready once it is
-    alive and reads its command stream."""
+    alive and reads its command stream. `extra_config(instance_id)` adds config keys; `args` go to each."""
     started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     client = redis.Redis.from_url(redis_url)
     try:
@@ -235,11 +237,13 @@ def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path) -> Iterat
             config.write_text(yaml.safe_dump({
                 "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
                 "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 1,
+                **(extra_config(instance_id) if extra_config else {}),
             }))
             log = workdir / f"agent-{instance_id}.log"
             with log.open("ab") as out:
                 started.append((instance_id, subprocess.Popen(
-                    [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning"],
+                    [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning",
+                     *args],
                     stdout=out, stderr=subprocess.STDOUT, env=_env()), log))
         def ready(instance_id: str) -> Callable[[], object]:
             return lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id))

@@ -14,12 +14,13 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import clear, clear_cost, engine_prefill, ingest, lookup, memory, vllm_prefill
+from bench import clear, clear_cost, commands, engine_prefill, ingest, lookup, memory, vllm_prefill
 from bench._harness import Figure, busy_fraction, cpu_jiffies, print_table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "lookup": lookup.run, "clear": clear.run, "clear_cost": clear_cost.run, "ingest": ingest.run,
-    "memory": memory.run, "engine_prefill": engine_prefill.run, "vllm_prefill": vllm_prefill.run,
+    "memory": memory.run, "commands": commands.run, "engine_prefill": engine_prefill.run,
+    "vllm_prefill": vllm_prefill.run,
 }
 
 

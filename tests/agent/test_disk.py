@@ -186,7 +186,7 @@ TOKENS = list(range(1000, 1010))
 @pytest.fixture
 def config(redis_url: str, tmp_path: Path) -> KVBusConfig:
     return KVBusConfig(chunk_size=4, enable_controller=True, redis_url=redis_url, lmcache_instance_id="tiers",
-                       local_disk=f"file://{tmp_path}/disk", max_local_disk_size=0.001)
+                       max_local_disk_size=0.001).with_overrides(local_disk=f"file://{tmp_path}/disk")
 
 
 @pytest.fixture
