@@ -1,0 +1,217 @@
+"""`GET /metrics`: Prometheus text for one controller process.
+
+Two kinds of series. This process's own traffic (requests, commands answered, lookups) is
+counted by an ASGI middleware from each response, so the route handlers stay unaware of it.
+The fleet (index sizes, command backlogs, heartbeats, what agents hold) is read from Redis on
+each scrape, so any replica reports the same and nothing goes stale between scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import msgspec
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvbus.controller import fleet
+from kvbus.controller.errors import AgentFailed, AgentTimeout, Refused
+from kvbus.shared.messages import CommandKind
+
+# Each command is served at the path of its kind's name (/clear, /pin, ...).
+_COMMAND_PATHS = {f"/{kind}": str(kind) for kind in CommandKind}
+# What became of a command the bus carried; other errors (bad request, unknown instance) never reached it.
+_OUTCOMES = {AgentTimeout.code: "timeout", AgentFailed.code: "failed", Refused.code: "refused"}
+OUTCOMES = ("ok", *_OUTCOMES.values())
+_UNMATCHED = "<unmatched>"  # one label for every path no route serves, so scanners cannot grow the series
+# Lookups answer in ms; commands wait up to command_timeout (5 s by default) for agents.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _LookupAnswer(msgspec.Struct):
+    layout_info: dict[str, msgspec.Raw]  # only whether it is empty matters; the values stay undecoded
+
+
+class _ErrorAnswer(msgspec.Struct):
+    error: str = ""
+
+
+class Metrics:
+    """The counters of one app; each app has its own registry, so several apps can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["method", "path", "status"]
+        self.requests = Counter("kvbus_http_requests", "HTTP requests answered, by route template, method and "
+                                "status", labels, registry=self.registry)
+        self.latency = Histogram("kvbus_http_request_duration_seconds", "Time to answer an HTTP request, by route "
+                                 "template, method and status", labels, buckets=_BUCKETS, registry=self.registry)
+        self.commands = Counter("kvbus_commands", "Commands this controller sent and answered, by kind and outcome "
+                                "(ok, timeout, failed, refused)", ["kind", "outcome"], registry=self.registry)
+        self.lookups = Counter("kvbus_lookups", "Lookups this controller answered: hit when any instance holds a "
+                               "prefix, miss when layout_info is empty", ["result"], registry=self.registry)
+        # Series that exist from the start make rate() and ratios correct from the first increment.
+        for kind in _COMMAND_PATHS.values():
+            for outcome in OUTCOMES:
+                self.commands.labels(kind, outcome)
+        for result in ("hit", "miss"):
+            self.lookups.labels(result)
+
+    def observe(self, method: str, path: str, status: int, seconds: float, body: bytes) -> None:
+        self.requests.labels(method, path, status).inc()
+        self.latency.labels(method, path, status).observe(seconds)
+        if path == "/lookup" and status == 200:
+            try:
+                hit = bool(msgspec.json.decode(body, type=_LookupAnswer).layout_info)
+            except msgspec.DecodeError:
+                return  # not the answer shape this counts; the request itself is counted above
+            self.lookups.labels("hit" if hit else "miss").inc()
+        elif (kind := _COMMAND_PATHS.get(path)) is not None:
+            outcome = "ok" if status == 200 else _OUTCOMES.get(_error_code(body))
+            if outcome is not None:
+                self.commands.labels(kind, outcome).inc()
+
+    def lookup_counts(self) -> tuple[int, int]:
+        """(hits, misses) since this process started."""
+        def value(result: str) -> int:
+            return int(self.registry.get_sample_value("kvbus_lookups_total", {"result": result}) or 0)
+        return value("hit"), value("miss")
+
+    def command_counts(self) -> dict[str, dict[str, int]]:
+        """kind -> outcome -> commands this process answered since it started."""
+        counts: dict[str, dict[str, int]] = {}
+        for family in self.commands.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts.setdefault(sample.labels["kind"], {})[sample.labels["outcome"]] = int(sample.value)
+        return counts
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        return msgspec.json.decode(body, type=_ErrorAnswer).error
+    except msgspec.DecodeError:
+        return ""
+
+
+def _wants_body(path: str, status: int) -> bool:
+    return (path == "/lookup" and status == 200) or (path in _COMMAND_PATHS and status != 200)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template; reads the few answers whose outcome it counts."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the outermost error handler answers when an exception escapes the app
+        body = bytearray()
+        capture = False
+
+        async def sending(message: Message) -> None:
+            nonlocal status, capture
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                capture = _wants_body(_path(scope), status)
+            elif message["type"] == "http.response.body" and capture:
+                body.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.observe(scope["method"], _path(scope), status, time.perf_counter() - started, bytes(body))
+
+
+def _path(scope: Scope) -> str:
+    # The router records the route it matched in the scope, which this middleware shares.
+    route = scope.get("route")
+    return str(route.path) if route is not None and hasattr(route, "path") else _UNMATCHED
+
+
+class _FleetCollector(Collector):
+    """The fleet as one scrape read it; a new one per scrape, so concurrent scrapes never mix."""
+
+    def __init__(self, snapshot: fleet.Fleet | None, heartbeat_ttl_s: float) -> None:
+        self._fleet = snapshot
+        self._ttl = heartbeat_ttl_s
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("kvbus_redis_up", "1 when this scrape read the fleet from Redis, 0 when Redis was "
+                                "unreachable (the fleet series are then absent)", value=int(self._fleet is not None))
+        if self._fleet is None:
+            return
+        inst, wkr = ["instance_id"], ["instance_id", "worker_id"]
+        families = {
+            "chunks": GaugeMetricFamily("kvbus_index_chunks", "Chunks indexed per instance and location (HLEN of its "
+                                        "index hash)", labels=[*inst, "location"]),
+            "alive": GaugeMetricFamily("kvbus_instance_alive", "1 while the instance's heartbeat key exists; lookups "
+                                       "skip instances without it", labels=inst),
+            "registered": GaugeMetricFamily("kvbus_workers_registered", "Workers registered per instance",
+                                            labels=inst),
+            "workers_alive": GaugeMetricFamily("kvbus_workers_alive", "Workers whose last heartbeat is within "
+                                               "heartbeat_ttl", labels=inst),
+            "heartbeat": GaugeMetricFamily("kvbus_worker_heartbeat_age_seconds", "Seconds since the worker's last "
+                                           "heartbeat, by Redis's clock", labels=wkr),
+            "unacked": GaugeMetricFamily("kvbus_bus_unacked_commands", "Commands on the instance's stream the worker "
+                                         "has not acked: read and pending, or not read yet", labels=wkr),
+            "lag": GaugeMetricFamily("kvbus_bus_lag_seconds", "Age of the oldest command the worker has not acked, "
+                                     "by Redis's clock; 0 when none", labels=wkr),
+            "held_chunks": GaugeMetricFamily("kvbus_worker_chunks", "Chunks the worker's backend holds at a location, "
+                                             "as of its last heartbeat", labels=[*wkr, "location"]),
+            "held_bytes": GaugeMetricFamily("kvbus_worker_bytes", "Bytes the worker's backend uses at a location, as "
+                                            "of its last heartbeat", labels=[*wkr, "location"]),
+            "capacity": GaugeMetricFamily("kvbus_worker_capacity_bytes", "Capacity of the worker's backend at a "
+                                          "location", labels=[*wkr, "location"]),
+        }
+        for instance in self._fleet.instances:
+            _add_instance(families, instance, self._ttl)
+        yield from families.values()
+
+
+def _add_instance(families: dict[str, GaugeMetricFamily], instance: fleet.Instance, ttl_s: float) -> None:
+    name = instance.instance_id
+    for location, chunks in instance.index.items():
+        families["chunks"].add_metric([name, location], chunks)
+    families["alive"].add_metric([name], int(instance.alive))
+    families["registered"].add_metric([name], len(instance.workers))
+    families["workers_alive"].add_metric([name], sum(fleet.is_alive(w, ttl_s) for w in instance.workers))
+    for worker in instance.workers:
+        labels = [name, str(worker.worker_id)]
+        if worker.heartbeat_age_s is not None:
+            families["heartbeat"].add_metric(labels, worker.heartbeat_age_s)
+        if worker.backlog is not None:
+            families["unacked"].add_metric(labels, worker.backlog.unacked)
+            families["lag"].add_metric(labels, worker.backlog.oldest_age_s)
+        for location, stats in (worker.stats or {}).items():
+            for family, stat in (("held_chunks", "chunks"), ("held_bytes", "bytes"), ("capacity", "capacity_bytes")):
+                if stat in stats:
+                    families[family].add_metric([*labels, location], stats[stat])
+
+
+async def metrics(request: Request) -> Response:
+    own: Metrics = request.app.state.metrics
+    snapshot: fleet.Fleet | None
+    try:
+        snapshot = await fleet.read(request.app.state.redis)
+    except (redis.ConnectionError, redis.TimeoutError):
+        snapshot = None  # this process's own counters still tell something; kvbus_redis_up says why the rest is gone
+    scrape = CollectorRegistry()
+    scrape.register(_FleetCollector(snapshot, request.app.state.config.heartbeat_ttl))
+    return Response(generate_latest(own.registry) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [Route("/metrics", metrics, methods=["GET"])]
