@@ -40,15 +40,18 @@ def new_event_id(prefix: str) -> str:
 _SEND = """
 local workers = redis.call('SMEMBERS', KEYS[1])
 if #workers == 0 then return false end
-local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 5))
+local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 6))
 if not entry then return false end
 redis.call('HSET', KEYS[2], 'entry_id', entry, 'workers', '[' .. table.concat(workers, ',') .. ']',
            unpack(cjson.decode(ARGV[4])))
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'type', 'command', 'instance_id', KEYS[5],
-           unpack(ARGV, 5))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(cjson.decode(ARGV[5])))
 return workers
 """
+
+
+def _flat(fields: dict[str, Any]) -> list[str]:
+    return [str(v) for kv in fields.items() for v in kv]
 
 
 @dataclass
@@ -116,15 +119,18 @@ class CommandBus:
                           timeout_ms=int(self.timeout_s * 1000), **fields)
         record = {"kind": str(kind), "instance_id": instance_id, "location": command.location,
                   "timeout_ms": command.timeout_ms}
+        fields = encode(command)
+        # The journal keeps every command for a long while: a count stands in for the token list.
+        journaled = {"type": "command", "instance_id": instance_id, **fields}
+        if "tokens" in journaled:
+            journaled["tokens"] = f"{len(command.tokens)} tokens"
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
             workers = await self._send(
-                keys=[keys.workers(instance_id), keys.event(event_id), keys.commands(instance_id), keys.JOURNAL,
-                      instance_id],
+                keys=[keys.workers(instance_id), keys.event(event_id), keys.commands(instance_id), keys.JOURNAL],
                 args=[self.event_retention_ms, int(time.time() * 1000) - COMMAND_RETENTION_MS, keys.JOURNAL_MAXLEN,
-                      json.dumps([str(v) for kv in record.items() for v in kv]),
-                      *(v for kv in encode(command).items() for v in kv)])
+                      json.dumps(_flat(record)), json.dumps(_flat(journaled)), *_flat(fields)])
             if not workers:
                 raise UnknownInstance(f"unknown instance_id {instance_id!r}: no agent has registered it "
                                       "(check enable_controller and redis_url in the engine's config)")
