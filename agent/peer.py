@@ -2,7 +2,7 @@
 
 The receiving agent listens on `p2p_host:p2p_init_ports[worker_id]`. A transfer is one
 connection: an offer (hash space, destination location, the tokens the chunks cover), then
-each chunk as a header (dtype, shape, size, blake2b checksum) and its raw bytes, then the
+each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, then the
 receiver's reply. The receiver stores nothing until every chunk has arrived and matched its
 checksum, and the sender drops its copies only after that reply: a transfer cut midway, by
 either side dying, leaves the source as it was and the destination without partial data.
@@ -54,8 +54,9 @@ class TransferFailed(Exception):
     pass
 
 
-def checksum(payload: bytes | memoryview) -> str:
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+def checksum(payload: bytes | bytearray | memoryview) -> str:
+    # SHA-256, as the disk backend uses: CPUs with SHA extensions run it 2.5x faster than blake2b.
+    return hashlib.sha256(payload).hexdigest()
 
 
 def send(peer_url: str, space: HashSpace, location: str, tokens: Sequence[int],

@@ -64,9 +64,9 @@ def test_a_damaged_chunk_stores_nothing(receiver: tuple[peer.PeerServer, LocalCP
     real = peer.checksum
     sent: list[int] = []
 
-    def corrupt_second(payload: bytes | memoryview) -> str:
+    def corrupt_second(payload: bytes | bytearray | memoryview) -> str:
         sent.append(1)
-        return "0" * 32 if len(sent) == 2 else real(payload)
+        return "0" * 64 if len(sent) == 2 else real(payload)
 
     monkeypatch.setattr(peer, "checksum", corrupt_second)
     with pytest.raises(peer.TransferFailed, match="checksum mismatch"):
