@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from kvbus.controller import metrics
+from kvbus.controller import dashboard, metrics
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import EXCEPTION_HANDLERS
 from kvbus.controller.lookup import PrefixIndex
@@ -54,7 +54,7 @@ def create_app(config: KVBusConfig) -> Starlette:
 
     # Counters live as long as the app, not the process: tests and embedders create several apps.
     own_metrics = metrics.Metrics()
-    app = Starlette(routes=[*ROUTES, *metrics.ROUTES], exception_handlers=EXCEPTION_HANDLERS,
+    app = Starlette(routes=[*ROUTES, *metrics.ROUTES, *dashboard.ROUTES], exception_handlers=EXCEPTION_HANDLERS,
                     middleware=[Middleware(metrics.MetricsMiddleware, metrics=own_metrics)], lifespan=lifespan)
     app.state.metrics = own_metrics
     return app

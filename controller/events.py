@@ -46,11 +46,16 @@ async def check(client: redis.asyncio.Redis, event_id: str) -> dict[str, Any]:
             return {"event_id": event_id, "status": EventStatus.FINISHED}
         raise UnknownEvent(f"no event {event_id!r}: it was never created, or it is older than event_retention",
                            event_id=event_id)
+    return describe(event_id, record, seconds * 1000 + micros // 1000)
+
+
+def describe(event_id: str, record: dict[str, str], now_ms: int) -> dict[str, Any]:
+    """/check_finish's answer for a stored event record, as of Redis time `now_ms` (the dashboard reads many)."""
     workers: list[int] = json.loads(record["workers"])
     results = {w: decode(Result, json.loads(record[keys.event_result_field(w)]))
                for w in workers if keys.event_result_field(w) in record}
     deadline_ms = int(record["entry_id"].split("-", 1)[0]) + int(record["timeout_ms"])
-    overdue = seconds * 1000 + micros // 1000 > deadline_ms + _LATE_GRACE_MS
+    overdue = now_ms > deadline_ms + _LATE_GRACE_MS
     return {
         "event_id": event_id,
         "status": _status(results, complete=len(results) == len(workers), overdue=overdue),
