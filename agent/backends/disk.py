@@ -139,6 +139,7 @@ class LocalDiskBackend(StorageBackend):
         self._layout = layout
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._used = 0
+        self._tokens = 0  # kept running, so stats() on every heartbeat does not walk every file
         self._clock = 0  # the last mtime handed out: strictly increasing, so file times order uses exactly
         self._epoch = 0  # bumped by every clear, so writes begun before it do not land after it
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -223,6 +224,7 @@ class LocalDiskBackend(StorageBackend):
                 return False
             self._files[entry.key] = _File(entry, size)
             self._used += size
+            self._tokens += entry.num_tokens
             self._admitted(entry)
         return True
 
@@ -291,6 +293,7 @@ class LocalDiskBackend(StorageBackend):
             return None
         _unlink(self._path(key))
         self._used -= held.payload_bytes
+        self._tokens -= held.entry.num_tokens
         return held.entry
 
     def _clear(self) -> int:
@@ -301,6 +304,7 @@ class LocalDiskBackend(StorageBackend):
             _unlink(self._path(key))
         self._files.clear()
         self._used = 0
+        self._tokens = 0
         return freed
 
     def _entries(self) -> list[IndexEntry]:
@@ -344,6 +348,7 @@ class LocalDiskBackend(StorageBackend):
         for mtime, held in found:
             self._files[held.entry.key] = held
             self._used += held.payload_bytes
+            self._tokens += held.entry.num_tokens
             self._clock = max(self._clock, mtime)
         while self._used > self._capacity:
             self._discard(next(iter(self._files)))
@@ -355,6 +360,12 @@ class LocalDiskBackend(StorageBackend):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"chunks": len(self._files), "tokens": self._tokens, "bytes": self._used,
+                    "capacity_bytes": self._capacity, "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0,
+                    "compressed_bytes": 0}
 
     @property
     def used_bytes(self) -> int:

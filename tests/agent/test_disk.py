@@ -105,6 +105,17 @@ def test_dtypes_and_shapes_come_back_bit_for_bit(tmp_path: Path) -> None:
         assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
 
 
+def test_stats_keep_count_through_store_discard_clear_and_restart(tmp_path: Path) -> None:
+    backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
+    backend.store(PROMPT, kv(PROMPT))
+    assert backend.stats()["tokens"] == 10 and backend.stats()["chunks"] == 3
+    backend.discard(SPACE.chunks(PROMPT)[2].key)
+    assert backend.stats()["tokens"] == 8 and backend.stats()["bytes"] == backend.used_bytes
+    assert LocalDiskBackend(SPACE, tmp_path, 1 << 20).stats()["tokens"] == 8  # adopted on restart
+    backend.clear()
+    assert backend.stats()["tokens"] == 0 == backend.stats()["bytes"]
+
+
 def test_clear_deletes_the_files(tmp_path: Path) -> None:
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
     backend.store(PROMPT, kv(PROMPT))
