@@ -32,6 +32,8 @@ class _Endpoint:
     body: type[msgspec.Struct] | None
     answer: dict[str, Any]
     errors: tuple[type[errors.APIError], ...] = ()
+    media_type: str = "application/json"
+    answers_without_redis: bool = False  # never a 503
 
 
 _BODY_ERRORS = (errors.MalformedBody, errors.InvalidField, errors.BodyTooLarge)
@@ -81,6 +83,12 @@ ENDPOINTS = (
               {"type": "object"}, (errors.InvalidField, errors.UnknownInstance, errors.UnknownWorker)),
     _Endpoint("/healthz", "get", "The controller and its Redis are up", None,
               {"type": "object", "properties": {"status": {"const": "ok"}, "controller_id": {"type": "string"}}}),
+    _Endpoint("/metrics", "get", "Prometheus metrics: requests, command outcomes, lookups, index sizes, bus lag",
+              None, {"type": "string"}, media_type="text/plain", answers_without_redis=True),
+    _Endpoint("/dashboard.json", "get", "What the dashboard shows: instances, workers, storage, recent commands",
+              None, {"type": "object"}),
+    _Endpoint("/", "get", "The live dashboard page", None, {"type": "string"}, media_type="text/html",
+              answers_without_redis=True),
 )
 
 
@@ -93,12 +101,12 @@ def spec() -> dict[str, Any]:
     for endpoint in ENDPOINTS:
         operation: dict[str, Any] = {
             "summary": endpoint.summary,
-            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": endpoint.answer}}}},
+            "responses": {"200": {"description": "OK", "content": {endpoint.media_type: {"schema": endpoint.answer}}}},
         }
         if endpoint.body is not None:
             operation["requestBody"] = {"required": True,
                                         "content": {"application/json": {"schema": by_body[endpoint.body]}}}
-        for error in (*endpoint.errors, errors.BusUnavailable):
+        for error in (*endpoint.errors, *(() if endpoint.answers_without_redis else (errors.BusUnavailable,))):
             described = operation["responses"].setdefault(str(error.status_code), {
                 "description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             described["description"] = "; ".join(filter(None, (described["description"], error.code)))
