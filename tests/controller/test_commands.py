@@ -272,6 +272,8 @@ def test_pin_errors(client: TestClient, single: Agent, path: str) -> None:
     ("/decompress", {**CPU, "method": "zlib"}),
     ("/move", {"old_position": [INSTANCE, "LocalCPUBackend"], "new_position": [INSTANCE, "LocalDiskBackend"],
                "tokens": [1]}),
+    ("/health", {"instance_id": INSTANCE}),
+    ("/clear", CPU),
 ])
 def test_every_command_gives_504_on_a_silent_agent_then_check_finish_expires(
         client: TestClient, config: KVBusConfig, path: str, body: dict[str, Any]) -> None:
