@@ -15,7 +15,6 @@ from starlette.testclient import TestClient
 from kvbus.agent.agent import Agent
 from kvbus.agent.codecs import scale_dims
 from kvbus.agent.synthetic import synthetic_kv
-from kvbus.controller.app import create_app
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
 from tests.conftest import MODEL, SEED_TOKENS, free_port, wait_for
@@ -29,12 +28,6 @@ BASE = KVBusConfig(enable_controller=True, command_timeout=0.5, heartbeat_interv
 @pytest.fixture
 def config(redis_url: str) -> KVBusConfig:
     return BASE.with_overrides(redis_url=redis_url)
-
-
-@pytest.fixture
-def client(config: KVBusConfig) -> Iterator[TestClient]:
-    with TestClient(create_app(config)) as test_client:
-        yield test_client
 
 
 @pytest.fixture

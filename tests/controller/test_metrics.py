@@ -35,12 +35,6 @@ def config(redis_url: str) -> KVBusConfig:
 
 
 @pytest.fixture
-def client(config: KVBusConfig) -> Iterator[TestClient]:
-    with TestClient(create_app(config)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
 def agent(config: KVBusConfig) -> Iterator[Agent]:
     started = Agent(config, model=MODEL)
     started.start()
