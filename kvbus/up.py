@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM stops what this command started, engine first.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, load
 from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
 _SEED_TOKENS = "[128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]"
 
@@ -96,7 +98,7 @@ class Stack:
         command = [sys.executable, "-m", "kvbus", *argv] if python else argv
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=_die_with_parent)
         self.parts.append(_Part(name, process, log_path))
 
     def _wait_http(self, name: str, url: str) -> None:
@@ -135,6 +137,13 @@ class Stack:
                     part.process.kill()
                     part.process.wait()
             self.say(f"stopped {part.name}")
+
+
+def _die_with_parent() -> None:
+    """In the child: on Linux, get SIGTERM when `kvbus up` dies, even by SIGKILL, so no part is orphaned."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _pings(url: str) -> bool:

@@ -53,8 +53,12 @@ def up(tmp_path: Path) -> Any:
         yield proc, f"http://localhost:{engine_port}", f"http://localhost:{controller_port}", redis_port, tmp_path, log
     finally:
         if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
+            proc.send_signal(signal.SIGTERM)  # up stops its parts; a SIGKILL would orphan them
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         out.close()
         if _answers(redis_port):
             redis.Redis(port=redis_port).shutdown(nosave=True)
@@ -148,3 +152,20 @@ def test_kvbus_up_and_engine_refuse_bad_config_in_one_line(tmp_path: Path) -> No
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result
         assert result.stderr.count("\n") == 1 and "chunk_size" in result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_kvbus_up_takes_its_parts_with_it(up: Any) -> None:
+    proc, engine, controller, redis_port, *_ = up
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: not _serves(f"{engine}/health") and not _serves(f"{controller}/healthz")
+             and not _answers(redis_port), timeout=60, what="the parts of a SIGKILLed kvbus up to stop")
+
+
+def _serves(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
