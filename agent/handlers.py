@@ -70,7 +70,8 @@ class CommandHandlers:
             command.tokens, command.method))
 
     def move(self, command: Command) -> Result:
-        """Copy the held prefix of `tokens` to the destination, then drop it here unless `should_copy`.
+        """Copy the held prefix of `tokens` (every chunk, if empty) to the destination, then drop
+        what arrived from here unless `should_copy`.
 
         The source drops nothing until the destination holds the chunks, so a destination that
         dies midway leaves the source as it was.
@@ -78,28 +79,26 @@ class CommandHandlers:
         source = self._backends.get(command.location)
         if source is None:
             return self._absent(command)
-        tensors = source.retrieve(command.tokens)
-        if not tensors:
-            return self._answer(command, detail="none of tokens is held here")
-        chunks = self._space.chunks(command.tokens)[: len(tensors)]
-        tokens = command.tokens[: chunks[-1].end]
+        entries, tensors = source.export(command.tokens)
+        if not entries:
+            return self._answer(command, detail="nothing of that is held here")
         peer_url = command.peers.get(str(self._worker))
         if peer_url is None:
             target = self._backends.get(command.dest_location)
             if target is None:
                 raise ValueError(f"this worker has no {command.dest_location} to move chunks to")
-            moved = target.store(tokens, tensors)
+            arrived = set(target.adopt(entries, tensors))
         else:
             try:
-                moved = peer.send(peer_url, self._space, command.dest_location, tokens, tensors,
-                                  self._transfer_timeout_s)
+                arrived = set(peer.send(peer_url, self._space, command.dest_location, entries, tensors,
+                                        self._transfer_timeout_s))
             except peer.TransferFailed as exc:
                 return self._answer(command, ResultStatus.ERROR, detail=f"{exc}; the source keeps its chunks")
+        moved = [entry for entry in entries if entry.key in arrived]
         if not command.should_copy:
-            for chunk in chunks:
-                if chunk.end <= moved:
-                    source.discard(chunk.key)
-        return self._answer(command, num_tokens=moved)
+            for entry in moved:
+                source.discard(entry.key)
+        return self._answer(command, num_tokens=sum(entry.num_tokens for entry in moved))
 
     def health(self, command: Command) -> Result:
         """Every backend is within its capacity, so stores can still be admitted."""

@@ -1,7 +1,7 @@
 """Chunks from one agent to another over TCP, for /move between instances.
 
 The receiving agent listens on `p2p_host:p2p_init_ports[worker_id]`. A transfer is one
-connection: an offer (hash space, destination location, the tokens the chunks cover), then
+connection: an offer (hash space, destination location, each chunk's index entry), then
 each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, then the
 receiver's reply. The receiver stores nothing until every chunk has arrived and matched its
 checksum, and the sender drops its copies only after that reply: a transfer cut midway, by
@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 import torch
 
-from kvbus.agent.backends.base import StorageBackend
+from kvbus.agent.backends.base import IndexEntry, StorageBackend
 from kvbus.shared.hashing import HashSpace
 
 log = logging.getLogger("kvbus.agent.peer")
@@ -34,8 +34,7 @@ _MAX_CHUNK = 1 << 34
 class Offer(msgspec.Struct, frozen=True):
     space: str  # HashSpace.name: chunk keys mean the same only within one
     location: str
-    tokens: list[int]
-    num_chunks: int
+    entries: list[tuple[str, int, bool]]  # each chunk's key, token count and whether it starts a prompt
 
 
 class ChunkHeader(msgspec.Struct, frozen=True):
@@ -46,7 +45,7 @@ class ChunkHeader(msgspec.Struct, frozen=True):
 
 
 class Reply(msgspec.Struct, frozen=True):
-    stored_tokens: int = 0
+    stored: list[str] = msgspec.field(default_factory=list)  # keys of the chunks the receiver now holds
     error: str = ""
 
 
@@ -59,11 +58,11 @@ def checksum(payload: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def send(peer_url: str, space: HashSpace, location: str, tokens: Sequence[int],
-         tensors: Sequence[torch.Tensor], timeout_s: float) -> int:
-    """Hand the chunks covering `tokens` to the agent at `peer_url`; returns the tokens it now holds."""
+def send(peer_url: str, space: HashSpace, location: str, entries: Sequence[IndexEntry],
+         tensors: Sequence[torch.Tensor], timeout_s: float) -> list[str]:
+    """Hand these chunks to the agent at `peer_url`; returns the keys of those it now holds."""
     host, _, port = peer_url.rpartition(":")
-    offer = Offer(space.name, location, list(tokens), len(tensors))
+    offer = Offer(space.name, location, [tuple(entry) for entry in entries])
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
             _send_frame(conn, msgspec.msgpack.encode(offer))
@@ -78,7 +77,7 @@ def send(peer_url: str, space: HashSpace, location: str, tokens: Sequence[int],
         raise TransferFailed(f"transfer to {peer_url} failed: {type(exc).__name__}: {exc}") from exc
     if reply.error:
         raise TransferFailed(f"{peer_url} refused the chunks: {reply.error}")
-    return reply.stored_tokens
+    return reply.stored
 
 
 class PeerServer:
@@ -134,7 +133,7 @@ class PeerServer:
         tensors = []
         damaged = 0
         # Every chunk is read, even after a damaged one, so that the sender is never cut off mid-send.
-        for _ in range(offer.num_chunks):
+        for _ in offer.entries:
             header = msgspec.msgpack.decode(_recv_frame(conn), type=ChunkHeader)
             if not 0 <= header.nbytes <= _MAX_CHUNK:
                 raise ValueError(f"chunk of {header.nbytes} bytes")
@@ -150,12 +149,10 @@ class PeerServer:
         backend = self._backends.get(offer.location)
         if backend is None:
             return Reply(error=f"this worker has no {offer.location}")
-        if len(self.space.chunks(offer.tokens)) != len(tensors):
-            return Reply(error=f"{len(tensors)} chunks do not cover {len(offer.tokens)} tokens")
-        stored = backend.store(offer.tokens, tensors)
+        stored = backend.adopt([IndexEntry(*entry) for entry in offer.entries], tensors)
         self._after_store()  # index the chunks before the sender hears they arrived
-        log.info("received %d chunks (%d tokens) into %s", len(tensors), stored, offer.location)
-        return Reply(stored_tokens=stored)
+        log.info("received %d chunks, kept %d, into %s", len(tensors), len(stored), offer.location)
+        return Reply(stored=stored)
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:

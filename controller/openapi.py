@@ -54,7 +54,8 @@ ENDPOINTS = (
               schemas.CompressRequest, _TOKENS, (*_COMMAND_ERRORS, errors.UnknownMethod)),
     _Endpoint("/decompress", "post", "Decompress the held prefix of tokens (all chunks if tokens is empty)",
               schemas.CompressRequest, _TOKENS, (*_COMMAND_ERRORS, errors.UnknownMethod)),
-    _Endpoint("/move", "post", "Move (or copy) the held prefix of tokens to another location or instance; "
+    _Endpoint("/move", "post", "Move (or copy) the held prefix of tokens (every chunk if tokens is empty) to "
+              "another location or instance; "
               "checksummed, and the source drops its copy only once the destination holds it",
               schemas.MoveRequest, _TOKENS, _COMMAND_ERRORS),
     _Endpoint("/health", "post", "Each worker's health code (0 healthy, -1 memory check failed, -1001 error)",

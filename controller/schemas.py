@@ -45,7 +45,7 @@ class CompressRequest(msgspec.Struct):
 class MoveRequest(msgspec.Struct):
     old_position: tuple[InstanceId, Location]
     new_position: tuple[InstanceId, Location]
-    tokens: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+    tokens: list[TokenId] = msgspec.field(default_factory=list)  # empty: every chunk at the old position
     should_copy: bool = False
 
 

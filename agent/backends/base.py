@@ -87,6 +87,37 @@ class StorageBackend(ABC):
             self._touch_prefix(keys)
         return [held.decode() if isinstance(held, Packed) else held for held in found]
 
+    def export(self, tokens: Sequence[int]) -> tuple[list[IndexEntry], list[torch.Tensor]]:
+        """The chunks of the held prefix of `tokens`, or every held chunk if `tokens` is empty, with
+        their entries, decoded: what a move hands to another backend or agent."""
+        with self.lock:
+            if tokens:
+                entries = []
+                for chunk in self.space.chunks(tokens):
+                    if not self._has(chunk.key):
+                        break
+                    entries.append(IndexEntry(chunk.key, chunk.num_tokens, chunk.start == 0))
+            else:
+                entries = self._entries()
+            found = [(entry, self._get(entry.key)) for entry in entries]
+        kept: list[IndexEntry] = []
+        tensors: list[torch.Tensor] = []
+        for entry, held in found:
+            if held is None:  # gone while read (a damaged file): a prefix ends there
+                if tokens:
+                    break
+                continue
+            kept.append(entry)
+            tensors.append(held.decode() if isinstance(held, Packed) else held)
+        return kept, tensors
+
+    def adopt(self, entries: Sequence[IndexEntry], kv: Sequence[torch.Tensor]) -> list[str]:
+        """Keep chunks another backend exported, by their entries; returns the keys now held."""
+        if len(entries) != len(kv):
+            raise ValueError(f"{len(entries)} entries need {len(entries)} tensors, got {len(kv)}")
+        with self.lock:
+            return [entry.key for entry, tensor in zip(entries, kv, strict=True) if self._put(entry, tensor)]
+
     def contains(self, tokens: Sequence[int]) -> int:
         """How many tokens of `tokens`, from position 0, this backend holds."""
         with self.lock:

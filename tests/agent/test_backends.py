@@ -81,6 +81,22 @@ def test_store_then_retrieve_and_contains_by_prefix(make: Factory) -> None:
     assert len(backend) == 3
 
 
+def test_export_and_adopt_carry_chunks_between_backends(make: Factory) -> None:
+    source, target = make(1 << 20, Recorder()), make(1 << 20, Recorder())
+    prompt, other = list(range(10)), [7] * 5
+    source.store(prompt, kv(prompt, 2.0))
+    source.store(other, kv(other, 3.0))
+    entries, tensors = source.export(prompt[:9])  # the held prefix: chunks of 4 and 4 tokens
+    assert [e.num_tokens for e in entries] == [4, 4] and entries[0].is_head and not entries[1].is_head
+    assert target.adopt(entries, tensors) == [e.key for e in entries]
+    assert target.contains(prompt) == 8 and torch.equal(target.retrieve(prompt)[1], tensors[1])
+    every, tensors = source.export([])
+    assert sorted(e.num_tokens for e in every) == [1, 2, 4, 4, 4]
+    assert len(target.adopt(every, tensors)) == 5 and target.contains(other) == 5 and target.contains(prompt) == 10
+    with pytest.raises(ValueError, match="need 5 tensors"):
+        target.adopt(every, tensors[:1])
+
+
 def test_the_backend_keeps_its_own_copy(make: Factory) -> None:
     backend = make(1 << 20, Recorder())
     prompt = [1, 2, 3, 4]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvbus.agent import peer
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.synthetic import synthetic_kv
@@ -33,6 +34,10 @@ def receiver() -> Iterator[tuple[peer.PeerServer, LocalCPUBackend, list[int]]]:
     server.stop()
 
 
+def entries(space: HashSpace, tokens: list[int]) -> list[IndexEntry]:
+    return [IndexEntry(c.key, c.num_tokens, c.start == 0) for c in space.chunks(tokens)]
+
+
 def url(server: peer.PeerServer) -> str:
     host, port = server.address
     return f"{host}:{port}"
@@ -41,7 +46,8 @@ def url(server: peer.PeerServer) -> str:
 def test_chunks_arrive_bit_exact_in_any_dtype(receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]]) -> None:
     server, backend, flushes = receiver
     tensors = [t.to(torch.bfloat16) for t in synthetic_kv(SPACE, PROMPT)]
-    assert peer.send(url(server), SPACE, "LocalCPUBackend", PROMPT, tensors, 5) == 600
+    sent = entries(SPACE, PROMPT)
+    assert peer.send(url(server), SPACE, "LocalCPUBackend", sent, tensors, 5) == [e.key for e in sent]
     assert flushes == [1]  # indexed before the sender heard back
     for sent, kept in zip(tensors, backend.retrieve(PROMPT), strict=True):
         assert kept.dtype == torch.bfloat16 and torch.equal(sent, kept)
@@ -52,9 +58,9 @@ def test_a_receiver_of_another_model_or_location_refuses(
     server, backend, _ = receiver
     other = HashSpace("Qwen/Qwen3-8B", 256)
     with pytest.raises(peer.TransferFailed, match="cannot be stored by an agent of"):
-        peer.send(url(server), other, "LocalCPUBackend", PROMPT, synthetic_kv(other, PROMPT), 5)
+        peer.send(url(server), other, "LocalCPUBackend", entries(other, PROMPT), synthetic_kv(other, PROMPT), 5)
     with pytest.raises(peer.TransferFailed, match="has no LocalDiskBackend"):
-        peer.send(url(server), SPACE, "LocalDiskBackend", PROMPT, synthetic_kv(SPACE, PROMPT), 5)
+        peer.send(url(server), SPACE, "LocalDiskBackend", entries(SPACE, PROMPT), synthetic_kv(SPACE, PROMPT), 5)
     assert len(backend) == 0
 
 
@@ -70,7 +76,7 @@ def test_a_damaged_chunk_stores_nothing(receiver: tuple[peer.PeerServer, LocalCP
 
     monkeypatch.setattr(peer, "checksum", corrupt_second)
     with pytest.raises(peer.TransferFailed, match="checksum mismatch"):
-        peer.send(url(server), SPACE, "LocalCPUBackend", PROMPT, synthetic_kv(SPACE, PROMPT), 5)
+        peer.send(url(server), SPACE, "LocalCPUBackend", entries(SPACE, PROMPT), synthetic_kv(SPACE, PROMPT), 5)
     assert len(backend) == 0
 
 
@@ -111,3 +117,6 @@ def test_a_local_move_goes_between_backends_and_a_copy_keeps_the_source() -> Non
     assert move(PROMPT, copy=False) == 600
     assert cpu.contains(PROMPT) == 0 and other.contains(PROMPT) == 600
     assert move(PROMPT, copy=False) == 0  # nothing left to move
+    cpu.store([9] * 300, synthetic_kv(SPACE, [9] * 300))
+    assert move([], copy=False) == 300  # no tokens: every chunk
+    assert len(cpu) == 0 and other.contains([9] * 300) == 300

@@ -322,6 +322,19 @@ def test_a_move_within_an_instance_goes_to_its_disk(client: TestClient, pair: tu
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"src": ["LocalDiskBackend", 600]}
 
 
+def test_a_move_without_tokens_takes_every_chunk_as_lmcache_defaults(
+        client: TestClient, pair: tuple[Agent, Agent]) -> None:
+    source, _ = pair
+    other = list(range(9000, 9300))
+    source.backends[0].store(other, synthetic_kv(source.space, other))
+    source.index.flush()
+    answer = post(client, "/move", {"old_position": ["src", "LocalCPUBackend"],
+                                    "new_position": ["dst", "LocalCPUBackend"]})
+    assert answer["num_tokens"] == 900
+    assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"dst": ["LocalCPUBackend", 600]}
+    assert post(client, "/lookup", {"tokens": other})["layout_info"] == {"dst": ["LocalCPUBackend", 300]}
+
+
 def test_move_errors(client: TestClient, pair: tuple[Agent, Agent], ranks: list[Agent]) -> None:
     same = move(client, ("src", "LocalCPUBackend"), ("src", "LocalCPUBackend"), PROMPT, status=422)
     assert same["field"] == "new_position"
