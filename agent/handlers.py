@@ -1,4 +1,4 @@
-"""What an agent does for each command kind, on its own backends. One small function per kind.
+"""What an agent does for each command kind, on the backend at the command's location.
 
 A request the backend cannot carry out (an unknown compression method, compression on a
 backend without it) raises ValueError there and is answered REFUSED with the backend's
@@ -27,58 +27,35 @@ class CommandHandlers:
         self._worker = worker_id
         self._space = space
         self._transfer_timeout_s = transfer_timeout_s
-        self._by_kind: dict[CommandKind, Callable[[Command], Result]] = {
-            CommandKind.CLEAR: self.clear,
-            CommandKind.PIN: self.pin,
-            CommandKind.UNPIN: self.unpin,
-            CommandKind.COMPRESS: self.compress,
-            CommandKind.DECOMPRESS: self.decompress,
-            CommandKind.HEALTH: self.health,
-            CommandKind.MOVE: self.move,
+        # What each kind does to the backend at the command's location, as the tokens it affected.
+        self._counted: dict[CommandKind, Callable[[StorageBackend, Command], int]] = {
+            CommandKind.CLEAR: lambda backend, command: backend.clear(),
+            CommandKind.PIN: lambda backend, command: backend.pin(command.tokens),
+            CommandKind.UNPIN: lambda backend, command: backend.unpin(command.tokens),
+            CommandKind.COMPRESS: lambda backend, command: backend.compress(command.tokens, command.method),
+            CommandKind.DECOMPRESS: lambda backend, command: backend.decompress(command.tokens, command.method),
         }
 
     def __call__(self, command: Command) -> Result:
+        if command.kind == CommandKind.HEALTH:
+            return self.health(command)
+        backend = self._backends.get(command.location)
+        if backend is None:
+            return self._answer(command, detail=f"this worker has no {command.location}")
         try:
-            return self._by_kind[command.kind](command)
+            if command.kind == CommandKind.MOVE:
+                return self.move(backend, command)
+            return self._answer(command, num_tokens=self._counted[command.kind](backend, command))
         except ValueError as exc:
             return self._answer(command, ResultStatus.REFUSED, detail=str(exc))
 
-    def clear(self, command: Command) -> Result:
-        backend = self._backends.get(command.location)
-        if backend is None:
-            return self._absent(command)
-        return self._answer(command, num_tokens=backend.clear())
-
-    def pin(self, command: Command) -> Result:
-        backend = self._backends.get(command.location)
-        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.pin(
-            command.tokens))
-
-    def unpin(self, command: Command) -> Result:
-        backend = self._backends.get(command.location)
-        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.unpin(
-            command.tokens))
-
-    def compress(self, command: Command) -> Result:
-        backend = self._backends.get(command.location)
-        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.compress(
-            command.tokens, command.method))
-
-    def decompress(self, command: Command) -> Result:
-        backend = self._backends.get(command.location)
-        return self._absent(command) if backend is None else self._answer(command, num_tokens=backend.decompress(
-            command.tokens, command.method))
-
-    def move(self, command: Command) -> Result:
+    def move(self, source: StorageBackend, command: Command) -> Result:
         """Copy the held prefix of `tokens` (every chunk, if empty) to the destination, then drop
         what arrived from here unless `should_copy`.
 
         The source drops nothing until the destination holds the chunks, so a destination that
         dies midway leaves the source as it was.
         """
-        source = self._backends.get(command.location)
-        if source is None:
-            return self._absent(command)
         entries, tensors = source.export(command.tokens)
         if not entries:
             return self._answer(command, detail="nothing of that is held here")
@@ -105,9 +82,6 @@ class CommandHandlers:
         problems = [f"{b.location} holds {b.used_bytes} B, over its {b.capacity_bytes} B"
                     for b in self._backends.values() if b.used_bytes > b.capacity_bytes]
         return self._answer(command, error_code=MEMCHECK_FAILED if problems else HEALTHY, detail="; ".join(problems))
-
-    def _absent(self, command: Command) -> Result:
-        return self._answer(command, detail=f"this worker has no {command.location}")
 
     def _answer(self, command: Command, status: ResultStatus = ResultStatus.OK, *, num_tokens: int = 0,
                 error_code: int = 0, detail: str = "") -> Result:
