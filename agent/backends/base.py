@@ -9,6 +9,7 @@ protected hooks that refuse with UnsupportedOperation until a backend implements
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from kvbus.shared import compression
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
+log = logging.getLogger("kvbus.agent.backends")
 
 class UnsupportedOperation(NotImplementedError, ValueError):
     """This backend does not implement the operation asked of it (pin, compress, ...)."""
@@ -223,6 +225,13 @@ class StorageBackend(ABC):
             if not tokens:
                 return [entry.key for entry in self._entries()]
             return self._held_prefix(tokens)[0]
+
+    def _could_ever_fit(self, size: int) -> bool:
+        if size <= self.capacity_bytes:
+            return True
+        log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
+                    self.location, size, self.capacity_bytes)
+        return False
 
     def _unsupported(self, operation: str) -> UnsupportedOperation:
         return UnsupportedOperation(f"{self.location} does not support {operation}")

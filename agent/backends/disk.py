@@ -200,9 +200,7 @@ class LocalDiskBackend(StorageBackend):
             if entry.key in self._files:
                 return True
         size = tensor.numel() * tensor.element_size()
-        if size > self._capacity:
-            log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
-                        self.location, size, self._capacity)
+        if not self._could_ever_fit(size):
             return False
         try:
             temp = self._write_temp(entry, tensor)

@@ -73,9 +73,7 @@ class TensorLRUBackend(StorageBackend):
         if self._has(entry.key):
             return True
         size = tensor.numel() * tensor.element_size()
-        if size > self._capacity:
-            log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
-                        self.location, size, self._capacity)
+        if not self._could_ever_fit(size):
             return False
         if not self._make_room(size):
             log.debug("%s: pinned chunks leave no room for a %d-byte chunk", self.location, size)
