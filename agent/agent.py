@@ -48,8 +48,9 @@ class Agent:
         self._redis = redis_conn.connect(config.redis_url)
         self._blocking = redis_conn.connect(config.redis_url, blocking=True)
         self.index = IndexWriter(self._redis, self.instance_id)
-        self.backends: list[StorageBackend] = make_backends(config, self.space, self.index, worker_id=worker_id,
-                                                            layout=layout or "")
+        self.backends: list[StorageBackend] = make_backends(
+            config, self.space, self.index, worker_id=worker_id, layout=layout or ""
+        )
         # Stores go to the memory tier at once and to the disk through the write-behind thread.
         self._memory = next((b for b in self.backends if not isinstance(b, LocalDiskBackend)), None)
         self._disk = next((b for b in self.backends if isinstance(b, LocalDiskBackend)), None)
@@ -69,8 +70,13 @@ class Agent:
             self._blocking,
             instance_id=self.instance_id,
             worker_id=worker_id,
-            handler=CommandHandlers({b.location: b for b in self.backends}, self.instance_id, worker_id,
-                                    space=self.space, transfer_timeout_s=config.command_timeout),
+            handler=CommandHandlers(
+                {b.location: b for b in self.backends},
+                self.instance_id,
+                worker_id,
+                space=self.space,
+                transfer_timeout_s=config.command_timeout,
+            ),
             before_reply=self.index.flush,
             now_ms=self.registration.now_ms,
             event_retention_s=config.event_retention,
@@ -94,9 +100,15 @@ class Agent:
             thread = threading.Thread(target=target, name=f"kvbus-{name}-{self.instance_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("agent %s worker %d serving %s for model %s (chunk_size %d) via %s",
-                 self.instance_id, self.worker_id, ", ".join(b.location for b in self.backends) or "nothing",
-                 self.space.model, self.space.chunk_size, redis_conn.redacted(self.config.redis_url))
+        log.info(
+            "agent %s worker %d serving %s for model %s (chunk_size %d) via %s",
+            self.instance_id,
+            self.worker_id,
+            ", ".join(b.location for b in self.backends) or "nothing",
+            self.space.model,
+            self.space.chunk_size,
+            redis_conn.redacted(self.config.redis_url),
+        )
 
     def start_when_reachable(self, stop: threading.Event, retry_s: float = 2.0) -> bool:
         """`start()`, retried while Redis is unreachable; False if `stop` was set first.
@@ -110,8 +122,12 @@ class Agent:
                 return True
             except redis.RedisError as exc:
                 if not warned:
-                    log.warning("Redis unreachable at %s (%s); retrying every %.0f s",
-                                redis_conn.redacted(self.config.redis_url), exc, retry_s)
+                    log.warning(
+                        "Redis unreachable at %s (%s); retrying every %.0f s",
+                        redis_conn.redacted(self.config.redis_url),
+                        exc,
+                        retry_s,
+                    )
                 warned = True
                 stop.wait(retry_s)
         return False
@@ -130,8 +146,11 @@ class Agent:
             if self.registration.deregister():
                 self.index.purge([b.location for b in self.backends])
         except redis.RedisError as exc:
-            log.warning("could not deregister from Redis (%s); lookups skip the instance once its heartbeat "
-                        "lapses, and its next start replaces its index entries", exc)
+            log.warning(
+                "could not deregister from Redis (%s); lookups skip the instance once its heartbeat "
+                "lapses, and its next start replaces its index entries",
+                exc,
+            )
         log.info("agent %s worker %d stopped", self.instance_id, self.worker_id)
 
     def _listen_for_peers(self) -> PeerServer | None:
@@ -141,11 +160,21 @@ class Agent:
             return None
         host, _, port = url.rpartition(":")
         try:
-            server = PeerServer(host, int(port), self.space, {b.location: b for b in self.backends},
-                                after_store=self.index.flush, timeout_s=self.config.command_timeout)
+            server = PeerServer(
+                host,
+                int(port),
+                self.space,
+                {b.location: b for b in self.backends},
+                after_store=self.index.flush,
+                timeout_s=self.config.command_timeout,
+            )
         except OSError as exc:
-            log.error("cannot listen for peer transfers on %s (%s): moves into this worker will fail; "
-                      "free the port or change p2p_init_ports", url, exc)
+            log.error(
+                "cannot listen for peer transfers on %s (%s): moves into this worker will fail; "
+                "free the port or change p2p_init_ports",
+                url,
+                exc,
+            )
             return None
         server.start()
         return server
@@ -156,12 +185,13 @@ class Agent:
         if self._disk is not None and self.disk_writer is not None:
             chunks = self.space.chunks(tokens)
             if len(kv) != len(chunks):
-                raise ValueError(f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, "
-                                 f"got {len(kv)}")
+                raise ValueError(
+                    f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, got {len(kv)}"
+                )
             if self._disk.count_held(chunks) < len(chunks):
                 # The memory tier's copies never change; the caller's tensors might once this returns.
                 owned = self._memory.retrieve(tokens) if self._memory is not None else []
-                self.disk_writer.submit(tokens, [*owned, *(t.detach().to("cpu", copy=True) for t in kv[len(owned):])])
+                self.disk_writer.submit(tokens, [*owned, *(t.detach().to("cpu", copy=True) for t in kv[len(owned) :])])
             if self._memory is None:
                 held = self._disk.contains(tokens)
         return held
@@ -172,7 +202,7 @@ class Agent:
         if self._disk is not None:
             chunks = self.space.chunks(tokens)
             if len(found) < len(chunks):
-                found += self._disk.load(chunks[len(found):])
+                found += self._disk.load(chunks[len(found) :])
         return found
 
     def contains(self, tokens: Sequence[int]) -> int:

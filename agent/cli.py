@@ -29,10 +29,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--worker-id", type=int, default=0, help="this worker's rank within the instance")
     parser.add_argument("--redis-url", help="override redis_url from the config")
     parser.add_argument("--instance-id", help="override lmcache_instance_id from the config")
-    parser.add_argument("--preload-text", action="append", default=[], metavar="TEXT",
-                        help="prompt whose (synthetic) KV to hold from the start; repeatable")
-    parser.add_argument("--preload-tokens", action="append", default=[], metavar="IDS",
-                        help="comma-separated token ids to hold KV for, or @FILE holding them; repeatable")
+    parser.add_argument(
+        "--preload-text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt whose (synthetic) KV to hold from the start; repeatable",
+    )
+    parser.add_argument(
+        "--preload-tokens",
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="comma-separated token ids to hold KV for, or @FILE holding them; repeatable",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -53,8 +63,9 @@ def _prompts(args: argparse.Namespace) -> list[list[int]]:
 def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
     args = _parser(prog).parse_args(argv)
     logs.setup(args.log_level)
-    overrides = {k: v for k, v in {"redis_url": args.redis_url, "lmcache_instance_id": args.instance_id}.items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in {"redis_url": args.redis_url, "lmcache_instance_id": args.instance_id}.items() if v is not None
+    }
     try:
         config = load(args.config).with_overrides(**overrides)
         if not config.enable_controller:

@@ -125,4 +125,3 @@ def encode(tensor: torch.Tensor, method: str) -> Packed:
     """`tensor` compressed with `method`. ValueError for an unknown method, Unsuitable for a tensor it can't take."""
     compression.method(method)
     return _ENCODERS[method](tensor)
-

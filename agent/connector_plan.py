@@ -67,8 +67,10 @@ class StepPlanner:
 
     def __init__(self, space: HashSpace, block_size: int) -> None:
         if block_size < 1 or space.chunk_size % block_size:
-            raise ValueError(f"chunk_size {space.chunk_size} must be a multiple of the engine's block size "
-                             f"{block_size}, so that chunks are whole blocks")
+            raise ValueError(
+                f"chunk_size {space.chunk_size} must be a multiple of the engine's block size "
+                f"{block_size}, so that chunks are whole blocks"
+            )
         self.space = space
         self.block_size = block_size
         # req_id -> (tokens held from 0, tokens the engine had computed): the engine may ask
@@ -77,8 +79,9 @@ class StepPlanner:
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
 
-    def matched_tokens(self, req_id: str, prompt: Sequence[int], num_computed: int,
-                       held: Callable[[list[str]], int]) -> int:
+    def matched_tokens(
+        self, req_id: str, prompt: Sequence[int], num_computed: int, held: Callable[[list[str]], int]
+    ) -> int:
         """How many tokens past `num_computed` the agent can fill. `held(keys)` says how many of the
         prompt's chunk keys, from the first, the agent holds; it is asked once per request."""
         if req_id not in self._matched:
@@ -94,16 +97,26 @@ class StepPlanner:
         if num_external <= 0:
             return
         if num_computed % self.block_size or num_external % self.block_size or num_computed + num_external > held_end:
-            raise ValueError(f"request {req_id}: the engine takes {num_external} tokens from {num_computed}, "
-                             f"which is not what this planner offered (whole blocks up to {held_end})")
+            raise ValueError(
+                f"request {req_id}: the engine takes {num_external} tokens from {num_computed}, "
+                f"which is not what this planner offered (whole blocks up to {held_end})"
+            )
         first = num_computed // self.block_size
         end = (num_computed + num_external) // self.block_size
         last_chunk = (end * self.block_size - 1) // self.space.chunk_size
         tokens_end = min((last_chunk + 1) * self.space.chunk_size, len(prompt))
         self._plan.loads.append(LoadSpec(req_id, prompt[:tokens_end], first, list(block_ids[first:end])))
 
-    def scheduled(self, req_id: str, prompt: Sequence[int] | None, new_block_ids: Sequence[int],
-                  num_computed: int, num_scheduled: int, *, replace_blocks: bool) -> None:
+    def scheduled(
+        self,
+        req_id: str,
+        prompt: Sequence[int] | None,
+        new_block_ids: Sequence[int],
+        num_computed: int,
+        num_scheduled: int,
+        *,
+        replace_blocks: bool,
+    ) -> None:
         """The step computes `num_scheduled` tokens of the request from `num_computed` on.
 
         `prompt` is given for a request new to the engine. `new_block_ids` extend the request's

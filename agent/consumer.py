@@ -141,8 +141,11 @@ class CommandConsumer:
         pipe = self._redis.pipeline(transaction=False)
         for command, result in replies:
             fields = encode(result)
-            pipe.set(keys.done(self._instance, self._worker, command.event_id), result.num_tokens,
-                     ex=command.timeout_ms // 1000 + DONE_GRACE_S)
+            pipe.set(
+                keys.done(self._instance, self._worker, command.event_id),
+                result.num_tokens,
+                ex=command.timeout_ms // 1000 + DONE_GRACE_S,
+            )
             record = keys.event(command.event_id)
             pipe.hset(record, keys.event_result_field(self._worker), json.dumps(fields))
             # The controller set the record's retention; this only keeps a record it never made from leaking.
@@ -178,8 +181,9 @@ class CommandConsumer:
     def _execute(self, entry_id: str, command: Command) -> Result:
         late_ms = self._late_ms(entry_id, command)
         if late_ms > 0:
-            log.warning("%s %s arrived %d ms past its deadline; answering expired",
-                        command.kind, command.event_id, late_ms)
+            log.warning(
+                "%s %s arrived %d ms past its deadline; answering expired", command.kind, command.event_id, late_ms
+            )
             return self._result(command, ResultStatus.EXPIRED, detail=f"arrived {late_ms} ms past its deadline")
         started = time.perf_counter()
         try:
@@ -187,10 +191,17 @@ class CommandConsumer:
         except Exception as exc:
             log.exception("%s %s failed", command.kind, command.event_id)
             return self._result(command, ResultStatus.ERROR, detail=f"{type(exc).__name__}: {exc}")
-        log.info("%s %s %s: %d tokens in %.1f ms", command.kind, command.event_id, command.location,
-                 result.num_tokens, (time.perf_counter() - started) * 1000)
+        log.info(
+            "%s %s %s: %d tokens in %.1f ms",
+            command.kind,
+            command.event_id,
+            command.location,
+            result.num_tokens,
+            (time.perf_counter() - started) * 1000,
+        )
         return result
 
     def _result(self, command: Command, status: ResultStatus, *, detail: str = "") -> Result:
-        return Result(event_id=command.event_id, instance_id=self._instance, worker_id=self._worker,
-                      status=status, detail=detail)
+        return Result(
+            event_id=command.event_id, instance_id=self._instance, worker_id=self._worker, status=status, detail=detail
+        )

@@ -20,8 +20,15 @@ MEMCHECK_FAILED = -1
 
 
 class CommandHandlers:
-    def __init__(self, backends: Mapping[str, StorageBackend], instance_id: str, worker_id: int, *,
-                 space: HashSpace, transfer_timeout_s: float) -> None:
+    def __init__(
+        self,
+        backends: Mapping[str, StorageBackend],
+        instance_id: str,
+        worker_id: int,
+        *,
+        space: HashSpace,
+        transfer_timeout_s: float,
+    ) -> None:
         self._backends = backends
         self._instance = instance_id
         self._worker = worker_id
@@ -67,8 +74,9 @@ class CommandHandlers:
             arrived = set(target.adopt(entries, tensors))
         else:
             try:
-                arrived = set(peer.send(peer_url, self._space, command.dest_location, entries, tensors,
-                                        self._transfer_timeout_s))
+                arrived = set(
+                    peer.send(peer_url, self._space, command.dest_location, entries, tensors, self._transfer_timeout_s)
+                )
             except peer.TransferFailed as exc:
                 return self._answer(command, ResultStatus.ERROR, detail=f"{exc}; the source keeps its chunks")
         moved = [entry for entry in entries if entry.key in arrived]
@@ -79,11 +87,28 @@ class CommandHandlers:
 
     def health(self, command: Command) -> Result:
         """Every backend is within its capacity, so stores can still be admitted."""
-        problems = [f"{b.location} holds {b.used_bytes} B, over its {b.capacity_bytes} B"
-                    for b in self._backends.values() if b.used_bytes > b.capacity_bytes]
+        problems = [
+            f"{b.location} holds {b.used_bytes} B, over its {b.capacity_bytes} B"
+            for b in self._backends.values()
+            if b.used_bytes > b.capacity_bytes
+        ]
         return self._answer(command, error_code=MEMCHECK_FAILED if problems else HEALTHY, detail="; ".join(problems))
 
-    def _answer(self, command: Command, status: ResultStatus = ResultStatus.OK, *, num_tokens: int = 0,
-                error_code: int = 0, detail: str = "") -> Result:
-        return Result(event_id=command.event_id, instance_id=self._instance, worker_id=self._worker,
-                      status=status, num_tokens=num_tokens, error_code=error_code, detail=detail)
+    def _answer(
+        self,
+        command: Command,
+        status: ResultStatus = ResultStatus.OK,
+        *,
+        num_tokens: int = 0,
+        error_code: int = 0,
+        detail: str = "",
+    ) -> Result:
+        return Result(
+            event_id=command.event_id,
+            instance_id=self._instance,
+            worker_id=self._worker,
+            status=status,
+            num_tokens=num_tokens,
+            error_code=error_code,
+            detail=detail,
+        )

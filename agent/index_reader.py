@@ -22,8 +22,16 @@ log = logging.getLogger("kvbus.agent.index_reader")
 
 
 class IndexReader:
-    def __init__(self, client: redis.Redis, instance_id: str, *, worker_id: int, location: Location,
-                 layout: Layout, backoff_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        instance_id: str,
+        *,
+        worker_id: int,
+        location: Location,
+        layout: Layout,
+        backoff_s: float = 5.0,
+    ) -> None:
         self._redis = client
         self._index = keys.index(instance_id, location)
         self._worker = keys.worker(instance_id, worker_id)
@@ -63,6 +71,10 @@ class IndexReader:
             compatible = False
         if not compatible and registered != self._warned_layout:
             self._warned_layout = registered
-            log.warning("%s stores blocks of layout %r, not %s: its chunks are not loaded here",
-                        self._worker, registered, self._layout)
+            log.warning(
+                "%s stores blocks of layout %r, not %s: its chunks are not loaded here",
+                self._worker,
+                registered,
+                self._layout,
+            )
         return compatible

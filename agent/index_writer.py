@@ -127,8 +127,11 @@ class IndexWriter:
         self._ops.clear()
         self._resync_needed.extend(locations)
         if not self._overflowed:
-            log.warning("index writes queued past %d while Redis is unreachable; "
-                        "the index will be rebuilt from the backends once it returns", MAX_QUEUED_OPS)
+            log.warning(
+                "index writes queued past %d while Redis is unreachable; "
+                "the index will be rebuilt from the backends once it returns",
+                MAX_QUEUED_OPS,
+            )
         self._overflowed = True
 
     def take_resync_request(self) -> list[Location]:
@@ -186,7 +189,8 @@ class IndexWriter:
         replies = pipe.execute()
         forget = [
             _Op("forget", location, heads=frozenset(old) - deltas[location].heads_added)
-            for location, old in zip(locations, replies[::2], strict=True) if old
+            for location, old in zip(locations, replies[::2], strict=True)
+            if old
         ]
         # Ahead of every op queued since: they happened after this clear.
         with self._ops_lock:

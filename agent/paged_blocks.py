@@ -110,9 +110,13 @@ class BlockMover:
             if loaded < len(spec.block_ids):
                 self._failed.update(spec.block_ids[loaded:])
                 self._failed_from[spec.req_id] = spec.first_block + loaded
-                log.warning("request %s: %d of %d blocks were gone from the agent (cleared or evicted since the "
-                            "lookup); the engine recomputes them", spec.req_id, len(spec.block_ids) - loaded,
-                            len(spec.block_ids))
+                log.warning(
+                    "request %s: %d of %d blocks were gone from the agent (cleared or evicted since the "
+                    "lookup); the engine recomputes them",
+                    spec.req_id,
+                    len(spec.block_ids) - loaded,
+                    len(spec.block_ids),
+                )
 
     def _load(self, spec: LoadSpec) -> int:
         """Fill the spec's blocks in order from the held chunks; returns how many were filled."""
@@ -127,8 +131,14 @@ class BlockMover:
             chunk = chunks[index]
             num_blocks = -(-bounds[index].num_tokens // self._paged.block_size)
             if chunk.shape != self._paged.chunk_shape(num_blocks) or chunk.dtype != self._paged.dtype:
-                log.error("chunk %s has shape %s %s, not %s %s: not loaded", bounds[index].key, tuple(chunk.shape),
-                          chunk.dtype, self._paged.chunk_shape(num_blocks), self._paged.dtype)
+                log.error(
+                    "chunk %s has shape %s %s, not %s %s: not loaded",
+                    bounds[index].key,
+                    tuple(chunk.shape),
+                    chunk.dtype,
+                    self._paged.chunk_shape(num_blocks),
+                    self._paged.dtype,
+                )
                 break
             # Only whole blocks: the partly filled last block of a partial chunk is never loaded.
             full = bounds[index].num_tokens // self._paged.block_size
@@ -149,8 +159,12 @@ class BlockMover:
             chunks = self._space.chunks(tokens)
             if not chunks:
                 continue
-            kv = [self._paged.gather(spec.block_ids[c.start // self._paged.block_size :
-                                                    -(-c.end // self._paged.block_size)]) for c in chunks]
+            kv = [
+                self._paged.gather(
+                    spec.block_ids[c.start // self._paged.block_size : -(-c.end // self._paged.block_size)]
+                )
+                for c in chunks
+            ]
             self._store.store(tokens, kv)
         self._failed_from.clear()
 

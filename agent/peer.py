@@ -58,8 +58,14 @@ def checksum(payload: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def send(peer_url: str, space: HashSpace, location: str, entries: Sequence[IndexEntry],
-         tensors: Sequence[torch.Tensor], timeout_s: float) -> list[str]:
+def send(
+    peer_url: str,
+    space: HashSpace,
+    location: str,
+    entries: Sequence[IndexEntry],
+    tensors: Sequence[torch.Tensor],
+    timeout_s: float,
+) -> list[str]:
     """Hand these chunks to the agent at `peer_url`; returns the keys of those it now holds."""
     host, _, port = peer_url.rpartition(":")
     offer = Offer(space.name, location, [tuple(entry) for entry in entries])
@@ -68,8 +74,9 @@ def send(peer_url: str, space: HashSpace, location: str, entries: Sequence[Index
             _send_frame(conn, msgspec.msgpack.encode(offer))
             for tensor in tensors:
                 payload = _bytes(tensor)
-                header = ChunkHeader(str(tensor.dtype).removeprefix("torch."), list(tensor.shape), len(payload),
-                                     checksum(payload))
+                header = ChunkHeader(
+                    str(tensor.dtype).removeprefix("torch."), list(tensor.shape), len(payload), checksum(payload)
+                )
                 _send_frame(conn, msgspec.msgpack.encode(header))
                 conn.sendall(payload)
             reply = msgspec.msgpack.decode(_recv_frame(conn), type=Reply)
@@ -83,8 +90,15 @@ def send(peer_url: str, space: HashSpace, location: str, entries: Sequence[Index
 class PeerServer:
     """Receives chunks for this worker's backends; one thread per connection."""
 
-    def __init__(self, host: str, port: int, space: HashSpace, backends: Mapping[str, StorageBackend],
-                 after_store: Callable[[], None], timeout_s: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        space: HashSpace,
+        backends: Mapping[str, StorageBackend],
+        after_store: Callable[[], None],
+        timeout_s: float,
+    ) -> None:
         receiver = self
 
         class _Handler(socketserver.BaseRequestHandler):

@@ -97,12 +97,15 @@ class Registration:
         pipe.sadd(keys.HASH_SPACES, self._space.name)
         if self._locations:
             pipe.sadd(keys.LOCATIONS, *self._locations)
-        pipe.hset(keys.info(self._instance), mapping={
-            "model": self._space.model,
-            "chunk_size": self._space.chunk_size,
-            "save_unfull_chunk": int(self._space.save_unfull_chunk),
-            "locations": json.dumps([str(loc) for loc in self._locations]),
-        })
+        pipe.hset(
+            keys.info(self._instance),
+            mapping={
+                "model": self._space.model,
+                "chunk_size": self._space.chunk_size,
+                "save_unfull_chunk": int(self._space.save_unfull_chunk),
+                "locations": json.dumps([str(loc) for loc in self._locations]),
+            },
+        )
         pipe.hset(keys.worker(self._instance, self._worker), mapping=worker_info)
         pipe.sadd(keys.workers(self._instance), self._worker)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
@@ -112,15 +115,22 @@ class Registration:
 
     def _warn_if_claimed(self) -> None:
         """Two live agents under one (instance, worker) would split its commands between them."""
-        pid, host, last = self._redis.hmget(keys.worker(self._instance, self._worker),
-                                            ["pid", "hostname", "last_heartbeat_time"])
+        pid, host, last = self._redis.hmget(
+            keys.worker(self._instance, self._worker), ["pid", "hostname", "last_heartbeat_time"]
+        )
         if pid is None or (pid, host) == (str(os.getpid()), socket.gethostname()):
             return
         age = time.time() - float(last or 0)
         if age < self._ttl_ms / 1000:
-            log.warning("instance %s worker %d is already served by pid %s on %s (heartbeat %.1f s ago); "
-                        "give each engine its own lmcache_instance_id or worker id",
-                        self._instance, self._worker, pid, host, age)
+            log.warning(
+                "instance %s worker %d is already served by pid %s on %s (heartbeat %.1f s ago); "
+                "give each engine its own lmcache_instance_id or worker id",
+                self._instance,
+                self._worker,
+                pid,
+                host,
+                age,
+            )
 
     def heartbeat(self) -> bool:
         """Refresh liveness; False when Redis no longer knows this instance (it restarted, or was flushed)."""
@@ -139,10 +149,20 @@ class Registration:
 
     def deregister(self) -> bool:
         """Remove this worker; the instance goes with its last worker. True if this was the last."""
-        last = bool(self._redis.eval(
-            _DEREGISTER, 6, keys.workers(self._instance), keys.worker(self._instance, self._worker), keys.INSTANCES,
-            keys.info(self._instance), keys.alive(self._instance), keys.commands(self._instance),
-            self._worker, self._instance))
+        last = bool(
+            self._redis.eval(
+                _DEREGISTER,
+                6,
+                keys.workers(self._instance),
+                keys.worker(self._instance, self._worker),
+                keys.INSTANCES,
+                keys.info(self._instance),
+                keys.alive(self._instance),
+                keys.commands(self._instance),
+                self._worker,
+                self._instance,
+            )
+        )
         self.event(EventKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
         return last
 

@@ -30,7 +30,9 @@ def synthetic_kv(space: HashSpace, tokens: Sequence[int], shape: KVShape = KVSha
     tensors = []
     for chunk in space.chunks(tokens):
         generator = torch.Generator().manual_seed(int(chunk.key[:15], 16))
-        tensors.append(torch.randn(
-            (2, shape.num_layers, chunk.num_tokens, shape.num_kv_heads, shape.head_dim),
-            generator=generator).to(shape.dtype))
+        tensors.append(
+            torch.randn(
+                (2, shape.num_layers, chunk.num_tokens, shape.num_kv_heads, shape.head_dim), generator=generator
+            ).to(shape.dtype)
+        )
     return tensors

@@ -78,8 +78,13 @@ class KVBusConnector(KVConnectorBase_V1):
                 log.info("kvbus sets kv_load_failure_policy to 'recompute' (was %r)", transfer.kv_load_failure_policy)
                 transfer.kv_load_failure_policy = "recompute"
             self._planner = StepPlanner(self._space, block_size)
-            self._reader = IndexReader(redis_conn.connect(self._config.redis_url), self._config.lmcache_instance_id,
-                                       worker_id=0, location=Location.CPU, layout=self._layout)
+            self._reader = IndexReader(
+                redis_conn.connect(self._config.redis_url),
+                self._config.lmcache_instance_id,
+                worker_id=0,
+                location=Location.CPU,
+                layout=self._layout,
+            )
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -100,13 +105,25 @@ class KVBusConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids:
                 (block_ids,) = new.block_ids
-                self._planner.scheduled(new.req_id, new.prompt_token_ids, block_ids, new.num_computed_tokens,
-                                        scheduled.get(new.req_id, 0), replace_blocks=True)
+                self._planner.scheduled(
+                    new.req_id,
+                    new.prompt_token_ids,
+                    block_ids,
+                    new.num_computed_tokens,
+                    scheduled.get(new.req_id, 0),
+                    replace_blocks=True,
+                )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_blocks = cached.new_block_ids[i]
-            self._planner.scheduled(req_id, None, new_blocks[0] if new_blocks else [], cached.num_computed_tokens[i],
-                                    scheduled.get(req_id, 0), replace_blocks=req_id in cached.resumed_req_ids)
+            self._planner.scheduled(
+                req_id,
+                None,
+                new_blocks[0] if new_blocks else [],
+                cached.num_computed_tokens[i],
+                scheduled.get(req_id, 0),
+                replace_blocks=req_id in cached.resumed_req_ids,
+            )
         return KVBusConnectorMetadata(self._planner.take_plan())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -121,16 +138,24 @@ class KVBusConnector(KVConnectorBase_V1):
         num_blocks = self._kv_cache_config.num_blocks
         block_dim = next((d for d, size in enumerate(layers[0].shape) if size == num_blocks), None)
         if block_dim is None:
-            raise ValueError(f"kvbus: no dimension of the KV cache {tuple(layers[0].shape)} counts the "
-                             f"{num_blocks} blocks; this attention backend's layout is not supported")
-        layout = Layout(self._layout.model, self._layout.dtype, self._layout.block_size, _backend_name(
-            self._vllm_config, list(kv_caches)))
+            raise ValueError(
+                f"kvbus: no dimension of the KV cache {tuple(layers[0].shape)} counts the "
+                f"{num_blocks} blocks; this attention backend's layout is not supported"
+            )
+        layout = Layout(
+            self._layout.model,
+            self._layout.dtype,
+            self._layout.block_size,
+            _backend_name(self._vllm_config, list(kv_caches)),
+        )
         paged = PagedKV(layers, block_dim, self._layout.block_size)
-        self._agent = Agent(self._config, model=self._space.model, worker_id=get_tensor_model_parallel_rank(),
-                            layout=str(layout))
+        self._agent = Agent(
+            self._config, model=self._space.model, worker_id=get_tensor_model_parallel_rank(), layout=str(layout)
+        )
         # vLLM serves (uncached) while Redis is away; chunks saved meanwhile are published at registration.
-        threading.Thread(target=self._agent.start_when_reachable, args=(self._stopping,), name="kvbus-agent-start",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._agent.start_when_reachable, args=(self._stopping,), name="kvbus-agent-start", daemon=True
+        ).start()
         self._mover = BlockMover(self._agent, paged, self._space)
         log.info("kvbus connector: %d layers of blocks %s, layout %s", len(layers), paged.block_shape, layout)
 
@@ -142,8 +167,9 @@ class KVBusConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in start_load_kv, before the forward."""
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
-                      **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
         """Saves copy every layer at once in wait_for_save."""
 
     def wait_for_save(self) -> None:

@@ -45,6 +45,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------- figures and statistics
 
+
 @dataclass
 class Figure:
     """One reported number (or pair), with the conditions it was measured under and its target."""
@@ -74,8 +75,10 @@ def ms(seconds: float) -> str:
 
 def print_table(figures: Sequence[Figure]) -> None:
     columns = ("figure", "conditions", "measured", "target", "")
-    rows = [(f.name, f.conditions, f.measured, f.target,
-             "-" if f.met is None else ("ok" if f.met else "MISS")) for f in figures]
+    rows = [
+        (f.name, f.conditions, f.measured, f.target, "-" if f.met is None else ("ok" if f.met else "MISS"))
+        for f in figures
+    ]
     widths = [max(len(str(r[i])) for r in (columns, *rows)) for i in range(len(columns))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     for row in (columns, tuple("-" * w for w in widths), *rows):
@@ -84,10 +87,17 @@ def print_table(figures: Sequence[Figure]) -> None:
 
 def write_json(path: str, figures: Sequence[Figure], quick: bool) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({
-        "quick": quick, "host_cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "figures": [asdict(f) for f in figures],
-    }, indent=2))
+    Path(path).write_text(
+        json.dumps(
+            {
+                "quick": quick,
+                "host_cpus": os.cpu_count(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "figures": [asdict(f) for f in figures],
+            },
+            indent=2,
+        )
+    )
 
 
 def main(run: Callable[[bool], list[Figure]], description: str | None) -> None:
@@ -109,6 +119,7 @@ def note(message: str) -> None:
 
 
 # ---------------------------------------------------------------- processes
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -134,8 +145,9 @@ def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
-def _wait(predicate: Callable[[], object], proc: subprocess.Popen[bytes], what: str, log: Path | None,
-          timeout: float = 30.0) -> None:
+def _wait(
+    predicate: Callable[[], object], proc: subprocess.Popen[bytes], what: str, log: Path | None, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -185,9 +197,24 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
         log = workdir / f"redis-{port}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", str(workdir)],
-                stdout=out, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--dir",
+                    str(workdir),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         probe = redis.Redis(port=port, socket_connect_timeout=0.5)
         try:
             _wait(probe.ping, proc, f"redis-server on port {port}", log)
@@ -212,9 +239,22 @@ def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
     log = workdir / f"controller-{port}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbus", "controller", "--port", str(port), "--redis-url", redis_url,
-             "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env())
+            [
+                sys.executable,
+                "-m",
+                "kvbus",
+                "controller",
+                "--port",
+                str(port),
+                "--redis-url",
+                redis_url,
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, proc, "controller", log)
@@ -224,9 +264,14 @@ def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
-def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path, *,
-           extra_config: Callable[[str], dict[str, object]] | None = None,
-           args: Sequence[str] = ()) -> Iterator[list[Proc]]:
+def agents(
+    redis_url: str,
+    instance_ids: Sequence[str],
+    workdir: Path,
+    *,
+    extra_config: Callable[[str], dict[str, object]] | None = None,
+    args: Sequence[str] = (),
+) -> Iterator[list[Proc]]:
     """One `python -m kvbus agent` process per instance id, started together and each ready once it is
     alive and reads its command stream. `extra_config(instance_id)` adds config keys; `args` go to each."""
     started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -234,19 +279,47 @@ def agents(redis_url: str, instance_ids: Sequence[str], workdir: Path, *,
     try:
         for instance_id in instance_ids:
             config = workdir / f"{instance_id}.yaml"
-            config.write_text(yaml.safe_dump({
-                "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
-                "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 1,
-                **(extra_config(instance_id) if extra_config else {}),
-            }))
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "enable_controller": True,
+                        "lmcache_instance_id": instance_id,
+                        "redis_url": redis_url,
+                        "chunk_size": CHUNK_SIZE,
+                        "local_cpu": True,
+                        "max_local_cpu_size": 1,
+                        **(extra_config(instance_id) if extra_config else {}),
+                    }
+                )
+            )
             log = workdir / f"agent-{instance_id}.log"
             with log.open("ab") as out:
-                started.append((instance_id, subprocess.Popen(
-                    [sys.executable, "-m", "kvbus", "agent", "--config", str(config), "--log-level", "warning",
-                     *args],
-                    stdout=out, stderr=subprocess.STDOUT, env=_env()), log))
+                started.append(
+                    (
+                        instance_id,
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                "-m",
+                                "kvbus",
+                                "agent",
+                                "--config",
+                                str(config),
+                                "--log-level",
+                                "warning",
+                                *args,
+                            ],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            env=_env(),
+                        ),
+                        log,
+                    )
+                )
+
         def ready(instance_id: str) -> Callable[[], object]:
             return lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id))
+
         for instance_id, proc, log in started:
             _wait(ready(instance_id), proc, f"agent {instance_id}", log)
         yield [Proc(proc) for _, proc, _ in started]
@@ -267,17 +340,38 @@ def agent(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
 def engine(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
     """`python -m kvbus engine` (the reference engine) serving `instance_id`, ready once /health answers."""
     config = workdir / f"engine-{instance_id}.yaml"
-    config.write_text(yaml.safe_dump({
-        "enable_controller": True, "lmcache_instance_id": instance_id, "redis_url": redis_url,
-        "chunk_size": CHUNK_SIZE, "local_cpu": True, "max_local_cpu_size": 2,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "enable_controller": True,
+                "lmcache_instance_id": instance_id,
+                "redis_url": redis_url,
+                "chunk_size": CHUNK_SIZE,
+                "local_cpu": True,
+                "max_local_cpu_size": 2,
+            }
+        )
+    )
     port = free_port()
     log = workdir / f"engine-{instance_id}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbus", "engine", "--config", str(config), "--port", str(port),
-             "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env())
+            [
+                sys.executable,
+                "-m",
+                "kvbus",
+                "engine",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: httpx.get(f"{base}/health", timeout=1).status_code == 200, proc, "engine", log, timeout=120)
@@ -294,6 +388,7 @@ def workdir() -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------- prompts and the index
+
 
 def random_prompt(rng: torch.Generator, num_tokens: int = PROMPT_TOKENS) -> array:
     """`num_tokens` random ids from a Llama-3-sized vocabulary, as a compact array that hashes fast."""
@@ -319,14 +414,23 @@ def unrelated_entries(rng: torch.Generator, num_chunks: int) -> list[IndexEntry]
     per_prompt = PROMPT_TOKENS // CHUNK_SIZE
     raw = torch.randint(0, 256, (num_chunks * key_chars // 2,), dtype=torch.uint8, generator=rng)
     digits = raw.numpy().tobytes().hex()
-    return [IndexEntry(digits[i * key_chars : (i + 1) * key_chars], CHUNK_SIZE, i % per_prompt == 0)
-            for i in range(num_chunks)]
+    return [
+        IndexEntry(digits[i * key_chars : (i + 1) * key_chars], CHUNK_SIZE, i % per_prompt == 0)
+        for i in range(num_chunks)
+    ]
 
 
 def register(client: redis.Redis, instance_id: str) -> None:
     """Register `instance_id` as its agent would, for an instance whose index we write ourselves."""
-    Registration(client, instance_id=instance_id, worker_id=0, space=SPACE, locations=[CPU],
-                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=5.0).register()
+    Registration(
+        client,
+        instance_id=instance_id,
+        worker_id=0,
+        space=SPACE,
+        locations=[CPU],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=5.0,
+    ).register()
 
 
 def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]) -> None:

@@ -124,14 +124,17 @@ def _cpu_data(cpu: dict[str, float]) -> dict[str, float]:
 def _cpu_text(cpu: dict[str, float], rate: float | None = None) -> str:
     """Microseconds of CPU per clear of each process, with the cores that makes at `rate`, and how busy
     the box was. Several agents are summed, with the busiest one's cores."""
+
     def text(name: str, seconds: float, busiest: float | None = None) -> str:
         if rate is None:
             return f"{name} {seconds * 1e6:.0f}"
         most = "" if busiest is None else f", busiest {busiest * rate:.2f}"
         return f"{name} {seconds * 1e6:.0f} ({seconds * rate:.2f} cores{most})"
+
     agent_cpu = [seconds for name, seconds in cpu.items() if name.startswith("agent")]
-    parts = [text(name, seconds) for name, seconds in cpu.items()
-             if name != "box_busy" and not name.startswith("agent")]
+    parts = [
+        text(name, seconds) for name, seconds in cpu.items() if name != "box_busy" and not name.startswith("agent")
+    ]
     if len(agent_cpu) == 1:
         parts.insert(1, text("agent", agent_cpu[0]))
     elif agent_cpu:
@@ -139,21 +142,30 @@ def _cpu_text(cpu: dict[str, float], rate: float | None = None) -> str:
     return ", ".join(parts) + f"; box {cpu['box_busy']:.0%} busy"
 
 
-def _concurrent_figures(label: str, conditions: str, latencies: list[float], wall: float,
-                        cpu: dict[str, float]) -> list[Figure]:
+def _concurrent_figures(
+    label: str, conditions: str, latencies: list[float], wall: float, cpu: dict[str, float]
+) -> list[Figure]:
     rate = len(latencies) / wall
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     ceiling = 1 / cpu["controller"]
     return [
-        Figure(f"/clear {CONCURRENCY} concurrent, {label}", f"{conditions}; {len(latencies)} clears",
-               f"{rate:.0f} clears/s; p50/p99 {ms(p50)} / {ms(p99)}",
-               f">= {TARGET_RATE:.0f} clears/s", rate >= TARGET_RATE,
-               {"clears_per_s": rate, "p50_s": p50, "p99_s": p99, **_cpu_data(cpu)}),
+        Figure(
+            f"/clear {CONCURRENCY} concurrent, {label}",
+            f"{conditions}; {len(latencies)} clears",
+            f"{rate:.0f} clears/s; p50/p99 {ms(p50)} / {ms(p99)}",
+            f">= {TARGET_RATE:.0f} clears/s",
+            rate >= TARGET_RATE,
+            {"clears_per_s": rate, "p50_s": p50, "p99_s": p99, **_cpu_data(cpu)},
+        ),
         Figure("  CPU per clear (us)", f"{CONCURRENCY} concurrent, {label}", _cpu_text(cpu, rate)),
-        Figure("  controller CPU per clear", f"{label}; ceiling = 1 / it, on one free core (est.)",
-               f"{cpu['controller'] * 1e6:.0f} us -> ceiling {ceiling:.0f} clears/s",
-               f">= {TARGET_RATE:.0f} clears/s", ceiling >= TARGET_RATE,
-               {"controller_cpu_s_per_clear": cpu["controller"], "clears_per_s": ceiling}),
+        Figure(
+            "  controller CPU per clear",
+            f"{label}; ceiling = 1 / it, on one free core (est.)",
+            f"{cpu['controller'] * 1e6:.0f} us -> ceiling {ceiling:.0f} clears/s",
+            f">= {TARGET_RATE:.0f} clears/s",
+            ceiling >= TARGET_RATE,
+            {"controller_cpu_s_per_clear": cpu["controller"], "clears_per_s": ceiling},
+        ),
     ]
 
 
@@ -161,36 +173,54 @@ def run(quick: bool) -> list[Figure]:
     sequential, concurrent = (300, 2048) if quick else (2000, 8192)
     requests = [_request(instance) for instance in INSTANCES]
     figures: list[Figure] = []
-    with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl, \
-            agents(server.url, INSTANCES, tmp) as agent_procs:
-        procs = {"controller": ctl.pid, **{f"agent{n}": p.pid for n, p in enumerate(agent_procs)},
-                 "redis": server.pid, "client": os.getpid()}
+    with (
+        workdir() as tmp,
+        redis_server(tmp) as server,
+        controller(server.url, tmp) as ctl,
+        agents(server.url, INSTANCES, tmp) as agent_procs,
+    ):
+        procs = {
+            "controller": ctl.pid,
+            **{f"agent{n}": p.pid for n, p in enumerate(agent_procs)},
+            "redis": server.pid,
+            "client": os.getpid(),
+        }
         with _http.runner() as loop:
             one, four = _Load(ctl.url, requests[:1], 1), _Load(ctl.url, requests, CONCURRENCY)
             loop.run(one.measure(50, {}))  # warm up
             note(f"clear: {sequential} sequential clears")
             latencies, _, cpu = loop.run(one.measure(sequential, _only(procs, ["agent0"])))
             p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-            figures.append(Figure(
-                "/clear p50/p99 sequential", f"1 keep-alive connection, 1 agent process; {sequential} clears",
-                f"{ms(p50)} / {ms(p99)}", "p50 <= 2 ms", p50 <= TARGET_P50_S,
-                {"p50_s": p50, "p99_s": p99, **_cpu_data(cpu)},
-            ))
+            figures.append(
+                Figure(
+                    "/clear p50/p99 sequential",
+                    f"1 keep-alive connection, 1 agent process; {sequential} clears",
+                    f"{ms(p50)} / {ms(p99)}",
+                    "p50 <= 2 ms",
+                    p50 <= TARGET_P50_S,
+                    {"p50_s": p50, "p99_s": p99, **_cpu_data(cpu)},
+                )
+            )
             figures.append(Figure("  CPU per clear (us)", "sequential", _cpu_text(cpu)))
 
             note(f"clear: {concurrent} clears from {CONCURRENCY} concurrent tasks, all to 1 instance")
             latencies, wall, cpu = loop.run(
-                _Load(ctl.url, requests[:1], CONCURRENCY).measure(concurrent, _only(procs, ["agent0"])))
+                _Load(ctl.url, requests[:1], CONCURRENCY).measure(concurrent, _only(procs, ["agent0"]))
+            )
             figures += _concurrent_figures(
-                "1 instance", f"{CONCURRENCY} connections, 1 agent process, 1 controller process",
-                latencies, wall, cpu)
+                "1 instance", f"{CONCURRENCY} connections, 1 agent process, 1 controller process", latencies, wall, cpu
+            )
 
             note(f"clear: {concurrent} clears from {CONCURRENCY} concurrent tasks over {len(INSTANCES)} instances")
             latencies, wall, cpu = loop.run(four.measure(concurrent, procs))
             figures += _concurrent_figures(
                 f"{len(INSTANCES)} instances",
                 f"{CONCURRENCY} connections, {len(INSTANCES)} agent processes round-robin per request, "
-                "1 controller process", latencies, wall, cpu)
+                "1 controller process",
+                latencies,
+                wall,
+                cpu,
+            )
     return figures
 
 

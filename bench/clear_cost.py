@@ -74,6 +74,7 @@ def _timed_clear(backend: StorageBackend, spans: list[float]) -> None:
             return clear()
         finally:
             spans.append(time.perf_counter() - started)
+
     backend.clear = timed  # type: ignore[method-assign]
 
 
@@ -98,8 +99,7 @@ def _hinted(client: redis.Redis, heads: Sequence[str]) -> int:
     return sum(map(bool, pipe.execute()))
 
 
-def _withdrawn(client: redis.Redis, heads: Sequence[str], started: float, timeout: float = HINTS_TIMEOUT_S
-               ) -> float:
+def _withdrawn(client: redis.Redis, heads: Sequence[str], started: float, timeout: float = HINTS_TIMEOUT_S) -> float:
     """Seconds from `started` until no global head set names the instance any more; raises after `timeout`.
 
     Two sets are polled (this process also runs the agent, so polling all 3125 would slow the very
@@ -112,8 +112,7 @@ def _withdrawn(client: redis.Redis, heads: Sequence[str], started: float, timeou
             return time.perf_counter() - started
         if time.perf_counter() - started > timeout:
             left = _hinted(client, heads)
-            raise RuntimeError(f"{left} of {len(heads)} head sets still name {INSTANCE} {timeout:g} s after "
-                               "the clear")
+            raise RuntimeError(f"{left} of {len(heads)} head sets still name {INSTANCE} {timeout:g} s after the clear")
         time.sleep(0.001)
 
 
@@ -131,11 +130,14 @@ def run(quick: bool) -> list[Figure]:
     latencies: list[float] = []
     backend_spans: list[float] = []
     withdrawals: list[float] = []
-    with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl, \
-            _http.runner() as loop:
+    with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl, _http.runner() as loop:
         config = KVBusConfig(
-            chunk_size=CHUNK_SIZE, local_cpu=True, max_local_cpu_size=2 * CHUNKS * chunk_bytes / 1024**3,
-            enable_controller=True, lmcache_instance_id=INSTANCE, redis_url=server.url,
+            chunk_size=CHUNK_SIZE,
+            local_cpu=True,
+            max_local_cpu_size=2 * CHUNKS * chunk_bytes / 1024**3,
+            enable_controller=True,
+            lmcache_instance_id=INSTANCE,
+            redis_url=server.url,
         )
         agent = Agent(config, model=MODEL)
         _timed_clear(agent.backends[0], backend_spans)
@@ -161,12 +163,16 @@ def run(quick: bool) -> list[Figure]:
                 latencies.append(elapsed)
                 layout = loop.run(_post(ctl.url, lookup))[1]["layout_info"]
                 if answer["num_tokens"] != held_tokens or client.exists(index_key) or INSTANCE in layout:
-                    raise RuntimeError(f"clear freed {answer['num_tokens']} tokens (expected {held_tokens}), "
-                                       f"left {client.hlen(index_key)} index entries, or lookup still "
-                                       f"finds the instance: {layout!r}")
+                    raise RuntimeError(
+                        f"clear freed {answer['num_tokens']} tokens (expected {held_tokens}), "
+                        f"left {client.hlen(index_key)} index entries, or lookup still "
+                        f"finds the instance: {layout!r}"
+                    )
                 withdrawals.append(_withdrawn(client, heads, answered))
-                note(f"clear_cost: rep {rep + 1}/{reps}: refilled {held} chunks in {refilled:.1f} s, "
-                     f"cleared in {ms(elapsed)}, head hints withdrawn after {ms(withdrawals[-1])}")
+                note(
+                    f"clear_cost: rep {rep + 1}/{reps}: refilled {held} chunks in {refilled:.1f} s, "
+                    f"cleared in {ms(elapsed)}, head hints withdrawn after {ms(withdrawals[-1])}"
+                )
         finally:
             client.close()
             agent.stop()
@@ -174,18 +180,23 @@ def run(quick: bool) -> list[Figure]:
     rest = [total - backend for total, backend in zip(latencies, backend_spans, strict=True)]
     return [
         Figure(
-            "/clear of a full instance", f"{CHUNKS // 1000}k chunks ({num_prompts} heads), "
+            "/clear of a full instance",
+            f"{CHUNKS // 1000}k chunks ({num_prompts} heads), "
             f"{chunk_bytes // 1024} KiB each; p50/p99 of {reps}, each checked",
-            f"{ms(p50)} / {ms(p99)}", "p99 <= 50 ms", p99 <= TARGET_P99_S,
+            f"{ms(p50)} / {ms(p99)}",
+            "p99 <= 50 ms",
+            p99 <= TARGET_P99_S,
             {"p50_s": p50, "p99_s": p99, "max_s": max(latencies)},
         ),
         Figure(
-            "  of which", "backend.clear() / the rest (index UNLINK, bus, HTTP); p50",
+            "  of which",
+            "backend.clear() / the rest (index UNLINK, bus, HTTP); p50",
             f"{ms(percentile(backend_spans, 50))} / {ms(percentile(rest, 50))}",
             data={"backend_clear_p50_s": percentile(backend_spans, 50), "rest_p50_s": percentile(rest, 50)},
         ),
         Figure(
-            "  head hints withdrawn", f"after the answer, all {num_prompts} global head sets; p50 / max",
+            "  head hints withdrawn",
+            f"after the answer, all {num_prompts} global head sets; p50 / max",
             f"{ms(percentile(withdrawals, 50))} / {ms(max(withdrawals))}",
             data={"withdrawn_p50_s": percentile(withdrawals, 50), "withdrawn_max_s": max(withdrawals)},
         ),

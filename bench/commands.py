@@ -41,9 +41,12 @@ def _post(client: httpx.Client, url: str, body: dict[str, Any], expect: int) -> 
 
 def _figure(name: str, samples: list[float], rounds: int) -> Figure:
     p50, p99 = percentile(samples, 50), percentile(samples, 99)
-    return Figure(name, f"{CHUNKS} chunks (256k tokens, 64 MiB), {rounds} rounds, agents in their own processes",
-                  f"p50 {ms(p50)}, p99 {ms(p99)}; {CHUNKS / p50:,.0f} chunks/s",
-                  data={"p50_s": p50, "p99_s": p99, "chunks_per_s": CHUNKS / p50})
+    return Figure(
+        name,
+        f"{CHUNKS} chunks (256k tokens, 64 MiB), {rounds} rounds, agents in their own processes",
+        f"p50 {ms(p50)}, p99 {ms(p99)}; {CHUNKS / p50:,.0f} chunks/s",
+        data={"p50_s": p50, "p99_s": p99, "chunks_per_s": CHUNKS / p50},
+    )
 
 
 def run(quick: bool) -> list[Figure]:
@@ -52,36 +55,83 @@ def run(quick: bool) -> list[Figure]:
     with workdir() as scratch:
         prompt_file = scratch / "prompt.txt"
         prompt_file.write_text(",".join(map(str, TOKENS)))
-        with redis_server(scratch) as server, controller(server.url, scratch) as ctl, \
-                agents(server.url, INSTANCES[:1], scratch, args=["--preload-tokens", f"@{prompt_file}"],
-                       extra_config=lambda i: {"p2p_host": "127.0.0.1", "p2p_init_ports": peers[i]}), \
-                agents(server.url, INSTANCES[1:], scratch,
-                       extra_config=lambda i: {"p2p_host": "127.0.0.1", "p2p_init_ports": peers[i]}), \
-                httpx.Client(timeout=60) as client:
+        with (
+            redis_server(scratch) as server,
+            controller(server.url, scratch) as ctl,
+            agents(
+                server.url,
+                INSTANCES[:1],
+                scratch,
+                args=["--preload-tokens", f"@{prompt_file}"],
+                extra_config=lambda i: {"p2p_host": "127.0.0.1", "p2p_init_ports": peers[i]},
+            ),
+            agents(
+                server.url,
+                INSTANCES[1:],
+                scratch,
+                extra_config=lambda i: {"p2p_host": "127.0.0.1", "p2p_init_ports": peers[i]},
+            ),
+            httpx.Client(timeout=60) as client,
+        ):
             _wait_held(client, ctl.url)
             note(f"{rounds} rounds of pin/unpin, move there and back, compress/decompress over {CHUNKS} chunks")
             pins, unpins, moves, int8, int8_back, zlib, zlib_back = [], [], [], [], [], [], []
             holder, other = INSTANCES
             for _ in range(rounds):
-                pins.append(_post(client, f"{ctl.url}/pin", {"instance_id": holder, "location": CPU,
-                                                             "tokens": TOKENS}, len(TOKENS)))
-                unpins.append(_post(client, f"{ctl.url}/unpin", {"instance_id": holder, "location": CPU,
-                                                                 "tokens": TOKENS}, len(TOKENS)))
+                pins.append(
+                    _post(
+                        client,
+                        f"{ctl.url}/pin",
+                        {"instance_id": holder, "location": CPU, "tokens": TOKENS},
+                        len(TOKENS),
+                    )
+                )
+                unpins.append(
+                    _post(
+                        client,
+                        f"{ctl.url}/unpin",
+                        {"instance_id": holder, "location": CPU, "tokens": TOKENS},
+                        len(TOKENS),
+                    )
+                )
                 for method, there, back in (("int8", int8, int8_back), ("zlib", zlib, zlib_back)):
-                    there.append(_post(client, f"{ctl.url}/compress", {"instance_id": holder, "location": CPU,
-                                                                       "method": method}, len(TOKENS)))
-                    back.append(_post(client, f"{ctl.url}/decompress", {"instance_id": holder, "location": CPU,
-                                                                        "method": method}, len(TOKENS)))
-                moves.append(_post(client, f"{ctl.url}/move", {
-                    "old_position": [holder, CPU], "new_position": [other, CPU], "tokens": TOKENS}, len(TOKENS)))
+                    there.append(
+                        _post(
+                            client,
+                            f"{ctl.url}/compress",
+                            {"instance_id": holder, "location": CPU, "method": method},
+                            len(TOKENS),
+                        )
+                    )
+                    back.append(
+                        _post(
+                            client,
+                            f"{ctl.url}/decompress",
+                            {"instance_id": holder, "location": CPU, "method": method},
+                            len(TOKENS),
+                        )
+                    )
+                moves.append(
+                    _post(
+                        client,
+                        f"{ctl.url}/move",
+                        {"old_position": [holder, CPU], "new_position": [other, CPU], "tokens": TOKENS},
+                        len(TOKENS),
+                    )
+                )
                 layout = client.post(f"{ctl.url}/lookup", json={"tokens": TOKENS[:512]}).json()["layout_info"]
                 if list(layout) != [other]:
                     raise RuntimeError(f"after a move to {other}, lookup says {layout}")
                 holder, other = other, holder
-    return [_figure("/pin", pins, rounds), _figure("/unpin", unpins, rounds),
-            _figure("/move between two instances", moves, rounds),
-            _figure("/compress int8", int8, rounds), _figure("/decompress int8", int8_back, rounds),
-            _figure("/compress zlib", zlib, rounds), _figure("/decompress zlib", zlib_back, rounds)]
+    return [
+        _figure("/pin", pins, rounds),
+        _figure("/unpin", unpins, rounds),
+        _figure("/move between two instances", moves, rounds),
+        _figure("/compress int8", int8, rounds),
+        _figure("/decompress int8", int8_back, rounds),
+        _figure("/compress zlib", zlib, rounds),
+        _figure("/decompress zlib", zlib_back, rounds),
+    ]
 
 
 def _wait_held(client: httpx.Client, base: str) -> None:

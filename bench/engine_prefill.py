@@ -59,8 +59,13 @@ def run(quick: bool) -> list[Figure]:
     cold: list[float] = []
     warm: list[float] = []
     after_clear: list[float] = []
-    with workdir() as scratch, redis_server(scratch) as server, controller(server.url, scratch) as ctl, \
-            engine(server.url, INSTANCE, scratch) as eng, httpx.Client(timeout=60) as client:
+    with (
+        workdir() as scratch,
+        redis_server(scratch) as server,
+        controller(server.url, scratch) as ctl,
+        engine(server.url, INSTANCE, scratch) as eng,
+        httpx.Client(timeout=60) as client,
+    ):
         note(f"{rounds} rounds of cold / hit / clear -> recompute on a {PROMPT_TOKENS}-token prompt")
         _complete(client, eng.url, torch.randint(0, VOCAB, (PROMPT_TOKENS,), generator=rng).tolist())  # warm-up
         for _ in range(rounds):
@@ -81,14 +86,24 @@ def run(quick: bool) -> list[Figure]:
     speedup = percentile(cold, 50) / percentile(warm, 50)
     conditions = f"reference engine (35 M params, fp32, CPU), {PROMPT_TOKENS} tokens, max_tokens 1, {rounds} rounds"
     return [
-        Figure("engine prefill, cold", conditions, f"p50 {ms(percentile(cold, 50))}, p99 {ms(percentile(cold, 99))}",
-               data={"p50_s": percentile(cold, 50), "p99_s": percentile(cold, 99)}),
-        Figure("engine prefill, kvbus hit (2047 of 2048 reused)", conditions,
-               f"p50 {ms(percentile(warm, 50))}, p99 {ms(percentile(warm, 99))}; {speedup:.1f}x faster",
-               data={"p50_s": percentile(warm, 50), "p99_s": percentile(warm, 99), "speedup": speedup}),
-        Figure("/clear answer -> next request recomputed", conditions + "; cached_tokens 0 checked",
-               f"p50 {ms(percentile(after_clear, 50))}, p99 {ms(percentile(after_clear, 99))}",
-               data={"p50_s": percentile(after_clear, 50), "p99_s": percentile(after_clear, 99)}),
+        Figure(
+            "engine prefill, cold",
+            conditions,
+            f"p50 {ms(percentile(cold, 50))}, p99 {ms(percentile(cold, 99))}",
+            data={"p50_s": percentile(cold, 50), "p99_s": percentile(cold, 99)},
+        ),
+        Figure(
+            "engine prefill, kvbus hit (2047 of 2048 reused)",
+            conditions,
+            f"p50 {ms(percentile(warm, 50))}, p99 {ms(percentile(warm, 99))}; {speedup:.1f}x faster",
+            data={"p50_s": percentile(warm, 50), "p99_s": percentile(warm, 99), "speedup": speedup},
+        ),
+        Figure(
+            "/clear answer -> next request recomputed",
+            conditions + "; cached_tokens 0 checked",
+            f"p50 {ms(percentile(after_clear, 50))}, p99 {ms(percentile(after_clear, 99))}",
+            data={"p50_s": percentile(after_clear, 50), "p99_s": percentile(after_clear, 99)},
+        ),
     ]
 
 

@@ -45,11 +45,16 @@ def run(quick: bool) -> list[Figure]:
     if indexed != total:
         raise RuntimeError(f"the index holds {indexed} chunks after {total} admissions")
     rate = total / elapsed
-    return [Figure(
-        "index ingest", f"1 IndexWriter, flush thread on; {total // 1000}k chunks of 8192-token prompts",
-        f"{rate:,.0f} chunks/s ({elapsed:.2f} s)", f">= {TARGET_RATE:,.0f} chunks/s",
-        rate >= TARGET_RATE, {"chunks_per_s": rate, "seconds": elapsed, "chunks": total},
-    )]
+    return [
+        Figure(
+            "index ingest",
+            f"1 IndexWriter, flush thread on; {total // 1000}k chunks of 8192-token prompts",
+            f"{rate:,.0f} chunks/s ({elapsed:.2f} s)",
+            f">= {TARGET_RATE:,.0f} chunks/s",
+            rate >= TARGET_RATE,
+            {"chunks_per_s": rate, "seconds": elapsed, "chunks": total},
+        )
+    ]
 
 
 if __name__ == "__main__":

@@ -99,13 +99,16 @@ async def _timed(conn: _http.Connection, request: bytes, samples: int, expected:
         status, body = await conn.send(request)
         latencies.append(time.perf_counter() - started)
         if (layout := _layout(status, body)) != expected:
-            raise _http.HTTPError(f"/lookup layout is wrong: {len(layout)} instances, "
-                                  f"expected {len(expected)}: {dict(list(layout.items())[:5])!r}...")
+            raise _http.HTTPError(
+                f"/lookup layout is wrong: {len(layout)} instances, "
+                f"expected {len(expected)}: {dict(list(layout.items())[:5])!r}..."
+            )
     return latencies
 
 
-async def _over_http(base_url: str, request: bytes, samples: int, warmup: int, expected: dict[str, int],
-                     controller_pid: int) -> tuple[list[float], float, float]:
+async def _over_http(
+    base_url: str, request: bytes, samples: int, warmup: int, expected: dict[str, int], controller_pid: int
+) -> tuple[list[float], float, float]:
     """Sequential lookups over a fresh keep-alive connection (an idle one would have been closed by the
     server meanwhile); returns their latencies, controller CPU seconds per lookup and how busy the box was."""
     conn = await _http.Connection.open(base_url)
@@ -129,50 +132,74 @@ def run(quick: bool) -> list[Figure]:
     figures: list[Figure] = []
     http_p50: dict[int, float] = {}
     index_p50: dict[int, float] = {}
-    with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl, \
-            _http.runner() as loop:
+    with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl, _http.runner() as loop:
         client = redis_conn.connect(server.url)
         try:
             populated = 0
             for count in INSTANCE_COUNTS:
                 started = time.perf_counter()
                 _populate(client, rng, range(populated, count), prompt)
-                note(f"lookup: fleet now {count} instances x {CHUNKS_PER_INSTANCE} chunks "
-                     f"(+{(count - populated) * CHUNKS_PER_INSTANCE} chunks in {time.perf_counter() - started:.1f} s)")
+                note(
+                    f"lookup: fleet now {count} instances x {CHUNKS_PER_INSTANCE} chunks "
+                    f"(+{(count - populated) * CHUNKS_PER_INSTANCE} chunks in {time.perf_counter() - started:.1f} s)"
+                )
                 populated = count
                 latencies, ctl_cpu, busy = loop.run(_over_http(ctl.url, request, samples, warmup, expected, ctl.pid))
                 direct = loop.run(_in_process(server.url, tokens, samples))
                 p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
                 http_p50[count], index_p50[count] = p50, percentile(direct, 50)
-                figures.append(Figure(
-                    "/lookup p50/p99 (HTTP)",
-                    f"{count} inst x {CHUNKS_PER_INSTANCE} chunks; layout {len(expected)} inst, checked; "
-                    f"{samples} seq",
-                    f"{ms(p50)} / {ms(p99)} (index alone {ms(index_p50[count])}, ctl CPU {ms(ctl_cpu)}, "
-                    f"box {busy:.0%} busy)",
-                    "p50 <= 2 ms" + (" (LMCache 0.5.6: 75 ms)" if count == 1000 else ""),
-                    p50 <= TARGET_P50_S,
-                    {"instances": count, "p50_s": p50, "p99_s": p99, "index_alone_p50_s": index_p50[count],
-                     "controller_cpu_s_per_lookup": ctl_cpu, "box_busy": busy, "layout_size": len(expected)},
-                ))
+                figures.append(
+                    Figure(
+                        "/lookup p50/p99 (HTTP)",
+                        f"{count} inst x {CHUNKS_PER_INSTANCE} chunks; layout {len(expected)} inst, checked; "
+                        f"{samples} seq",
+                        f"{ms(p50)} / {ms(p99)} (index alone {ms(index_p50[count])}, ctl CPU {ms(ctl_cpu)}, "
+                        f"box {busy:.0%} busy)",
+                        "p50 <= 2 ms" + (" (LMCache 0.5.6: 75 ms)" if count == 1000 else ""),
+                        p50 <= TARGET_P50_S,
+                        {
+                            "instances": count,
+                            "p50_s": p50,
+                            "p99_s": p99,
+                            "index_alone_p50_s": index_p50[count],
+                            "controller_cpu_s_per_lookup": ctl_cpu,
+                            "box_busy": busy,
+                            "layout_size": len(expected),
+                        },
+                    )
+                )
             largest, smallest = INSTANCE_COUNTS[-1], INSTANCE_COUNTS[0]
             ratio = http_p50[largest] / http_p50[smallest]
             index_ratio = index_p50[largest] / index_p50[smallest]
-            figures.append(Figure(
-                "/lookup flatness", f"p50 at {largest} / p50 at {smallest} instances",
-                f"{ratio:.2f}x (index alone {index_ratio:.2f}x)", f"flat (<= {FLAT_RATIO}x)", ratio <= FLAT_RATIO,
-                {"ratio": ratio, "index_alone_ratio": index_ratio},
-            ))
-            figures.append(_worst_case(loop, client, ctl.url, request, prompt[0], expected, largest,
-                                       30 if quick else 200, ctl.pid))
+            figures.append(
+                Figure(
+                    "/lookup flatness",
+                    f"p50 at {largest} / p50 at {smallest} instances",
+                    f"{ratio:.2f}x (index alone {index_ratio:.2f}x)",
+                    f"flat (<= {FLAT_RATIO}x)",
+                    ratio <= FLAT_RATIO,
+                    {"ratio": ratio, "index_alone_ratio": index_ratio},
+                )
+            )
+            figures.append(
+                _worst_case(loop, client, ctl.url, request, prompt[0], expected, largest, 30 if quick else 200, ctl.pid)
+            )
         finally:
             client.close()
     return figures
 
 
-def _worst_case(loop: asyncio.Runner, client: redis.Redis, base_url: str, request: bytes,
-                first: IndexEntry, expected: dict[str, int], count: int, samples: int, controller_pid: int
-                ) -> Figure:
+def _worst_case(
+    loop: asyncio.Runner,
+    client: redis.Redis,
+    base_url: str,
+    request: bytes,
+    first: IndexEntry,
+    expected: dict[str, int],
+    count: int,
+    samples: int,
+    controller_pid: int,
+) -> Figure:
     """Worst case, no target: every instance also holds the prompt's first chunk (a shared system prompt, say).
 
     The head set then names the whole fleet as candidates, and lookup reads every instance's index,
@@ -189,7 +216,8 @@ def _worst_case(loop: asyncio.Runner, client: redis.Redis, base_url: str, reques
         "  /lookup WORST CASE (no target)",
         f"all {count} inst share the prompt's 1st chunk, so all are candidates; layout {len(everyone)} inst, "
         f"checked; {samples} seq",
-        f"{ms(p50)} / {ms(p99)} (ctl CPU {ms(ctl_cpu)})", "none: worst case",
+        f"{ms(p50)} / {ms(p99)} (ctl CPU {ms(ctl_cpu)})",
+        "none: worst case",
         data={"p50_s": p50, "p99_s": p99, "layout_size": len(everyone), "controller_cpu_s_per_lookup": ctl_cpu},
     )
 

@@ -41,16 +41,23 @@ def run(quick: bool) -> list[Figure]:
     per_chunk = (after - before) / total
     return [
         Figure(
-            "Redis memory per chunk", f"used_memory delta over {total // 1000}k chunks, 32-chunk prompts",
-            f"{per_chunk:.0f} B", f"<= {TARGET_BYTES:.0f} B", per_chunk <= TARGET_BYTES,
+            "Redis memory per chunk",
+            f"used_memory delta over {total // 1000}k chunks, 32-chunk prompts",
+            f"{per_chunk:.0f} B",
+            f"<= {TARGET_BYTES:.0f} B",
+            per_chunk <= TARGET_BYTES,
             {"bytes_per_chunk": per_chunk, "chunks": total, "used_memory_delta": after - before},
         ),
         Figure(
-            "  of which", f"MEMORY USAGE; index hash is {encoding}",
+            "  of which",
+            f"MEMORY USAGE; index hash is {encoding}",
             f"index {index_bytes / total:.0f} B, heads {heads_bytes / total:.0f} B, "
             f"global heads {sum(global_heads) / total:.0f} B",
-            data={"index_bytes_per_chunk": index_bytes / total, "heads_bytes_per_chunk": heads_bytes / total,
-                  "global_heads_bytes_per_chunk": sum(global_heads) / total},
+            data={
+                "index_bytes_per_chunk": index_bytes / total,
+                "heads_bytes_per_chunk": heads_bytes / total,
+                "global_heads_bytes_per_chunk": sum(global_heads) / total,
+            },
         ),
     ]
 

@@ -18,8 +18,13 @@ from bench import clear, clear_cost, commands, engine_prefill, ingest, lookup, m
 from bench._harness import Figure, busy_fraction, cpu_jiffies, print_table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
-    "lookup": lookup.run, "clear": clear.run, "clear_cost": clear_cost.run, "ingest": ingest.run,
-    "memory": memory.run, "commands": commands.run, "engine_prefill": engine_prefill.run,
+    "lookup": lookup.run,
+    "clear": clear.run,
+    "clear_cost": clear_cost.run,
+    "ingest": ingest.run,
+    "memory": memory.run,
+    "commands": commands.run,
+    "engine_prefill": engine_prefill.run,
     "vllm_prefill": vllm_prefill.run,
 }
 
@@ -29,9 +34,12 @@ def _host_load(seconds: float = 1.0) -> Figure:
     before = cpu_jiffies()
     time.sleep(seconds)
     busy = busy_fraction(before, cpu_jiffies())
-    return Figure("host load before the run", f"{os.cpu_count()} CPUs; busy share over {seconds:g} s",
-                  f"{busy:.0%}" + (" (other load: figures will suffer)" if busy > 0.2 else ""),
-                  data={"box_busy": busy, "cpus": float(os.cpu_count() or 0)})
+    return Figure(
+        "host load before the run",
+        f"{os.cpu_count()} CPUs; busy share over {seconds:g} s",
+        f"{busy:.0%}" + (" (other load: figures will suffer)" if busy > 0.2 else ""),
+        data={"box_busy": busy, "cpus": float(os.cpu_count() or 0)},
+    )
 
 
 def main() -> None:

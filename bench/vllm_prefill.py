@@ -51,8 +51,10 @@ def run(quick: bool) -> list[Figure]:
     with workdir() as tmp, redis_server(tmp) as server, controller(server.url, tmp) as ctl:
         note("vllm_prefill: building the tiny model and starting vLLM (50-100 s)")
         port = 18_000 + rng.randrange(1000)
-        with vllm_server(build_model(tmp / "model"), server.url, port, tmp / "vllm.log") as vllm, \
-                httpx.Client(timeout=120) as http:
+        with (
+            vllm_server(build_model(tmp / "model"), server.url, port, tmp / "vllm.log") as vllm,
+            httpx.Client(timeout=120) as http,
+        ):
 
             def ttft(tokens: list[int]) -> tuple[float, int]:
                 started = time.perf_counter()
@@ -87,14 +89,30 @@ def run(quick: bool) -> list[Figure]:
                     raise RuntimeError(f"the request after a clear reported {cached} cached tokens")
     speedup = statistics.median(cold) / statistics.median(hit)
     return [
-        Figure(f"vLLM prefill {PROMPT_TOKENS} tokens, cold", f"tiny model, bf16, 2 CPU threads; {samples} prompts",
-               _summary(cold), data={"p50_s": statistics.median(cold)}),
-        Figure(f"vLLM prefill {PROMPT_TOKENS} tokens, kvbus hit", f"1920 tokens loaded, 128 computed; {samples}",
-               f"{_summary(hit)}; {speedup:.1f}x faster", data={"p50_s": statistics.median(hit), "speedup": speedup}),
-        Figure(f"  vLLM prefill {COMPUTED_ON_HIT} tokens, cold", "what a hit computes, with no context to attend to",
-               _summary(short), data={"p50_s": statistics.median(short)}),
-        Figure("/clear answered -> recompute done", f"next request for the cleared prompt; {samples}",
-               _summary(recompute), data={"p50_s": statistics.median(recompute)}),
+        Figure(
+            f"vLLM prefill {PROMPT_TOKENS} tokens, cold",
+            f"tiny model, bf16, 2 CPU threads; {samples} prompts",
+            _summary(cold),
+            data={"p50_s": statistics.median(cold)},
+        ),
+        Figure(
+            f"vLLM prefill {PROMPT_TOKENS} tokens, kvbus hit",
+            f"1920 tokens loaded, 128 computed; {samples}",
+            f"{_summary(hit)}; {speedup:.1f}x faster",
+            data={"p50_s": statistics.median(hit), "speedup": speedup},
+        ),
+        Figure(
+            f"  vLLM prefill {COMPUTED_ON_HIT} tokens, cold",
+            "what a hit computes, with no context to attend to",
+            _summary(short),
+            data={"p50_s": statistics.median(short)},
+        ),
+        Figure(
+            "/clear answered -> recompute done",
+            f"next request for the cleared prompt; {samples}",
+            _summary(recompute),
+            data={"p50_s": statistics.median(recompute)},
+        ),
     ]
 
 

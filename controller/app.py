@@ -30,8 +30,9 @@ def create_app(config: KVBusConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis_client = redis_conn.connect_async(config.redis_url)
         reader_client = redis_conn.connect_async(config.redis_url, blocking=True)
-        bus = CommandBus(redis_client, reader_client, timeout_s=config.command_timeout,
-                         event_retention_s=config.event_retention)
+        bus = CommandBus(
+            redis_client, reader_client, timeout_s=config.command_timeout, event_retention_s=config.event_retention
+        )
         app.state.config = config
         app.state.redis = redis_client
         app.state.bus = bus
@@ -54,7 +55,11 @@ def create_app(config: KVBusConfig) -> Starlette:
 
     # Counters live as long as the app, not the process: tests and embedders create several apps.
     own_metrics = metrics.Metrics()
-    app = Starlette(routes=[*ROUTES, *metrics.ROUTES, *dashboard.ROUTES], exception_handlers=EXCEPTION_HANDLERS,
-                    middleware=[Middleware(metrics.MetricsMiddleware, metrics=own_metrics)], lifespan=lifespan)
+    app = Starlette(
+        routes=[*ROUTES, *metrics.ROUTES, *dashboard.ROUTES],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(metrics.MetricsMiddleware, metrics=own_metrics)],
+        lifespan=lifespan,
+    )
     app.state.metrics = own_metrics
     return app

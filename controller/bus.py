@@ -83,8 +83,14 @@ class _Waiter:
 
 
 class CommandBus:
-    def __init__(self, client: redis.asyncio.Redis, reader: redis.asyncio.Redis, *, timeout_s: float,
-                 event_retention_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        reader: redis.asyncio.Redis,
+        *,
+        timeout_s: float,
+        event_retention_s: float = 3600.0,
+    ) -> None:
         self._redis = client
         self._reader = reader
         self.timeout_s = timeout_s
@@ -115,10 +121,15 @@ class CommandBus:
         Raises UnknownInstance, or AgentTimeout naming the silent workers. The results may
         still carry errors or refusals: what they mean depends on the command.
         """
-        command = Command(event_id=event_id, kind=kind, reply_to=self.results_key,
-                          timeout_ms=int(self.timeout_s * 1000), **fields)
-        record = {"kind": str(kind), "instance_id": instance_id, "location": command.location,
-                  "timeout_ms": command.timeout_ms}
+        command = Command(
+            event_id=event_id, kind=kind, reply_to=self.results_key, timeout_ms=int(self.timeout_s * 1000), **fields
+        )
+        record = {
+            "kind": str(kind),
+            "instance_id": instance_id,
+            "location": command.location,
+            "timeout_ms": command.timeout_ms,
+        }
         fields = encode(command)
         # The journal keeps every command for a long while: a count stands in for the token list.
         journaled = {"type": "command", "instance_id": instance_id, **fields}
@@ -129,11 +140,20 @@ class CommandBus:
         try:
             workers = await self._send(
                 keys=[keys.workers(instance_id), keys.event(event_id), keys.commands(instance_id), keys.JOURNAL],
-                args=[self.event_retention_ms, int(time.time() * 1000) - COMMAND_RETENTION_MS, keys.JOURNAL_MAXLEN,
-                      json.dumps(_flat(record)), json.dumps(_flat(journaled)), *_flat(fields)])
+                args=[
+                    self.event_retention_ms,
+                    int(time.time() * 1000) - COMMAND_RETENTION_MS,
+                    keys.JOURNAL_MAXLEN,
+                    json.dumps(_flat(record)),
+                    json.dumps(_flat(journaled)),
+                    *_flat(fields),
+                ],
+            )
             if not workers:
-                raise UnknownInstance(f"unknown instance_id {instance_id!r}: no agent has registered it "
-                                      "(check enable_controller and redis_url in the engine's config)")
+                raise UnknownInstance(
+                    f"unknown instance_id {instance_id!r}: no agent has registered it "
+                    "(check enable_controller and redis_url in the engine's config)"
+                )
             waiter.expect({int(w) for w in workers})
             await asyncio.wait_for(asyncio.shield(waiter.done), self.timeout_s)
         except TimeoutError:
@@ -145,8 +165,10 @@ class CommandBus:
     async def _silence(self, instance_id: str, waiter: _Waiter) -> str:
         silent = sorted((waiter.expected or set()) - waiter.results.keys())
         answered = f" (workers {sorted(waiter.results)} answered)" if waiter.results else ""
-        waited = (f"worker {', '.join(map(str, silent))} of {instance_id!r} did not answer within "
-                  f"{self.timeout_s:g} s{answered}")
+        waited = (
+            f"worker {', '.join(map(str, silent))} of {instance_id!r} did not answer within "
+            f"{self.timeout_s:g} s{answered}"
+        )
         try:
             alive = await self._redis.exists(keys.alive(instance_id))
         except redis.RedisError:

@@ -30,8 +30,10 @@ JOURNAL_WINDOW = 100
 AGENT_EVENTS = 10
 # The page loads nothing from elsewhere and builds every string into the DOM as text; this makes
 # the browser enforce the first and refuse any script that is not the page's own.
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 async def page(request: Request) -> HTMLResponse:
@@ -44,15 +46,17 @@ async def dashboard_json(request: Request) -> JSONResponse:
     bus: CommandBus = request.app.state.bus
     snapshot, (commands, lifecycle) = await asyncio.gather(fleet.read(client), _recent(client))
     hits, misses = metrics.lookup_counts()
-    return JSONResponse({
-        "controller_id": bus.controller_id,
-        **fleet.summary(snapshot, request.app.state.config.heartbeat_ttl),
-        "lookups": {"hits": hits, "misses": misses,
-                    "hit_ratio": hits / (hits + misses) if hits + misses else None},
-        "commands_answered": metrics.command_counts(),
-        "recent_commands": commands,
-        "agent_events": lifecycle,
-    }, headers={"Cache-Control": "no-store"})
+    return JSONResponse(
+        {
+            "controller_id": bus.controller_id,
+            **fleet.summary(snapshot, request.app.state.config.heartbeat_ttl),
+            "lookups": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
+            "commands_answered": metrics.command_counts(),
+            "recent_commands": commands,
+            "agent_events": lifecycle,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def _recent(client: redis.asyncio.Redis) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -71,13 +75,20 @@ async def _recent(client: redis.asyncio.Redis) -> tuple[list[dict[str, Any]], li
     for _, fields in sent:
         pipe.hgetall(keys.event(fields.get("event_id", "")))
     records = await pipe.execute()
-    commands = [_command(entry_id, fields, record, results, now_ms)
-                for (entry_id, fields), record in zip(sent, records, strict=True)]
+    commands = [
+        _command(entry_id, fields, record, results, now_ms)
+        for (entry_id, fields), record in zip(sent, records, strict=True)
+    ]
     return commands, [_agent_event(entry_id, fields) for entry_id, fields in lifecycle]
 
 
-def _command(entry_id: str, fields: dict[str, str], record: dict[str, str],
-             journaled: dict[str, dict[str, dict[str, Any]]], now_ms: int) -> dict[str, Any]:
+def _command(
+    entry_id: str,
+    fields: dict[str, str],
+    record: dict[str, str],
+    journaled: dict[str, dict[str, dict[str, Any]]],
+    now_ms: int,
+) -> dict[str, Any]:
     event_id = fields.get("event_id", "")
     if record:
         described = events.describe(event_id, record, now_ms)
@@ -102,14 +113,21 @@ def _command(entry_id: str, fields: dict[str, str], record: dict[str, str],
 
 def _journal_result(fields: dict[str, str]) -> dict[str, Any]:
     count = fields.get("num_tokens", "")
-    return {"status": fields.get("status", ""), "num_tokens": int(count) if count.lstrip("-").isdigit() else None,
-            "detail": fields.get("detail", "")}
+    return {
+        "status": fields.get("status", ""),
+        "num_tokens": int(count) if count.lstrip("-").isdigit() else None,
+        "detail": fields.get("detail", ""),
+    }
 
 
 def _agent_event(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    return {"time": _entry_ms(entry_id) / 1000, "kind": fields.get("kind", ""),
-            "instance_id": fields.get("instance_id", ""), "worker_id": fields.get("worker_id", ""),
-            "detail": fields.get("detail", "")}
+    return {
+        "time": _entry_ms(entry_id) / 1000,
+        "kind": fields.get("kind", ""),
+        "instance_id": fields.get("instance_id", ""),
+        "worker_id": fields.get("worker_id", ""),
+        "detail": fields.get("detail", ""),
+    }
 
 
 def _entry_ms(entry_id: str) -> int:

@@ -97,9 +97,12 @@ async def api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s -> 503: Redis unreachable (%s)", request.method, request.url.path, exc)
-    return _body(503, BusUnavailable.code,
-                 f"Redis is unreachable ({type(exc).__name__}: {exc}); the controller reconnects by itself, "
-                 "retry shortly and check that redis_url points at a running server")
+    return _body(
+        503,
+        BusUnavailable.code,
+        f"Redis is unreachable ({type(exc).__name__}: {exc}); the controller reconnects by itself, "
+        "retry shortly and check that redis_url points at a running server",
+    )
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:

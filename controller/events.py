@@ -26,7 +26,8 @@ from kvbus.shared.messages import Result, ResultStatus, decode
 # answer late commands "expired" and never execute them.
 _LATE_GRACE_MS = 2000
 _ANSWERED_IN_REQUEST = re.compile(
-    r"(Lookup|QueryWorkerInfo|QueryInst)[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    r"(Lookup|QueryWorkerInfo|QueryInst)[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+)
 
 
 class EventStatus(StrEnum):
@@ -44,16 +45,20 @@ async def check(client: redis.asyncio.Redis, event_id: str) -> dict[str, Any]:
     if not record:
         if _ANSWERED_IN_REQUEST.fullmatch(event_id):
             return {"event_id": event_id, "status": EventStatus.FINISHED}
-        raise UnknownEvent(f"no event {event_id!r}: it was never created, or it is older than event_retention",
-                           event_id=event_id)
+        raise UnknownEvent(
+            f"no event {event_id!r}: it was never created, or it is older than event_retention", event_id=event_id
+        )
     return describe(event_id, record, seconds * 1000 + micros // 1000)
 
 
 def describe(event_id: str, record: dict[str, str], now_ms: int) -> dict[str, Any]:
     """/check_finish's answer for a stored event record, as of Redis time `now_ms` (the dashboard reads many)."""
     workers: list[int] = json.loads(record["workers"])
-    results = {w: decode(Result, json.loads(record[keys.event_result_field(w)]))
-               for w in workers if keys.event_result_field(w) in record}
+    results = {
+        w: decode(Result, json.loads(record[keys.event_result_field(w)]))
+        for w in workers
+        if keys.event_result_field(w) in record
+    }
     deadline_ms = int(record["entry_id"].split("-", 1)[0]) + int(record["timeout_ms"])
     overdue = now_ms > deadline_ms + _LATE_GRACE_MS
     return {
@@ -77,5 +82,9 @@ def _status(results: dict[int, Result], *, complete: bool, overdue: bool) -> Eve
 def _worker(result: Result | None) -> dict[str, Any]:
     if result is None:
         return {"status": "pending"}
-    return {"status": str(result.status), "num_tokens": result.num_tokens, "error_code": result.error_code,
-            "detail": result.detail}
+    return {
+        "status": str(result.status),
+        "num_tokens": result.num_tokens,
+        "error_code": result.error_code,
+        "detail": result.detail,
+    }

@@ -104,8 +104,10 @@ async def read(client: redis.asyncio.Redis) -> Fleet:
             backlog = None
             if group is not None:
                 oldest_ms = _entry_ms(next(replies)) if (n, worker_id) in oldest_asked else None
-                backlog = Backlog(group.pending + group.undelivered,
-                                  max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms is not None else 0.0)
+                backlog = Backlog(
+                    group.pending + group.undelivered,
+                    max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms is not None else 0.0,
+                )
             listed.append(Worker(worker_id, fields, _age(fields, now_ms), _stats(fields), backlog))
         index = dict(zip(locations, per_instance[n][4:], strict=True))
         instances.append(Instance(instance_id, bool(per_instance[n][1]), index, listed))
@@ -154,14 +156,17 @@ def summary(fleet: Fleet, heartbeat_ttl_s: float) -> dict[str, Any]:
     return {
         "now": fleet.now_s,
         "locations": fleet.locations,
-        "instances": [{
-            "instance_id": instance.instance_id,
-            "alive": instance.alive,
-            "index_chunks": instance.index,
-            "workers_registered": len(instance.workers),
-            "workers_alive": sum(is_alive(w, heartbeat_ttl_s) for w in instance.workers),
-            "workers": [_worker(w, heartbeat_ttl_s) for w in instance.workers],
-        } for instance in fleet.instances],
+        "instances": [
+            {
+                "instance_id": instance.instance_id,
+                "alive": instance.alive,
+                "index_chunks": instance.index,
+                "workers_registered": len(instance.workers),
+                "workers_alive": sum(is_alive(w, heartbeat_ttl_s) for w in instance.workers),
+                "workers": [_worker(w, heartbeat_ttl_s) for w in instance.workers],
+            }
+            for instance in fleet.instances
+        ],
     }
 
 

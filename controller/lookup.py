@@ -96,8 +96,11 @@ class PrefixIndex:
             heads = await pipe.execute()
         matches = []
         for chain, instances in _candidates(chains, heads, len(fleet.locations)):
-            walk_keys = [key for instance_id in instances for key in (
-                keys.alive(instance_id), *(keys.index(instance_id, loc) for loc in fleet.locations))]
+            walk_keys = [
+                key
+                for instance_id in instances
+                for key in (keys.alive(instance_id), *(keys.index(instance_id, loc) for loc in fleet.locations))
+            ]
             walked = await self._walk(keys=walk_keys, args=[len(fleet.locations), *(c.key for c in chain)])
             for instance_id, matched, last in zip(instances, walked[::2], walked[1::2], strict=True):
                 if matched:
@@ -112,15 +115,17 @@ class PrefixIndex:
         return _chains(tokens, spaces)
 
 
-def _read_heads(pipe: redis.asyncio.client.Pipeline, chains: list[list[Chunk]],
-                locations: tuple[Location, ...]) -> None:
+def _read_heads(
+    pipe: redis.asyncio.client.Pipeline, chains: list[list[Chunk]], locations: tuple[Location, ...]
+) -> None:
     for chain in chains:
         for location in locations:
             pipe.smembers(keys.head(location, chain[0].key))
 
 
-def _candidates(chains: list[list[Chunk]], heads: list[set[str]],
-                per_chain: int) -> list[tuple[list[Chunk], list[str]]]:
+def _candidates(
+    chains: list[list[Chunk]], heads: list[set[str]], per_chain: int
+) -> list[tuple[list[Chunk], list[str]]]:
     """Each chain with the instances its first chunk names; an instance goes with its first chain."""
     seen: set[str] = set()
     grouped = []

@@ -49,14 +49,31 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ["method", "path", "status"]
-        self.requests = Counter("kvbus_http_requests", "HTTP requests answered, by route template, method and "
-                                "status", labels, registry=self.registry)
-        self.latency = Histogram("kvbus_http_request_duration_seconds", "Time to answer an HTTP request, by route "
-                                 "template, method and status", labels, buckets=_BUCKETS, registry=self.registry)
-        self.commands = Counter("kvbus_commands", "Commands this controller sent and answered, by kind and outcome "
-                                "(ok, timeout, failed, refused)", ["kind", "outcome"], registry=self.registry)
-        self.lookups = Counter("kvbus_lookups", "Lookups this controller answered: hit when any instance holds a "
-                               "prefix, miss when layout_info is empty", ["result"], registry=self.registry)
+        self.requests = Counter(
+            "kvbus_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kvbus_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template, method and status",
+            labels,
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.commands = Counter(
+            "kvbus_commands",
+            "Commands this controller sent and answered, by kind and outcome (ok, timeout, failed, refused)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.lookups = Counter(
+            "kvbus_lookups",
+            "Lookups this controller answered: hit when any instance holds a prefix, miss when layout_info is empty",
+            ["result"],
+            registry=self.registry,
+        )
         # Series that exist from the start make rate() and ratios correct from the first increment.
         for kind in _COMMAND_PATHS.values():
             for outcome in OUTCOMES:
@@ -80,8 +97,10 @@ class Metrics:
 
     def lookup_counts(self) -> tuple[int, int]:
         """(hits, misses) since this process started."""
+
         def value(result: str) -> int:
             return int(self.registry.get_sample_value("kvbus_lookups_total", {"result": result}) or 0)
+
         return value("hit"), value("miss")
 
     def command_counts(self) -> dict[str, dict[str, int]]:
@@ -150,32 +169,60 @@ class _FleetCollector(Collector):
         self._ttl = heartbeat_ttl_s
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("kvbus_redis_up", "1 when this scrape read the fleet from Redis, 0 when Redis was "
-                                "unreachable (the fleet series are then absent)", value=int(self._fleet is not None))
+        yield GaugeMetricFamily(
+            "kvbus_redis_up",
+            "1 when this scrape read the fleet from Redis, 0 when Redis was "
+            "unreachable (the fleet series are then absent)",
+            value=int(self._fleet is not None),
+        )
         if self._fleet is None:
             return
         inst, wkr = ["instance_id"], ["instance_id", "worker_id"]
         families = {
-            "chunks": GaugeMetricFamily("kvbus_index_chunks", "Chunks indexed per instance and location (HLEN of its "
-                                        "index hash)", labels=[*inst, "location"]),
-            "alive": GaugeMetricFamily("kvbus_instance_alive", "1 while the instance's heartbeat key exists; lookups "
-                                       "skip instances without it", labels=inst),
-            "registered": GaugeMetricFamily("kvbus_workers_registered", "Workers registered per instance",
-                                            labels=inst),
-            "workers_alive": GaugeMetricFamily("kvbus_workers_alive", "Workers whose last heartbeat is within "
-                                               "heartbeat_ttl", labels=inst),
-            "heartbeat": GaugeMetricFamily("kvbus_worker_heartbeat_age_seconds", "Seconds since the worker's last "
-                                           "heartbeat, by Redis's clock", labels=wkr),
-            "unacked": GaugeMetricFamily("kvbus_bus_unacked_commands", "Commands on the instance's stream the worker "
-                                         "has not acked: read and pending, or not read yet", labels=wkr),
-            "lag": GaugeMetricFamily("kvbus_bus_lag_seconds", "Age of the oldest command the worker has not acked, "
-                                     "by Redis's clock; 0 when none", labels=wkr),
-            "held_chunks": GaugeMetricFamily("kvbus_worker_chunks", "Chunks the worker's backend holds at a location, "
-                                             "as of its last heartbeat", labels=[*wkr, "location"]),
-            "held_bytes": GaugeMetricFamily("kvbus_worker_bytes", "Bytes the worker's backend uses at a location, as "
-                                            "of its last heartbeat", labels=[*wkr, "location"]),
-            "capacity": GaugeMetricFamily("kvbus_worker_capacity_bytes", "Capacity of the worker's backend at a "
-                                          "location", labels=[*wkr, "location"]),
+            "chunks": GaugeMetricFamily(
+                "kvbus_index_chunks",
+                "Chunks indexed per instance and location (HLEN of its index hash)",
+                labels=[*inst, "location"],
+            ),
+            "alive": GaugeMetricFamily(
+                "kvbus_instance_alive",
+                "1 while the instance's heartbeat key exists; lookups skip instances without it",
+                labels=inst,
+            ),
+            "registered": GaugeMetricFamily("kvbus_workers_registered", "Workers registered per instance", labels=inst),
+            "workers_alive": GaugeMetricFamily(
+                "kvbus_workers_alive", "Workers whose last heartbeat is within heartbeat_ttl", labels=inst
+            ),
+            "heartbeat": GaugeMetricFamily(
+                "kvbus_worker_heartbeat_age_seconds",
+                "Seconds since the worker's last heartbeat, by Redis's clock",
+                labels=wkr,
+            ),
+            "unacked": GaugeMetricFamily(
+                "kvbus_bus_unacked_commands",
+                "Commands on the instance's stream the worker has not acked: read and pending, or not read yet",
+                labels=wkr,
+            ),
+            "lag": GaugeMetricFamily(
+                "kvbus_bus_lag_seconds",
+                "Age of the oldest command the worker has not acked, by Redis's clock; 0 when none",
+                labels=wkr,
+            ),
+            "held_chunks": GaugeMetricFamily(
+                "kvbus_worker_chunks",
+                "Chunks the worker's backend holds at a location, as of its last heartbeat",
+                labels=[*wkr, "location"],
+            ),
+            "held_bytes": GaugeMetricFamily(
+                "kvbus_worker_bytes",
+                "Bytes the worker's backend uses at a location, as of its last heartbeat",
+                labels=[*wkr, "location"],
+            ),
+            "capacity": GaugeMetricFamily(
+                "kvbus_worker_capacity_bytes",
+                "Capacity of the worker's backend at a location",
+                labels=[*wkr, "location"],
+            ),
         }
         for instance in self._fleet.instances:
             _add_instance(families, instance, self._ttl)

@@ -33,8 +33,10 @@ def token_count(outcome: Outcome) -> dict[str, Any]:
 
 def health(outcome: Outcome) -> dict[str, Any]:
     """`{event_id, error_codes: {worker_id: code}}`; a worker that failed to check gets -1001."""
-    codes = {str(worker): result.error_code if result.status == ResultStatus.OK else WORKER_ERROR
-             for worker, result in outcome.results.items()}
+    codes = {
+        str(worker): result.error_code if result.status == ResultStatus.OK else WORKER_ERROR
+        for worker, result in outcome.results.items()
+    }
     details = {str(w): r.detail for w, r in outcome.results.items() if r.detail}
     return {"event_id": outcome.event_id, "error_codes": codes, **({"details": details} if details else {})}
 

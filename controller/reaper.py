@@ -85,18 +85,27 @@ class Reaper:
         silence = time.time() - last_seen
         if silence < self._reap_after:
             return False
-        owned = [keys.info(instance_id), keys.workers(instance_id), keys.commands(instance_id),
-                 *(keys.worker(instance_id, w) for w in workers),
-                 *(keys.index(instance_id, loc) for loc in FASTEST_FIRST),
-                 *(keys.heads(instance_id, loc) for loc in FASTEST_FIRST)]
-        hints = [keys.head(loc, head) for loc, heads in zip(FASTEST_FIRST, replies[len(workers):], strict=True)
-                 for head in heads]
-        done = await self._script(keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *hints],
-                                  args=[instance_id, len(owned)])
+        owned = [
+            keys.info(instance_id),
+            keys.workers(instance_id),
+            keys.commands(instance_id),
+            *(keys.worker(instance_id, w) for w in workers),
+            *(keys.index(instance_id, loc) for loc in FASTEST_FIRST),
+            *(keys.heads(instance_id, loc) for loc in FASTEST_FIRST),
+        ]
+        hints = [
+            keys.head(loc, head)
+            for loc, heads in zip(FASTEST_FIRST, replies[len(workers) :], strict=True)
+            for head in heads
+        ]
+        done = await self._script(
+            keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *hints], args=[instance_id, len(owned)]
+        )
         if not done:
             return False
-        event = AgentEvent(kind=EventKind.REAPED, instance_id=instance_id, worker_id=-1,
-                           detail=f"no heartbeat for {silence:.0f} s")
+        event = AgentEvent(
+            kind=EventKind.REAPED, instance_id=instance_id, worker_id=-1, detail=f"no heartbeat for {silence:.0f} s"
+        )
         with contextlib.suppress(redis.RedisError):
             await self._redis.xadd(keys.EVENTS, encode(event), maxlen=keys.EVENTS_MAXLEN, approximate=True)
         log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)

@@ -49,8 +49,10 @@ class Registry:
             for worker_id in workers:
                 pipe.hgetall(keys.worker(instance_id, worker_id))
         hashes = iter(await pipe.execute())
-        return [Instance(instance_id, [_worker_info(next(hashes)) for _ in workers], count)
-                for instance_id, workers, count in zip(ids, worker_ids, key_counts, strict=True)]
+        return [
+            Instance(instance_id, [_worker_info(next(hashes)) for _ in workers], count)
+            for instance_id, workers, count in zip(ids, worker_ids, key_counts, strict=True)
+        ]
 
     async def worker(self, instance_id: str, worker_id: int) -> dict[str, Any]:
         (instance,) = await self.instances(instance_id)
@@ -61,8 +63,12 @@ class Registry:
 
     async def instance_at(self, ip: str) -> str | None:
         """The earliest-registered instance with a worker at `ip`, as LMCache's /query_instance."""
-        holders = [(w["registration_time"], instance.instance_id) for instance in await self.instances()
-                   for w in instance.workers if w["ip"] == ip]
+        holders = [
+            (w["registration_time"], instance.instance_id)
+            for instance in await self.instances()
+            for w in instance.workers
+            if w["ip"] == ip
+        ]
         return min(holders)[1] if holders else None
 
 
@@ -89,6 +95,7 @@ def key_stats(instances: list[Instance]) -> dict[str, Any]:
         "total_key_count": sum(i.key_count for i in instances),
         "total_instance_count": len(instances),
         "total_worker_count": sum(len(i.workers) for i in instances),
-        "instances": [{"instance_id": i.instance_id, "key_count": i.key_count, "worker_count": len(i.workers)}
-                      for i in instances],
+        "instances": [
+            {"instance_id": i.instance_id, "key_count": i.key_count, "worker_count": len(i.workers)} for i in instances
+        ],
     }

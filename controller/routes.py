@@ -58,10 +58,12 @@ async def lookup(request: Request) -> JSONResponse:
     body = parse(await _body(request), LookupRequest)
     check_token_count(body.tokens, config.max_lookup_tokens)
     matches = await index.lookup(body.tokens)
-    return JSONResponse({
-        "event_id": new_event_id("Lookup"),
-        "layout_info": {m.instance_id: [str(m.location), m.num_tokens] for m in matches},
-    })
+    return JSONResponse(
+        {
+            "event_id": new_event_id("Lookup"),
+            "layout_info": {m.instance_id: [str(m.location), m.num_tokens] for m in matches},
+        }
+    )
 
 
 async def clear(request: Request) -> JSONResponse:
@@ -72,15 +74,17 @@ async def clear(request: Request) -> JSONResponse:
 async def pin(request: Request) -> JSONResponse:
     body = parse(await _body(request), PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(request, body.instance_id, CommandKind.PIN, "Pin", location=str(body.location),
-                          tokens=body.tokens)
+    return await _command(
+        request, body.instance_id, CommandKind.PIN, "Pin", location=str(body.location), tokens=body.tokens
+    )
 
 
 async def unpin(request: Request) -> JSONResponse:
     body = parse(await _body(request), PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(request, body.instance_id, CommandKind.UNPIN, "Unpin", location=str(body.location),
-                          tokens=body.tokens)
+    return await _command(
+        request, body.instance_id, CommandKind.UNPIN, "Unpin", location=str(body.location), tokens=body.tokens
+    )
 
 
 async def compress(request: Request) -> JSONResponse:
@@ -95,8 +99,9 @@ async def _compression(request: Request, kind: CommandKind, prefix: str) -> JSON
     body = parse(await _body(request), CompressRequest)
     check_method(body.method)
     _check_tokens(request, body.tokens)
-    return await _command(request, body.instance_id, kind, prefix, location=str(body.location), tokens=body.tokens,
-                          method=body.method)
+    return await _command(
+        request, body.instance_id, kind, prefix, location=str(body.location), tokens=body.tokens, method=body.method
+    )
 
 
 async def _command(request: Request, instance_id: str, kind: CommandKind, prefix: str, **fields: Any) -> JSONResponse:
@@ -104,8 +109,15 @@ async def _command(request: Request, instance_id: str, kind: CommandKind, prefix
     event_id = new_event_id(prefix)
     started = time.perf_counter()
     answer = outcomes.token_count(await bus.request(instance_id, kind, event_id, **fields))
-    log.info("%s %s %s %s: %d tokens in %.1f ms", kind, event_id, instance_id, fields.get("location", ""),
-             answer["num_tokens"], (time.perf_counter() - started) * 1000)
+    log.info(
+        "%s %s %s %s: %d tokens in %.1f ms",
+        kind,
+        event_id,
+        instance_id,
+        fields.get("location", ""),
+        answer["num_tokens"],
+        (time.perf_counter() - started) * 1000,
+    )
     return JSONResponse(answer)
 
 
@@ -120,23 +132,36 @@ async def move(request: Request) -> JSONResponse:
     if dest != source:
         (sending,), (receiving,) = await registry.instances(source), await registry.instances(dest)
         if len(sending.workers) != len(receiving.workers):
-            raise Refused(f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
-                          "chunks move rank to rank, so both need the same number")
+            raise Refused(
+                f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
+                "chunks move rank to rank, so both need the same number"
+            )
         for sender, receiver in zip(sending.workers, receiving.workers, strict=True):
             if not receiver["peer_init_url"]:
-                raise Refused(f"worker {receiver['worker_id']} of {dest!r} has no peer endpoint: set p2p_host and "
-                              "p2p_init_ports in its config")
+                raise Refused(
+                    f"worker {receiver['worker_id']} of {dest!r} has no peer endpoint: set p2p_host and "
+                    "p2p_init_ports in its config"
+                )
             peers[str(sender["worker_id"])] = receiver["peer_init_url"]
-    return await _command(request, source, CommandKind.MOVE, "Move", location=str(source_location),
-                          tokens=body.tokens, dest_location=str(dest_location), peers=peers,
-                          should_copy=body.should_copy)
+    return await _command(
+        request,
+        source,
+        CommandKind.MOVE,
+        "Move",
+        location=str(source_location),
+        tokens=body.tokens,
+        dest_location=str(dest_location),
+        peers=peers,
+        should_copy=body.should_copy,
+    )
 
 
 async def health(request: Request) -> JSONResponse:
     bus: CommandBus = request.app.state.bus
     body = parse(await _body(request), InstanceRequest)
-    return JSONResponse(outcomes.health(await bus.request(body.instance_id, CommandKind.HEALTH,
-                                                          new_event_id("health"))))
+    return JSONResponse(
+        outcomes.health(await bus.request(body.instance_id, CommandKind.HEALTH, new_event_id("health")))
+    )
 
 
 async def check_finish(request: Request) -> JSONResponse:
@@ -156,8 +181,9 @@ async def query_worker_info(request: Request) -> JSONResponse:
 async def query_instance(request: Request) -> JSONResponse:
     registry: Registry = request.app.state.registry
     body = parse(await _body(request), QueryInstanceRequest)
-    return JSONResponse({"event_id": body.event_id or new_event_id("QueryInst"),
-                         "res": await registry.instance_at(body.ip)})
+    return JSONResponse(
+        {"event_id": body.event_id or new_event_id("QueryInst"), "res": await registry.instance_at(body.ip)}
+    )
 
 
 async def key_stats(request: Request) -> JSONResponse:

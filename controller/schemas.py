@@ -67,8 +67,18 @@ class QueryInstanceRequest(msgspec.Struct):
     event_id: str = ""  # LMCache requires it and ignores it
 
 
-Body = TypeVar("Body", LookupRequest, ClearRequest, PinRequest, CompressRequest, MoveRequest, InstanceRequest,
-               CheckFinishRequest, QueryWorkerInfoRequest, QueryInstanceRequest)
+Body = TypeVar(
+    "Body",
+    LookupRequest,
+    ClearRequest,
+    PinRequest,
+    CompressRequest,
+    MoveRequest,
+    InstanceRequest,
+    CheckFinishRequest,
+    QueryWorkerInfoRequest,
+    QueryInstanceRequest,
+)
 
 _FIELD_AT = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -92,11 +102,13 @@ def parse(body: bytes, kind: type[Body]) -> Body:
 
 def check_token_count(tokens: list[int], limit: int) -> None:
     if len(tokens) > limit:
-        raise InvalidField(f"tokens: {len(tokens)} tokens exceed the limit of {limit} (max_lookup_tokens)",
-                           field="tokens")
+        raise InvalidField(
+            f"tokens: {len(tokens)} tokens exceed the limit of {limit} (max_lookup_tokens)", field="tokens"
+        )
 
 
 def check_method(method: str) -> None:
     if method not in compression.METHODS:
-        raise UnknownMethod(f"unknown compression method {method!r}; known methods: {', '.join(compression.METHODS)}",
-                            field="method")
+        raise UnknownMethod(
+            f"unknown compression method {method!r}; known methods: {', '.join(compression.METHODS)}", field="method"
+        )

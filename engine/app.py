@@ -59,9 +59,13 @@ def create_app(config: KVBusConfig, served_model: str, shape: ModelShape = TINY,
         app.state.model_thread = model_thread
         app.state.served_model = served_model
         app.state.created = int(time.time())
-        log.info("engine serving %s (%.1f M params, %d B of KV per token) as instance %s",
-                 served_model, sum(p.numel() for p in model.parameters()) / 1e6, shape.kv_bytes_per_token,
-                 config.lmcache_instance_id)
+        log.info(
+            "engine serving %s (%.1f M params, %d B of KV per token) as instance %s",
+            served_model,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            shape.kv_bytes_per_token,
+            config.lmcache_instance_id,
+        )
         try:
             yield
         finally:
@@ -104,19 +108,27 @@ async def completions(request: Request) -> JSONResponse:
             raise BadRequest(
                 f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)} tokens "
                 f"and max_tokens asks for {params.max_tokens} more; shorten the prompt or lower max_tokens",
-                param="prompt" if len(prompt) >= limit else "max_tokens")
+                param="prompt" if len(prompt) >= limit else "max_tokens",
+            )
     model_thread: ThreadPoolExecutor = request.app.state.model_thread
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_events(model_thread, generator, served, prompts, params, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _events(model_thread, generator, served, prompts, params, include_usage), media_type="text/event-stream"
+        )
     loop = asyncio.get_running_loop()
     results = [await loop.run_in_executor(model_thread, generator.complete, p, params) for p in prompts]
     return JSONResponse(protocol.completion_response(served, results))
 
 
-async def _events(model_thread: ThreadPoolExecutor, generator: Generator, served: str, prompts: list[list[int]],
-                  params: SamplingParams, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    model_thread: ThreadPoolExecutor,
+    generator: Generator,
+    served: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """Server-sent events as vLLM sends them: text pieces, each choice's finish, usage if asked, [DONE]."""
     loop = asyncio.get_running_loop()
     cid, created = protocol.completion_id(), int(time.time())
@@ -126,8 +138,9 @@ async def _events(model_thread: ThreadPoolExecutor, generator: Generator, served
 
         def run(prompt: list[int] = prompt, pieces: asyncio.Queue[str | None] = pieces) -> Completion:
             try:
-                return generator.complete(prompt, params, lambda text: loop.call_soon_threadsafe(pieces.put_nowait,
-                                                                                                  text))
+                return generator.complete(
+                    prompt, params, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+                )
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
@@ -152,8 +165,14 @@ async def tokenize(request: Request) -> JSONResponse:
     protocol.check_model(body.model, request.app.state.served_model)
     ids = list(generator.encoding.encode(body.prompt))
     tokens = [LLAMA3_BOS, *ids] if body.add_special_tokens else ids
-    return JSONResponse({"count": len(tokens), "max_model_len": generator.model.shape.max_model_len,
-                         "tokens": tokens, "token_strs": None})
+    return JSONResponse(
+        {
+            "count": len(tokens),
+            "max_model_len": generator.model.shape.max_model_len,
+            "tokens": tokens,
+            "token_strs": None,
+        }
+    )
 
 
 async def detokenize(request: Request) -> JSONResponse:
@@ -167,8 +186,13 @@ async def detokenize(request: Request) -> JSONResponse:
 async def models(request: Request) -> JSONResponse:
     served: str = request.app.state.served_model
     card: dict[str, Any] = {
-        "id": served, "object": "model", "created": request.app.state.created, "owned_by": "kvbus",
-        "root": served, "parent": None, "max_model_len": request.app.state.generator.model.shape.max_model_len,
+        "id": served,
+        "object": "model",
+        "created": request.app.state.created,
+        "owned_by": "kvbus",
+        "root": served,
+        "parent": None,
+        "max_model_len": request.app.state.generator.model.shape.max_model_len,
     }
     return JSONResponse({"object": "list", "data": [card]})
 

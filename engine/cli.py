@@ -16,9 +16,13 @@ log = logging.getLogger("kvbus.engine")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Serve a tiny random-weight Llama-3-shaped model with the OpenAI completions API; the kvbus "
-        "agent inside keeps and reuses its prompts' KV and obeys the controller."))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Serve a tiny random-weight Llama-3-shaped model with the OpenAI completions API; the kvbus "
+            "agent inside keeps and reuses its prompts' KV and obeys the controller."
+        ),
+    )
     parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, if set)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -33,8 +37,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "kvbus engine") -> int:
     args = _parser(prog).parse_args(argv)
     logs.setup(args.log_level)
-    overrides = {k: v for k, v in {"redis_url": args.redis_url, "lmcache_instance_id": args.instance_id}.items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in {"redis_url": args.redis_url, "lmcache_instance_id": args.instance_id}.items() if v is not None
+    }
     try:
         config = load(args.config).with_overrides(enable_controller=True, **overrides)
         if not 0 < args.port < 65536:
@@ -43,8 +48,14 @@ def main(argv: list[str] | None = None, prog: str = "kvbus engine") -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     log.info("engine starting on http://%s:%d as %s", args.host, args.port, config.lmcache_instance_id)
-    uvicorn.run(create_app(config, args.model, seed=args.seed), host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(config, args.model, seed=args.seed),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

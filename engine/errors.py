@@ -36,8 +36,9 @@ class ModelNotFound(EngineError):
 
 
 def _body(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status
+    )
 
 
 async def engine_error(request: Request, exc: Exception) -> JSONResponse:

@@ -52,8 +52,9 @@ class Generator:
         self.agent = agent
         self.encoding = encoding
 
-    def complete(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Completion:
+    def complete(
+        self, prompt: Sequence[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
+    ) -> Completion:
         """Generate; `on_text` (for streaming) gets each piece of text as soon as it is final."""
         started = time.perf_counter()
         logits, kvs, cached = self._prefill(prompt)
@@ -101,13 +102,20 @@ class Generator:
         logits, kvs = self.model(torch.tensor(prompt[cached:]), past)
         elapsed = time.perf_counter() - started
         try:
-            stored = self.agent.store(prompt, [*held, *kv_chunks.cut(kvs, chunks[len(held):])])
+            stored = self.agent.store(prompt, [*held, *kv_chunks.cut(kvs, chunks[len(held) :])])
         except (RuntimeError, ValueError) as exc:
-            log.warning("could not keep the KV of a %d-token prompt (%s); it is served but not cached",
-                        len(prompt), exc)
+            log.warning(
+                "could not keep the KV of a %d-token prompt (%s); it is served but not cached", len(prompt), exc
+            )
             stored = 0
-        log.info("prefill %d tokens: %d from cache, %d computed in %.1f ms; %d tokens held",
-                 len(prompt), cached, len(prompt) - cached, elapsed * 1000, stored)
+        log.info(
+            "prefill %d tokens: %d from cache, %d computed in %.1f ms; %d tokens held",
+            len(prompt),
+            cached,
+            len(prompt) - cached,
+            elapsed * 1000,
+            stored,
+        )
         return logits, kvs, cached
 
     def _record_logprobs(self, result: Completion, logits: torch.Tensor, token: int, top: int) -> None:

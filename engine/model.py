@@ -76,8 +76,9 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(shape.hidden, shape.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(shape.num_heads * d, shape.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerKV | None) -> tuple[
-            torch.Tensor, LayerKV]:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerKV | None
+    ) -> tuple[torch.Tensor, LayerKV]:
         s, d = x.shape[0], self.shape.head_dim
         q = self.q_proj(x).view(s, self.shape.num_heads, d).transpose(0, 1)
         k = self.k_proj(x).view(s, self.shape.num_kv_heads, d).transpose(0, 1)
@@ -111,8 +112,9 @@ class _Block(nn.Module):
         self.up = nn.Linear(shape.hidden, shape.intermediate, bias=False)
         self.down = nn.Linear(shape.intermediate, shape.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerKV | None) -> tuple[
-            torch.Tensor, LayerKV]:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerKV | None
+    ) -> tuple[torch.Tensor, LayerKV]:
         attended, kv = self.attn(self.input_norm(x), cos, sin, past)
         x = x + attended
         h = self.post_norm(x)

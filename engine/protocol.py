@@ -76,8 +76,9 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
     if request.n != 1:
         raise BadRequest("n must be 1: the reference engine returns one choice per prompt", param="n")
     if request.stream and request.logprobs is not None:
-        raise BadRequest("logprobs are not streamed by the reference engine; send stream: false to get them",
-                         param="logprobs")
+        raise BadRequest(
+            "logprobs are not streamed by the reference engine; send stream: false to get them", param="logprobs"
+        )
     if request.echo:
         raise BadRequest("echo is not supported by the reference engine", param="echo")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
@@ -92,8 +93,14 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
         raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}", param="logprobs")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=request.seed,
-                          logprobs=request.logprobs, stop=tuple(s for s in stop if s))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=request.seed,
+        logprobs=request.logprobs,
+        stop=tuple(s for s in stop if s),
+    )
 
 
 def prompts(raw: Any) -> list[str | list[int]]:
@@ -127,25 +134,43 @@ def completion_response(model: str, completions: list[Completion]) -> dict[str, 
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": c.text, "logprobs": _logprobs(c) if c.token_logprobs else None,
-             "finish_reason": c.finish_reason, "stop_reason": None}
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": _logprobs(c) if c.token_logprobs else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": None,
+            }
             for i, c in enumerate(completions)
         ],
         "usage": usage(completions),
     }
 
 
-def stream_chunk(cid: str, created: int, model: str, index: int, text: str,
-                 finish_reason: str | None = None) -> dict[str, Any]:
+def stream_chunk(
+    cid: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None
+) -> dict[str, Any]:
     """One server-sent event of a streamed completion: a piece of one choice's text."""
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                         "stop_reason": None}]}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+        ],
+    }
 
 
 def usage_chunk(cid: str, created: int, model: str, completions: list[Completion]) -> dict[str, Any]:
-    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-            "usage": usage(completions)}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(completions),
+    }
 
 
 def usage(completions: list[Completion]) -> dict[str, Any]:
@@ -164,5 +189,9 @@ def _logprobs(completion: Completion) -> dict[str, Any]:
     for token in completion.token_texts:
         offsets.append(position)
         position += len(token)
-    return {"tokens": completion.token_texts, "token_logprobs": completion.token_logprobs,
-            "top_logprobs": completion.top_logprobs, "text_offset": offsets}
+    return {
+        "tokens": completion.token_texts,
+        "token_logprobs": completion.token_logprobs,
+        "top_logprobs": completion.top_logprobs,
+        "text_offset": offsets,
+    }

@@ -58,13 +58,38 @@ class Stack:
         self._redis()
         host = self.args.host
         self.say("[2/3] controller")
-        self._spawn("controller", ["controller", "--host", host, "--port", str(self.args.controller_port),
-                                   "--redis-url", self.config.redis_url, *self._config_flag()])
+        self._spawn(
+            "controller",
+            [
+                "controller",
+                "--host",
+                host,
+                "--port",
+                str(self.args.controller_port),
+                "--redis-url",
+                self.config.redis_url,
+                *self._config_flag(),
+            ],
+        )
         self._wait_http("controller", f"http://{host}:{self.args.controller_port}/healthz")
         self.say("[3/3] reference engine")
-        self._spawn("engine", ["engine", "--host", host, "--port", str(self.args.engine_port), "--model",
-                               self.args.model, "--redis-url", self.config.redis_url, "--instance-id",
-                               self.config.lmcache_instance_id, *self._config_flag()])
+        self._spawn(
+            "engine",
+            [
+                "engine",
+                "--host",
+                host,
+                "--port",
+                str(self.args.engine_port),
+                "--model",
+                self.args.model,
+                "--redis-url",
+                self.config.redis_url,
+                "--instance-id",
+                self.config.lmcache_instance_id,
+                *self._config_flag(),
+            ],
+        )
         self._wait_http("engine", f"http://{host}:{self.args.engine_port}/health")
 
     def _config_flag(self) -> list[str]:
@@ -78,17 +103,38 @@ class Stack:
             return
         where = urlsplit(url)
         if where.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise StartFailed(f"no Redis answers at {redacted(url)}, and kvbus up starts one only on this "
-                              "machine; start that server or point redis_url (or --redis-url) at one")
+            raise StartFailed(
+                f"no Redis answers at {redacted(url)}, and kvbus up starts one only on this "
+                "machine; start that server or point redis_url (or --redis-url) at one"
+            )
         binary = shutil.which("redis-server")
         if binary is None:
-            raise StartFailed("no Redis answers and redis-server is not installed: apt-get install redis-server "
-                              "(Debian/Ubuntu), brew install redis (macOS), or docker run -p 6379:6379 redis:7")
+            raise StartFailed(
+                "no Redis answers and redis-server is not installed: apt-get install redis-server "
+                "(Debian/Ubuntu), brew install redis (macOS), or docker run -p 6379:6379 redis:7"
+            )
         store = self.data / "redis"
         store.mkdir(parents=True, exist_ok=True)
         port = where.port or 6379
-        self._spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-                              "--appendfsync", "everysec", "--save", "", "--dir", str(store)], python=False)
+        self._spawn(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--dir",
+                str(store),
+            ],
+            python=False,
+        )
         self._wait("redis", lambda: _pings(url))
         self.say(f"      started redis-server on port {port}, AOF under {store}")
 
@@ -97,8 +143,14 @@ class Stack:
         self.say(f"      starting {name} (log {log_path})")
         command = [sys.executable, "-m", "kvbus", *argv] if python else argv
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, preexec_fn=_die_with_parent)
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.parts.append(_Part(name, process, log_path))
 
     def _wait_http(self, name: str, url: str) -> None:
@@ -110,8 +162,9 @@ class Stack:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not ready():
             if part.process.poll() is not None:
-                raise StartFailed(f"{name} exited with code {part.process.returncode} while starting:\n"
-                                  f"{_tail(part.log_path)}")
+                raise StartFailed(
+                    f"{name} exited with code {part.process.returncode} while starting:\n{_tail(part.log_path)}"
+                )
             if self.stopping.is_set():
                 raise StartFailed("interrupted while starting")
             if time.monotonic() > deadline:
@@ -178,7 +231,7 @@ kvbus is up:
   engine      {engine}  (OpenAI API, model {args.model}, instance {instance})
   controller  {controller}  (/lookup, /clear, /healthz)
   redis       {redacted(config.redis_url)}
-  logs        {Path(args.data_dir).resolve() / 'logs'}
+  logs        {Path(args.data_dir).resolve() / "logs"}
 
 Try the seed flow:
   curl -X POST {engine}/v1/completions -H "Content-Type: application/json" \\
@@ -225,8 +278,10 @@ def main(argv: list[str] | None = None, prog: str = "kvbus up") -> int:
         died = stack.watch()
         if died is not None:
             part = next(p for p in stack.parts if p.name == died)
-            say(f"{died} exited with code {part.process.returncode}; stopping the rest. Its log ends:\n"
-                f"{_tail(part.log_path)}")
+            say(
+                f"{died} exited with code {part.process.returncode}; stopping the rest. Its log ends:\n"
+                f"{_tail(part.log_path)}"
+            )
             code = 1
     except StartFailed as exc:
         say(f"{prog}: {exc}")

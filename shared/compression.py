@@ -20,14 +20,20 @@ class Method:
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("int8", lossless=False,
-               description="per-channel symmetric int8 quantization with a float32 scale per channel",
-               error_bound="|x - x'| <= max|x_c| / 254 for every value of channel c, a column of the last "
-                           "dimension (of one K or V of one layer in KV_2LTD: per index of the first two "
-                           "dimensions of a tensor of 4 or more), plus rounding the result to the stored "
-                           "dtype, at most eps/2 of it (|x'| / 256 for bfloat16, / 2048 for float16)"),
-        Method("zlib", lossless=True,
-               description="zlib (level 1) over the tensor's bytes grouped by byte position; bit-exact, any dtype"),
+        Method(
+            "int8",
+            lossless=False,
+            description="per-channel symmetric int8 quantization with a float32 scale per channel",
+            error_bound="|x - x'| <= max|x_c| / 254 for every value of channel c, a column of the last "
+            "dimension (of one K or V of one layer in KV_2LTD: per index of the first two "
+            "dimensions of a tensor of 4 or more), plus rounding the result to the stored "
+            "dtype, at most eps/2 of it (|x'| / 256 for bfloat16, / 2048 for float16)",
+        ),
+        Method(
+            "zlib",
+            lossless=True,
+            description="zlib (level 1) over the tensor's bytes grouped by byte position; bit-exact, any dtype",
+        ),
     )
 }
 

@@ -155,8 +155,9 @@ class KVBusConfig:
     command_timeout: float = _spec(_positive, 5.0, "seconds the controller waits for an agent")
     heartbeat_interval: float = _spec(_positive, 1.0, "seconds between agent heartbeats")
     heartbeat_ttl: float = _spec(_positive, 5.0, "seconds after the last heartbeat an agent counts as dead")
-    reap_after: float = _spec(_non_negative, 600.0,
-                              "seconds without a heartbeat before a controller removes an instance; 0: never")
+    reap_after: float = _spec(
+        _non_negative, 600.0, "seconds without a heartbeat before a controller removes an instance; 0: never"
+    )
     event_retention: float = _spec(_positive, 3600.0, "seconds /check_finish remembers a command's outcome")
     max_lookup_tokens: int = _spec(_positive_int, 262_144, "longest token list /lookup accepts")
     controller_host: str = _spec(_text, "127.0.0.1", "controller bind address")
@@ -178,12 +179,25 @@ _SPECS = {f.name: f for f in fields(KVBusConfig)}
 
 # LMCache keys that are valid in its yaml but mean nothing to kvbus: they get a
 # quieter warning than a typo would, so a shared LMCache file loads cleanly.
-_LMCACHE_ONLY = frozenset({
-    "remote_url", "remote_serde", "use_layerwise", "enable_p2p", "p2p_lookup_ports",
-    "pre_caching_hash_algorithm", "lmcache_worker_ids", "lmcache_worker_heartbeat_time",
-    "lmcache_worker_heartbeat_delay_time", "extra_config", "blocking_timeout_secs",
-    "cache_policy", "enable_blending", "numa_mode", "internal_api_server_enabled",
-})
+_LMCACHE_ONLY = frozenset(
+    {
+        "remote_url",
+        "remote_serde",
+        "use_layerwise",
+        "enable_p2p",
+        "p2p_lookup_ports",
+        "pre_caching_hash_algorithm",
+        "lmcache_worker_ids",
+        "lmcache_worker_heartbeat_time",
+        "lmcache_worker_heartbeat_delay_time",
+        "extra_config",
+        "blocking_timeout_secs",
+        "cache_policy",
+        "enable_blending",
+        "numa_mode",
+        "internal_api_server_enabled",
+    }
+)
 
 
 def _parse(key: str, value: Any, source: str) -> Any:

@@ -32,9 +32,7 @@ class Chunk(NamedTuple):
         return self.end - self.start
 
 
-def chunk_keys(
-    tokens: Sequence[int], *, model: str, chunk_size: int, save_unfull_chunk: bool = True
-) -> list[Chunk]:
+def chunk_keys(tokens: Sequence[int], *, model: str, chunk_size: int, save_unfull_chunk: bool = True) -> list[Chunk]:
     """Cut `tokens` into `chunk_size` chunks and key each by the hash of all tokens up to its end.
 
     A trailing partial chunk is keyed only when `save_unfull_chunk` is true.
@@ -76,8 +74,9 @@ class HashSpace:
     save_unfull_chunk: bool = True
 
     def chunks(self, tokens: Sequence[int]) -> list[Chunk]:
-        return chunk_keys(tokens, model=self.model, chunk_size=self.chunk_size,
-                          save_unfull_chunk=self.save_unfull_chunk)
+        return chunk_keys(
+            tokens, model=self.model, chunk_size=self.chunk_size, save_unfull_chunk=self.save_unfull_chunk
+        )
 
     @property
     def name(self) -> str:

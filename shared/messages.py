@@ -98,6 +98,7 @@ def _defaults(kind: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
         if spec.default is not msgspec.NODEFAULT:
             return spec.default
         return spec.default_factory() if spec.default_factory is not msgspec.NODEFAULT else _REQUIRED
+
     return tuple((spec.name, default(spec)) for spec in msgspec.structs.fields(kind))
 
 

@@ -58,8 +58,19 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir)]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            str(self.workdir),
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         wait_for(client.ping, what=f"redis-server on {self.port}")
@@ -108,8 +119,13 @@ def fake_redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
 
 def write_config(path: Path, **values: object) -> Path:
     base: dict[str, object] = {
-        "chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 1, "enable_controller": True,
-        "lmcache_instance_id": "lmcache_default_instance", "heartbeat_interval": 0.2, "heartbeat_ttl": 1.5,
+        "chunk_size": 256,
+        "local_cpu": True,
+        "max_local_cpu_size": 1,
+        "enable_controller": True,
+        "lmcache_instance_id": "lmcache_default_instance",
+        "heartbeat_interval": 0.2,
+        "heartbeat_ttl": 1.5,
         "command_timeout": 2.0,
     }
     base.update(values)
@@ -128,36 +144,53 @@ class Processes:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "kvbus", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=self._env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbus", *args], stdout=log, stderr=subprocess.STDOUT, env=self._env
+        )
         self._procs.append(proc)
         return proc
 
     def controller(self, redis_url: str, *, timeout: float = 2.0) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
-        proc = self._spawn(["controller", "--port", str(port), "--redis-url", redis_url,
-                            "--command-timeout", str(timeout)], f"controller-{port}.log")
+        proc = self._spawn(
+            ["controller", "--port", str(port), "--redis-url", redis_url, "--command-timeout", str(timeout)],
+            f"controller-{port}.log",
+        )
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, what="controller /healthz")
         return proc, base
 
-    def agent(self, redis_url: str, instance_id: str = "lmcache_default_instance", *extra: str,
-              config: dict[str, object] | None = None) -> subprocess.Popen[bytes]:
-        path = write_config(self.tmp / f"{instance_id}.yaml", redis_url=redis_url,
-                            lmcache_instance_id=instance_id, **(config or {}))
+    def agent(
+        self,
+        redis_url: str,
+        instance_id: str = "lmcache_default_instance",
+        *extra: str,
+        config: dict[str, object] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        path = write_config(
+            self.tmp / f"{instance_id}.yaml", redis_url=redis_url, lmcache_instance_id=instance_id, **(config or {})
+        )
         proc = self._spawn(["agent", "--config", str(path), *extra], f"agent-{instance_id}.log")
         client = redis.Redis.from_url(redis_url)
         from kvbus.shared import keys
-        wait_for(lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id)),
-                 what=f"agent {instance_id} to register")
+
+        wait_for(
+            lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id)),
+            what=f"agent {instance_id} to register",
+        )
         client.close()
         return proc
 
-    def engine(self, redis_url: str, instance_id: str = "lmcache_default_instance",
-               config: dict[str, object] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    def engine(
+        self, redis_url: str, instance_id: str = "lmcache_default_instance", config: dict[str, object] | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
         """A reference engine (`kvbus engine`) on a free port, once it answers /health."""
-        path = write_config(self.tmp / f"engine-{instance_id}.yaml", redis_url=redis_url,
-                            lmcache_instance_id=instance_id, **(config or {}))
+        path = write_config(
+            self.tmp / f"engine-{instance_id}.yaml",
+            redis_url=redis_url,
+            lmcache_instance_id=instance_id,
+            **(config or {}),
+        )
         port = free_port()
         proc = self._spawn(["engine", "--config", str(path), "--port", str(port)], f"engine-{instance_id}.log")
         base = f"http://127.0.0.1:{port}"

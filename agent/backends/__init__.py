@@ -17,7 +17,12 @@ log = logging.getLogger("kvbus.agent.backends")
 
 
 def make_backends(
-    config: KVBusConfig, space: HashSpace, listener: IndexListener | None, *, worker_id: int = 0, layout: str = "",
+    config: KVBusConfig,
+    space: HashSpace,
+    listener: IndexListener | None,
+    *,
+    worker_id: int = 0,
+    layout: str = "",
 ) -> list[StorageBackend]:
     """The backends the config turns on, fastest first."""
     backends: list[StorageBackend] = []
@@ -26,8 +31,11 @@ def make_backends(
     if config.local_disk and config.max_local_disk_size <= 0:
         log.warning("local_disk is %s but max_local_disk_size is 0; no chunks go to disk", config.local_disk)
     elif config.local_disk:
-        backends.append(LocalDiskBackend(space, disk_directory(config, worker_id),
-                                         int(config.max_local_disk_size * GB), listener, layout=layout))
+        backends.append(
+            LocalDiskBackend(
+                space, disk_directory(config, worker_id), int(config.max_local_disk_size * GB), listener, layout=layout
+            )
+        )
     return backends
 
 
@@ -38,5 +46,12 @@ def disk_directory(config: KVBusConfig, worker_id: int) -> Path:
     return Path(config.local_disk) / config.lmcache_instance_id / f"worker-{worker_id}"
 
 
-__all__ = ["IndexListener", "LocalCPUBackend", "LocalDiskBackend", "StorageBackend", "WriteBehind",
-           "disk_directory", "make_backends"]
+__all__ = [
+    "IndexListener",
+    "LocalCPUBackend",
+    "LocalDiskBackend",
+    "StorageBackend",
+    "WriteBehind",
+    "disk_directory",
+    "make_backends",
+]

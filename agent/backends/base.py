@@ -24,6 +24,7 @@ from kvbus.shared.locations import Location
 
 log = logging.getLogger("kvbus.agent.backends")
 
+
 class UnsupportedOperation(NotImplementedError, ValueError):
     """This backend does not implement the operation asked of it (pin, compress, ...)."""
 
@@ -200,9 +201,16 @@ class StorageBackend(ABC):
         This default is for backends without pinning or compression, and counts tokens in O(chunks).
         """
         with self.lock:
-            return {"chunks": len(self), "tokens": sum(entry.num_tokens for entry in self._entries()),
-                    "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
-                    "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0, "compressed_bytes": 0}
+            return {
+                "chunks": len(self),
+                "tokens": sum(entry.num_tokens for entry in self._entries()),
+                "bytes": self.used_bytes,
+                "capacity_bytes": self.capacity_bytes,
+                "pinned_chunks": 0,
+                "pinned_tokens": 0,
+                "compressed_chunks": 0,
+                "compressed_bytes": 0,
+            }
 
     def publish_all(self) -> None:
         """Hand the listener the full set of held chunks, as one replacement of what it had."""
@@ -229,8 +237,12 @@ class StorageBackend(ABC):
     def _could_ever_fit(self, size: int) -> bool:
         if size <= self.capacity_bytes:
             return True
-        log.warning("%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
-                    self.location, size, self.capacity_bytes)
+        log.warning(
+            "%s: a %d-byte chunk exceeds the whole capacity of %d bytes; not stored",
+            self.location,
+            size,
+            self.capacity_bytes,
+        )
         return False
 
     def _unsupported(self, operation: str) -> UnsupportedOperation:

@@ -15,5 +15,6 @@ class LocalCPUBackend(TensorLRUBackend):
 
     def __init__(self, space: HashSpace, capacity_bytes: int, listener: IndexListener | None = None) -> None:
         # Pinned pages speed host-to-GPU copies but are pointless, and on some hosts fail, without CUDA.
-        super().__init__(space, capacity_bytes, torch.device("cpu"),
-                         pin_memory=torch.cuda.is_available(), listener=listener)
+        super().__init__(
+            space, capacity_bytes, torch.device("cpu"), pin_memory=torch.cuda.is_available(), listener=listener
+        )

@@ -80,8 +80,15 @@ class _Header(NamedTuple):
     def decode(cls, raw: bytes) -> _Header:
         try:
             fields = json.loads(raw)
-            header = cls(str(fields["key"]), str(fields["space"]), str(fields["layout"]), int(fields["num_tokens"]),
-                         bool(fields["is_head"]), str(fields["dtype"]), tuple(int(s) for s in fields["shape"]))
+            header = cls(
+                str(fields["key"]),
+                str(fields["space"]),
+                str(fields["layout"]),
+                int(fields["num_tokens"]),
+                bool(fields["is_head"]),
+                str(fields["dtype"]),
+                tuple(int(s) for s in fields["shape"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ChunkFileError(f"unreadable header ({exc})") from None
         _dtype(header.dtype)
@@ -125,8 +132,13 @@ class LocalDiskBackend(StorageBackend):
     location = Location.DISK
 
     def __init__(
-        self, space: HashSpace, directory: str | os.PathLike[str], capacity_bytes: int,
-        listener: IndexListener | None = None, *, layout: str = "",
+        self,
+        space: HashSpace,
+        directory: str | os.PathLike[str],
+        capacity_bytes: int,
+        listener: IndexListener | None = None,
+        *,
+        layout: str = "",
     ) -> None:
         """Adopt the chunk files `directory` already holds, within `capacity_bytes` of payload.
 
@@ -205,8 +217,9 @@ class LocalDiskBackend(StorageBackend):
         try:
             temp = self._write_temp(entry, tensor)
         except OSError as exc:
-            log.warning("%s: could not write chunk %s to %s (%s); not stored", self.location, entry.key,
-                        self.directory, exc)
+            log.warning(
+                "%s: could not write chunk %s to %s (%s); not stored", self.location, entry.key, self.directory, exc
+            )
             return False
         with self.lock:
             if entry.key in self._files or epoch != self._epoch:
@@ -228,8 +241,15 @@ class LocalDiskBackend(StorageBackend):
 
     def _write_temp(self, entry: IndexEntry, tensor: torch.Tensor) -> str:
         source = tensor.detach().to("cpu").contiguous()
-        header = _Header(entry.key, self.space.name, self._layout, entry.num_tokens, entry.is_head,
-                         str(source.dtype).removeprefix("torch."), tuple(source.shape)).encode()
+        header = _Header(
+            entry.key,
+            self.space.name,
+            self._layout,
+            entry.num_tokens,
+            entry.is_head,
+            str(source.dtype).removeprefix("torch."),
+            tuple(source.shape),
+        ).encode()
         payload = source.reshape(-1).view(torch.uint8).numpy()
         length = _LENGTH.pack(len(header))
         padding = bytes(_payload_offset(len(header)) - _PREFIX_BYTES - len(header))
@@ -257,8 +277,13 @@ class LocalDiskBackend(StorageBackend):
             with self.lock:
                 if self._files.get(key) is held:  # not already replaced by a fresh copy
                     self._evicted(self._discard(key))  # type: ignore[arg-type]
-            log.warning("%s: chunk %s in %s is unusable (%s); dropped, and it will be recomputed",
-                        self.location, key, self.directory, exc)
+            log.warning(
+                "%s: chunk %s in %s is unusable (%s); dropped, and it will be recomputed",
+                self.location,
+                key,
+                self.directory,
+                exc,
+            )
             return None
 
     def _read(self, key: str) -> torch.Tensor:
@@ -332,16 +357,21 @@ class LocalDiskBackend(StorageBackend):
                 with open(item.path, "rb") as handle:
                     _, raw, header = _read_header(handle)
                 stat = item.stat()
-                usable = (header.key == key and header.space == self.space.name and header.layout == self._layout
-                          and stat.st_size == _payload_offset(len(raw)) + header.payload_bytes)
+                usable = (
+                    header.key == key
+                    and header.space == self.space.name
+                    and header.layout == self._layout
+                    and stat.st_size == _payload_offset(len(raw)) + header.payload_bytes
+                )
             except (OSError, ChunkFileError):
                 usable = False
             if not usable:
                 _unlink(item.path)
                 removed += 1
                 continue
-            found.append((stat.st_mtime_ns, _File(IndexEntry(key, header.num_tokens, header.is_head),
-                                                  header.payload_bytes)))
+            found.append(
+                (stat.st_mtime_ns, _File(IndexEntry(key, header.num_tokens, header.is_head), header.payload_bytes))
+            )
         found.sort(key=lambda pair: pair[0])
         for mtime, held in found:
             self._files[held.entry.key] = held
@@ -352,18 +382,31 @@ class LocalDiskBackend(StorageBackend):
             self._discard(next(iter(self._files)))
             removed += 1
         if found or removed:
-            log.info("%s: adopted %d chunks (%d tokens, %.1f MB) from %s; removed %d unusable or over capacity",
-                     self.location, len(self._files), sum(h.entry.num_tokens for h in self._files.values()),
-                     self._used / 1e6, self.directory, removed)
+            log.info(
+                "%s: adopted %d chunks (%d tokens, %.1f MB) from %s; removed %d unusable or over capacity",
+                self.location,
+                len(self._files),
+                sum(h.entry.num_tokens for h in self._files.values()),
+                self._used / 1e6,
+                self.directory,
+                removed,
+            )
 
     def __len__(self) -> int:
         return len(self._files)
 
     def stats(self) -> dict[str, int]:
         with self.lock:
-            return {"chunks": len(self._files), "tokens": self._tokens, "bytes": self._used,
-                    "capacity_bytes": self._capacity, "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0,
-                    "compressed_bytes": 0}
+            return {
+                "chunks": len(self._files),
+                "tokens": self._tokens,
+                "bytes": self._used,
+                "capacity_bytes": self._capacity,
+                "pinned_chunks": 0,
+                "pinned_tokens": 0,
+                "compressed_chunks": 0,
+                "compressed_bytes": 0,
+            }
 
     @property
     def used_bytes(self) -> int:
@@ -426,8 +469,12 @@ class WriteBehind:
         now = time.monotonic()
         if now - self._last_warning >= _DROP_WARN_INTERVAL_S:
             self._last_warning = now
-            log.warning("%s: write-behind queue full (%d bytes pending); %d stores so far kept in memory only",
-                        self.backend.location, self.max_pending_bytes, dropped)
+            log.warning(
+                "%s: write-behind queue full (%d bytes pending); %d stores so far kept in memory only",
+                self.backend.location,
+                self.max_pending_bytes,
+                dropped,
+            )
         return False
 
     def drain(self, timeout: float | None = None) -> bool:

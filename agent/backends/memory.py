@@ -55,7 +55,12 @@ class _Tally:
 
 class TensorLRUBackend(StorageBackend):
     def __init__(
-        self, space: HashSpace, capacity_bytes: int, device: torch.device, *, pin_memory: bool = False,
+        self,
+        space: HashSpace,
+        capacity_bytes: int,
+        device: torch.device,
+        *,
+        pin_memory: bool = False,
         listener: IndexListener | None = None,
     ) -> None:
         super().__init__(space, listener)
@@ -131,8 +136,9 @@ class TensorLRUBackend(StorageBackend):
         self._lru_tally = _Tally()
         if detached:
             self._reclaimed.clear()
-            threading.Thread(target=self._release, args=(detached,), name=f"kvbus-reclaim-{self.location}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._release, args=(detached,), name=f"kvbus-reclaim-{self.location}", daemon=True
+            ).start()
         return freed
 
     def _release(self, detached: _Chunks) -> None:
@@ -159,8 +165,9 @@ class TensorLRUBackend(StorageBackend):
             self._move(list(reversed(keys)), self._pinned, self._pinned_tally, self._lru, self._lru_tally)
 
     @staticmethod
-    def _move(keys: list[str], source: dict[str, _Held], source_tally: _Tally, target: dict[str, _Held],
-              target_tally: _Tally) -> None:
+    def _move(
+        keys: list[str], source: dict[str, _Held], source_tally: _Tally, target: dict[str, _Held], target_tally: _Tally
+    ) -> None:
         for key in keys:
             held = source.pop(key, None)
             if held is not None:
@@ -220,11 +227,16 @@ class TensorLRUBackend(StorageBackend):
     def stats(self) -> dict[str, int]:
         with self.lock:
             lru, pinned = self._lru_tally, self._pinned_tally
-            return {"chunks": lru.chunks + pinned.chunks, "tokens": lru.tokens + pinned.tokens,
-                    "bytes": lru.bytes + pinned.bytes, "capacity_bytes": self._capacity,
-                    "pinned_chunks": pinned.chunks, "pinned_tokens": pinned.tokens,
-                    "compressed_chunks": lru.compressed_chunks + pinned.compressed_chunks,
-                    "compressed_bytes": lru.compressed_bytes + pinned.compressed_bytes}
+            return {
+                "chunks": lru.chunks + pinned.chunks,
+                "tokens": lru.tokens + pinned.tokens,
+                "bytes": lru.bytes + pinned.bytes,
+                "capacity_bytes": self._capacity,
+                "pinned_chunks": pinned.chunks,
+                "pinned_tokens": pinned.tokens,
+                "compressed_chunks": lru.compressed_chunks + pinned.compressed_chunks,
+                "compressed_bytes": lru.compressed_bytes + pinned.compressed_bytes,
+            }
 
     def __len__(self) -> int:
         return len(self._lru) + len(self._pinned)

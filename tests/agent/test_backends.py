@@ -49,8 +49,11 @@ Builder = Callable[[int, Recorder, Path], StorageBackend]
 
 FACTORIES = [
     pytest.param(lambda cap, rec, _: LocalCPUBackend(SPACE, cap, rec), id="cpu"),
-    pytest.param(lambda cap, rec, _: LocalGPUBackend(SPACE, cap, rec), id="gpu", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param(
+        lambda cap, rec, _: LocalGPUBackend(SPACE, cap, rec),
+        id="gpu",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
     pytest.param(lambda cap, rec, directory: LocalDiskBackend(SPACE, directory, cap, rec), id="disk"),
 ]
 
@@ -63,8 +66,10 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
 
 
 def kv(tokens: list[int], fill: float = 1.0) -> list[torch.Tensor]:
-    return [torch.full((len(c), 8), fill, dtype=torch.float16) for c in
-            [tokens[i: i + SPACE.chunk_size] for i in range(0, len(tokens), SPACE.chunk_size)]]
+    return [
+        torch.full((len(c), 8), fill, dtype=torch.float16)
+        for c in [tokens[i : i + SPACE.chunk_size] for i in range(0, len(tokens), SPACE.chunk_size)]
+    ]
 
 
 def test_store_then_retrieve_and_contains_by_prefix(make: Factory) -> None:
@@ -211,6 +216,7 @@ def test_memory_from_a_clear_is_back_before_new_chunks_are_admitted(make: Factor
 # Pinning: a pinned chunk survives eviction and clear() until unpinned. The memory backends implement
 # pinning and compression; a backend without them refuses (see the end of this file).
 
+
 @pytest.fixture(params=[factory for factory in FACTORIES if factory.id in ("cpu", "gpu")])
 def make_memory(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     build: Builder = request.param
@@ -273,8 +279,10 @@ def test_clear_spares_pinned_chunks_counts_only_the_freed_and_lists_survivors(ma
     assert len(backend) == 3 and backend.used_bytes == 2 * CHUNK_BYTES + CHUNK_BYTES // 2
     kind, location, entries = recorder.ops[-1]
     assert (kind, location) == ("replace", backend.location)
-    assert sorted(entries) == sorted(IndexEntry(c.key, c.num_tokens, c.start == 0)  # type: ignore[call-overload]
-                                     for c in SPACE.chunks(kept))
+    assert sorted(entries) == sorted(
+        IndexEntry(c.key, c.num_tokens, c.start == 0)  # type: ignore[call-overload]
+        for c in SPACE.chunks(kept)
+    )
     assert backend.clear() == 0
     assert backend.unpin(kept) == 10
     assert backend.clear() == 10
@@ -284,11 +292,14 @@ def test_clear_spares_pinned_chunks_counts_only_the_freed_and_lists_survivors(ma
 
 # Compression: real codecs, smaller accounts, same lookups.
 
+
 def kv_2ltd(tokens: list[int], seed: int = 0) -> list[torch.Tensor]:
     """KV_2LTD chunks [2, 2 layers, tokens, 16] in float32, random: 1 KiB per full chunk."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 2, len(tokens[i: i + SPACE.chunk_size]), 16, generator=generator)
-            for i in range(0, len(tokens), SPACE.chunk_size)]
+    return [
+        torch.randn(2, 2, len(tokens[i : i + SPACE.chunk_size]), 16, generator=generator)
+        for i in range(0, len(tokens), SPACE.chunk_size)
+    ]
 
 
 KV_CHUNK = 2 * 2 * 4 * 16 * 4
@@ -488,8 +499,16 @@ def test_every_backend_reports_the_same_stats(make: Factory) -> None:
     backend = Bare()
     prompt = list(range(6))
     backend.store(prompt, kv(prompt))
-    assert backend.stats() == {"chunks": 2, "tokens": 6, "bytes": 3 * CHUNK_BYTES // 2, "capacity_bytes": 1 << 20,
-                               "pinned_chunks": 0, "pinned_tokens": 0, "compressed_chunks": 0, "compressed_bytes": 0}
+    assert backend.stats() == {
+        "chunks": 2,
+        "tokens": 6,
+        "bytes": 3 * CHUNK_BYTES // 2,
+        "capacity_bytes": 1 << 20,
+        "pinned_chunks": 0,
+        "pinned_tokens": 0,
+        "compressed_chunks": 0,
+        "compressed_bytes": 0,
+    }
     other = make(1 << 20, Recorder())
     other.store(prompt, kv(prompt))
     assert other.stats() == backend.stats()
@@ -539,8 +558,11 @@ def test_concurrent_compress_decompress_store_and_clear_keep_accounts_straight(m
             backend.compress([], method)
             backend.decompress([], method)
 
-    threads = [threading.Thread(target=churn), threading.Thread(target=codec, args=("int8",)),
-               threading.Thread(target=codec, args=("zlib",))]
+    threads = [
+        threading.Thread(target=churn),
+        threading.Thread(target=codec, args=("int8",)),
+        threading.Thread(target=codec, args=("zlib",)),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -13,13 +13,19 @@ from kvbus.shared.hashing import HashSpace
 
 DEVICES = [
     pytest.param(torch.device("cpu"), id="cpu"),
-    pytest.param(torch.device("cuda"), id="gpu",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param(
+        torch.device("cuda"), id="gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
 ]
 
 
-def random_kv(dtype: torch.dtype = torch.float32, layers: int = 4, tokens: int = 256, width: int = 128,
-              device: torch.device | None = None) -> torch.Tensor:
+def random_kv(
+    dtype: torch.dtype = torch.float32,
+    layers: int = 4,
+    tokens: int = 256,
+    width: int = 128,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """A KV_2LTD chunk whose K/V planes and channels differ in scale, as real KV's do."""
     generator = torch.Generator().manual_seed(7)
     kv = torch.randn(2, layers, tokens, width, generator=generator)
@@ -101,9 +107,16 @@ def test_int8_takes_any_shape_with_the_last_dimension_as_channels() -> None:
     assert torch.equal(codecs.encode(zeros, "int8").decode(), zeros)
 
 
-@pytest.mark.parametrize("tensor", [torch.arange(8), torch.ones(4, dtype=torch.uint8),
-                                    torch.tensor([1.0, float("inf")]), torch.tensor([[float("nan")], [1.0]])],
-                         ids=["int64", "uint8", "inf", "nan"])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(8),
+        torch.ones(4, dtype=torch.uint8),
+        torch.tensor([1.0, float("inf")]),
+        torch.tensor([[float("nan")], [1.0]]),
+    ],
+    ids=["int64", "uint8", "inf", "nan"],
+)
 def test_int8_refuses_what_it_cannot_represent(tensor: torch.Tensor) -> None:
     with pytest.raises(codecs.Unsuitable):
         codecs.encode(tensor, "int8")
@@ -115,8 +128,10 @@ def test_zlib_is_bit_exact_for_any_dtype(dtype: torch.dtype, device: torch.devic
     x = (random_kv(layers=2, tokens=32) * 100).to(dtype=dtype, device=device)
     restored = codecs.encode(x, "zlib").decode()
     assert (restored.shape, restored.dtype, restored.device) == (x.shape, x.dtype, x.device)
-    assert torch.equal(restored.view(torch.uint8) if dtype.is_floating_point else restored,
-                       x.view(torch.uint8) if dtype.is_floating_point else x)
+    assert torch.equal(
+        restored.view(torch.uint8) if dtype.is_floating_point else restored,
+        x.view(torch.uint8) if dtype.is_floating_point else x,
+    )
 
 
 def test_zlib_keeps_non_finite_values_scalars_and_strided_views() -> None:

@@ -28,19 +28,23 @@ class Index:
         return count
 
 
-@pytest.mark.parametrize(("held_end", "prompt_len", "computed", "expected"), [
-    (0, 20, 0, 0),
-    (16, 20, 0, 16),  # two whole chunks
-    (20, 20, 0, 16),  # a full hit still leaves a token to compute, and whole blocks only
-    (16, 16, 0, 12),  # ... even when the prompt ends on a block boundary
-    (12, 12, 0, 8),  # a partial chunk gives its full blocks
-    (16, 20, 8, 8),  # the engine's own cache already covers two blocks
-    (16, 20, 16, 0),
-    (8, 20, 12, 0),  # never negative
-    (3, 12, 0, 0),  # less than a block
-])
-def test_loadable_tokens_are_whole_blocks_and_leave_one_token(held_end: int, prompt_len: int, computed: int,
-                                                               expected: int) -> None:
+@pytest.mark.parametrize(
+    ("held_end", "prompt_len", "computed", "expected"),
+    [
+        (0, 20, 0, 0),
+        (16, 20, 0, 16),  # two whole chunks
+        (20, 20, 0, 16),  # a full hit still leaves a token to compute, and whole blocks only
+        (16, 16, 0, 12),  # ... even when the prompt ends on a block boundary
+        (12, 12, 0, 8),  # a partial chunk gives its full blocks
+        (16, 20, 8, 8),  # the engine's own cache already covers two blocks
+        (16, 20, 16, 0),
+        (8, 20, 12, 0),  # never negative
+        (3, 12, 0, 0),  # less than a block
+    ],
+)
+def test_loadable_tokens_are_whole_blocks_and_leave_one_token(
+    held_end: int, prompt_len: int, computed: int, expected: int
+) -> None:
     assert loadable_tokens(held_end, prompt_len, computed, BLOCK) == expected
 
 

@@ -26,22 +26,33 @@ class CountingHandler:
         self.calls.append(command.event_id)
         if self.fail:
             raise RuntimeError("buffers on fire")
-        return Result(event_id=command.event_id, instance_id=INSTANCE, worker_id=0,
-                      status=ResultStatus.OK, num_tokens=self.num_tokens)
+        return Result(
+            event_id=command.event_id,
+            instance_id=INSTANCE,
+            worker_id=0,
+            status=ResultStatus.OK,
+            num_tokens=self.num_tokens,
+        )
 
 
 def make_consumer(client: redis.Redis, handler: CountingHandler, flushes: list[int] | None = None) -> CommandConsumer:
-    consumer = CommandConsumer(client, instance_id=INSTANCE, worker_id=0, handler=handler,
-                               before_reply=lambda: flushes.append(1) if flushes is not None else None,
-                               now_ms=lambda: int(time.time() * 1000))
+    consumer = CommandConsumer(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=handler,
+        before_reply=lambda: flushes.append(1) if flushes is not None else None,
+        now_ms=lambda: int(time.time() * 1000),
+    )
     consumer.ensure_group()
     client.xadd(REPLY, {"controller": "ctl-test"})
     return consumer
 
 
 def send(client: redis.Redis, event_id: str, *, timeout_ms: int = 5000, entry_id: str = "*") -> str:
-    command = Command(event_id=event_id, kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=timeout_ms,
-                      location="LocalCPUBackend")
+    command = Command(
+        event_id=event_id, kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=timeout_ms, location="LocalCPUBackend"
+    )
     return str(client.xadd(keys.commands(INSTANCE), encode(command), id=entry_id))
 
 
@@ -91,7 +102,8 @@ def test_pending_commands_of_a_crashed_run_are_answered_once(fake_redis: fakered
 
 
 def test_a_reply_that_failed_is_retried_without_running_the_command_again(
-    fake_server: fakeredis.FakeServer, fake_redis: fakeredis.FakeRedis,
+    fake_server: fakeredis.FakeServer,
+    fake_redis: fakeredis.FakeRedis,
 ) -> None:
     handler = CountingHandler()
 
@@ -100,8 +112,14 @@ def test_a_reply_that_failed_is_retried_without_running_the_command_again(
             flaky_flush.failed = True  # type: ignore[attr-defined]
             raise redis.ConnectionError("Redis went away")
 
-    consumer = CommandConsumer(fake_redis, instance_id=INSTANCE, worker_id=0, handler=handler,
-                               before_reply=flaky_flush, now_ms=lambda: int(time.time() * 1000))
+    consumer = CommandConsumer(
+        fake_redis,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=handler,
+        before_reply=flaky_flush,
+        now_ms=lambda: int(time.time() * 1000),
+    )
     consumer.ensure_group()
     fake_redis.xadd(REPLY, {"controller": "ctl-test"})
     send(fake_redis, "Clear-1")

@@ -71,8 +71,9 @@ def test_a_restart_removes_stray_temp_files_and_files_it_cannot_use(tmp_path: Pa
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "header", "delete"])
-def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(tmp_path: Path, damage: str,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
     recorder = Recorder()
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20, recorder)
     backend.store(PROMPT, kv(PROMPT))
@@ -98,8 +99,11 @@ def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(tmp_path: Path, damage: 
 def test_dtypes_and_shapes_come_back_bit_for_bit(tmp_path: Path) -> None:
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
     tokens = list(range(12))
-    stored = [torch.randn(2, 3, 4, 8).to(torch.bfloat16), torch.randn(2, 3, 4, 8),
-              torch.randn(8, 4).t()]  # the last is not contiguous
+    stored = [
+        torch.randn(2, 3, 4, 8).to(torch.bfloat16),
+        torch.randn(2, 3, 4, 8),
+        torch.randn(8, 4).t(),
+    ]  # the last is not contiguous
     backend.store(tokens, stored)
     for before, after in zip(stored, LocalDiskBackend(SPACE, tmp_path, 1 << 20).retrieve(tokens), strict=True):
         assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
@@ -196,8 +200,13 @@ TOKENS = list(range(1000, 1010))
 
 @pytest.fixture
 def config(redis_url: str, tmp_path: Path) -> KVBusConfig:
-    return KVBusConfig(chunk_size=4, enable_controller=True, redis_url=redis_url, lmcache_instance_id="tiers",
-                       max_local_disk_size=0.001).with_overrides(local_disk=f"file://{tmp_path}/disk")
+    return KVBusConfig(
+        chunk_size=4,
+        enable_controller=True,
+        redis_url=redis_url,
+        lmcache_instance_id="tiers",
+        max_local_disk_size=0.001,
+    ).with_overrides(local_disk=f"file://{tmp_path}/disk")
 
 
 @pytest.fixture
@@ -268,4 +277,5 @@ def test_workers_and_instances_keep_separate_directories(config: KVBusConfig) ->
     assert disk_directory(config, 1) != disk_directory(config, 0)
     assert disk_directory(config, 0).is_relative_to(str(config.local_disk))
     assert os.fspath(disk_directory(config.with_overrides(lmcache_instance_id="b"), 0)) != os.fspath(
-        disk_directory(config, 0))
+        disk_directory(config, 0)
+    )

@@ -25,9 +25,16 @@ KEYS = [c.key for c in SPACE.chunks(PROMPT)]
 
 
 def register(client: redis.Redis, layout: Layout | None) -> None:
-    Registration(client, instance_id=INSTANCE, worker_id=0, space=SPACE, locations=[Location.CPU],
-                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=5,
-                 layout=None if layout is None else str(layout)).register()
+    Registration(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        space=SPACE,
+        locations=[Location.CPU],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=5,
+        layout=None if layout is None else str(layout),
+    ).register()
 
 
 def admit(client: redis.Redis, tokens: list[int]) -> None:
@@ -38,8 +45,9 @@ def admit(client: redis.Redis, tokens: list[int]) -> None:
 
 
 def reader(client: redis.Redis, **kwargs: float) -> IndexReader:
-    return IndexReader(client, INSTANCE, worker_id=0, location=Location.CPU, layout=Layout("m", "bfloat16", 4),
-                       **kwargs)
+    return IndexReader(
+        client, INSTANCE, worker_id=0, location=Location.CPU, layout=Layout("m", "bfloat16", 4), **kwargs
+    )
 
 
 def test_held_counts_the_chunks_held_from_the_first(real_redis: redis.Redis) -> None:
@@ -51,8 +59,11 @@ def test_held_counts_the_chunks_held_from_the_first(real_redis: redis.Redis) -> 
     assert reader(real_redis).held([KEYS[0], "absent", KEYS[2]]) == 1
 
 
-@pytest.mark.parametrize("layout", [None, Layout("m", "bfloat16", 16, "FLASH_ATTN"), Layout("m", "float32", 4, "x")],
-                         ids=["unregistered", "other-block-size", "other-dtype"])
+@pytest.mark.parametrize(
+    "layout",
+    [None, Layout("m", "bfloat16", 16, "FLASH_ATTN"), Layout("m", "float32", 4, "x")],
+    ids=["unregistered", "other-block-size", "other-dtype"],
+)
 def test_chunks_of_another_layout_count_as_misses(real_redis: redis.Redis, layout: Layout | None) -> None:
     register(real_redis, layout)
     admit(real_redis, PROMPT)

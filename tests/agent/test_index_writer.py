@@ -101,8 +101,10 @@ def test_purge_removes_what_a_previous_run_left(client: redis.Redis) -> None:
     writer.flush()
     fresh = IndexWriter(client, INSTANCE)  # a restarted agent: empty memory, stale Redis
     fresh.purge([CPU])
-    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU),
-                         keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+    assert (
+        client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU), keys.head(CPU, SPACE.chunks(prompt)[0].key))
+        == 0
+    )
 
 
 def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
@@ -138,13 +140,15 @@ def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
         prompt = list(range(8))
         backend.store(prompt, kv(prompt))
         from tests.conftest import wait_for
+
         wait_for(lambda: client.hlen(keys.index(INSTANCE, CPU)) == 2, timeout=5, what="background flush")
     finally:
         writer.stop()
 
 
 def test_a_long_outage_gives_way_to_a_full_resync(
-    fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch,
+    fake_server: fakeredis.FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from kvbus.agent import index_writer
 
@@ -159,7 +163,6 @@ def test_a_long_outage_gives_way_to_a_full_resync(
     backend.publish_all()
     writer.flush()
     assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(prompt)}
-
 
 
 def test_a_head_readmitted_right_after_a_clear_keeps_its_hint(client: redis.Redis) -> None:

@@ -27,8 +27,9 @@ PROMPT = list(range(500, 1100))  # chunks of 256, 256 and 88
 def receiver() -> Iterator[tuple[peer.PeerServer, LocalCPUBackend, list[int]]]:
     backend = LocalCPUBackend(SPACE, 1 << 30)
     flushes: list[int] = []
-    server = peer.PeerServer("127.0.0.1", 0, SPACE, {"LocalCPUBackend": backend},
-                             after_store=lambda: flushes.append(1), timeout_s=5)
+    server = peer.PeerServer(
+        "127.0.0.1", 0, SPACE, {"LocalCPUBackend": backend}, after_store=lambda: flushes.append(1), timeout_s=5
+    )
     server.start()
     yield server, backend, flushes
     server.stop()
@@ -54,7 +55,8 @@ def test_chunks_arrive_bit_exact_in_any_dtype(receiver: tuple[peer.PeerServer, L
 
 
 def test_a_receiver_of_another_model_or_location_refuses(
-        receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]]) -> None:
+    receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]],
+) -> None:
     server, backend, _ = receiver
     other = HashSpace("Qwen/Qwen3-8B", 256)
     with pytest.raises(peer.TransferFailed, match="cannot be stored by an agent of"):
@@ -64,8 +66,9 @@ def test_a_receiver_of_another_model_or_location_refuses(
     assert len(backend) == 0
 
 
-def test_a_damaged_chunk_stores_nothing(receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_damaged_chunk_stores_nothing(
+    receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, backend, _ = receiver
     real = peer.checksum
     sent: list[int] = []
@@ -93,9 +96,18 @@ def test_a_destination_that_dies_midway_leaves_the_source_intact() -> None:
     source = LocalCPUBackend(SPACE, 1 << 30)
     source.store(PROMPT, synthetic_kv(SPACE, PROMPT))
     handlers = CommandHandlers({"LocalCPUBackend": source}, "src", 0, space=SPACE, transfer_timeout_s=2)
-    result = handlers(Command(event_id="Move1", kind=CommandKind.MOVE, reply_to="r", timeout_ms=5000,
-                              location="LocalCPUBackend", tokens=PROMPT, dest_location="LocalCPUBackend",
-                              peers={"0": f"127.0.0.1:{port}"}))
+    result = handlers(
+        Command(
+            event_id="Move1",
+            kind=CommandKind.MOVE,
+            reply_to="r",
+            timeout_ms=5000,
+            location="LocalCPUBackend",
+            tokens=PROMPT,
+            dest_location="LocalCPUBackend",
+            peers={"0": f"127.0.0.1:{port}"},
+        )
+    )
     listener.close()
     assert result.status == ResultStatus.ERROR and "the source keeps its chunks" in result.detail
     assert source.contains(PROMPT) == 600
@@ -104,13 +116,23 @@ def test_a_destination_that_dies_midway_leaves_the_source_intact() -> None:
 def test_a_local_move_goes_between_backends_and_a_copy_keeps_the_source() -> None:
     cpu, other = LocalCPUBackend(SPACE, 1 << 30), LocalCPUBackend(SPACE, 1 << 30)
     cpu.store(PROMPT, synthetic_kv(SPACE, PROMPT))
-    handlers = CommandHandlers({"LocalCPUBackend": cpu, "LocalDiskBackend": other}, "i", 0, space=SPACE,
-                               transfer_timeout_s=2)
+    handlers = CommandHandlers(
+        {"LocalCPUBackend": cpu, "LocalDiskBackend": other}, "i", 0, space=SPACE, transfer_timeout_s=2
+    )
 
     def move(tokens: list[int], copy: bool) -> int:
-        return handlers(Command(event_id=f"Move{copy}", kind=CommandKind.MOVE, reply_to="r", timeout_ms=5000,
-                                location="LocalCPUBackend", tokens=tokens, dest_location="LocalDiskBackend",
-                                should_copy=copy)).num_tokens
+        return handlers(
+            Command(
+                event_id=f"Move{copy}",
+                kind=CommandKind.MOVE,
+                reply_to="r",
+                timeout_ms=5000,
+                location="LocalCPUBackend",
+                tokens=tokens,
+                dest_location="LocalDiskBackend",
+                should_copy=copy,
+            )
+        ).num_tokens
 
     assert move(PROMPT[:300], copy=True) == 256
     assert cpu.contains(PROMPT) == 600 and other.contains(PROMPT) == 256

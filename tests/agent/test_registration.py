@@ -14,8 +14,15 @@ INSTANCE = "inst-r"
 
 
 def make(client: fakeredis.FakeRedis) -> Registration:
-    return Registration(client, instance_id=INSTANCE, worker_id=0, space=HashSpace("m", 256),
-                        locations=[Location.CPU], address=WorkerAddress("10.0.0.7", 8001, "10.0.0.7:8200"), ttl_s=5)
+    return Registration(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        space=HashSpace("m", 256),
+        locations=[Location.CPU],
+        address=WorkerAddress("10.0.0.7", 8001, "10.0.0.7:8200"),
+        ttl_s=5,
+    )
 
 
 def test_register_writes_what_controllers_and_operators_read(fake_redis: fakeredis.FakeRedis) -> None:
@@ -23,7 +30,11 @@ def test_register_writes_what_controllers_and_operators_read(fake_redis: fakered
     assert fake_redis.smembers(keys.INSTANCES) == {INSTANCE}
     assert fake_redis.smembers(keys.HASH_SPACES) == {"256:m"}
     assert fake_redis.hgetall(keys.info(INSTANCE)) == {
-        "model": "m", "chunk_size": "256", "save_unfull_chunk": "1", "locations": '["LocalCPUBackend"]'}
+        "model": "m",
+        "chunk_size": "256",
+        "save_unfull_chunk": "1",
+        "locations": '["LocalCPUBackend"]',
+    }
     worker = fake_redis.hgetall(keys.worker(INSTANCE, 0))
     assert (worker["ip"], worker["port"], worker["peer_init_url"]) == ("10.0.0.7", "8001", "10.0.0.7:8200")
     assert 0 < fake_redis.pttl(keys.alive(INSTANCE)) <= 5000
@@ -49,9 +60,11 @@ def test_deregister_removes_the_instance(fake_redis: fakeredis.FakeRedis) -> Non
 
 
 def test_a_second_live_agent_for_the_same_worker_is_warned_about(
-    fake_redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture,
+    fake_redis: fakeredis.FakeRedis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fake_redis.hset(keys.worker(INSTANCE, 0),
-                    mapping={"pid": 1, "hostname": "elsewhere", "last_heartbeat_time": time.time()})
+    fake_redis.hset(
+        keys.worker(INSTANCE, 0), mapping={"pid": 1, "hostname": "elsewhere", "last_heartbeat_time": time.time()}
+    )
     make(fake_redis).register()
     assert any("already served by pid 1 on elsewhere" in m for m in caplog.messages)

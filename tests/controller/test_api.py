@@ -27,8 +27,9 @@ from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.conftest import MODEL, SEED_TOKENS, RedisServer, free_port
 
-BASE = KVBusConfig(enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30,
-                   max_lookup_tokens=4096)
+BASE = KVBusConfig(
+    enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, max_lookup_tokens=4096
+)
 SPACE = HashSpace(MODEL, 256)
 PROMPT = list(range(1000, 2000))  # 3 full chunks and a 232-token tail
 
@@ -46,12 +47,20 @@ def agent(config: KVBusConfig) -> Iterator[Agent]:
     running.stop()
 
 
-def hold(url: str, instance_id: str, *prompts: list[int], space: HashSpace = SPACE,
-         alive: bool = True) -> LocalCPUBackend:
+def hold(
+    url: str, instance_id: str, *prompts: list[int], space: HashSpace = SPACE, alive: bool = True
+) -> LocalCPUBackend:
     """An instance that holds `prompts`, registered and indexed, with no consumer thread."""
     redis_client = redis.Redis.from_url(url, decode_responses=True)
-    Registration(redis_client, instance_id=instance_id, worker_id=0, space=space, locations=[Location.CPU],
-                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=60).register()
+    Registration(
+        redis_client,
+        instance_id=instance_id,
+        worker_id=0,
+        space=space,
+        locations=[Location.CPU],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=60,
+    ).register()
     writer = IndexWriter(redis_client, instance_id)
     backend = LocalCPUBackend(space, 1 << 30, writer)
     for prompt in prompts:
@@ -84,7 +93,8 @@ def test_the_seed_flow(client: TestClient, agent: Agent) -> None:
 
 
 def test_every_holder_is_credited_with_its_own_contiguous_prefix(
-    client: TestClient, redis_url: str,
+    client: TestClient,
+    redis_url: str,
 ) -> None:
     hold(redis_url, "full", PROMPT)
     hold(redis_url, "half", PROMPT[:512])
@@ -95,11 +105,17 @@ def test_every_holder_is_credited_with_its_own_contiguous_prefix(
     hold(redis_url, "dead", PROMPT, alive=False)
     hold(redis_url, "suffix-only", [7, 7, 7] + PROMPT[256:])
     layout = lookup(client, PROMPT)
-    assert layout == {"full": ["LocalCPUBackend", 1000], "half": ["LocalCPUBackend", 512],
-                      "holed": ["LocalCPUBackend", 256]}
+    assert layout == {
+        "full": ["LocalCPUBackend", 1000],
+        "half": ["LocalCPUBackend", 512],
+        "holed": ["LocalCPUBackend", 256],
+    }
     assert list(layout) == ["full", "half", "holed"]  # longest first
-    assert lookup(client, PROMPT[:300]) == {"full": ["LocalCPUBackend", 256], "half": ["LocalCPUBackend", 256],
-                                            "holed": ["LocalCPUBackend", 256]}
+    assert lookup(client, PROMPT[:300]) == {
+        "full": ["LocalCPUBackend", 256],
+        "half": ["LocalCPUBackend", 256],
+        "holed": ["LocalCPUBackend", 256],
+    }
 
 
 def test_models_are_kept_apart_but_both_reported(client: TestClient, redis_url: str) -> None:
@@ -117,7 +133,8 @@ def test_clear_of_an_unknown_instance_is_404(client: TestClient) -> None:
 
 
 def test_clear_of_a_silent_instance_is_504_with_the_event_id(
-    client: TestClient, redis_url: str,
+    client: TestClient,
+    redis_url: str,
 ) -> None:
     hold(redis_url, "silent", SEED_TOKENS)
     redis.Redis.from_url(redis_url).xgroup_create(keys.commands("silent"), "worker-0", mkstream=True)
@@ -134,7 +151,9 @@ def test_clear_of_a_location_the_agent_lacks_clears_nothing(client: TestClient, 
 
 
 def test_an_agent_failure_is_502_with_the_event_id(
-    client: TestClient, agent: Agent, monkeypatch: pytest.MonkeyPatch,
+    client: TestClient,
+    agent: Agent,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken() -> int:
         raise OSError("device lost")
@@ -169,7 +188,12 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("path", "body", "status", "error", "field"), BAD_REQUESTS)
 def test_bad_input_gets_a_json_error_naming_the_field_and_loses_nothing(
-    client: TestClient, redis_url: str, path: str, body: bytes, status: int, error: str,
+    client: TestClient,
+    redis_url: str,
+    path: str,
+    body: bytes,
+    status: int,
+    error: str,
     field: str | None,
 ) -> None:
     hold(redis_url, "keeper", SEED_TOKENS)
@@ -209,8 +233,10 @@ def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
         with TestClient(create_app(config)) as client:
             assert lookup(client, SEED_TOKENS) == {"keeper": ["LocalCPUBackend", 12]}
             server.kill()
-            for path, body in (("/lookup", {"tokens": SEED_TOKENS}),
-                               ("/clear", {"instance_id": "keeper", "location": "LocalCPUBackend"})):
+            for path, body in (
+                ("/lookup", {"tokens": SEED_TOKENS}),
+                ("/clear", {"instance_id": "keeper", "location": "LocalCPUBackend"}),
+            ):
                 response = client.post(path, json=body)
                 assert response.status_code == 503
                 assert response.json()["error"] == "redis_unavailable"
@@ -225,12 +251,19 @@ def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
 
 
 def test_a_prefix_spread_over_locations_counts_whole_and_names_the_last_chunks_place(
-    client: TestClient, redis_url: str,
+    client: TestClient,
+    redis_url: str,
 ) -> None:
     redis_client = redis.Redis.from_url(redis_url, decode_responses=True)
-    Registration(redis_client, instance_id="tiered", worker_id=0, space=SPACE,
-                 locations=[Location.GPU, Location.CPU, Location.DISK],
-                 address=WorkerAddress("127.0.0.1", None, None), ttl_s=60).register()
+    Registration(
+        redis_client,
+        instance_id="tiered",
+        worker_id=0,
+        space=SPACE,
+        locations=[Location.GPU, Location.CPU, Location.DISK],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=60,
+    ).register()
     writer = IndexWriter(redis_client, "tiered")
     chunks = SPACE.chunks(PROMPT)
     places = [(Location.CPU, Location.GPU), (Location.CPU,), (Location.DISK,)]  # chunk 3 is nowhere

@@ -13,7 +13,15 @@ from kvbus.shared.config import KVBusConfig
 
 POSTS = [e.path for e in ENDPOINTS if e.method == "post"]
 GARBAGE = [
-    b"", b"null", b"[]", b"{}", b"7", b'"text"', b"\xff\xfe", b"{", b'{"instance_id": 5}',
+    b"",
+    b"null",
+    b"[]",
+    b"{}",
+    b"7",
+    b'"text"',
+    b"\xff\xfe",
+    b"{",
+    b'{"instance_id": 5}',
     b'{"instance_id": "", "location": "LocalCPUBackend", "tokens": [1]}',
     b'{"instance_id": "x", "location": "LocalCPUBackend", "tokens": [-1]}',
     b'{"instance_id": "x", "location": "LocalCPUBackend", "tokens": [99999999999999999999]}',

@@ -21,8 +21,9 @@ from tests.conftest import MODEL, SEED_TOKENS, free_port, wait_for
 
 INSTANCE = "tp-instance"
 PROMPT = list(range(1000, 1600))  # chunks of 256, 256 and 88
-BASE = KVBusConfig(enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30,
-                   lmcache_instance_id=INSTANCE)
+BASE = KVBusConfig(
+    enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, lmcache_instance_id=INSTANCE
+)
 
 
 @pytest.fixture
@@ -68,11 +69,14 @@ def test_ranks_that_agree_answer_exactly_as_lmcache(client: TestClient, ranks: l
     for agent in ranks:
         hold(agent, SEED_TOKENS)
     assert post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}).keys() == {
-        "event_id", "num_tokens"}
+        "event_id",
+        "num_tokens",
+    }
 
 
 def test_a_silent_rank_gives_504_naming_it_and_check_finish_tells_the_outcome_later(
-        client: TestClient, config: KVBusConfig) -> None:
+    client: TestClient, config: KVBusConfig
+) -> None:
     live = Agent(config, model=MODEL, worker_id=0)
     live.start()
     late = Agent(config, model=MODEL, worker_id=1)
@@ -87,8 +91,10 @@ def test_a_silent_rank_gives_504_naming_it_and_check_finish_tells_the_outcome_la
         assert pending["status"] == "pending" and pending["workers"]["1"] == {"status": "pending"}
         assert pending["workers"]["0"]["status"] == "ok"
         late.start()  # reads the command past its deadline: answers it expired, does nothing
-        wait_for(lambda: post(client, "/check_finish", {"event_id": event_id})["workers"]["1"]["status"] == "expired",
-                 what="the late rank's answer")
+        wait_for(
+            lambda: post(client, "/check_finish", {"event_id": event_id})["workers"]["1"]["status"] == "expired",
+            what="the late rank's answer",
+        )
         assert post(client, "/check_finish", {"event_id": event_id})["status"] == "expired"
     finally:
         live.stop()
@@ -138,7 +144,8 @@ def test_query_worker_info_is_never_stale(client: TestClient, ranks: list[Agent]
     one = post(client, "/query_worker_info", {"instance_id": INSTANCE, "worker_ids": [1]})
     assert [w["worker_id"] for w in one["worker_infos"]] == [1]
     assert post(client, "/query_worker_info", {"instance_id": "ghost", "worker_ids": []}, status=404)["error"] == (
-        "unknown_instance")
+        "unknown_instance"
+    )
     assert post(client, "/query_worker_info", {"worker_ids": [0]}, status=422)["field"] == "instance_id"
 
 
@@ -152,8 +159,12 @@ def test_query_instance_finds_the_instance_at_an_ip(client: TestClient, ranks: l
 def test_key_stats_and_workers(client: TestClient, ranks: list[Agent]) -> None:
     hold(ranks[0], PROMPT)
     stats = client.get("/controller/key-stats").json()
-    assert stats == {"total_key_count": 3, "total_instance_count": 1, "total_worker_count": 2,
-                     "instances": [{"instance_id": INSTANCE, "key_count": 3, "worker_count": 2}]}
+    assert stats == {
+        "total_key_count": 3,
+        "total_instance_count": 1,
+        "total_worker_count": 2,
+        "instances": [{"instance_id": INSTANCE, "key_count": 3, "worker_count": 2}],
+    }
     listed = client.get("/controller/workers").json()
     assert listed["total_count"] == 2 and [w["worker_id"] for w in listed["workers"]] == [0, 1]
     one = client.get("/controller/workers", params={"instance_id": INSTANCE, "worker_id": 1}).json()
@@ -237,14 +248,19 @@ def test_lossless_compression_is_exact(client: TestClient, single: Agent) -> Non
 def test_compression_errors(client: TestClient, disked: Agent) -> None:
     unknown = post(client, "/compress", {**CPU, "method": "magic", "tokens": []}, status=400)
     assert unknown["error"] == "unknown_method" and "int8" in unknown["detail"] and "zlib" in unknown["detail"]
-    refused = post(client, "/compress", {"instance_id": INSTANCE, "location": "LocalDiskBackend", "method": "zlib"},
-                   status=400)
+    refused = post(
+        client, "/compress", {"instance_id": INSTANCE, "location": "LocalDiskBackend", "method": "zlib"}, status=400
+    )
     assert refused["error"] == "refused" and "LocalDiskBackend" in refused["detail"]
     assert post(client, "/check_finish", {"event_id": refused["event_id"]})["status"] == "failed"
     assert post(client, "/compress", {**CPU, "method": "int8", "tokens": [1, 2, 3]})["num_tokens"] == 0
     assert post(client, "/compress", {**CPU, "tokens": []}, status=422)["field"] == "method"
-    assert post(client, "/decompress", {"instance_id": "ghost", "location": "LocalCPUBackend", "method": "int8"},
-                status=404)["error"] == "unknown_instance"
+    assert (
+        post(
+            client, "/decompress", {"instance_id": "ghost", "location": "LocalCPUBackend", "method": "int8"}, status=404
+        )["error"]
+        == "unknown_instance"
+    )
 
 
 @pytest.mark.parametrize("path", ["/pin", "/unpin"])
@@ -253,40 +269,64 @@ def test_pin_errors(client: TestClient, single: Agent, path: str) -> None:
     assert post(client, path, {**CPU, "tokens": []}, status=422)["field"] == "tokens"
     assert post(client, path, {**CPU, "tokens": ["a"]}, status=422)["field"].startswith("tokens")
     assert post(client, path, {"instance_id": INSTANCE, "tokens": [1]}, status=422)["field"] == "location"
-    assert post(client, path, {"instance_id": "ghost", "location": "LocalCPUBackend", "tokens": [1]},
-                status=404)["error"] == "unknown_instance"
+    assert (
+        post(client, path, {"instance_id": "ghost", "location": "LocalCPUBackend", "tokens": [1]}, status=404)["error"]
+        == "unknown_instance"
+    )
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"][INSTANCE] == ["LocalCPUBackend", 600]
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/pin", {**CPU, "tokens": [1]}),
-    ("/unpin", {**CPU, "tokens": [1]}),
-    ("/compress", {**CPU, "method": "zlib"}),
-    ("/decompress", {**CPU, "method": "zlib"}),
-    ("/move", {"old_position": [INSTANCE, "LocalCPUBackend"], "new_position": [INSTANCE, "LocalDiskBackend"],
-               "tokens": [1]}),
-    ("/health", {"instance_id": INSTANCE}),
-    ("/clear", CPU),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/pin", {**CPU, "tokens": [1]}),
+        ("/unpin", {**CPU, "tokens": [1]}),
+        ("/compress", {**CPU, "method": "zlib"}),
+        ("/decompress", {**CPU, "method": "zlib"}),
+        (
+            "/move",
+            {
+                "old_position": [INSTANCE, "LocalCPUBackend"],
+                "new_position": [INSTANCE, "LocalDiskBackend"],
+                "tokens": [1],
+            },
+        ),
+        ("/health", {"instance_id": INSTANCE}),
+        ("/clear", CPU),
+    ],
+)
 def test_every_command_gives_504_on_a_silent_agent_then_check_finish_expires(
-        client: TestClient, config: KVBusConfig, path: str, body: dict[str, Any]) -> None:
+    client: TestClient, config: KVBusConfig, path: str, body: dict[str, Any]
+) -> None:
     silent = Agent(config, model=MODEL)
     silent.registration.register()
     silent.consumer.ensure_group()
     answer = post(client, path, body, status=504)
     assert post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "pending"
-    wait_for(lambda: post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "expired",
-             timeout=10, what="the event to expire")
+    wait_for(
+        lambda: post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "expired",
+        timeout=10,
+        what="the event to expire",
+    )
 
 
 @pytest.fixture
 def pair(config: KVBusConfig, tmp_path: Any) -> Iterator[tuple[Agent, Agent]]:
     """Two instances with peer endpoints; the first holds PROMPT in memory and has a disk too."""
-    source = Agent(config.with_overrides(lmcache_instance_id="src", p2p_host="127.0.0.1",
-                                         p2p_init_ports=(free_port(),), local_disk=str(tmp_path / "src-disk"),
-                                         max_local_disk_size=1), model=MODEL)
-    dest = Agent(config.with_overrides(lmcache_instance_id="dst", p2p_host="127.0.0.1",
-                                       p2p_init_ports=(free_port(),)), model=MODEL)
+    source = Agent(
+        config.with_overrides(
+            lmcache_instance_id="src",
+            p2p_host="127.0.0.1",
+            p2p_init_ports=(free_port(),),
+            local_disk=str(tmp_path / "src-disk"),
+            max_local_disk_size=1,
+        ),
+        model=MODEL,
+    )
+    dest = Agent(
+        config.with_overrides(lmcache_instance_id="dst", p2p_host="127.0.0.1", p2p_init_ports=(free_port(),)),
+        model=MODEL,
+    )
     for agent in (source, dest):
         agent.start()
     source.backends[0].store(PROMPT, synthetic_kv(source.space, PROMPT))
@@ -296,20 +336,33 @@ def pair(config: KVBusConfig, tmp_path: Any) -> Iterator[tuple[Agent, Agent]]:
         agent.stop()
 
 
-def move(client: TestClient, old: tuple[str, str], new: tuple[str, str], tokens: list[int], copy: bool = False,
-         status: int = 200) -> dict[str, Any]:
-    return post(client, "/move", {"old_position": list(old), "new_position": list(new), "tokens": tokens,
-                                  "should_copy": copy}, status=status)
+def move(
+    client: TestClient,
+    old: tuple[str, str],
+    new: tuple[str, str],
+    tokens: list[int],
+    copy: bool = False,
+    status: int = 200,
+) -> dict[str, Any]:
+    return post(
+        client,
+        "/move",
+        {"old_position": list(old), "new_position": list(new), "tokens": tokens, "should_copy": copy},
+        status=status,
+    )
 
 
 def test_a_move_between_instances_carries_the_chunks_and_reindexes_them(
-        client: TestClient, pair: tuple[Agent, Agent]) -> None:
+    client: TestClient, pair: tuple[Agent, Agent]
+) -> None:
     source, dest = pair
     before = [t.clone() for t in source.backends[0].retrieve(PROMPT)]
     copied = move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT[:512], copy=True)
     assert copied["num_tokens"] == 512 and copied["event_id"].startswith("Move")
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {
-        "src": ["LocalCPUBackend", 600], "dst": ["LocalCPUBackend", 512]}
+        "src": ["LocalCPUBackend", 600],
+        "dst": ["LocalCPUBackend", 512],
+    }
     moved = move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT)
     assert moved["num_tokens"] == 600
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"dst": ["LocalCPUBackend", 600]}
@@ -323,13 +376,15 @@ def test_a_move_within_an_instance_goes_to_its_disk(client: TestClient, pair: tu
 
 
 def test_a_move_without_tokens_takes_every_chunk_as_lmcache_defaults(
-        client: TestClient, pair: tuple[Agent, Agent]) -> None:
+    client: TestClient, pair: tuple[Agent, Agent]
+) -> None:
     source, _ = pair
     other = list(range(9000, 9300))
     source.backends[0].store(other, synthetic_kv(source.space, other))
     source.index.flush()
-    answer = post(client, "/move", {"old_position": ["src", "LocalCPUBackend"],
-                                    "new_position": ["dst", "LocalCPUBackend"]})
+    answer = post(
+        client, "/move", {"old_position": ["src", "LocalCPUBackend"], "new_position": ["dst", "LocalCPUBackend"]}
+    )
     assert answer["num_tokens"] == 900
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"dst": ["LocalCPUBackend", 600]}
     assert post(client, "/lookup", {"tokens": other})["layout_info"] == {"dst": ["LocalCPUBackend", 300]}
@@ -339,21 +394,35 @@ def test_move_errors(client: TestClient, pair: tuple[Agent, Agent], ranks: list[
     same = move(client, ("src", "LocalCPUBackend"), ("src", "LocalCPUBackend"), PROMPT, status=422)
     assert same["field"] == "new_position"
     assert move(client, ("ghost", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT, status=404)["error"] == (
-        "unknown_instance")
+        "unknown_instance"
+    )
     assert move(client, ("src", "LocalCPUBackend"), ("ghost", "LocalCPUBackend"), PROMPT, status=404)["error"] == (
-        "unknown_instance")
+        "unknown_instance"
+    )
     ranked = move(client, ("src", "LocalCPUBackend"), (INSTANCE, "LocalCPUBackend"), PROMPT, status=400)
     assert ranked["error"] == "refused" and "same number" in ranked["detail"]
     assert move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), [1, 2, 3])["num_tokens"] == 0
-    assert post(client, "/move", {"old_position": ["src"], "new_position": ["dst", "LocalCPUBackend"],
-                                  "tokens": PROMPT}, status=422)["field"] == "old_position"
-    assert post(client, "/move", {"old_position": ["src", "Nowhere"], "new_position": ["dst", "LocalCPUBackend"],
-                                  "tokens": PROMPT}, status=422)["field"].startswith("old_position")
+    assert (
+        post(
+            client,
+            "/move",
+            {"old_position": ["src"], "new_position": ["dst", "LocalCPUBackend"], "tokens": PROMPT},
+            status=422,
+        )["field"]
+        == "old_position"
+    )
+    assert post(
+        client,
+        "/move",
+        {"old_position": ["src", "Nowhere"], "new_position": ["dst", "LocalCPUBackend"], "tokens": PROMPT},
+        status=422,
+    )["field"].startswith("old_position")
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"]["src"] == ["LocalCPUBackend", 600]
 
 
 def test_a_move_to_an_instance_without_a_peer_endpoint_is_refused(
-        client: TestClient, pair: tuple[Agent, Agent], config: KVBusConfig) -> None:
+    client: TestClient, pair: tuple[Agent, Agent], config: KVBusConfig
+) -> None:
     closed = Agent(config.with_overrides(lmcache_instance_id="closed"), model=MODEL)
     closed.start()
     try:

@@ -22,8 +22,9 @@ from tests.conftest import MODEL, free_port, wait_for
 INSTANCE = "metrics-instance"
 PROMPT = list(range(1000, 1600))  # chunks of 256, 256 and 88 tokens
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 2  # synthetic KV: K and V, 4 layers, 2 heads of 16, float16
-BASE = KVBusConfig(enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30,
-                   lmcache_instance_id=INSTANCE)
+BASE = KVBusConfig(
+    enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, lmcache_instance_id=INSTANCE
+)
 CPU = {"instance_id": INSTANCE, "location": "LocalCPUBackend"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -47,8 +48,11 @@ def agent(config: KVBusConfig) -> Iterator[Agent]:
 def scrape(client: TestClient) -> Samples:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -59,8 +63,15 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     for tokens in (PROMPT, PROMPT[:300], [7, 8, 9]):
         assert client.post("/lookup", json={"tokens": tokens}).status_code == 200
     assert client.post("/lookup", json={"tokens": []}).status_code == 422
-    wait_for(lambda: json.loads(agent._redis.hget(keys.worker(INSTANCE, 0), keys.WORKER_STATS_FIELD) or "{}")
-             .get("LocalCPUBackend", {}).get("chunks") == 3, what="a heartbeat with the agent's stats")
+    wait_for(
+        lambda: (
+            json.loads(agent._redis.hget(keys.worker(INSTANCE, 0), keys.WORKER_STATS_FIELD) or "{}")
+            .get("LocalCPUBackend", {})
+            .get("chunks")
+            == 3
+        ),
+        what="a heartbeat with the agent's stats",
+    )
     before = scrape(client)
     assert value(before, "kvbus_index_chunks", instance_id=INSTANCE, location="LocalCPUBackend") == 3
     worker = {"instance_id": INSTANCE, "worker_id": "0", "location": "LocalCPUBackend"}
@@ -95,8 +106,9 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     assert value(after, "kvbus_index_chunks", instance_id=INSTANCE, location="LocalCPUBackend") == 0
 
 
-def test_a_silent_agent_shows_as_bus_lag_read_or_not(client: TestClient, config: KVBusConfig,
-                                                     real_redis: redis.Redis) -> None:
+def test_a_silent_agent_shows_as_bus_lag_read_or_not(
+    client: TestClient, config: KVBusConfig, real_redis: redis.Redis
+) -> None:
     silent = Agent(config, model=MODEL)
     silent.registration.register()
     silent.consumer.ensure_group()
@@ -112,8 +124,9 @@ def test_a_silent_agent_shows_as_bus_lag_read_or_not(client: TestClient, config:
     real_redis.xreadgroup(group, group, {keys.commands(INSTANCE): ">"}, count=1)
     pending = scrape(client)
     assert value(pending, "kvbus_bus_unacked_commands", **labels) == 1
-    assert (value(pending, "kvbus_bus_lag_seconds", **labels) or 0) >= (value(unread, "kvbus_bus_lag_seconds",
-                                                                              **labels) or 0)
+    assert (value(pending, "kvbus_bus_lag_seconds", **labels) or 0) >= (
+        value(unread, "kvbus_bus_lag_seconds", **labels) or 0
+    )
 
 
 def test_refusals_are_counted_per_kind(client: TestClient, config: KVBusConfig, tmp_path: Path) -> None:

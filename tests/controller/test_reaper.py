@@ -40,7 +40,11 @@ def test_an_instance_silent_past_reap_after_is_removed_whole(redis_url: str, rea
     assert real_redis.smembers(head) == {"peer"}
     assert list(real_redis.scan_iter("kvbus:{gone}:*")) == []
     assert real_redis.xrange(keys.EVENTS)[-1][1] | {"detail": ""} == {
-        "kind": "reaped", "instance_id": "gone", "worker_id": "-1", "detail": ""}
+        "kind": "reaped",
+        "instance_id": "gone",
+        "worker_id": "-1",
+        "detail": "",
+    }
 
 
 def test_live_and_recently_seen_instances_stay(redis_url: str, real_redis: redis.Redis) -> None:

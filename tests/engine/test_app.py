@@ -24,15 +24,17 @@ LONG = list(range(2000, 2600))  # 600 tokens: two full chunks and an 88-token ta
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[TestClient]:
-    config = KVBusConfig(enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE,
-                         heartbeat_interval=0.1)
+    config = KVBusConfig(
+        enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.1
+    )
     with TestClient(create_app(config, MODEL, shape=SHAPE)) as test_client:
         yield test_client
 
 
 def complete(client: TestClient, prompt: Any, **extra: Any) -> dict[str, Any]:
-    response = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4,
-                                                    "temperature": 0, **extra})
+    response = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, **extra}
+    )
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -47,8 +49,12 @@ def test_completion_has_openai_shape_and_seed_prompt_is_held(client: TestClient,
     assert body["object"] == "text_completion" and body["model"] == MODEL and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
-    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 10,
+        "total_tokens": 22,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert sorted(int(n) for n in indexed(redis_url).values()) == [12]
 
 
@@ -90,9 +96,18 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut(client: TestClient) -
 
 def test_streaming_sends_the_same_text_in_pieces_then_usage_and_done(client: TestClient) -> None:
     whole = complete(client, SEED_TEXT, max_tokens=12)
-    with client.stream("POST", "/v1/completions", json={
-            "model": MODEL, "prompt": SEED_TEXT, "max_tokens": 12, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}) as response:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": SEED_TEXT,
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
@@ -108,8 +123,11 @@ def test_streaming_sends_the_same_text_in_pieces_then_usage_and_done(client: Tes
 def test_streaming_holds_back_text_until_it_cannot_begin_a_stop_string(client: TestClient) -> None:
     greedy = complete(client, SEED_TEXT, max_tokens=8)["choices"][0]["text"]
     stop = greedy[5:9]
-    with client.stream("POST", "/v1/completions", json={
-            "prompt": SEED_TEXT, "max_tokens": 8, "temperature": 0, "stream": True, "stop": stop}) as response:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={"prompt": SEED_TEXT, "max_tokens": 8, "temperature": 0, "stream": True, "stop": stop},
+    ) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
     text = "".join(e["choices"][0]["text"] for e in events)
     assert text == greedy[: greedy.index(stop)] and stop not in text
@@ -127,27 +145,31 @@ def test_tokenize_models_and_health(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
 
 
-@pytest.mark.parametrize(("body", "status", "param", "phrase"), [
-    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "Expected `int | null`"),
-    ({"max_tokens": 3}, 400, "prompt", "missing required field"),
-    ({"prompt": ""}, 400, "prompt", "must not be empty"),
-    ({"prompt": []}, 400, "prompt", "prompt must be"),
-    ({"prompt": [1, "a"]}, 400, "prompt", "prompt must be"),
-    ({"prompt": [-1]}, 400, "prompt", "non-negative"),
-    ({"prompt": [128256]}, 400, "prompt", "vocabulary size 128256"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
-    ({"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
-    ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
-    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
-    ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
-    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs", "not streamed"),
-    ({"prompt": "x", "echo": True}, 400, "echo", "not supported"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "`gpt-4` does not exist"),
-    ({"prompt": list(range(1020)), "max_tokens": 10}, 400, "max_tokens", "maximum context length is 1024"),
-    ({"prompt": list(range(1030))}, 400, "prompt", "maximum context length is 1024"),
-])
-def test_bad_requests_get_openai_errors_and_lose_nothing(client: TestClient, redis_url: str, body: dict[str, Any],
-                                                         status: int, param: str, phrase: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "param", "phrase"),
+    [
+        ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "Expected `int | null`"),
+        ({"max_tokens": 3}, 400, "prompt", "missing required field"),
+        ({"prompt": ""}, 400, "prompt", "must not be empty"),
+        ({"prompt": []}, 400, "prompt", "prompt must be"),
+        ({"prompt": [1, "a"]}, 400, "prompt", "prompt must be"),
+        ({"prompt": [-1]}, 400, "prompt", "non-negative"),
+        ({"prompt": [128256]}, 400, "prompt", "vocabulary size 128256"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+        ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
+        ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
+        ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs", "not streamed"),
+        ({"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "model", "`gpt-4` does not exist"),
+        ({"prompt": list(range(1020)), "max_tokens": 10}, 400, "max_tokens", "maximum context length is 1024"),
+        ({"prompt": list(range(1030))}, 400, "prompt", "maximum context length is 1024"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_lose_nothing(
+    client: TestClient, redis_url: str, body: dict[str, Any], status: int, param: str, phrase: str
+) -> None:
     complete(client, SEED_TEXT)
     held = indexed(redis_url)
     response = client.post("/v1/completions", json=body)
@@ -169,4 +191,3 @@ def test_malformed_and_oversized_bodies(client: TestClient) -> None:
     response = client.get("/v1/completions")
     assert response.status_code == 405 and response.json()["error"]["code"] == 405
     assert client.get("/nowhere").json()["error"]["type"] == "NotFoundError"
-

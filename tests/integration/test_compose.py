@@ -57,6 +57,7 @@ def test_the_image_copies_every_installed_package_and_pins_cpu_torch() -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_docker_compose_validates_the_file() -> None:
-    result = subprocess.run(["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

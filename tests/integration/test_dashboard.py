@@ -45,8 +45,11 @@ class Element:
 
     def find(self, tag: str | None = None, **attrs: str) -> list[Element]:
         wanted = {name.replace("_", "-"): value for name, value in attrs.items()}
-        return [e for e in self.walk() if (tag is None or e.tag == tag)
-                and all(e.attrs.get(name) == value for name, value in wanted.items())]
+        return [
+            e
+            for e in self.walk()
+            if (tag is None or e.tag == tag) and all(e.attrs.get(name) == value for name, value in wanted.items())
+        ]
 
     def one(self, tag: str | None = None, **attrs: str) -> Element:
         found = self.find(tag, **attrs)
@@ -83,10 +86,26 @@ def rendered(url: str, profile: Path) -> Element:
     browser = shutil.which("chromium")
     assert browser is not None
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=90, check=True).stdout
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    ).stdout
     builder = _TreeBuilder()
     builder.feed(dom)
     return builder.root
@@ -102,8 +121,10 @@ def stats(client: redis.Redis, instance_id: str) -> dict[str, dict[str, int]]:
     return json.loads(client.hget(keys.worker(instance_id, 0), keys.WORKER_STATS_FIELD) or "{}")  # type: ignore[no-any-return]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (scripts/test installs it as root: apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="chromium is not installed (scripts/test installs it as root: apt-get install chromium)",
+)
 @pytest.mark.timeout(180)
 def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url: str, tmp_path: Path) -> None:
     _, controller = procs.controller(redis_url)
@@ -117,9 +138,13 @@ def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url
     assert post(f"{controller}/lookup", {"tokens": [1, 2, 3]})["layout_info"] == {}
     cleared = post(f"{controller}/clear", {"instance_id": HOSTILE, "location": "LocalCPUBackend"})
     assert cleared["num_tokens"] == 300
-    wait_for(lambda: stats(client, HOSTILE)["LocalCPUBackend"]["chunks"] == 0
-             and stats(client, PLAIN).get("LocalDiskBackend", {}).get("chunks") == 3,
-             what="heartbeats with the agents' stats")
+    wait_for(
+        lambda: (
+            stats(client, HOSTILE)["LocalCPUBackend"]["chunks"] == 0
+            and stats(client, PLAIN).get("LocalDiskBackend", {}).get("chunks") == 3
+        ),
+        what="heartbeats with the agents' stats",
+    )
 
     page = rendered(f"{controller}/", tmp_path / "chromium")
 
@@ -145,8 +170,9 @@ def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url
     assert memory.cell("bytes") == "300.0 KiB"
     on_disk = storage.one("tr", data_instance=PLAIN, data_worker="0", data_location="LocalDiskBackend")
     assert on_disk.cell("chunks") == "3"
-    assert on_disk.one("td", data_field="bytes").attrs["data-value"] == str(stats(client, PLAIN)["LocalDiskBackend"]
-                                                                             ["bytes"])
+    assert on_disk.one("td", data_field="bytes").attrs["data-value"] == str(
+        stats(client, PLAIN)["LocalDiskBackend"]["bytes"]
+    )
     emptied = storage.one("tr", data_instance=HOSTILE, data_worker="0", data_location="LocalCPUBackend")
     assert (emptied.cell("chunks"), emptied.cell("bytes")) == ("0", "0 B")
 

@@ -40,8 +40,9 @@ def test_an_agent_serves_lookup_and_clear_from_disk_across_a_restart(
     procs: Processes, redis_url: str, tmp_path: Path
 ) -> None:
     _, controller = procs.controller(redis_url)
-    agent = procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)),
-                        config=disk_config(tmp_path))
+    agent = procs.agent(
+        redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)), config=disk_config(tmp_path)
+    )
     wait_for_disk_index(redis_url, INSTANCE, 1)
     assert lookup(controller) == {INSTANCE: ["LocalCPUBackend", 12]}  # the fastest place is named
     assert clear(controller, Location.CPU) == 12

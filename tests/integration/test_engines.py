@@ -43,10 +43,26 @@ def up(tmp_path: Path) -> Any:
     config = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
     out = (tmp_path / "up.out").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvbus", "up", "--config", str(config), "--redis-url",
-         f"redis://127.0.0.1:{redis_port}/0", "--engine-port", str(engine_port), "--controller-port",
-         str(controller_port), "--data-dir", str(tmp_path / "data")],
-        stdout=out, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "kvbus",
+            "up",
+            "--config",
+            str(config),
+            "--redis-url",
+            f"redis://127.0.0.1:{redis_port}/0",
+            "--engine-port",
+            str(engine_port),
+            "--controller-port",
+            str(controller_port),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     log = tmp_path / "up.out"
     try:
         wait_for(lambda: "kvbus is up" in log.read_text(), timeout=90, what="kvbus up")
@@ -79,11 +95,14 @@ def test_seed_curl_flow_verbatim_against_kvbus_up(up: Any) -> None:
     assert engine in banner and controller in banner
     assert (tmp_path / "data" / "redis").is_dir()
 
-    completion = post(f"{engine}/v1/completions", {
-        "model": "meta-llama/Llama-3.1-8B-Instruct",
-        "prompt": "Explain the significance of KV cache in language models.",
-        "max_tokens": 10,
-    })
+    completion = post(
+        f"{engine}/v1/completions",
+        {
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "prompt": "Explain the significance of KV cache in language models.",
+            "max_tokens": 10,
+        },
+    )
     assert completion["usage"]["prompt_tokens"] == 12 and completion["usage"]["completion_tokens"] == 10
     found = post(f"{controller}/lookup", {"tokens": SEED_TOKENS})
     assert found["layout_info"] == {INSTANCE: ["LocalCPUBackend", 12]} and found["event_id"]
@@ -139,8 +158,21 @@ def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> No
     python_only.mkdir()
     env = {**os.environ, "PATH": str(python_only)}
     result = subprocess.run(
-        [sys.executable, "-m", "kvbus", "up", "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
-         "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "kvbus",
+            "up",
+            "--redis-url",
+            f"redis://127.0.0.1:{free_port()}/0",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "redis-server is not installed: apt-get install redis-server" in result.stdout
 
@@ -148,8 +180,9 @@ def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> No
 def test_kvbus_up_and_engine_refuse_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = write_config(tmp_path / "bad.yaml", chunk_size="big")
     for command in (["up"], ["engine"]):
-        result = subprocess.run([sys.executable, "-m", "kvbus", *command, "--config", str(bad)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "kvbus", *command, "--config", str(bad)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 2, result
         assert result.stderr.count("\n") == 1 and "chunk_size" in result.stderr
 
@@ -159,8 +192,11 @@ def test_a_killed_kvbus_up_takes_its_parts_with_it(up: Any) -> None:
     proc, engine, controller, redis_port, *_ = up
     proc.kill()
     proc.wait(10)
-    wait_for(lambda: not _serves(f"{engine}/health") and not _serves(f"{controller}/healthz")
-             and not _answers(redis_port), timeout=60, what="the parts of a SIGKILLed kvbus up to stop")
+    wait_for(
+        lambda: not _serves(f"{engine}/health") and not _serves(f"{controller}/healthz") and not _answers(redis_port),
+        timeout=60,
+        what="the parts of a SIGKILLed kvbus up to stop",
+    )
 
 
 def _serves(url: str) -> bool:

@@ -69,8 +69,7 @@ def test_two_controllers_serve_clears_for_one_instance_at_once(procs: Processes,
     procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
     wait_for(lambda: lookup(first) != {}, what="preloaded tokens")
     answers: list[httpx.Response] = []
-    threads = [threading.Thread(target=lambda b=base: answers.append(clear(b)))
-               for base in [first, second] * 10]
+    threads = [threading.Thread(target=lambda b=base: answers.append(clear(b))) for base in [first, second] * 10]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -82,7 +81,9 @@ def test_two_controllers_serve_clears_for_one_instance_at_once(procs: Processes,
 
 
 def test_a_killed_agent_answers_its_pending_commands_exactly_once_after_restart(
-    procs: Processes, redis_url: str, real_redis: redis.Redis,
+    procs: Processes,
+    redis_url: str,
+    real_redis: redis.Redis,
 ) -> None:
     _, base = procs.controller(redis_url, timeout=20)
     agent = procs.agent(redis_url, INSTANCE)
@@ -92,8 +93,13 @@ def test_a_killed_agent_answers_its_pending_commands_exactly_once_after_restart(
     for thread in threads:
         thread.start()
     group = keys.command_group(0)
-    wait_for(lambda: real_redis.xinfo_groups(keys.commands(INSTANCE))[0]["entries-read"] >= 6
-             or len(real_redis.xrange(keys.commands(INSTANCE))) >= 6, what="six queued clears")
+    wait_for(
+        lambda: (
+            real_redis.xinfo_groups(keys.commands(INSTANCE))[0]["entries-read"] >= 6
+            or len(real_redis.xrange(keys.commands(INSTANCE))) >= 6
+        ),
+        what="six queued clears",
+    )
     delivered = real_redis.xpending(keys.commands(INSTANCE), group)["pending"]
     assert delivered >= 1  # at least one was in the dead agent's hands
     agent.kill()
@@ -133,8 +139,11 @@ def test_redis_restarted_under_a_running_controller(procs: Processes, tmp_path: 
         assert httpx.post(f"{base}/lookup", json={"tokens": SEED_TOKENS}, timeout=10).status_code == 503
         assert clear(base).status_code == 503
         server.start()  # empty: it keeps nothing on disk
-        wait_for(lambda: lookup(base) == {INSTANCE: ["LocalCPUBackend", 12]}, timeout=20,
-                 what="the agent to re-register and re-publish its index")
+        wait_for(
+            lambda: lookup(base) == {INSTANCE: ["LocalCPUBackend", 12]},
+            timeout=20,
+            what="the agent to re-register and re-publish its index",
+        )
         wait_for(lambda: clear(base).json().get("num_tokens") == 12, timeout=10, what="clear after recovery")
         assert lookup(base) == {}
     finally:
@@ -179,8 +188,12 @@ def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) 
     env = {**os.environ, "LMCACHE_REDIS_URL": redis_url}
     # The console script pip installed beside this interpreter, as the seed runs it.
     script = str(Path(sys.executable).parent / "lmcache_controller")
-    proc = subprocess.Popen([script, "--host", "localhost", "--port", str(port), "--monitor-port",
-                             "9001"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [script, "--host", "localhost", "--port", str(port), "--monitor-port", "9001"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: httpx.get(f"http://localhost:{port}/healthz").status_code == 200, what="lmcache_controller")
         assert lookup(f"http://localhost:{port}") == {}
@@ -193,8 +206,9 @@ def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) 
 def test_bad_config_exits_nonzero_with_one_line(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("chunk_size: lots\n")
-    proc = subprocess.run([sys.executable, "-m", "kvbus", *command, "--config", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvbus", *command, "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "chunk_size='lots'" in proc.stderr and str(path) in proc.stderr
@@ -202,14 +216,16 @@ def test_bad_config_exits_nonzero_with_one_line(tmp_path: Path, command: list[st
 
 def test_an_agent_whose_config_leaves_the_controller_off_says_so(tmp_path: Path) -> None:
     path = write_config(tmp_path / "off.yaml", enable_controller=False)
-    proc = subprocess.run([sys.executable, "-m", "kvbus", "agent", "--config", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvbus", "agent", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "enable_controller is false" in proc.stderr
 
 
 def test_controller_help_says_what_the_monitor_port_is_for() -> None:
-    proc = subprocess.run([sys.executable, "-m", "kvbus", "controller", "--help"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvbus", "controller", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     assert "--monitor-port" in proc.stdout and "LMCache worker bridge" in " ".join(proc.stdout.split())
 
@@ -226,8 +242,10 @@ def test_a_pending_clear_survives_a_redis_crash_with_aof(procs: Processes, tmp_p
         thread = threading.Thread(target=lambda: answers.append(clear(base)))
         thread.start()
         client = redis.Redis.from_url(server.url, decode_responses=True)
-        wait_for(lambda: client.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"] == 1,
-                 what="the clear to reach the stopped agent's pending list")
+        wait_for(
+            lambda: client.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"] == 1,
+            what="the clear to reach the stopped agent's pending list",
+        )
         client.close()
         time.sleep(1.5)  # appendfsync everysec
         server.kill()  # kill -9: only the AOF remains

@@ -41,10 +41,16 @@ def test_the_file_comes_from_lmcache_config_file(tmp_path: Path) -> None:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("chunk_size: 16\nlocal_cpu: true\nredis_url: redis://a:1/0\n")
-    config = load(path, environ={
-        "LMCACHE_CHUNK_SIZE": "64", "LMCACHE_LOCAL_CPU": "False", "LMCACHE_REDIS_URL": "redis://b:2/1",
-        "LMCACHE_P2P_INIT_PORTS": "[8200, 8201]", "LMCACHE_LMCACHE_WORKER_PORTS": "8001,8002",
-    })
+    config = load(
+        path,
+        environ={
+            "LMCACHE_CHUNK_SIZE": "64",
+            "LMCACHE_LOCAL_CPU": "False",
+            "LMCACHE_REDIS_URL": "redis://b:2/1",
+            "LMCACHE_P2P_INIT_PORTS": "[8200, 8201]",
+            "LMCACHE_LMCACHE_WORKER_PORTS": "8001,8002",
+        },
+    )
     assert config.chunk_size == 64
     assert config.local_cpu is False
     assert config.redis_url == "redis://b:2/1"
@@ -71,17 +77,20 @@ def test_unknown_key_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCap
     assert f"config key 'remote_url' in {path} is an LMCache setting kvbus does not use; ignored" in caplog.messages
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("chunk_size: big\n", "chunk_size"),
-    ("chunk_size: 0\n", "chunk_size"),
-    ("local_cpu: maybe\n", "local_cpu"),
-    ("max_local_cpu_size: -1\n", "max_local_cpu_size"),
-    ("lmcache_worker_ports: [80, 70000]\n", "lmcache_worker_ports"),
-    ("redis_url: localhost:6379\n", "redis_url"),
-    ("lmcache_instance_id: ''\n", "lmcache_instance_id"),
-    ("lmcache_instance_id: 'a{b}'\n", "lmcache_instance_id"),
-    ("command_timeout: 0\n", "command_timeout"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("chunk_size: big\n", "chunk_size"),
+        ("chunk_size: 0\n", "chunk_size"),
+        ("local_cpu: maybe\n", "local_cpu"),
+        ("max_local_cpu_size: -1\n", "max_local_cpu_size"),
+        ("lmcache_worker_ports: [80, 70000]\n", "lmcache_worker_ports"),
+        ("redis_url: localhost:6379\n", "redis_url"),
+        ("lmcache_instance_id: ''\n", "lmcache_instance_id"),
+        ("lmcache_instance_id: 'a{b}'\n", "lmcache_instance_id"),
+        ("command_timeout: 0\n", "command_timeout"),
+    ],
+)
 def test_a_bad_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -41,11 +41,14 @@ def test_models_never_share_keys() -> None:
 
 
 def test_keys_are_stable_across_processes_and_hash_seeds() -> None:
-    code = ("import json; from kvbus.shared.hashing import chunk_keys; "
-            f"print(json.dumps([c.key for c in chunk_keys(list(range(600)), model={MODEL!r}, chunk_size=256)]))")
+    code = (
+        "import json; from kvbus.shared.hashing import chunk_keys; "
+        f"print(json.dumps([c.key for c in chunk_keys(list(range(600)), model={MODEL!r}, chunk_size=256)]))"
+    )
     outputs = {
-        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, check=True,
-                       capture_output=True, text=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, check=True, capture_output=True, text=True
+        ).stdout
         for seed in ("0", "1", "random")
     }
     assert len(outputs) == 1

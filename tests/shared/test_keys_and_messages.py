@@ -21,8 +21,13 @@ from kvbus.shared.messages import (
 def test_every_per_instance_key_shares_the_instance_slot() -> None:
     instance = "inst-42"
     per_instance = [
-        keys.info(instance), keys.alive(instance), keys.worker(instance, 3), keys.commands(instance),
-        keys.index(instance, Location.CPU), keys.heads(instance, Location.DISK), keys.done(instance, 0, "Clear1"),
+        keys.info(instance),
+        keys.alive(instance),
+        keys.worker(instance, 3),
+        keys.commands(instance),
+        keys.index(instance, Location.CPU),
+        keys.heads(instance, Location.DISK),
+        keys.done(instance, 0, "Clear1"),
     ]
     assert all(k.startswith("kvbus:{inst-42}:") for k in per_instance)
     assert {key_slot(k.encode()) for k in per_instance} == {key_slot(b"inst-42")}
@@ -35,11 +40,21 @@ def test_global_keys_are_prefixed() -> None:
 
 
 def test_messages_round_trip_as_readable_fields() -> None:
-    command = Command(event_id="Clear1", kind=CommandKind.CLEAR, reply_to="kvbus:ctl:c:results",
-                      timeout_ms=5000, location="LocalCPUBackend")
+    command = Command(
+        event_id="Clear1",
+        kind=CommandKind.CLEAR,
+        reply_to="kvbus:ctl:c:results",
+        timeout_ms=5000,
+        location="LocalCPUBackend",
+    )
     fields = encode(command)
-    assert fields == {"event_id": "Clear1", "kind": "clear", "reply_to": "kvbus:ctl:c:results",
-                      "timeout_ms": "5000", "location": "LocalCPUBackend"}
+    assert fields == {
+        "event_id": "Clear1",
+        "kind": "clear",
+        "reply_to": "kvbus:ctl:c:results",
+        "timeout_ms": "5000",
+        "location": "LocalCPUBackend",
+    }
     assert decode(Command, {k.encode(): v.encode() for k, v in fields.items()}) == command
     result = Result(event_id="Clear1", instance_id="i", worker_id=0, status=ResultStatus.OK, num_tokens=12)
     assert decode(Result, encode(result)) == result
@@ -47,12 +62,15 @@ def test_messages_round_trip_as_readable_fields() -> None:
     assert decode(AgentEvent, encode(event)) == event
 
 
-@pytest.mark.parametrize("fields", [
-    {"kind": "clear", "reply_to": "r", "timeout_ms": "1"},
-    {"event_id": "e", "kind": "explode", "reply_to": "r", "timeout_ms": "1"},
-    {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "soon"},
-    {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "[1]"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": "clear", "reply_to": "r", "timeout_ms": "1"},
+        {"event_id": "e", "kind": "explode", "reply_to": "r", "timeout_ms": "1"},
+        {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "soon"},
+        {"event_id": "e", "kind": "clear", "reply_to": "r", "timeout_ms": "[1]"},
+    ],
+)
 def test_invalid_commands_raise_decode_error(fields: dict[str, str]) -> None:
     with pytest.raises(DecodeError, match="not a valid Command"):
         decode(Command, fields)

@@ -26,8 +26,11 @@ class Stack:
         return response.json()["layout_info"]  # type: ignore[no-any-return]
 
     def clear(self) -> int:
-        response = httpx.post(f"{self.controller}/clear", json={"instance_id": "lmcache_default_instance",
-                                                                 "location": "LocalCPUBackend"}, timeout=10)
+        response = httpx.post(
+            f"{self.controller}/clear",
+            json={"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"},
+            timeout=10,
+        )
         response.raise_for_status()
         return response.json()["num_tokens"]  # type: ignore[no-any-return]
 

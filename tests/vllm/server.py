@@ -21,8 +21,11 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 EXAMPLE_CONFIG = REPO / "configs" / "example.yaml"
 SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SKIP_ENV = "KVBUS_VLLM"
-CONNECTOR = {"kv_connector": "KVBusConnector", "kv_connector_module_path": "kvbus.agent.vllm_connector",
-             "kv_role": "kv_both"}
+CONNECTOR = {
+    "kv_connector": "KVBusConnector",
+    "kv_connector_module_path": "kvbus.agent.vllm_connector",
+    "kv_role": "kv_both",
+}
 START_TIMEOUT_S = 300.0  # 50-100 s on 2 cores, more with the first inductor compile
 
 
@@ -37,8 +40,12 @@ def unavailable() -> str | None:
 
 def build_model(out: Path) -> Path:
     """The tiny random-weight model and its tokenizer, written by the vLLM venv's python."""
-    subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("tiny_model.py")), str(out)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [str(VLLM_PYTHON), str(Path(__file__).with_name("tiny_model.py")), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -50,8 +57,13 @@ class VLLMServer:
     started_in_s: float
 
     def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
-        body = {"model": SERVED_MODEL, "prompt": prompt if isinstance(prompt, str) else list(prompt),
-                "max_tokens": 1, "temperature": 0, **params}
+        body = {
+            "model": SERVED_MODEL,
+            "prompt": prompt if isinstance(prompt, str) else list(prompt),
+            "max_tokens": 1,
+            "temperature": 0,
+            **params,
+        }
         response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
@@ -61,18 +73,40 @@ class VLLMServer:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: Path, redis_url: str, port: int, log: Path,
-                extra_config: dict[str, Any] | None = None) -> Iterator[VLLMServer]:
+def vllm_server(
+    model_dir: Path, redis_url: str, port: int, log: Path, extra_config: dict[str, Any] | None = None
+) -> Iterator[VLLMServer]:
     """`python -m vllm.entrypoints.openai.api_server` with the kvbus connector, the seed's engine yaml
     and Redis at `redis_url`; ready once /health answers. Stopped by pid (and its process group)."""
     transfer = {**CONNECTOR, "kv_connector_extra_config": {"redis_url": redis_url, **(extra_config or {})}}
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")},
-           "LMCACHE_CONFIG_FILE": str(EXAMPLE_CONFIG), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "PYTHONUNBUFFERED": "1"}
-    args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", SERVED_MODEL, "--dtype", "bfloat16", "--max-model-len", "4096",
-            "--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--host", "127.0.0.1",
-            "--port", str(port), "--kv-transfer-config", json.dumps(transfer)]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")},
+        "LMCACHE_CONFIG_FILE": str(EXAMPLE_CONFIG),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    args = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_MODEL,
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "4096",
+        "--no-enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--kv-transfer-config",
+        json.dumps(transfer),
+    ]
     started = time.monotonic()
     with log.open("ab") as out:
         # Its own session, so that stopping it reaches EngineCore and the worker too.

@@ -35,8 +35,9 @@ def run(stack: Stack, tokens: list[int]) -> tuple[int, list[Any]]:
     """(cached prompt tokens vLLM reports, top-5 logprobs of each of 4 greedy tokens)."""
     answer = stack.vllm.complete(tokens, max_tokens=4, logprobs=5)
     logprobs = answer["choices"][0]["logprobs"]
-    return answer["usage"]["prompt_tokens_details"]["cached_tokens"], list(zip(
-        logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True))
+    return answer["usage"]["prompt_tokens_details"]["cached_tokens"], list(
+        zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True)
+    )
 
 
 def test_seed_flow(stack: Stack) -> None:

@@ -27,8 +27,11 @@ class _QuicktokConverter(TikTokenConverter):
     @staticmethod
     def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
         encoding = quicktok.get_encoding("llama3")  # token_byte_values() is not in rank order
-        return {encoding.decode_single_token_bytes(rank): rank for rank in range(encoding.max_token_value + 1)
-                if not encoding.is_special_token(rank)}
+        return {
+            encoding.decode_single_token_bytes(rank): rank
+            for rank in range(encoding.max_token_value + 1)
+            if not encoding.is_special_token(rank)
+        }
 
 
 def build_tokenizer(out: Path) -> None:
@@ -36,20 +39,35 @@ def build_tokenizer(out: Path) -> None:
     specials = sorted(encoding.special_tokens_set, key=encoding.encode_single_token)
     tokenizer = _QuicktokConverter(vocab_file="quicktok:llama3", extra_special_tokens=specials).converted()
     bos_id = encoding.encode_single_token(BOS)
-    tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
-    ])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS,
-                            model_max_length=4096).save_pretrained(out)
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, model_max_length=4096
+    ).save_pretrained(out)
 
 
 def build_model(out: Path) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=128000,
-                         eos_token_id=128001, torch_dtype="bfloat16")
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        torch_dtype="bfloat16",
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
 
 
