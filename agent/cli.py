@@ -17,7 +17,7 @@ from kvbus import logs
 from kvbus.agent.agent import Agent
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.agent.tokenizer import encode_prompt
-from kvbus.shared.config import DEFAULT_MODEL, ConfigError, load
+from kvbus.shared.config import DEFAULT_MODEL, ConfigError, check_devices, load
 
 log = logging.getLogger("kvbus.agent")
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
         config = load(args.config).with_overrides(**overrides)
         if not config.enable_controller:
             raise ConfigError(f"enable_controller is false in {args.config}; set it to True to join the bus")
+        check_devices(config)
         prompts = _prompts(args)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

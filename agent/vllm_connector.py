@@ -209,7 +209,9 @@ def _config(extra: dict[str, Any]) -> kvbus_config.KVBusConfig:
     unknown = sorted(set(extra) - _KEYS)
     if unknown:
         raise kvbus_config.ConfigError(f"kv_connector_extra_config: unknown kvbus keys {', '.join(unknown)}")
-    return kvbus_config.load().with_overrides(**extra)
+    config = kvbus_config.load().with_overrides(**extra)
+    kvbus_config.check_devices(config)  # at start-up, in both roles, rather than at the first KV registration
+    return config
 
 
 def _dtype_name(vllm_config: VllmConfig) -> str:

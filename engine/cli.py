@@ -10,7 +10,7 @@ import uvicorn
 
 from kvbus import logs
 from kvbus.engine.app import create_app
-from kvbus.shared.config import DEFAULT_MODEL, ConfigError, load
+from kvbus.shared.config import DEFAULT_MODEL, ConfigError, check_devices, load
 
 log = logging.getLogger("kvbus.engine")
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None, prog: str = "kvbus engine") -> int:
     }
     try:
         config = load(args.config).with_overrides(enable_controller=True, **overrides)
+        check_devices(config)
         if not 0 < args.port < 65536:
             raise ConfigError(f"--port {args.port} is not a TCP port")
     except ConfigError as exc:

@@ -27,7 +27,8 @@ def cut(kvs: Sequence[LayerKV], chunks: Sequence[Chunk]) -> list[torch.Tensor]:
 
 def glue(tensors: Sequence[torch.Tensor], num_tokens: int, shape: ModelShape) -> list[LayerKV]:
     """Per-layer KV of the first `num_tokens` tokens that the chunks, in order, cover."""
-    joined = torch.cat(list(tensors), dim=2)[:, :, :num_tokens]
+    # The model runs on the CPU; chunks may come back from LocalGPUBackend (local_gpu).
+    joined = torch.cat([t.to("cpu") for t in tensors], dim=2)[:, :, :num_tokens]
     if joined.shape[2] != num_tokens:
         raise ValueError(f"chunks cover {joined.shape[2]} tokens, {num_tokens} asked")
     split = joined.reshape(2, shape.num_layers, num_tokens, shape.num_kv_heads, shape.head_dim).permute(0, 1, 3, 2, 4)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, load
+from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, check_devices, load
 from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None, prog: str = "kvbus up") -> int:
     args = _parser(prog).parse_args(argv)
     try:
         config = load(args.config).with_overrides(**({"redis_url": args.redis_url} if args.redis_url else {}))
+        # Before Redis and the controller start: the engine would only die with this later.
+        check_devices(config)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

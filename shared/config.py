@@ -150,7 +150,9 @@ class KVBusConfig:
     lmcache_worker_ports: tuple[int, ...] | None = _spec(_optional_ports, None, "worker port per worker id")
     p2p_host: str | None = _spec(_optional_text, None, "host other agents reach this one on")
     p2p_init_ports: tuple[int, ...] | None = _spec(_optional_ports, None, "peer port per worker id")
-    # kvbus keys.
+    # kvbus keys. LMCache has no GPU-memory backend key; these two follow its local_cpu pattern.
+    local_gpu: bool = _spec(_bool, False, "keep chunks in CUDA memory (LocalGPUBackend), ahead of the CPU")
+    max_local_gpu_size: float = _spec(_non_negative, 1.0, "GB of CUDA memory for chunks")
     redis_url: str = _spec(_redis_url, "redis://127.0.0.1:6379/0", "Redis bus and index")
     command_timeout: float = _spec(_positive, 5.0, "seconds the controller waits for an agent")
     heartbeat_interval: float = _spec(_positive, 1.0, "seconds between agent heartbeats")
@@ -222,6 +224,27 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         return KVBusConfig(**values)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {path or 'defaults'})") from None
+
+
+def check_devices(config: KVBusConfig) -> None:
+    """Refuse a config whose backends need a device this process lacks.
+
+    Only processes that keep chunks call this: a controller reading the same file needs no GPU.
+    """
+    if not (config.local_gpu and config.max_local_gpu_size > 0):
+        return
+    # Imported here: the controller reads this module and never needs torch.
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        reason = f"this torch ({torch.__version__}) is built without CUDA"
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f" with CUDA_VISIBLE_DEVICES={visible!r}"
+        reason = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device{shown}"
+    raise ConfigError(f"local_gpu=True needs a CUDA device, but {reason}; set local_gpu to false")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from kvbus.agent.backends.base import IndexListener, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.disk import LocalDiskBackend, WriteBehind
-from kvbus.shared.config import KVBusConfig
+from kvbus.agent.backends.gpu import LocalGPUBackend
+from kvbus.shared.config import KVBusConfig, check_devices
 from kvbus.shared.hashing import HashSpace
 
 GB = 1024**3
@@ -24,8 +27,20 @@ def make_backends(
     worker_id: int = 0,
     layout: str = "",
 ) -> list[StorageBackend]:
-    """The backends the config turns on, fastest first."""
+    """The backends the config turns on, fastest first (as `FASTEST_FIRST`): the first one that is not
+    on disk is the memory tier, which takes every store at once.
+
+    Raises ConfigError, naming the key, when a backend needs a device this process lacks.
+    """
+    check_devices(config)
     backends: list[StorageBackend] = []
+    if config.local_gpu and config.max_local_gpu_size <= 0:
+        log.warning("local_gpu is true but max_local_gpu_size is 0; no chunks go to the GPU")
+    elif config.local_gpu:
+        # Each worker's own device: vLLM sets the current device per rank before the connector builds its agent.
+        backends.append(
+            LocalGPUBackend(space, int(config.max_local_gpu_size * GB), listener, device=torch.cuda.current_device())
+        )
     if config.local_cpu:
         backends.append(LocalCPUBackend(space, int(config.max_local_cpu_size * GB), listener))
     if config.local_disk and config.max_local_disk_size <= 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
 
 from kvbus.shared import keys
 from kvbus.shared.messages import Result, decode
@@ -220,6 +221,36 @@ def test_an_agent_whose_config_leaves_the_controller_off_says_so(tmp_path: Path)
         [sys.executable, "-m", "kvbus", "agent", "--config", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "enable_controller is false" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", [["agent"], ["engine"], ["up", "--data-dir", "unused"]])
+def test_local_gpu_without_cuda_exits_nonzero_with_one_line(tmp_path: Path, command: list[str]) -> None:
+    path = write_config(tmp_path / "gpu.yaml", local_gpu=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvbus", *command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "local_gpu=True needs a CUDA device" in proc.stderr
+    assert not (tmp_path / "unused").exists()  # kvbus up stopped before starting anything
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_chunks_in_gpu_memory_answer_lookup_and_clear(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url)
+    preload = ("--preload-tokens", ",".join(map(str, SEED_TOKENS)))
+    procs.agent(redis_url, INSTANCE, *preload, config={"local_gpu": True, "max_local_gpu_size": 0.01})
+    wait_for(lambda: lookup(base) != {}, what="preloaded tokens in the index")
+    assert lookup(base) == {INSTANCE: ["LocalGPUBackend", 12]}
+    assert clear(base).json()["num_tokens"] == 0  # the CPU tier holds nothing: stores go to the fastest
+    response = clear(base, {"instance_id": INSTANCE, "location": "LocalGPUBackend"})
+    assert response.status_code == 200 and response.json()["num_tokens"] == 12
+    assert lookup(base) == {}
 
 
 def test_controller_help_says_what_the_monitor_port_is_for() -> None:

@@ -30,6 +30,15 @@ def test_defaults_are_safe() -> None:
     assert config == KVBusConfig()
     assert config.controller_host == "127.0.0.1"
     assert config.local_disk is None and config.max_local_disk_size == 0.0
+    assert config.local_gpu is False and config.max_local_gpu_size == 1.0
+
+
+def test_the_gpu_tier_keys_load_like_the_cpu_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("local_gpu: True\nmax_local_gpu_size: 0.5\n")
+    config = load(path, environ={})
+    assert config.local_gpu is True and config.max_local_gpu_size == 0.5
+    assert load(None, environ={"LMCACHE_LOCAL_GPU": "true"}).local_gpu is True
 
 
 def test_the_file_comes_from_lmcache_config_file(tmp_path: Path) -> None:
@@ -84,6 +93,8 @@ def test_unknown_key_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCap
         ("chunk_size: 0\n", "chunk_size"),
         ("local_cpu: maybe\n", "local_cpu"),
         ("max_local_cpu_size: -1\n", "max_local_cpu_size"),
+        ("local_gpu: maybe\n", "local_gpu"),
+        ("max_local_gpu_size: -1\n", "max_local_gpu_size"),
         ("lmcache_worker_ports: [80, 70000]\n", "lmcache_worker_ports"),
         ("redis_url: localhost:6379\n", "redis_url"),
         ("lmcache_instance_id: ''\n", "lmcache_instance_id"),
