@@ -160,9 +160,18 @@ class KVBusConnector(KVConnectorBase_V1):
         log.info("kvbus connector: %d layers of blocks %s, layout %s", len(layers), paged.block_shape, layout)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        assert isinstance(meta := self._get_connector_metadata(), KVBusConnectorMetadata)
+        meta = self._metadata()
         if self._mover is not None:
             self._mover.load(meta.plan.loads)
+
+    def _metadata(self) -> KVBusConnectorMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVBusConnectorMetadata):
+            raise TypeError(
+                f"kvbus: this step's connector metadata is a {type(meta).__name__}, not the "
+                "KVBusConnectorMetadata build_connector_meta makes; is another connector configured?"
+            )
+        return meta
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in start_load_kv, before the forward."""
@@ -173,7 +182,7 @@ class KVBusConnector(KVConnectorBase_V1):
         """Saves copy every layer at once in wait_for_save."""
 
     def wait_for_save(self) -> None:
-        assert isinstance(meta := self._get_connector_metadata(), KVBusConnectorMetadata)
+        meta = self._metadata()
         if self._mover is None or not meta.plan.saves:
             return
         self._mover.save(meta.plan.saves)
