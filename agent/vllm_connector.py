@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvbus.agent.vllm")
-
-_KEYS = frozenset(f.name for f in fields(kvbus_config.KVBusConfig))
 
 
 class KVBusConnectorMetadata(KVConnectorMetadata):
@@ -215,9 +212,6 @@ def _log_through_vllm() -> None:
 
 
 def _config(extra: dict[str, Any]) -> kvbus_config.KVBusConfig:
-    unknown = sorted(set(extra) - _KEYS)
-    if unknown:
-        raise kvbus_config.ConfigError(f"kv_connector_extra_config: unknown kvbus keys {', '.join(unknown)}")
     config = kvbus_config.load().with_overrides(**extra)
     kvbus_config.check_devices(config)  # at start-up, in both roles, rather than at the first KV registration
     return config

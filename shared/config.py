@@ -174,6 +174,12 @@ class KVBusConfig:
 
     def with_overrides(self, **values: Any) -> KVBusConfig:
         """Apply values that came from somewhere other than the file (CLI flags, engine args)."""
+        unknown = sorted(set(values) - _SPECS.keys())
+        if unknown:
+            raise ConfigError(
+                f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"in the command line; known keys: {', '.join(_SPECS)}"
+            )
         return replace(self, **{key: _parse(key, value, "the command line") for key, value in values.items()})
 
 

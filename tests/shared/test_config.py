@@ -141,3 +141,15 @@ def test_command_line_overrides_are_validated() -> None:
     assert config.controller_port == 9100
     with pytest.raises(ConfigError, match="controller_port"):
         config.with_overrides(controller_port=0)
+
+
+def test_an_unknown_override_is_a_config_error_naming_it_and_the_known_keys() -> None:
+    config = load(None, environ={})
+    with pytest.raises(ConfigError) as caught:
+        config.with_overrides(chunk_size=16, chunk_sise=16, redis_ulr="redis://x")
+    message = str(caught.value)
+    assert message.startswith("unknown config keys 'chunk_sise', 'redis_ulr' in the command line; known keys: ")
+    assert "chunk_size, local_cpu," in message and "controller_port" in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="unknown config key 'nope' "):
+        config.with_overrides(nope=1)
