@@ -56,7 +56,7 @@ class Stack:
     def start(self) -> None:
         (self.data / "logs").mkdir(parents=True, exist_ok=True)
         self._redis()
-        host = self.args.host
+        host = self.config.controller_host
         self.say("[2/3] controller")
         self._spawn(
             "controller",
@@ -65,13 +65,13 @@ class Stack:
                 "--host",
                 host,
                 "--port",
-                str(self.args.controller_port),
+                str(self.config.controller_port),
                 "--redis-url",
                 self.config.redis_url,
                 *self._config_flag(),
             ],
         )
-        self._wait_http("controller", f"http://{host}:{self.args.controller_port}/healthz")
+        self._wait_http("controller", f"http://{host}:{self.config.controller_port}/healthz")
         self.say("[3/3] reference engine")
         self._spawn(
             "engine",
@@ -224,7 +224,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _banner(config: KVBusConfig, args: argparse.Namespace) -> str:
     engine = f"http://localhost:{args.engine_port}"
-    controller = f"http://localhost:{args.controller_port}"
+    controller = f"http://localhost:{config.controller_port}"
     instance = config.lmcache_instance_id
     return f"""
 kvbus is up:
@@ -248,19 +248,30 @@ Ctrl-C stops everything.
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, else built-in defaults)")
-    parser.add_argument("--host", default="127.0.0.1", help="address the controller and engine bind (127.0.0.1)")
-    parser.add_argument("--controller-port", type=int, default=9000)
-    parser.add_argument("--engine-port", type=int, default=8000)
+    # Defaults are None so that only flags actually given override the config file.
+    parser.add_argument(
+        "--host", help="address the controller and engine bind (default: controller_host from the config, 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--controller-port", type=int, help="controller HTTP port (default: controller_port from the config, 9000)"
+    )
+    parser.add_argument("--engine-port", type=int, default=8000, help="reference engine HTTP port (8000)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"engine's served model name ({DEFAULT_MODEL})")
     parser.add_argument("--redis-url", help="override redis_url from the config")
     parser.add_argument("--data-dir", default="data", help="Redis AOF and logs go here (./data)")
     return parser
 
 
+def resolve(args: argparse.Namespace) -> KVBusConfig:
+    """The config file (or $LMCACHE_CONFIG_FILE), with the flags that were given on top."""
+    flags = {"redis_url": args.redis_url, "controller_host": args.host, "controller_port": args.controller_port}
+    return load(args.config).with_overrides(**{key: value for key, value in flags.items() if value is not None})
+
+
 def main(argv: list[str] | None = None, prog: str = "kvbus up") -> int:
     args = _parser(prog).parse_args(argv)
     try:
-        config = load(args.config).with_overrides(**({"redis_url": args.redis_url} if args.redis_url else {}))
+        config = resolve(args)
         # Before Redis and the controller start: the engine would only die with this later.
         check_devices(config)
     except ConfigError as exc:

@@ -1,0 +1,61 @@
+"""`kvbus up`'s flags and the config file: a flag given wins, a flag left out leaves the file's value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvbus.up import _parser, main, resolve
+
+
+def config_of(*argv: str) -> tuple[str, int, str]:
+    config = resolve(_parser("kvbus up").parse_args(list(argv)))
+    return config.controller_host, config.controller_port, config.redis_url
+
+
+@pytest.fixture(autouse=True)
+def no_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LMCACHE_CONFIG_FILE", "LMCACHE_CONTROLLER_HOST", "LMCACHE_CONTROLLER_PORT", "LMCACHE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text("controller_host: 0.0.0.0\ncontroller_port: 9100\nredis_url: redis://127.0.0.1:6390/0\n")
+    return path
+
+
+def test_without_flags_the_config_file_decides(config_file: Path) -> None:
+    assert config_of("--config", str(config_file)) == ("0.0.0.0", 9100, "redis://127.0.0.1:6390/0")
+
+
+def test_without_flags_or_file_the_built_in_defaults_decide() -> None:
+    assert config_of() == ("127.0.0.1", 9000, "redis://127.0.0.1:6379/0")
+
+
+def test_flags_given_override_the_config_file(config_file: Path) -> None:
+    argv = ["--config", str(config_file), "--host", "127.0.0.2", "--controller-port", "9200"]
+    assert config_of(*argv, "--redis-url", "redis://127.0.0.1:6391/0") == (
+        "127.0.0.2",
+        9200,
+        "redis://127.0.0.1:6391/0",
+    )
+    assert config_of("--config", str(config_file), "--controller-port", "9200")[:2] == ("0.0.0.0", 9200)
+
+
+def test_help_states_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parser("kvbus up").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: controller_host from the config, 127.0.0.1" in text
+    assert "default: controller_port from the config, 9000" in text
+    assert "(8000)" in text
+
+
+def test_a_bad_port_flag_stops_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--controller-port", "70000", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "controller_port=70000" in err
+    assert not (tmp_path / "data").exists()
