@@ -1,4 +1,4 @@
-# kvbus: the controller, the reference engine and the agent in one image; compose.yaml picks the command.
+# kvbus: the controller, the reference engine and the agent in one image; docker-compose.yml picks the command.
 FROM python:3.11-slim
 WORKDIR /app
 # The CPU build of torch, from PyTorch's own index: PyPI's default would pull a multi-GB CUDA build.

@@ -1,4 +1,4 @@
-"""compose.yaml and the Dockerfile agree with the code: every command parses, every package is copied.
+"""docker-compose.yml and the Dockerfile agree with the code: every command parses, every package is copied.
 
 No Docker engine runs here, so the containers are not started; `docker-compose config` validates
 the file where the binary exists.
@@ -24,7 +24,7 @@ PARSERS = {"controller": controller_parser, "engine": engine_parser}
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())  # type: ignore[no-any-return]
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
 
 
 def test_kvbus_services_run_commands_our_clis_accept(compose: dict[str, Any]) -> None:
@@ -58,6 +58,9 @@ def test_the_image_copies_every_installed_package_and_pins_cpu_torch() -> None:
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_docker_compose_validates_the_file() -> None:
     result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
