@@ -13,7 +13,6 @@ Delivery is at least once, so:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,7 +22,10 @@ from collections.abc import Callable
 import redis
 
 from kvbus.shared import keys
-from kvbus.shared.messages import Command, DecodeError, Result, ResultStatus, decode, encode
+from kvbus.shared.flat_fields import DecodeError, decode, encode
+from kvbus.shared.messages import Command, Result, ResultStatus
+from kvbus.shared.outage import Outage
+from kvbus.shared.records import CommandRecord, JournaledResult
 from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.agent.consumer")
@@ -88,7 +90,7 @@ class CommandConsumer:
 
     def run(self, stop: threading.Event, on_lost_group: Callable[[], None]) -> None:
         """The loop of the consumer thread: pending entries first, then new ones, until `stop`."""
-        failing = False
+        outage = Outage(log, f"reading command stream {self._stream}", backoff_s=0.5, max_backoff_s=2.0)
         need_pending = True
         while not stop.is_set():
             try:
@@ -104,15 +106,10 @@ class CommandConsumer:
                 on_lost_group()
                 need_pending = True
             except redis.RedisError as exc:
-                if not failing:
-                    log.warning("command stream %s unreadable (%s); retrying", self._stream, exc)
-                failing = True
                 need_pending = True
-                stop.wait(0.5)
+                stop.wait(outage.failed(exc))
                 continue
-            if failing:
-                log.info("command stream %s readable again", self._stream)
-            failing = False
+            outage.succeeded()
 
     def _read(self, start: str, block_ms: int | None) -> list[Entry]:
         reply = self._redis.xreadgroup(
@@ -140,19 +137,18 @@ class CommandConsumer:
             self._before_reply()
         pipe = self._redis.pipeline(transaction=False)
         for command, result in replies:
-            fields = encode(result)
             pipe.set(
                 keys.done(self._instance, self._worker, command.event_id),
                 result.num_tokens,
                 ex=command.timeout_ms // 1000 + DONE_GRACE_S,
             )
-            record = keys.event(command.event_id)
-            pipe.hset(record, keys.event_result_field(self._worker), json.dumps(fields))
+            record = keys.command_record(command.event_id)
+            pipe.hset(record, CommandRecord.result_field(self._worker), CommandRecord.result_value(result))
             # The controller set the record's retention; this only keeps a record it never made from leaking.
             pipe.expire(record, self._event_retention_s, nx=True)
-            pipe.xadd(keys.JOURNAL, {"type": "result", **fields}, maxlen=keys.JOURNAL_MAXLEN, approximate=True)
+            pipe.xadd(keys.JOURNAL, JournaledResult.of(result), maxlen=keys.JOURNAL_MAXLEN, approximate=True)
             # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
-            pipe.xadd(command.reply_to, fields, maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
+            pipe.xadd(command.reply_to, encode(result), maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
         pipe.xack(self._stream, self._group, *(entry_id for entry_id, _ in entries))
         pipe.execute()
 

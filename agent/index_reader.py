@@ -14,9 +14,10 @@ import time
 import redis
 
 from kvbus.agent.paged_blocks import Layout
-from kvbus.agent.registration import LAYOUT_FIELD
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.locations import Location
+from kvbus.shared.records import WorkerRecord
 
 log = logging.getLogger("kvbus.agent.index_reader")
 
@@ -45,15 +46,15 @@ class IndexReader:
         if time.monotonic() < self._paused_until:
             return 0
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hget(self._worker, LAYOUT_FIELD)
+        pipe.hgetall(self._worker)
         pipe.hmget(self._index, chunk_keys)
         try:
-            registered, counts = pipe.execute()
+            worker, counts = pipe.execute()
         except redis.RedisError as exc:
             self._paused_until = time.monotonic() + self._backoff_s
             log.warning("index lookup failed (%s); counting misses for %.0f s", exc, self._backoff_s)
             return 0
-        if not self._compatible(registered):
+        if not self._compatible(_layout(worker)):
             return 0
         held = 0
         for count in counts:
@@ -78,3 +79,11 @@ class IndexReader:
                 self._layout,
             )
         return compatible
+
+
+def _layout(fields: dict[str, str]) -> str | None:
+    """The layout the worker registered; None when it has not registered, is gone, or is unreadable."""
+    try:
+        return WorkerRecord.decode(fields).layout if fields else None
+    except DecodeError:
+        return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,6 +24,7 @@ import redis
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.shared import keys
 from kvbus.shared.locations import Location
+from kvbus.shared.outage import Outage
 
 log = logging.getLogger("kvbus.agent.index")
 
@@ -227,18 +227,13 @@ class IndexWriter:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        failing = False
+        outage = Outage(log, "index writes to Redis", backoff_s=0.2, max_backoff_s=2.0)
         while not self._stop.is_set():
             self._wake.wait(self._interval)
             self._wake.clear()
             try:
                 self.flush()
             except redis.RedisError as exc:
-                if not failing:
-                    log.warning("index writes to Redis failing (%s); retrying", exc)
-                failing = True
-                time.sleep(0.2)
+                self._stop.wait(outage.failed(exc))
                 continue
-            if failing:
-                log.info("index writes to Redis recovered")
-            failing = False
+            outage.succeeded()

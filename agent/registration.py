@@ -6,7 +6,6 @@ also measures how far this host's clock is from Redis's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -17,14 +16,14 @@ from dataclasses import dataclass
 import redis
 
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from kvbus.shared.messages import AgentEvent, EventKind, encode
+from kvbus.shared.records import BackendStats, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
 
 log = logging.getLogger("kvbus.agent.registration")
 
-LAYOUT_FIELD = "layout"  # in the worker hash
-BackendStats = dict[str, dict[str, int]]  # location -> StorageBackend.stats()
+StatsByLocation = dict[str, BackendStats]
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Registration:
         address: WorkerAddress,
         ttl_s: float,
         layout: str | None = None,
-        stats: Callable[[], BackendStats] | None = None,
+        stats: Callable[[], StatsByLocation] | None = None,
     ) -> None:
         self._redis = client
         self._instance = instance_id
@@ -80,55 +79,56 @@ class Registration:
 
     def register(self) -> None:
         self._warn_if_claimed()
-        worker_info = {
-            "instance_id": self._instance,
-            "worker_id": self._worker,
-            "ip": self.address.host,
-            "port": self.address.port if self.address.port is not None else "",
-            "peer_init_url": self.address.peer_init_url or "",
-            "pid": os.getpid(),
-            "hostname": socket.gethostname(),
-            "registration_time": self.registered_at,
-            "last_heartbeat_time": time.time(),
-            LAYOUT_FIELD: self._layout or "",
-        }
+        record = WorkerRecord(
+            instance_id=self._instance,
+            worker_id=self._worker,
+            ip=self.address.host,
+            port=self.address.port,
+            peer_init_url=self.address.peer_init_url or "",
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            registration_time=self.registered_at,
+            last_heartbeat_time=time.time(),
+            layout=self._layout or "",
+        )
+        info = InstanceInfo(
+            model=self._space.model,
+            chunk_size=self._space.chunk_size,
+            save_unfull_chunk=self._space.save_unfull_chunk,
+            locations=[str(loc) for loc in self._locations],
+        )
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(keys.INSTANCES, self._instance)
         pipe.sadd(keys.HASH_SPACES, self._space.name)
         if self._locations:
             pipe.sadd(keys.LOCATIONS, *self._locations)
-        pipe.hset(
-            keys.info(self._instance),
-            mapping={
-                "model": self._space.model,
-                "chunk_size": self._space.chunk_size,
-                "save_unfull_chunk": int(self._space.save_unfull_chunk),
-                "locations": json.dumps([str(loc) for loc in self._locations]),
-            },
-        )
-        pipe.hset(keys.worker(self._instance, self._worker), mapping=worker_info)
+        pipe.hset(keys.info(self._instance), mapping=info.encode())
+        # Replaced whole: a field this registration leaves at its default must not survive from an earlier one.
+        pipe.delete(keys.worker(self._instance, self._worker))
+        pipe.hset(keys.worker(self._instance, self._worker), mapping=record.encode())
         pipe.sadd(keys.workers(self._instance), self._worker)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.execute()
         self._sync_clock()
-        self.event(EventKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+        self.lifecycle(LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
 
     def _warn_if_claimed(self) -> None:
         """Two live agents under one (instance, worker) would split its commands between them."""
-        pid, host, last = self._redis.hmget(
-            keys.worker(self._instance, self._worker), ["pid", "hostname", "last_heartbeat_time"]
-        )
-        if pid is None or (pid, host) == (str(os.getpid()), socket.gethostname()):
+        try:
+            claimed = WorkerRecord.decode(self._redis.hgetall(keys.worker(self._instance, self._worker)))
+        except DecodeError:
+            return  # nothing registered there, or nothing readable: nobody to warn about
+        if claimed.pid is None or (claimed.pid, claimed.hostname) == (os.getpid(), socket.gethostname()):
             return
-        age = time.time() - float(last or 0)
+        age = time.time() - claimed.last_heartbeat_time
         if age < self._ttl_ms / 1000:
             log.warning(
                 "instance %s worker %d is already served by pid %s on %s (heartbeat %.1f s ago); "
                 "give each engine its own lmcache_instance_id or worker id",
                 self._instance,
                 self._worker,
-                pid,
-                host,
+                claimed.pid,
+                claimed.hostname,
                 age,
             )
 
@@ -137,9 +137,7 @@ class Registration:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
-        beat: dict[str, str | float] = {"last_heartbeat_time": time.time()}
-        if self._stats is not None:
-            beat[keys.WORKER_STATS_FIELD] = json.dumps(self._stats(), separators=(",", ":"))
+        beat = WorkerRecord.heartbeat(time.time(), self._stats() if self._stats is not None else None)
         pipe.hset(keys.worker(self._instance, self._worker), mapping=beat)
         pipe.time()
         before = time.time()
@@ -163,12 +161,12 @@ class Registration:
                 self._instance,
             )
         )
-        self.event(EventKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
+        self.lifecycle(LifecycleKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
         return last
 
-    def event(self, kind: EventKind, detail: str) -> None:
-        message = AgentEvent(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
-        self._redis.xadd(keys.EVENTS, encode(message), maxlen=keys.EVENTS_MAXLEN, approximate=True)
+    def lifecycle(self, kind: LifecycleKind, detail: str) -> None:
+        entry = LifecycleEntry(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
+        self._redis.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
 
     def _sync_clock(self) -> None:
         before = time.time()

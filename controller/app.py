@@ -15,7 +15,6 @@ from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import EXCEPTION_HANDLERS
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.reaper import Reaper
-from kvbus.controller.registry import Registry
 from kvbus.controller.routes import ROUTES
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
@@ -37,7 +36,6 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.redis = redis_client
         app.state.bus = bus
         app.state.index = PrefixIndex(redis_client)
-        app.state.registry = Registry(redis_client)
         await bus.start()
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None

@@ -20,7 +20,10 @@ import redis.asyncio
 
 from kvbus.controller.errors import AgentTimeout, UnknownInstance
 from kvbus.shared import keys
-from kvbus.shared.messages import Command, CommandKind, DecodeError, Result, decode, encode
+from kvbus.shared.flat_fields import DecodeError, encode
+from kvbus.shared.messages import Command, CommandKind, Result
+from kvbus.shared.outage import Outage
+from kvbus.shared.records import CommandRecord, JournaledCommand, ResultsOpened, decode_result
 from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.controller.bus")
@@ -30,19 +33,17 @@ RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after t
 _TTL_REFRESH_S = 10
 
 
-def new_event_id(prefix: str) -> str:
-    """LMCache's event id shape: the operation's name followed by a uuid4."""
-    return f"{prefix}{uuid.uuid4()}"
-
-
-# One atomic step: find the instance's workers, record the event for /check_finish, send the
-# command, journal it. No workers or no stream means the instance is unknown: nothing is written.
+# One atomic step: find the instance's workers, write the command record for /check_finish, send
+# the command, journal it. No workers or no stream means the instance is unknown: nothing is written.
+# KEYS: the workers set, the command record, the command stream, the journal. ARGV: the record's
+# retention (ms), the stream's MINID, the journal's MAXLEN, the record's and the journal entry's
+# fields (JSON lists), the names of the record's entry id and workers fields, the command's fields.
 _SEND = """
 local workers = redis.call('SMEMBERS', KEYS[1])
 if #workers == 0 then return false end
-local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 6))
+local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 8))
 if not entry then return false end
-redis.call('HSET', KEYS[2], 'entry_id', entry, 'workers', '[' .. table.concat(workers, ',') .. ']',
+redis.call('HSET', KEYS[2], ARGV[6], entry, ARGV[7], '[' .. table.concat(workers, ',') .. ']',
            unpack(cjson.decode(ARGV[4])))
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(cjson.decode(ARGV[5])))
@@ -124,29 +125,24 @@ class CommandBus:
         command = Command(
             event_id=event_id, kind=kind, reply_to=self.results_key, timeout_ms=int(self.timeout_s * 1000), **fields
         )
-        record = {
-            "kind": str(kind),
-            "instance_id": instance_id,
-            "location": command.location,
-            "timeout_ms": command.timeout_ms,
-        }
-        fields = encode(command)
-        # The journal keeps every command for a long while: a count stands in for the token list.
-        journaled = {"type": "command", "instance_id": instance_id, **fields}
-        if "tokens" in journaled:
-            journaled["tokens"] = f"{len(command.tokens)} tokens"
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
             workers = await self._send(
-                keys=[keys.workers(instance_id), keys.event(event_id), keys.commands(instance_id), keys.JOURNAL],
+                keys=[
+                    keys.workers(instance_id),
+                    keys.command_record(event_id),
+                    keys.commands(instance_id),
+                    keys.JOURNAL,
+                ],
                 args=[
                     self.event_retention_ms,
                     int(time.time() * 1000) - COMMAND_RETENTION_MS,
                     keys.JOURNAL_MAXLEN,
-                    json.dumps(_flat(record)),
-                    json.dumps(_flat(journaled)),
-                    *_flat(fields),
+                    json.dumps(_flat(CommandRecord.sent(command, instance_id))),
+                    json.dumps(_flat(JournaledCommand.of(command, instance_id))),
+                    *CommandRecord.SCRIPT_FIELDS,
+                    *_flat(encode(command)),
                 ],
             )
             if not workers:
@@ -180,7 +176,7 @@ class CommandBus:
     async def _read_results(self) -> None:
         last_id = "0-0"
         next_refresh = 0.0
-        failing = False
+        outage = Outage(log, f"reading result stream {self.results_key}", backoff_s=0.2, max_backoff_s=1.0)
         # redis-py can swallow a cancellation midway through a command, so the flag ends the loop too.
         while not self._closing:
             try:
@@ -192,15 +188,10 @@ class CommandBus:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if self._closing:
                     return
-                if not failing:
-                    log.warning("result stream %s unreadable (%s); retrying", self.results_key, exc)
-                failing = True
                 next_refresh = 0.0  # Redis may have restarted empty: recreate the stream first
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(outage.failed(exc))
                 continue
-            if failing:
-                log.info("result stream %s readable again", self.results_key)
-                failing = False
+            outage.succeeded()
             for _, entries in reply:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -208,19 +199,19 @@ class CommandBus:
 
     async def _create_results_stream(self) -> str:
         pipe = self._reader.pipeline(transaction=False)
-        pipe.xadd(self.results_key, {"controller": self.controller_id})
+        pipe.xadd(self.results_key, ResultsOpened(controller=self.controller_id).encode())
         pipe.expire(self.results_key, RESULTS_TTL_S)
         entry_id, _ = await pipe.execute()
         log.info("result stream %s ready", self.results_key)
         return str(entry_id)
 
     def _resolve(self, fields: dict[str, str]) -> None:
-        if "event_id" not in fields:
-            return  # the stream's creation marker
         try:
-            result = decode(Result, fields)
+            result = decode_result(fields)
         except DecodeError as exc:
             log.error("ignoring undecodable result on %s: %s", self.results_key, exc)
+            return
+        if result is None:
             return
         waiter = self._pending.get(result.event_id)
         if waiter is not None:

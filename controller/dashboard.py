@@ -8,19 +8,38 @@ lifecycle events. Lookup and command counts are this controller process's own, s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any
 
 import redis.asyncio
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from kvbus.controller import events, fleet
+from kvbus.controller import command_records, fleet
+from kvbus.controller.answers import (
+    DashboardAnswer,
+    DashboardInstance,
+    DashboardWorker,
+    LifecycleView,
+    LookupCounts,
+    RecentCommand,
+    WorkerOutcome,
+    respond,
+)
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.metrics import Metrics
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError
+from kvbus.shared.records import (
+    CommandRecord,
+    JournaledCommand,
+    JournaledResult,
+    JournalEntry,
+    LifecycleEntry,
+    decode_journal,
+)
 
 STATIC = ("kvbus.controller", "static")
 RECENT_COMMANDS = 20
@@ -40,94 +59,124 @@ async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(_PAGE, headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"})
 
 
-async def dashboard_json(request: Request) -> JSONResponse:
+async def dashboard_json(request: Request) -> Response:
     client: redis.asyncio.Redis = request.app.state.redis
     metrics: Metrics = request.app.state.metrics
     bus: CommandBus = request.app.state.bus
     snapshot, (commands, lifecycle) = await asyncio.gather(fleet.read(client), _recent(client))
     hits, misses = metrics.lookup_counts()
-    return JSONResponse(
-        {
-            "controller_id": bus.controller_id,
-            **fleet.summary(snapshot, request.app.state.config.heartbeat_ttl),
-            "lookups": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
-            "commands_answered": metrics.command_counts(),
-            "recent_commands": commands,
-            "agent_events": lifecycle,
-        },
-        headers={"Cache-Control": "no-store"},
+    ttl_s: float = request.app.state.config.heartbeat_ttl
+    answer = DashboardAnswer(
+        controller_id=bus.controller_id,
+        now=snapshot.now_s,
+        locations=snapshot.locations,
+        instances=[_instance(instance, ttl_s) for instance in snapshot.instances],
+        lookups=LookupCounts(hits, misses, hits / (hits + misses) if hits + misses else None),
+        commands_answered=metrics.command_counts(),
+        recent_commands=commands,
+        agent_events=lifecycle,
+    )
+    return respond(answer, headers={"Cache-Control": "no-store"})
+
+
+def _instance(instance: fleet.Instance, ttl_s: float) -> DashboardInstance:
+    return DashboardInstance(
+        instance_id=instance.instance_id,
+        alive=instance.alive,
+        index_chunks=instance.index,
+        workers_registered=len(instance.workers),
+        workers_alive=sum(w.alive(ttl_s) for w in instance.workers),
+        workers=[_worker(w, ttl_s) for w in instance.workers],
     )
 
 
-async def _recent(client: redis.asyncio.Redis) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _worker(worker: fleet.Worker, ttl_s: float) -> DashboardWorker:
+    record = worker.record
+    return DashboardWorker(
+        worker_id=worker.worker_id,
+        ip=record.ip,
+        hostname=record.hostname,
+        pid=record.pid,
+        heartbeat_age_s=worker.heartbeat_age_s,
+        alive=worker.alive(ttl_s),
+        stats=record.stats,
+        unacked_commands=worker.backlog.unacked if worker.backlog else None,
+        oldest_unacked_age_s=worker.backlog.oldest_age_s if worker.backlog else None,
+    )
+
+
+async def _recent(client: redis.asyncio.Redis) -> tuple[list[RecentCommand], list[LifecycleView]]:
     pipe = client.pipeline(transaction=False)
     pipe.xrevrange(keys.JOURNAL, count=JOURNAL_WINDOW)
-    pipe.xrevrange(keys.EVENTS, count=AGENT_EVENTS)
+    pipe.xrevrange(keys.LIFECYCLE, count=AGENT_EVENTS)
     pipe.time()
     journal, lifecycle, (seconds, micros) = await pipe.execute()
     now_ms = seconds * 1000 + micros // 1000
-    sent = [(entry_id, fields) for entry_id, fields in journal if fields.get("type") == "command"][:RECENT_COMMANDS]
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for _, fields in journal:
-        if fields.get("type") == "result":
-            results.setdefault(fields.get("event_id", ""), {})[fields.get("worker_id", "?")] = _journal_result(fields)
+    entries = [(entry_id, entry) for entry_id, fields in journal if (entry := _journal_entry(fields)) is not None]
+    sent = [(entry_id, e) for entry_id, e in entries if isinstance(e, JournaledCommand)][:RECENT_COMMANDS]
     pipe = client.pipeline(transaction=False)
-    for _, fields in sent:
-        pipe.hgetall(keys.event(fields.get("event_id", "")))
+    for _, command in sent:
+        pipe.hgetall(keys.command_record(command.event_id))
     records = await pipe.execute()
+    results = _journaled_results(entry for _, entry in entries)
     commands = [
-        _command(entry_id, fields, record, results, now_ms)
-        for (entry_id, fields), record in zip(sent, records, strict=True)
+        _command(entry_id, command, record, results, now_ms)
+        for (entry_id, command), record in zip(sent, records, strict=True)
     ]
-    return commands, [_agent_event(entry_id, fields) for entry_id, fields in lifecycle]
+    return commands, [view for entry_id, fields in lifecycle if (view := _lifecycle(entry_id, fields)) is not None]
+
+
+def _journaled_results(entries: Iterable[JournalEntry]) -> dict[str, dict[str, WorkerOutcome]]:
+    """event id -> worker id -> the outcome its journaled result tells."""
+    results: dict[str, dict[str, WorkerOutcome]] = {}
+    for entry in entries:
+        if isinstance(entry, JournaledResult):
+            results.setdefault(entry.event_id, {})[str(entry.worker_id)] = command_records.outcome(entry)
+    return results
+
+
+def _journal_entry(fields: dict[str, str]) -> JournalEntry | None:
+    try:
+        return decode_journal(fields)
+    except DecodeError:
+        return None  # written by another version, or damaged: the page shows what it can
 
 
 def _command(
     entry_id: str,
+    command: JournaledCommand,
     fields: dict[str, str],
-    record: dict[str, str],
-    journaled: dict[str, dict[str, dict[str, Any]]],
+    journaled: dict[str, dict[str, WorkerOutcome]],
     now_ms: int,
-) -> dict[str, Any]:
-    event_id = fields.get("event_id", "")
-    if record:
-        described = events.describe(event_id, record, now_ms)
-        status, workers = str(described["status"]), described["workers"]
+) -> RecentCommand:
+    status: str
+    if fields:
+        described = command_records.describe(command.event_id, CommandRecord.decode(fields), now_ms)
+        status, workers = str(described.status), described.workers or {}
     else:
         # Past event_retention /check_finish no longer knows the event; the journal still has its results.
-        status, workers = "unknown", journaled.get(event_id, {})
-    answered = [w["num_tokens"] for w in workers.values() if w.get("status") == "ok"]
-    return {
-        "event_id": event_id,
-        "time": _entry_ms(entry_id) / 1000,
-        "kind": fields.get("kind", ""),
-        "instance_id": fields.get("instance_id", ""),
-        "location": fields.get("location", ""),
-        "method": fields.get("method", ""),
-        "status": status,
-        # What the command's answer said: the smallest count of the workers that did it, as /clear answers.
-        "num_tokens": min(answered) if answered else None,
-        "workers": workers,
-    }
+        status, workers = "unknown", journaled.get(command.event_id, {})
+    # What the command's answer said: the smallest count of the workers that did it, as /clear answers.
+    answered = [w.num_tokens for w in workers.values() if w.status == "ok" and isinstance(w.num_tokens, int)]
+    return RecentCommand(
+        event_id=command.event_id,
+        time=_entry_ms(entry_id) / 1000,
+        kind=str(command.kind),
+        instance_id=command.instance_id,
+        location=command.location,
+        method=command.method,
+        status=status,
+        num_tokens=min(answered) if answered else None,
+        workers=workers,
+    )
 
 
-def _journal_result(fields: dict[str, str]) -> dict[str, Any]:
-    count = fields.get("num_tokens", "")
-    return {
-        "status": fields.get("status", ""),
-        "num_tokens": int(count) if count.lstrip("-").isdigit() else None,
-        "detail": fields.get("detail", ""),
-    }
-
-
-def _agent_event(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    return {
-        "time": _entry_ms(entry_id) / 1000,
-        "kind": fields.get("kind", ""),
-        "instance_id": fields.get("instance_id", ""),
-        "worker_id": fields.get("worker_id", ""),
-        "detail": fields.get("detail", ""),
-    }
+def _lifecycle(entry_id: str, fields: dict[str, str]) -> LifecycleView | None:
+    try:
+        entry = LifecycleEntry.decode(fields)
+    except DecodeError:
+        return None
+    return LifecycleView(_entry_ms(entry_id) / 1000, str(entry.kind), entry.instance_id, entry.worker_id, entry.detail)
 
 
 def _entry_ms(entry_id: str) -> int:

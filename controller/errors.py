@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 import redis
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
+
+from kvbus.controller.answers import ErrorAnswer, respond
 
 log = logging.getLogger("kvbus.controller")
 
@@ -84,18 +86,18 @@ class AgentTimeout(APIError):
     code = "agent_timeout"
 
 
-def _body(status: int, code: str, detail: str, **context: Any) -> JSONResponse:
-    return JSONResponse({"detail": detail, "error": code, **context}, status_code=status)
+def _body(status: int, code: str, detail: str, **context: Any) -> Response:
+    return respond(ErrorAnswer(detail=detail, error=code, **context), status)
 
 
-async def api_error(request: Request, exc: Exception) -> JSONResponse:
+async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     if exc.status_code >= 500:
         log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.detail)
     return _body(exc.status_code, exc.code, exc.detail, **exc.context)
 
 
-async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+async def redis_error(request: Request, exc: Exception) -> Response:
     log.warning("%s %s -> 503: Redis unreachable (%s)", request.method, request.url.path, exc)
     return _body(
         503,
@@ -105,12 +107,12 @@ async def redis_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def http_error(request: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return _body(exc.status_code, "http", str(exc.detail), **({"path": request.url.path}))
 
 
-async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("%s %s -> 500", request.method, request.url.path, exc_info=exc)
     return _body(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
 

@@ -1,20 +1,22 @@
-"""The whole fleet as Redis holds it right now, in three pipelined round trips: what /metrics and the dashboard show.
+"""The fleet as Redis holds it right now: the only code in the controller that reads registrations.
 
-Per instance: its index size at each location, and per registered worker its heartbeat age, its
-backends' stats (written by its last heartbeat) and its command backlog. Ages are in Redis server
-time, which also stamps the command stream's entry ids.
+Worker queries, key stats, move's peer lookup, the reaper, /metrics and the dashboard are all
+views over one `Fleet`. A read costs three pipelined round trips whatever the fleet's size:
+the registered ids, then per instance its workers, liveness and index sizes (and command
+backlog when asked), then each worker's record. Ages are in Redis server time, which also
+stamps the command stream's entry ids.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 import redis.asyncio
 
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError
+from kvbus.shared.records import WorkerRecord
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,16 @@ class Backlog:
 
 @dataclass(frozen=True)
 class Worker:
-    worker_id: int
-    fields: dict[str, str]  # the worker hash as the agent wrote it
+    record: WorkerRecord
     heartbeat_age_s: float | None  # None before the first heartbeat time is written
-    stats: dict[str, dict[str, int]] | None  # location -> backend stats; None from agents that send none
-    backlog: Backlog | None  # None while the worker has no consumer group on the stream
+    backlog: Backlog | None  # None while the worker has no consumer group on the stream, or not asked for
+
+    @property
+    def worker_id(self) -> int:
+        return self.record.worker_id
+
+    def alive(self, heartbeat_ttl_s: float) -> bool:
+        return self.heartbeat_age_s is not None and self.heartbeat_age_s <= heartbeat_ttl_s
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,48 @@ class Instance:
     index: dict[str, int]  # location -> chunks indexed there
     workers: list[Worker]
 
+    @property
+    def key_count(self) -> int:
+        """Chunks indexed over all locations; the ranks of one instance share its index."""
+        return sum(self.index.values())
+
+    def worker(self, worker_id: int) -> Worker | None:
+        return next((w for w in self.workers if w.worker_id == worker_id), None)
+
 
 @dataclass(frozen=True)
 class Fleet:
     now_s: float  # Redis server time of the read
     locations: list[str]
     instances: list[Instance]
+
+    def instance(self, instance_id: str) -> Instance | None:
+        return next((i for i in self.instances if i.instance_id == instance_id), None)
+
+
+async def read(client: redis.asyncio.Redis, only: str | None = None, *, backlogs: bool = True) -> Fleet:
+    """The registered instances (or just `only`, if registered), with their workers and, if asked, backlogs."""
+    pipe = client.pipeline(transaction=False)
+    pipe.smembers(keys.INSTANCES)
+    pipe.smembers(keys.LOCATIONS)
+    pipe.time()
+    registered, known_locations, (seconds, micros) = await pipe.execute()
+    now_ms = seconds * 1000 + micros // 1000
+    ids = sorted(registered) if only is None else [only] if only in registered else []
+    locations = sorted(known_locations)
+    states = await _read_instances(client, ids, locations, backlogs)
+    records = await _read_workers(client, states)
+    instances = [_instance(state, records, now_ms) for state in states]
+    return Fleet(now_ms / 1000, locations, instances)
+
+
+@dataclass
+class _InstanceState:
+    instance_id: str
+    alive: bool
+    index: dict[str, int]
+    worker_ids: list[int]
+    groups: dict[str, _Group] | None  # None when backlogs were not asked for
 
 
 @dataclass(frozen=True)
@@ -55,66 +98,36 @@ class _Group:
     undelivered: int
     last_delivered: str
 
+    @property
+    def unacked(self) -> int:
+        return self.pending + self.undelivered
 
-async def read(client: redis.asyncio.Redis) -> Fleet:
-    pipe = client.pipeline(transaction=False)
-    pipe.smembers(keys.INSTANCES)
-    pipe.smembers(keys.LOCATIONS)
-    pipe.time()
-    registered, known_locations, (seconds, micros) = await pipe.execute()
-    now_ms = seconds * 1000 + micros // 1000
-    ids, locations = sorted(registered), sorted(known_locations)
 
+async def _read_instances(
+    client: redis.asyncio.Redis, ids: list[str], locations: list[str], backlogs: bool
+) -> list[_InstanceState]:
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         pipe.smembers(keys.workers(instance_id))
         pipe.exists(keys.alive(instance_id))
-        pipe.xlen(keys.commands(instance_id))
-        pipe.xinfo_groups(keys.commands(instance_id))
         for location in locations:
             pipe.hlen(keys.index(instance_id, location))
+        if backlogs:
+            pipe.xlen(keys.commands(instance_id))
+            pipe.xinfo_groups(keys.commands(instance_id))
     # XINFO GROUPS fails on an instance whose stream is gone (it is deregistering): no backlog then.
-    replies = await pipe.execute(raise_on_error=False)
-    step = 4 + len(locations)
-    per_instance = [replies[n * step : (n + 1) * step] for n in range(len(ids))]
-    workers = [sorted(int(w) for w in reply[0]) for reply in per_instance]
-    groups = [_groups(reply[3], length=reply[2]) for reply in per_instance]
-
-    pipe = client.pipeline(transaction=False)
-    oldest_asked: set[tuple[int, int]] = set()  # (instance, worker) whose oldest unacked entry is read below
-    for n, instance_id in enumerate(ids):
-        for worker_id in workers[n]:
-            pipe.hgetall(keys.worker(instance_id, worker_id))
-            group = groups[n].get(keys.command_group(worker_id))
-            if group is not None and group.pending:
-                pipe.xpending(keys.commands(instance_id), keys.command_group(worker_id))
-                oldest_asked.add((n, worker_id))
-            elif group is not None and group.undelivered:
-                # Nothing delivered is pending, so the oldest unacked entry is the first one not yet read.
-                pipe.xrange(keys.commands(instance_id), min=f"({group.last_delivered}", count=1)
-                oldest_asked.add((n, worker_id))
-    replies = iter(await pipe.execute())
-
-    instances = []
-    for n, instance_id in enumerate(ids):
-        listed = []
-        for worker_id in workers[n]:
-            fields = next(replies)
-            group = groups[n].get(keys.command_group(worker_id))
-            backlog = None
-            if group is not None:
-                oldest_ms = _entry_ms(next(replies)) if (n, worker_id) in oldest_asked else None
-                backlog = Backlog(
-                    group.pending + group.undelivered,
-                    max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms is not None else 0.0,
-                )
-            listed.append(Worker(worker_id, fields, _age(fields, now_ms), _stats(fields), backlog))
-        index = dict(zip(locations, per_instance[n][4:], strict=True))
-        instances.append(Instance(instance_id, bool(per_instance[n][1]), index, listed))
-    return Fleet(now_ms / 1000, locations, instances)
+    replies = iter(await pipe.execute(raise_on_error=False))
+    states = []
+    for instance_id in ids:
+        worker_ids = sorted(int(w) for w in next(replies))
+        alive = bool(next(replies))
+        index = {location: next(replies) for location in locations}
+        groups = _groups(next(replies), next(replies)) if backlogs else None
+        states.append(_InstanceState(instance_id, alive, index, worker_ids, groups))
+    return states
 
 
-def _groups(reply: list[dict[str, Any]] | Exception, *, length: int) -> dict[str, _Group]:
+def _groups(length: int, reply: list[dict[str, Any]] | Exception) -> dict[str, _Group]:
     if isinstance(reply, Exception):
         return {}
     groups = {}
@@ -127,63 +140,78 @@ def _groups(reply: list[dict[str, Any]] | Exception, *, length: int) -> dict[str
     return groups
 
 
+@dataclass(frozen=True)
+class _WorkerRead:
+    record: WorkerRecord | None  # None when the hash is gone (deregistered meanwhile) or unreadable
+    oldest_unacked_ms: int | None
+
+
+async def _read_workers(
+    client: redis.asyncio.Redis, states: list[_InstanceState]
+) -> dict[tuple[str, int], _WorkerRead]:
+    pipe = client.pipeline(transaction=False)
+    asked_oldest: list[bool] = []
+    for state in states:
+        for worker_id in state.worker_ids:
+            pipe.hgetall(keys.worker(state.instance_id, worker_id))
+            asked_oldest.append(_ask_oldest(pipe, state, worker_id))
+    replies = iter(await pipe.execute())
+    asked = iter(asked_oldest)
+    reads = {}
+    for state in states:
+        for worker_id in state.worker_ids:
+            record = _record(next(replies))
+            oldest = _entry_ms(next(replies)) if next(asked) else None
+            reads[(state.instance_id, worker_id)] = _WorkerRead(record, oldest)
+    return reads
+
+
+def _ask_oldest(pipe: redis.asyncio.client.Pipeline, state: _InstanceState, worker_id: int) -> bool:
+    """Queue the read of the worker's oldest unacked command, if it has any; True if queued."""
+    group = (state.groups or {}).get(keys.command_group(worker_id))
+    if group is None or not group.unacked:
+        return False
+    stream = keys.commands(state.instance_id)
+    if group.pending:
+        pipe.xpending(stream, keys.command_group(worker_id))
+    else:
+        # Nothing delivered is pending, so the oldest unacked entry is the first one not yet read.
+        pipe.xrange(stream, min=f"({group.last_delivered}", count=1)
+    return True
+
+
+def _record(fields: dict[str, str]) -> WorkerRecord | None:
+    try:
+        return WorkerRecord.decode(fields) if fields else None
+    except DecodeError:
+        return None
+
+
+def _instance(state: _InstanceState, reads: dict[tuple[str, int], _WorkerRead], now_ms: int) -> Instance:
+    workers = []
+    for worker_id in state.worker_ids:
+        read = reads[(state.instance_id, worker_id)]
+        if read.record is None:
+            continue
+        workers.append(Worker(read.record, _age(read.record, now_ms), _backlog(state, worker_id, read, now_ms)))
+    return Instance(state.instance_id, state.alive, state.index, workers)
+
+
+def _backlog(state: _InstanceState, worker_id: int, read: _WorkerRead, now_ms: int) -> Backlog | None:
+    group = (state.groups or {}).get(keys.command_group(worker_id))
+    if group is None:
+        return None
+    oldest_s = max(0.0, (now_ms - read.oldest_unacked_ms) / 1000) if read.oldest_unacked_ms is not None else 0.0
+    return Backlog(group.unacked, oldest_s)
+
+
 def _entry_ms(reply: dict[str, Any] | list[tuple[str, dict[str, str]]]) -> int | None:
     """The ms part of the oldest entry id in an XPENDING summary or a one-entry XRANGE."""
     entry_id = reply.get("min") if isinstance(reply, dict) else (reply[0][0] if reply else None)
     return int(entry_id.split("-", 1)[0]) if entry_id else None
 
 
-def _age(fields: dict[str, str], now_ms: int) -> float | None:
-    beat = fields.get("last_heartbeat_time")
+def _age(record: WorkerRecord, now_ms: int) -> float | None:
     # The agent writes its own clock's time; a skew against Redis's clock would read as a negative age.
-    return max(0.0, now_ms / 1000 - float(beat)) if beat else None
-
-
-def _stats(fields: dict[str, str]) -> dict[str, dict[str, int]] | None:
-    raw = fields.get(keys.WORKER_STATS_FIELD)
-    if not raw:
-        return None
-    try:
-        stats = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    return stats if isinstance(stats, dict) else None
-
-
-def summary(fleet: Fleet, heartbeat_ttl_s: float) -> dict[str, Any]:
-    """The fleet as JSON: instances with their index sizes and workers, each worker with its liveness,
-    backend stats and command backlog."""
-    return {
-        "now": fleet.now_s,
-        "locations": fleet.locations,
-        "instances": [
-            {
-                "instance_id": instance.instance_id,
-                "alive": instance.alive,
-                "index_chunks": instance.index,
-                "workers_registered": len(instance.workers),
-                "workers_alive": sum(is_alive(w, heartbeat_ttl_s) for w in instance.workers),
-                "workers": [_worker(w, heartbeat_ttl_s) for w in instance.workers],
-            }
-            for instance in fleet.instances
-        ],
-    }
-
-
-def is_alive(worker: Worker, heartbeat_ttl_s: float) -> bool:
-    return worker.heartbeat_age_s is not None and worker.heartbeat_age_s <= heartbeat_ttl_s
-
-
-def _worker(worker: Worker, heartbeat_ttl_s: float) -> dict[str, Any]:
-    fields = worker.fields
-    return {
-        "worker_id": worker.worker_id,
-        "ip": fields.get("ip", ""),
-        "hostname": fields.get("hostname", ""),
-        "pid": int(fields["pid"]) if fields.get("pid", "").isdigit() else None,
-        "heartbeat_age_s": worker.heartbeat_age_s,
-        "alive": is_alive(worker, heartbeat_ttl_s),
-        "stats": worker.stats,
-        "unacked_commands": worker.backlog.unacked if worker.backlog else None,
-        "oldest_unacked_age_s": worker.backlog.oldest_age_s if worker.backlog else None,
-    }
+    beat = record.last_heartbeat_time
+    return max(0.0, now_ms / 1000 - beat) if beat else None

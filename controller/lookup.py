@@ -63,7 +63,7 @@ class Match:
 
 
 @dataclass(frozen=True)
-class _Fleet:
+class _Scope:
     """What every lookup hashes with and reads from; a speculation hint, never trusted unchecked."""
 
     spaces: tuple[str, ...] = ()
@@ -73,40 +73,52 @@ class _Fleet:
 class PrefixIndex:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._redis = client
-        self._fleet = _Fleet()
+        self._scope = _Scope()
         self._walk = client.register_script(_WALK)
 
     async def lookup(self, tokens: Sequence[int]) -> list[Match]:
         """Every live instance holding a prefix of `tokens`, longest first."""
-        guess = self._fleet
+        scope, chains, heads = await self._candidate_heads(tokens)
+        matches = []
+        for chain, instances in _candidates(chains, heads, len(scope.locations)):
+            matches += await self._walk_chain(scope, chain, instances)
+        matches.sort(key=lambda m: (-m.num_tokens, m.instance_id))
+        return matches
+
+    async def _candidate_heads(self, tokens: Sequence[int]) -> tuple[_Scope, list[list[Chunk]], list[set[str]]]:
+        """The fleet's scope, the prompt's chains in it, and the head sets of each chain's first chunk.
+
+        The head sets for the last scope seen are read along with the scope; only a changed
+        scope costs a second round trip.
+        """
+        guess = self._scope
         guess_chains = await self._hash(tokens, guess.spaces)
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(keys.HASH_SPACES)
         pipe.smembers(keys.LOCATIONS)
         _read_heads(pipe, guess_chains, guess.locations)
         spaces, locations, *heads = await pipe.execute()
-        fleet = _Fleet(tuple(sorted(spaces)), tuple(loc for loc in FASTEST_FIRST if loc in locations))
-        if fleet == guess:
-            chains = guess_chains
-        else:
-            self._fleet = fleet
-            chains = await self._hash(tokens, fleet.spaces)
-            pipe = self._redis.pipeline(transaction=False)
-            _read_heads(pipe, chains, fleet.locations)
-            heads = await pipe.execute()
-        matches = []
-        for chain, instances in _candidates(chains, heads, len(fleet.locations)):
-            walk_keys = [
-                key
-                for instance_id in instances
-                for key in (keys.alive(instance_id), *(keys.index(instance_id, loc) for loc in fleet.locations))
-            ]
-            walked = await self._walk(keys=walk_keys, args=[len(fleet.locations), *(c.key for c in chain)])
-            for instance_id, matched, last in zip(instances, walked[::2], walked[1::2], strict=True):
-                if matched:
-                    matches.append(Match(instance_id, fleet.locations[last - 1], chain[matched - 1].end))
-        matches.sort(key=lambda m: (-m.num_tokens, m.instance_id))
-        return matches
+        scope = _Scope(tuple(sorted(spaces)), tuple(loc for loc in FASTEST_FIRST if loc in locations))
+        if scope == guess:
+            return scope, guess_chains, heads
+        self._scope = scope
+        chains = await self._hash(tokens, scope.spaces)
+        pipe = self._redis.pipeline(transaction=False)
+        _read_heads(pipe, chains, scope.locations)
+        return scope, chains, await pipe.execute()
+
+    async def _walk_chain(self, scope: _Scope, chain: list[Chunk], instances: list[str]) -> list[Match]:
+        walk_keys = [
+            key
+            for instance_id in instances
+            for key in (keys.alive(instance_id), *(keys.index(instance_id, loc) for loc in scope.locations))
+        ]
+        walked = await self._walk(keys=walk_keys, args=[len(scope.locations), *(c.key for c in chain)])
+        return [
+            Match(instance_id, scope.locations[last - 1], chain[matched - 1].end)
+            for instance_id, matched, last in zip(instances, walked[::2], walked[1::2], strict=True)
+            if matched
+        ]
 
     @staticmethod
     async def _hash(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[list[Chunk]]:

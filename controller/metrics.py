@@ -235,7 +235,7 @@ def _add_instance(families: dict[str, GaugeMetricFamily], instance: fleet.Instan
         families["chunks"].add_metric([name, location], chunks)
     families["alive"].add_metric([name], int(instance.alive))
     families["registered"].add_metric([name], len(instance.workers))
-    families["workers_alive"].add_metric([name], sum(fleet.is_alive(w, ttl_s) for w in instance.workers))
+    families["workers_alive"].add_metric([name], sum(w.alive(ttl_s) for w in instance.workers))
     for worker in instance.workers:
         labels = [name, str(worker.worker_id)]
         if worker.heartbeat_age_s is not None:
@@ -243,10 +243,10 @@ def _add_instance(families: dict[str, GaugeMetricFamily], instance: fleet.Instan
         if worker.backlog is not None:
             families["unacked"].add_metric(labels, worker.backlog.unacked)
             families["lag"].add_metric(labels, worker.backlog.oldest_age_s)
-        for location, stats in (worker.stats or {}).items():
-            for family, stat in (("held_chunks", "chunks"), ("held_bytes", "bytes"), ("capacity", "capacity_bytes")):
-                if stat in stats:
-                    families[family].add_metric([*labels, location], stats[stat])
+        for location, stats in (worker.record.stats or {}).items():
+            families["held_chunks"].add_metric([*labels, location], stats.chunks)
+            families["held_bytes"].add_metric([*labels, location], stats.bytes)
+            families["capacity"].add_metric([*labels, location], stats.capacity_bytes)
 
 
 async def metrics(request: Request) -> Response:

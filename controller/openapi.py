@@ -1,5 +1,5 @@
-"""GET /openapi.json: every endpoint, its request schema (generated from the very structs that
-validate requests) and its answers, errors included."""
+"""GET /openapi.json: every endpoint, with its request and answer schemas generated from the very
+Structs that validate requests (schemas.py) and build answers (answers.py), errors included."""
 
 from __future__ import annotations
 
@@ -9,43 +9,7 @@ from typing import Any
 import msgspec
 
 from kvbus import __version__
-from kvbus.controller import errors, schemas
-
-_TOKENS = {
-    "type": "object",
-    "required": ["event_id", "num_tokens"],
-    "properties": {
-        "event_id": {"type": "string"},
-        "num_tokens": {"type": "integer"},
-        "num_tokens_per_worker": {
-            "type": "object",
-            "additionalProperties": {"type": "integer"},
-            "description": "present only when the instance's ranks disagree",
-        },
-    },
-}
-_WORKER = {
-    "type": "object",
-    "properties": {
-        "instance_id": {"type": "string"},
-        "worker_id": {"type": "integer"},
-        "ip": {"type": "string"},
-        "port": {"type": ["integer", "null"]},
-        "peer_init_url": {"type": ["string", "null"]},
-        "registration_time": {"type": "number"},
-        "last_heartbeat_time": {"type": "number"},
-    },
-}
-_ERROR = {
-    "type": "object",
-    "required": ["detail", "error"],
-    "properties": {
-        "detail": {"type": "string"},
-        "error": {"type": "string"},
-        "field": {"type": "string"},
-        "event_id": {"type": "string"},
-    },
-}
+from kvbus.controller import answers, errors, schemas
 
 
 @dataclass(frozen=True)
@@ -54,7 +18,8 @@ class _Endpoint:
     method: str
     summary: str
     body: type[msgspec.Struct] | None
-    answer: dict[str, Any]
+    # One Struct, or several of which the answer is one; None when the answer is not JSON (media_type says what).
+    answer: type[msgspec.Struct] | tuple[type[msgspec.Struct], ...] | None
     errors: tuple[type[errors.APIError], ...] = ()
     media_type: str = "application/json"
     answers_without_redis: bool = False  # never a 503
@@ -69,16 +34,7 @@ ENDPOINTS = (
         "post",
         "Which live instances hold a prefix of these tokens, each with its own match",
         schemas.LookupRequest,
-        {
-            "type": "object",
-            "properties": {
-                "event_id": {"type": "string"},
-                "layout_info": {
-                    "type": "object",
-                    "additionalProperties": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]},
-                },
-            },
-        },
+        answers.LookupAnswer,
         _BODY_ERRORS,
     ),
     _Endpoint(
@@ -86,7 +42,7 @@ ENDPOINTS = (
         "post",
         "Free every unpinned chunk the instance holds at a location",
         schemas.ClearRequest,
-        _TOKENS,
+        answers.TokenCountAnswer,
         _COMMAND_ERRORS,
     ),
     _Endpoint(
@@ -94,16 +50,23 @@ ENDPOINTS = (
         "post",
         "Pin the held prefix of tokens: it survives eviction and clear",
         schemas.PinRequest,
-        _TOKENS,
+        answers.TokenCountAnswer,
         _COMMAND_ERRORS,
     ),
-    _Endpoint("/unpin", "post", "Unpin the held prefix of tokens", schemas.PinRequest, _TOKENS, _COMMAND_ERRORS),
+    _Endpoint(
+        "/unpin",
+        "post",
+        "Unpin the held prefix of tokens",
+        schemas.PinRequest,
+        answers.TokenCountAnswer,
+        _COMMAND_ERRORS,
+    ),
     _Endpoint(
         "/compress",
         "post",
         "Compress the held prefix of tokens (all chunks if tokens is empty)",
         schemas.CompressRequest,
-        _TOKENS,
+        answers.TokenCountAnswer,
         (*_COMMAND_ERRORS, errors.UnknownMethod),
     ),
     _Endpoint(
@@ -111,17 +74,16 @@ ENDPOINTS = (
         "post",
         "Decompress the held prefix of tokens (all chunks if tokens is empty)",
         schemas.CompressRequest,
-        _TOKENS,
+        answers.TokenCountAnswer,
         (*_COMMAND_ERRORS, errors.UnknownMethod),
     ),
     _Endpoint(
         "/move",
         "post",
-        "Move (or copy) the held prefix of tokens (every chunk if tokens is empty) to "
-        "another location or instance; "
+        "Move (or copy) the held prefix of tokens (every chunk if tokens is empty) to another location or instance; "
         "checksummed, and the source drops its copy only once the destination holds it",
         schemas.MoveRequest,
-        _TOKENS,
+        answers.TokenCountAnswer,
         _COMMAND_ERRORS,
     ),
     _Endpoint(
@@ -129,13 +91,7 @@ ENDPOINTS = (
         "post",
         "Each worker's health code (0 healthy, -1 memory check failed, -1001 error)",
         schemas.InstanceRequest,
-        {
-            "type": "object",
-            "properties": {
-                "event_id": {"type": "string"},
-                "error_codes": {"type": "object", "additionalProperties": {"type": "integer"}},
-            },
-        },
+        answers.HealthAnswer,
         _COMMAND_ERRORS,
     ),
     _Endpoint(
@@ -143,16 +99,7 @@ ENDPOINTS = (
         "post",
         "The status of any event: pending, finished, failed or expired",
         schemas.CheckFinishRequest,
-        {
-            "type": "object",
-            "properties": {
-                "event_id": {"type": "string"},
-                "status": {"enum": ["pending", "finished", "failed", "expired"]},
-                "kind": {"type": "string"},
-                "instance_id": {"type": "string"},
-                "workers": {"type": "object"},
-            },
-        },
+        answers.CheckFinishAnswer,
         (*_BODY_ERRORS, errors.UnknownEvent),
     ),
     _Endpoint(
@@ -160,10 +107,7 @@ ENDPOINTS = (
         "post",
         "Registered workers, read live",
         schemas.QueryWorkerInfoRequest,
-        {
-            "type": "object",
-            "properties": {"event_id": {"type": "string"}, "worker_infos": {"type": "array", "items": _WORKER}},
-        },
+        answers.QueryWorkerInfoAnswer,
         (*_BODY_ERRORS, errors.UnknownInstance),
     ),
     _Endpoint(
@@ -171,45 +115,25 @@ ENDPOINTS = (
         "post",
         "The instance with a worker at an IP",
         schemas.QueryInstanceRequest,
-        {"type": "object", "properties": {"event_id": {"type": "string"}, "res": {"type": ["string", "null"]}}},
+        answers.QueryInstanceAnswer,
         _BODY_ERRORS,
     ),
-    _Endpoint(
-        "/controller/key-stats",
-        "get",
-        "Indexed chunks per instance",
-        None,
-        {
-            "type": "object",
-            "properties": {
-                "total_key_count": {"type": "integer"},
-                "total_instance_count": {"type": "integer"},
-                "total_worker_count": {"type": "integer"},
-                "instances": {"type": "array"},
-            },
-        },
-    ),
+    _Endpoint("/controller/key-stats", "get", "Indexed chunks per instance", None, answers.KeyStatsAnswer),
     _Endpoint(
         "/controller/workers",
         "get",
-        "One worker (instance_id and worker_id given) or a list",
+        "One worker with its key_count (instance_id and worker_id given), or a list",
         None,
-        {"type": "object"},
+        (answers.WorkersAnswer, answers.WorkerInfo),
         (errors.InvalidField, errors.UnknownInstance, errors.UnknownWorker),
     ),
-    _Endpoint(
-        "/healthz",
-        "get",
-        "The controller and its Redis are up",
-        None,
-        {"type": "object", "properties": {"status": {"const": "ok"}, "controller_id": {"type": "string"}}},
-    ),
+    _Endpoint("/healthz", "get", "The controller and its Redis are up", None, answers.HealthzAnswer),
     _Endpoint(
         "/metrics",
         "get",
         "Prometheus metrics: requests, command outcomes, lookups, index sizes, bus lag",
         None,
-        {"type": "string"},
+        None,
         media_type="text/plain",
         answers_without_redis=True,
     ),
@@ -218,46 +142,21 @@ ENDPOINTS = (
         "get",
         "What the dashboard shows: instances, workers, storage, recent commands",
         None,
-        {"type": "object"},
+        answers.DashboardAnswer,
     ),
-    _Endpoint(
-        "/",
-        "get",
-        "The live dashboard page",
-        None,
-        {"type": "string"},
-        media_type="text/html",
-        answers_without_redis=True,
-    ),
+    _Endpoint("/", "get", "The live dashboard page", None, None, media_type="text/html", answers_without_redis=True),
 )
 
 
 def spec() -> dict[str, Any]:
-    bodies = [e.body for e in ENDPOINTS if e.body is not None]
-    refs, components = msgspec.json.schema_components(bodies, ref_template="#/components/schemas/{name}")
-    by_body = dict(zip(bodies, refs, strict=True))
-    components["Error"] = _ERROR
+    types = [t for e in ENDPOINTS for t in (e.body, *_answer_types(e)) if t is not None]
+    refs, components = msgspec.json.schema_components(
+        [*types, answers.ErrorAnswer], ref_template="#/components/schemas/{name}"
+    )
+    schema_of = dict(zip([*types, answers.ErrorAnswer], refs, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in ENDPOINTS:
-        operation: dict[str, Any] = {
-            "summary": endpoint.summary,
-            "responses": {"200": {"description": "OK", "content": {endpoint.media_type: {"schema": endpoint.answer}}}},
-        }
-        if endpoint.body is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": by_body[endpoint.body]}},
-            }
-        for error in (*endpoint.errors, *(() if endpoint.answers_without_redis else (errors.BusUnavailable,))):
-            described = operation["responses"].setdefault(
-                str(error.status_code),
-                {
-                    "description": "",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                },
-            )
-            described["description"] = "; ".join(filter(None, (described["description"], error.code)))
-        paths.setdefault(endpoint.path, {})[endpoint.method] = operation
+        paths.setdefault(endpoint.path, {})[endpoint.method] = _operation(endpoint, schema_of)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -268,3 +167,30 @@ def spec() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _answer_types(endpoint: _Endpoint) -> tuple[type[msgspec.Struct], ...]:
+    if endpoint.answer is None:
+        return ()
+    return endpoint.answer if isinstance(endpoint.answer, tuple) else (endpoint.answer,)
+
+
+def _operation(endpoint: _Endpoint, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    one_of = [schema_of[t] for t in _answer_types(endpoint)]
+    answer = {"type": "string"} if not one_of else one_of[0] if len(one_of) == 1 else {"oneOf": one_of}
+    operation: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "responses": {"200": {"description": "OK", "content": {endpoint.media_type: {"schema": answer}}}},
+    }
+    if endpoint.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schema_of[endpoint.body]}},
+        }
+    error_schema = {"application/json": {"schema": schema_of[answers.ErrorAnswer]}}
+    for error in (*endpoint.errors, *(() if endpoint.answers_without_redis else (errors.BusUnavailable,))):
+        described = operation["responses"].setdefault(
+            str(error.status_code), {"description": "", "content": error_schema}
+        )
+        described["description"] = "; ".join(filter(None, (described["description"], error.code)))
+    return operation

@@ -8,8 +8,10 @@ reported in the answer, with each rank's count, rather than failing as LMCache d
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from msgspec import UNSET
+
+from kvbus.controller.answers import HealthAnswer, TokenCountAnswer
 from kvbus.controller.bus import Outcome
 from kvbus.controller.errors import AgentFailed, AgentTimeout, Refused
 from kvbus.shared.messages import Result, ResultStatus
@@ -20,25 +22,25 @@ log = logging.getLogger("kvbus.controller")
 WORKER_ERROR = -1001
 
 
-def token_count(outcome: Outcome) -> dict[str, Any]:
+def token_count(outcome: Outcome) -> TokenCountAnswer:
     """`{event_id, num_tokens}`; when ranks disagree, the smallest count and each rank's."""
     _raise_for(outcome)
     counts = {worker: result.num_tokens for worker, result in outcome.results.items()}
-    answer: dict[str, Any] = {"event_id": outcome.event_id, "num_tokens": min(counts.values())}
+    answer = TokenCountAnswer(event_id=outcome.event_id, num_tokens=min(counts.values()))
     if len(set(counts.values())) > 1:
         log.warning("%s: workers of %s disagree on num_tokens: %s", outcome.event_id, outcome.instance_id, counts)
-        answer["num_tokens_per_worker"] = {str(w): n for w, n in counts.items()}
+        answer.num_tokens_per_worker = {str(w): n for w, n in counts.items()}
     return answer
 
 
-def health(outcome: Outcome) -> dict[str, Any]:
+def health(outcome: Outcome) -> HealthAnswer:
     """`{event_id, error_codes: {worker_id: code}}`; a worker that failed to check gets -1001."""
     codes = {
         str(worker): result.error_code if result.status == ResultStatus.OK else WORKER_ERROR
         for worker, result in outcome.results.items()
     }
     details = {str(w): r.detail for w, r in outcome.results.items() if r.detail}
-    return {"event_id": outcome.event_id, "error_codes": codes, **({"details": details} if details else {})}
+    return HealthAnswer(event_id=outcome.event_id, error_codes=codes, details=details or UNSET)
 
 
 def _raise_for(outcome: Outcome) -> None:

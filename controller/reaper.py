@@ -18,9 +18,10 @@ import time
 import redis
 import redis.asyncio
 
+from kvbus.controller import fleet
 from kvbus.shared import keys
 from kvbus.shared.locations import FASTEST_FIRST
-from kvbus.shared.messages import AgentEvent, EventKind, encode
+from kvbus.shared.records import LifecycleEntry, LifecycleKind
 
 log = logging.getLogger("kvbus.controller.reaper")
 
@@ -62,51 +63,41 @@ class Reaper:
 
     async def reap_once(self) -> list[str]:
         """Remove every instance silent for `reap_after` seconds; returns their ids."""
-        instances = sorted(await self._redis.smembers(keys.INSTANCES))
-        pipe = self._redis.pipeline(transaction=False)
-        for instance_id in instances:
-            pipe.exists(keys.alive(instance_id))
-        silent = [i for i, alive in zip(instances, await pipe.execute(), strict=True) if not alive]
+        snapshot = await fleet.read(self._redis, backlogs=False)
         reaped = []
-        for instance_id in silent:
-            if await self._reap(instance_id):
-                reaped.append(instance_id)
+        for instance in snapshot.instances:
+            if instance.alive:
+                continue
+            last_seen = max((w.record.last_heartbeat_time for w in instance.workers), default=0.0)
+            silence = time.time() - last_seen
+            if silence >= self._reap_after and await self._reap(instance, silence):
+                reaped.append(instance.instance_id)
         return reaped
 
-    async def _reap(self, instance_id: str) -> bool:
-        workers = sorted(await self._redis.smembers(keys.workers(instance_id)))
+    async def _reap(self, instance: fleet.Instance, silence: float) -> bool:
+        instance_id = instance.instance_id
         pipe = self._redis.pipeline(transaction=False)
-        for worker_id in workers:
-            pipe.hget(keys.worker(instance_id, worker_id), "last_heartbeat_time")
         for location in FASTEST_FIRST:
             pipe.smembers(keys.heads(instance_id, location))
-        replies = await pipe.execute()
-        last_seen = max((float(t) for t in replies[: len(workers)] if t), default=0.0)
-        silence = time.time() - last_seen
-        if silence < self._reap_after:
-            return False
+        heads = await pipe.execute()
         owned = [
             keys.info(instance_id),
             keys.workers(instance_id),
             keys.commands(instance_id),
-            *(keys.worker(instance_id, w) for w in workers),
+            *(keys.worker(instance_id, w.worker_id) for w in instance.workers),
             *(keys.index(instance_id, loc) for loc in FASTEST_FIRST),
             *(keys.heads(instance_id, loc) for loc in FASTEST_FIRST),
         ]
-        hints = [
-            keys.head(loc, head)
-            for loc, heads in zip(FASTEST_FIRST, replies[len(workers) :], strict=True)
-            for head in heads
-        ]
+        hints = [keys.head(loc, head) for loc, held in zip(FASTEST_FIRST, heads, strict=True) for head in held]
         done = await self._script(
             keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *hints], args=[instance_id, len(owned)]
         )
         if not done:
             return False
-        event = AgentEvent(
-            kind=EventKind.REAPED, instance_id=instance_id, worker_id=-1, detail=f"no heartbeat for {silence:.0f} s"
+        entry = LifecycleEntry(
+            kind=LifecycleKind.REAPED, instance_id=instance_id, worker_id=-1, detail=f"no heartbeat for {silence:.0f} s"
         )
         with contextlib.suppress(redis.RedisError):
-            await self._redis.xadd(keys.EVENTS, encode(event), maxlen=keys.EVENTS_MAXLEN, approximate=True)
+            await self._redis.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
         log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)
         return True

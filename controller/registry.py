@@ -1,101 +1,75 @@
-"""Who is registered, read straight from Redis on every call: LMCache's worker and key-count queries.
+"""Who is registered, as LMCache's worker and key-count queries answer it: views over one fleet read.
 
-LMCache serves "all" from a 30 s cache that can be stale; these reads cost a few pipelined
-round trips and are always current.
+LMCache serves "all" from a 30 s cache that can be stale; these views are read from Redis on
+every call and are always current.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from msgspec import UNSET
 
-import redis.asyncio
-
+from kvbus.controller.answers import InstanceKeyCount, KeyStatsAnswer, WorkerInfo, WorkersAnswer
 from kvbus.controller.errors import UnknownInstance, UnknownWorker
-from kvbus.shared import keys
+from kvbus.controller.fleet import Fleet, Instance, Worker
 
 
-@dataclass(frozen=True)
-class Instance:
-    instance_id: str
-    workers: list[dict[str, Any]]
-    key_count: int  # chunks indexed over all locations; ranks of one instance share the index
+def instance(fleet: Fleet, instance_id: str) -> Instance:
+    """The registered instance, or UnknownInstance (404)."""
+    found = fleet.instance(instance_id)
+    if found is None:
+        raise UnknownInstance(f"unknown instance_id {instance_id!r}: no agent has registered it")
+    return found
 
 
-class Registry:
-    def __init__(self, client: redis.asyncio.Redis) -> None:
-        self._redis = client
+def worker_infos(fleet: Fleet, worker_ids: list[int] | None = None) -> list[WorkerInfo]:
+    wanted = None if worker_ids is None else set(worker_ids)
+    return [worker_info(w) for i in fleet.instances for w in i.workers if wanted is None or w.worker_id in wanted]
 
-    async def instances(self, only: str | None = None) -> list[Instance]:
-        """Registered instances (or just `only`, 404 if unknown), each with its workers, by id."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.smembers(keys.INSTANCES)
-        pipe.smembers(keys.LOCATIONS)
-        registered, locations = await pipe.execute()
-        ids = sorted(registered) if only is None else [only]
-        if only is not None and only not in registered:
-            raise UnknownInstance(f"unknown instance_id {only!r}: no agent has registered it")
-        pipe = self._redis.pipeline(transaction=False)
-        for instance_id in ids:
-            pipe.smembers(keys.workers(instance_id))
-            for location in sorted(locations):
-                pipe.hlen(keys.index(instance_id, location))
-        replies = await pipe.execute()
-        step = 1 + len(locations)
-        worker_ids = [sorted(int(w) for w in replies[i * step]) for i in range(len(ids))]
-        key_counts = [sum(replies[i * step + 1 : (i + 1) * step]) for i in range(len(ids))]
-        pipe = self._redis.pipeline(transaction=False)
-        for instance_id, workers in zip(ids, worker_ids, strict=True):
-            for worker_id in workers:
-                pipe.hgetall(keys.worker(instance_id, worker_id))
-        hashes = iter(await pipe.execute())
-        return [
-            Instance(instance_id, [_worker_info(next(hashes)) for _ in workers], count)
-            for instance_id, workers, count in zip(ids, worker_ids, key_counts, strict=True)
-        ]
 
-    async def worker(self, instance_id: str, worker_id: int) -> dict[str, Any]:
-        (instance,) = await self.instances(instance_id)
-        for info in instance.workers:
-            if info["worker_id"] == worker_id:
-                return {**info, "key_count": instance.key_count}
+def worker_info(worker: Worker, key_count: int | None = None) -> WorkerInfo:
+    """LMCache's worker_info shape, plus the process and layout details kvbus records."""
+    record = worker.record
+    return WorkerInfo(
+        instance_id=record.instance_id,
+        worker_id=record.worker_id,
+        ip=record.ip,
+        port=record.port,
+        peer_init_url=record.peer_init_url or None,
+        registration_time=record.registration_time,
+        last_heartbeat_time=record.last_heartbeat_time,
+        pid=record.pid if record.pid is not None else UNSET,
+        hostname=record.hostname or UNSET,
+        layout=record.layout or UNSET,
+        key_count=key_count if key_count is not None else UNSET,
+    )
+
+
+def workers(fleet: Fleet) -> WorkersAnswer:
+    listed = [worker_info(w, i.key_count) for i in fleet.instances for w in i.workers]
+    return WorkersAnswer(workers=listed, total_count=len(listed))
+
+
+def worker(fleet: Fleet, instance_id: str, worker_id: int) -> WorkerInfo:
+    held = instance(fleet, instance_id)
+    found = held.worker(worker_id)
+    if found is None:
         raise UnknownWorker(f"instance {instance_id!r} has no worker {worker_id}", instance_id=instance_id)
-
-    async def instance_at(self, ip: str) -> str | None:
-        """The earliest-registered instance with a worker at `ip`, as LMCache's /query_instance."""
-        holders = [
-            (w["registration_time"], instance.instance_id)
-            for instance in await self.instances()
-            for w in instance.workers
-            if w["ip"] == ip
-        ]
-        return min(holders)[1] if holders else None
+    return worker_info(found, held.key_count)
 
 
-def _worker_info(fields: dict[str, str]) -> dict[str, Any]:
-    """LMCache's worker_info shape, plus the layout and liveness details kvbus records."""
-    port = fields.get("port", "")
-    info: dict[str, Any] = {
-        "instance_id": fields.get("instance_id", ""),
-        "worker_id": int(fields.get("worker_id", -1)),
-        "ip": fields.get("ip", ""),
-        "port": int(port) if port else None,
-        "peer_init_url": fields.get("peer_init_url") or None,
-        "registration_time": float(fields.get("registration_time", 0)),
-        "last_heartbeat_time": float(fields.get("last_heartbeat_time", 0)),
-    }
-    for extra in ("pid", "hostname", "layout"):
-        if fields.get(extra):
-            info[extra] = int(fields[extra]) if extra == "pid" else fields[extra]
-    return info
+def instance_at(fleet: Fleet, ip: str) -> str | None:
+    """The earliest-registered instance with a worker at `ip`, as LMCache's /query_instance."""
+    holders = [
+        (w.record.registration_time, i.instance_id) for i in fleet.instances for w in i.workers if w.record.ip == ip
+    ]
+    return min(holders)[1] if holders else None
 
 
-def key_stats(instances: list[Instance]) -> dict[str, Any]:
-    return {
-        "total_key_count": sum(i.key_count for i in instances),
-        "total_instance_count": len(instances),
-        "total_worker_count": sum(len(i.workers) for i in instances),
-        "instances": [
-            {"instance_id": i.instance_id, "key_count": i.key_count, "worker_count": len(i.workers)} for i in instances
-        ],
-    }
+def key_stats(fleet: Fleet) -> KeyStatsAnswer:
+    instances = fleet.instances
+    return KeyStatsAnswer(
+        total_key_count=sum(i.key_count for i in instances),
+        total_instance_count=len(instances),
+        total_worker_count=sum(len(i.workers) for i in instances),
+        instances=[InstanceKeyCount(i.instance_id, i.key_count, len(i.workers)) for i in instances],
+    )

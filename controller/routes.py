@@ -7,15 +7,21 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvbus.controller import events, openapi, outcomes
-from kvbus.controller.bus import CommandBus, new_event_id
+from kvbus.controller import command_records, event_ids, fleet, openapi, outcomes, registry
+from kvbus.controller.answers import (
+    HealthzAnswer,
+    LookupAnswer,
+    QueryInstanceAnswer,
+    QueryWorkerInfoAnswer,
+    respond,
+)
+from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import BodyTooLarge, InvalidField, Refused
+from kvbus.controller.event_ids import Operation
 from kvbus.controller.lookup import PrefixIndex
-from kvbus.controller.registry import Registry
-from kvbus.controller.registry import key_stats as registry_stats
 from kvbus.controller.schemas import (
     CheckFinishRequest,
     ClearRequest,
@@ -52,61 +58,57 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def lookup(request: Request) -> JSONResponse:
+async def lookup(request: Request) -> Response:
     config: KVBusConfig = request.app.state.config
     index: PrefixIndex = request.app.state.index
     body = parse(await _body(request), LookupRequest)
     check_token_count(body.tokens, config.max_lookup_tokens)
     matches = await index.lookup(body.tokens)
-    return JSONResponse(
-        {
-            "event_id": new_event_id("Lookup"),
-            "layout_info": {m.instance_id: [str(m.location), m.num_tokens] for m in matches},
-        }
+    return respond(
+        LookupAnswer(
+            event_id=event_ids.new(Operation.LOOKUP),
+            layout_info={m.instance_id: (str(m.location), m.num_tokens) for m in matches},
+        )
     )
 
 
-async def clear(request: Request) -> JSONResponse:
+async def clear(request: Request) -> Response:
     body = parse(await _body(request), ClearRequest)
-    return await _command(request, body.instance_id, CommandKind.CLEAR, "Clear", location=str(body.location))
+    return await _command(request, body.instance_id, CommandKind.CLEAR, location=str(body.location))
 
 
-async def pin(request: Request) -> JSONResponse:
+async def pin(request: Request) -> Response:
     body = parse(await _body(request), PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(
-        request, body.instance_id, CommandKind.PIN, "Pin", location=str(body.location), tokens=body.tokens
-    )
+    return await _command(request, body.instance_id, CommandKind.PIN, location=str(body.location), tokens=body.tokens)
 
 
-async def unpin(request: Request) -> JSONResponse:
+async def unpin(request: Request) -> Response:
     body = parse(await _body(request), PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(
-        request, body.instance_id, CommandKind.UNPIN, "Unpin", location=str(body.location), tokens=body.tokens
-    )
+    return await _command(request, body.instance_id, CommandKind.UNPIN, location=str(body.location), tokens=body.tokens)
 
 
-async def compress(request: Request) -> JSONResponse:
-    return await _compression(request, CommandKind.COMPRESS, "Compress")
+async def compress(request: Request) -> Response:
+    return await _compression(request, CommandKind.COMPRESS)
 
 
-async def decompress(request: Request) -> JSONResponse:
-    return await _compression(request, CommandKind.DECOMPRESS, "Decompress")
+async def decompress(request: Request) -> Response:
+    return await _compression(request, CommandKind.DECOMPRESS)
 
 
-async def _compression(request: Request, kind: CommandKind, prefix: str) -> JSONResponse:
+async def _compression(request: Request, kind: CommandKind) -> Response:
     body = parse(await _body(request), CompressRequest)
     check_method(body.method)
     _check_tokens(request, body.tokens)
     return await _command(
-        request, body.instance_id, kind, prefix, location=str(body.location), tokens=body.tokens, method=body.method
+        request, body.instance_id, kind, location=str(body.location), tokens=body.tokens, method=body.method
     )
 
 
-async def _command(request: Request, instance_id: str, kind: CommandKind, prefix: str, **fields: Any) -> JSONResponse:
+async def _command(request: Request, instance_id: str, kind: CommandKind, **fields: Any) -> Response:
     bus: CommandBus = request.app.state.bus
-    event_id = new_event_id(prefix)
+    event_id = event_ids.new(Operation.of(kind))
     started = time.perf_counter()
     answer = outcomes.token_count(await bus.request(instance_id, kind, event_id, **fields))
     log.info(
@@ -115,39 +117,23 @@ async def _command(request: Request, instance_id: str, kind: CommandKind, prefix
         event_id,
         instance_id,
         fields.get("location", ""),
-        answer["num_tokens"],
+        answer.num_tokens,
         (time.perf_counter() - started) * 1000,
     )
-    return JSONResponse(answer)
+    return respond(answer)
 
 
-async def move(request: Request) -> JSONResponse:
-    registry: Registry = request.app.state.registry
+async def move(request: Request) -> Response:
     body = parse(await _body(request), MoveRequest)
     _check_tokens(request, body.tokens)
     (source, source_location), (dest, dest_location) = body.old_position, body.new_position
     if source == dest and source_location == dest_location:
         raise InvalidField("old_position and new_position are the same", field="new_position")
-    peers: dict[str, str] = {}
-    if dest != source:
-        (sending,), (receiving,) = await registry.instances(source), await registry.instances(dest)
-        if len(sending.workers) != len(receiving.workers):
-            raise Refused(
-                f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
-                "chunks move rank to rank, so both need the same number"
-            )
-        for sender, receiver in zip(sending.workers, receiving.workers, strict=True):
-            if not receiver["peer_init_url"]:
-                raise Refused(
-                    f"worker {receiver['worker_id']} of {dest!r} has no peer endpoint: set p2p_host and "
-                    "p2p_init_ports in its config"
-                )
-            peers[str(sender["worker_id"])] = receiver["peer_init_url"]
+    peers = await _peers(request, source, dest) if dest != source else {}
     return await _command(
         request,
         source,
         CommandKind.MOVE,
-        "Move",
         location=str(source_location),
         tokens=body.tokens,
         dest_location=str(dest_location),
@@ -156,54 +142,80 @@ async def move(request: Request) -> JSONResponse:
     )
 
 
-async def health(request: Request) -> JSONResponse:
+async def _peers(request: Request, source: str, dest: str) -> dict[str, str]:
+    """Each source worker's destination peer endpoint: chunks move rank to rank."""
+    snapshot = await fleet.read(request.app.state.redis, backlogs=False)
+    sending, receiving = registry.instance(snapshot, source), registry.instance(snapshot, dest)
+    if len(sending.workers) != len(receiving.workers):
+        raise Refused(
+            f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
+            "chunks move rank to rank, so both need the same number"
+        )
+    peers = {}
+    for sender, receiver in zip(sending.workers, receiving.workers, strict=True):
+        if not receiver.record.peer_init_url:
+            raise Refused(
+                f"worker {receiver.worker_id} of {dest!r} has no peer endpoint: set p2p_host and "
+                "p2p_init_ports in its config"
+            )
+        peers[str(sender.worker_id)] = receiver.record.peer_init_url
+    return peers
+
+
+async def health(request: Request) -> Response:
     bus: CommandBus = request.app.state.bus
     body = parse(await _body(request), InstanceRequest)
-    return JSONResponse(
-        outcomes.health(await bus.request(body.instance_id, CommandKind.HEALTH, new_event_id("health")))
-    )
+    event_id = event_ids.new(Operation.HEALTH)
+    return respond(outcomes.health(await bus.request(body.instance_id, CommandKind.HEALTH, event_id)))
 
 
-async def check_finish(request: Request) -> JSONResponse:
+async def check_finish(request: Request) -> Response:
     body = parse(await _body(request), CheckFinishRequest)
-    return JSONResponse(await events.check(request.app.state.redis, body.event_id))
+    return respond(await command_records.check(request.app.state.redis, body.event_id))
 
 
-async def query_worker_info(request: Request) -> JSONResponse:
-    registry: Registry = request.app.state.registry
+async def query_worker_info(request: Request) -> Response:
     body = parse(await _body(request), QueryWorkerInfoRequest)
-    instances = await registry.instances(None if body.instance_id == "all" else body.instance_id)
-    wanted = None if body.worker_ids is None else set(body.worker_ids)
-    infos = [w for i in instances for w in i.workers if wanted is None or w["worker_id"] in wanted]
-    return JSONResponse({"event_id": new_event_id("QueryWorkerInfo"), "worker_infos": infos})
-
-
-async def query_instance(request: Request) -> JSONResponse:
-    registry: Registry = request.app.state.registry
-    body = parse(await _body(request), QueryInstanceRequest)
-    return JSONResponse(
-        {"event_id": body.event_id or new_event_id("QueryInst"), "res": await registry.instance_at(body.ip)}
+    only = None if body.instance_id == "all" else body.instance_id
+    snapshot = await fleet.read(request.app.state.redis, only, backlogs=False)
+    if only is not None:
+        registry.instance(snapshot, only)
+    return respond(
+        QueryWorkerInfoAnswer(
+            event_id=event_ids.new(Operation.QUERY_WORKER_INFO),
+            worker_infos=registry.worker_infos(snapshot, body.worker_ids),
+        )
     )
 
 
-async def key_stats(request: Request) -> JSONResponse:
-    registry: Registry = request.app.state.registry
-    return JSONResponse(registry_stats(await registry.instances()))
+async def query_instance(request: Request) -> Response:
+    body = parse(await _body(request), QueryInstanceRequest)
+    snapshot = await fleet.read(request.app.state.redis, backlogs=False)
+    return respond(
+        QueryInstanceAnswer(
+            event_id=body.event_id or event_ids.new(Operation.QUERY_INSTANCE),
+            res=registry.instance_at(snapshot, body.ip),
+        )
+    )
 
 
-async def workers(request: Request) -> JSONResponse:
-    registry: Registry = request.app.state.registry
+async def key_stats(request: Request) -> Response:
+    return respond(registry.key_stats(await fleet.read(request.app.state.redis, backlogs=False)))
+
+
+async def workers(request: Request) -> Response:
     instance_id = request.query_params.get("instance_id")
     worker_id = request.query_params.get("worker_id")
-    if worker_id is not None:
-        if instance_id is None:
-            raise InvalidField("worker_id needs instance_id", field="instance_id")
-        if not worker_id.isdigit():
-            raise InvalidField(f"worker_id must be a non-negative integer, got {worker_id!r}", field="worker_id")
-        return JSONResponse(await registry.worker(instance_id, int(worker_id)))
-    instances = await registry.instances(instance_id)
-    listed = [{**w, "key_count": i.key_count} for i in instances for w in i.workers]
-    return JSONResponse({"workers": listed, "total_count": len(listed)})
+    if worker_id is not None and instance_id is None:
+        raise InvalidField("worker_id needs instance_id", field="instance_id")
+    if worker_id is not None and not worker_id.isdigit():
+        raise InvalidField(f"worker_id must be a non-negative integer, got {worker_id!r}", field="worker_id")
+    snapshot = await fleet.read(request.app.state.redis, instance_id, backlogs=False)
+    if instance_id is not None:
+        registry.instance(snapshot, instance_id)
+    if instance_id is not None and worker_id is not None:
+        return respond(registry.worker(snapshot, instance_id, int(worker_id)))
+    return respond(registry.workers(snapshot))
 
 
 def _check_tokens(request: Request, tokens: list[int]) -> None:
@@ -218,10 +230,10 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(_SPEC)
 
 
-async def healthz(request: Request) -> JSONResponse:
+async def healthz(request: Request) -> Response:
     bus: CommandBus = request.app.state.bus
     await request.app.state.redis.ping()
-    return JSONResponse({"status": "ok", "controller_id": bus.controller_id})
+    return respond(HealthzAnswer(status="ok", controller_id=bus.controller_id))
 
 
 ROUTES = [

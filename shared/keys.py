@@ -12,8 +12,8 @@ PREFIX = "kvbus"
 INSTANCES = f"{PREFIX}:instances"  # SET of registered instance ids
 HASH_SPACES = f"{PREFIX}:hashspaces"  # SET of "<chunk_size>:<model>" the fleet hashes with
 LOCATIONS = f"{PREFIX}:locations"  # SET of the locations any agent keeps chunks at
-EVENTS = f"{PREFIX}:events"  # STREAM of agent lifecycle events, capped at about EVENTS_MAXLEN
-EVENTS_MAXLEN = 10_000
+LIFECYCLE = f"{PREFIX}:lifecycle"  # STREAM of agents registering, leaving, resyncing, reaped; capped
+LIFECYCLE_MAXLEN = 10_000
 REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
 JOURNAL = f"{PREFIX}:journal"  # STREAM of every command sent and every result returned, capped
 JOURNAL_MAXLEN = 100_000
@@ -24,14 +24,9 @@ def head(location: str, first_chunk: str) -> str:
     return f"{PREFIX}:head:{location}:{first_chunk}"
 
 
-def event(event_id: str) -> str:
-    """HASH with a TTL: a command's kind, instance, expected workers, deadline and each worker's result."""
-    return f"{PREFIX}:event:{event_id}"
-
-
-def event_result_field(worker_id: int) -> str:
-    """The field of event() that holds one worker's result."""
-    return f"worker:{worker_id}"
+def command_record(event_id: str) -> str:
+    """HASH with a TTL: what /check_finish reads about one command (records.CommandRecord)."""
+    return f"{PREFIX}:command:{event_id}"
 
 
 def results(controller_id: str) -> str:
@@ -45,7 +40,7 @@ def _instance(instance_id: str) -> str:
 
 
 def info(instance_id: str) -> str:
-    """HASH: the instance's model, chunk size and locations."""
+    """HASH: the instance's model, chunk size and locations (records.InstanceInfo)."""
     return f"{_instance(instance_id)}:info"
 
 
@@ -60,12 +55,8 @@ def workers(instance_id: str) -> str:
 
 
 def worker(instance_id: str, worker_id: int) -> str:
-    """HASH: one worker's address, pid and heartbeat time."""
+    """HASH: one worker's address, pid, heartbeat time and backend stats (records.WorkerRecord)."""
     return f"{_instance(instance_id)}:worker:{worker_id}"
-
-
-# The field of worker() where each heartbeat writes JSON {location: backend stats}: only agents know bytes held.
-WORKER_STATS_FIELD = "stats"
 
 
 def commands(instance_id: str) -> str:

@@ -10,7 +10,9 @@ import redis
 
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.shared import keys
-from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus, decode, encode
+from kvbus.shared.flat_fields import encode
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
+from kvbus.shared.records import decode_result
 
 INSTANCE = "inst-c"
 REPLY = keys.results("ctl-test")
@@ -57,7 +59,7 @@ def send(client: redis.Redis, event_id: str, *, timeout_ms: int = 5000, entry_id
 
 
 def results(client: redis.Redis) -> list[Result]:
-    return [decode(Result, fields) for _, fields in client.xrange(REPLY) if "event_id" in fields]
+    return [result for _, fields in client.xrange(REPLY) if (result := decode_result(fields)) is not None]
 
 
 def pending(client: redis.Redis) -> int:

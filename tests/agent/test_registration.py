@@ -9,6 +9,7 @@ from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
+from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
 
 INSTANCE = "inst-r"
 
@@ -29,16 +30,12 @@ def test_register_writes_what_controllers_and_operators_read(fake_redis: fakered
     make(fake_redis).register()
     assert fake_redis.smembers(keys.INSTANCES) == {INSTANCE}
     assert fake_redis.smembers(keys.HASH_SPACES) == {"256:m"}
-    assert fake_redis.hgetall(keys.info(INSTANCE)) == {
-        "model": "m",
-        "chunk_size": "256",
-        "save_unfull_chunk": "1",
-        "locations": '["LocalCPUBackend"]',
-    }
-    worker = fake_redis.hgetall(keys.worker(INSTANCE, 0))
-    assert (worker["ip"], worker["port"], worker["peer_init_url"]) == ("10.0.0.7", "8001", "10.0.0.7:8200")
+    info = InstanceInfo.decode(fake_redis.hgetall(keys.info(INSTANCE)))
+    assert info == InstanceInfo(model="m", chunk_size=256, save_unfull_chunk=True, locations=["LocalCPUBackend"])
+    worker = WorkerRecord.decode(fake_redis.hgetall(keys.worker(INSTANCE, 0)))
+    assert (worker.ip, worker.port, worker.peer_init_url) == ("10.0.0.7", 8001, "10.0.0.7:8200")
     assert 0 < fake_redis.pttl(keys.alive(INSTANCE)) <= 5000
-    assert fake_redis.xrange(keys.EVENTS)[-1][1]["kind"] == "registered"
+    assert LifecycleEntry.decode(fake_redis.xrange(keys.LIFECYCLE)[-1][1]).kind == LifecycleKind.REGISTERED
 
 
 def test_heartbeat_notices_when_redis_forgot_the_instance(fake_redis: fakeredis.FakeRedis) -> None:
@@ -56,15 +53,16 @@ def test_deregister_removes_the_instance(fake_redis: fakeredis.FakeRedis) -> Non
     registration.deregister()
     assert fake_redis.smembers(keys.INSTANCES) == set()
     assert fake_redis.exists(keys.info(INSTANCE), keys.alive(INSTANCE), keys.worker(INSTANCE, 0)) == 0
-    assert fake_redis.xrange(keys.EVENTS)[-1][1]["kind"] == "deregistered"
+    assert LifecycleEntry.decode(fake_redis.xrange(keys.LIFECYCLE)[-1][1]).kind == LifecycleKind.DEREGISTERED
 
 
 def test_a_second_live_agent_for_the_same_worker_is_warned_about(
     fake_redis: fakeredis.FakeRedis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fake_redis.hset(
-        keys.worker(INSTANCE, 0), mapping={"pid": 1, "hostname": "elsewhere", "last_heartbeat_time": time.time()}
+    other = WorkerRecord(
+        instance_id=INSTANCE, worker_id=0, pid=1, hostname="elsewhere", last_heartbeat_time=time.time()
     )
+    fake_redis.hset(keys.worker(INSTANCE, 0), mapping=other.encode())
     make(fake_redis).register()
     assert any("already served by pid 1 on elsewhere" in m for m in caplog.messages)

@@ -1,17 +1,56 @@
-"""The controller app in process: each test module supplies its own `config` fixture."""
+"""The controller app in process: each test module supplies its own `config` fixture.
+
+Every answer any controller test receives is checked against the schema /openapi.json gives for
+its path and status, so the documented shapes cannot drift from what the routes return.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
+import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
+from kvbus.controller import openapi
 from kvbus.controller.app import create_app
 from kvbus.shared.config import KVBusConfig
 
 
+@functools.cache
+def _spec() -> dict[str, Any]:
+    return openapi.spec()
+
+
+def check_answer(method: str, url: str, response: httpx.Response) -> None:
+    """Raise unless a JSON answer fits the schema documented for its path, method and status."""
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return
+    body = json.loads(response.content)
+    operation = _spec()["paths"].get(urlsplit(url).path, {}).get(method.lower())
+    documented = (operation or {}).get("responses", {}).get(str(response.status_code))
+    if documented is None:
+        # Routing's own answers (unknown path, wrong method) are errors of the shared shape.
+        schema: dict[str, Any] = {"$ref": "#/components/schemas/ErrorAnswer"}
+    else:
+        schema = documented["content"]["application/json"]["schema"]
+    root = {**schema, "components": _spec()["components"]}
+    jsonschema.Draft202012Validator(root).validate(body)
+
+
+class CheckedClient(TestClient):
+    def request(self, method: str, url: httpx.URL | str, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        response = super().request(method, url, *args, **kwargs)
+        check_answer(method, str(url), response)
+        return response
+
+
 @pytest.fixture
 def client(config: KVBusConfig) -> Iterator[TestClient]:
-    with TestClient(create_app(config)) as test_client:
+    with CheckedClient(create_app(config)) as test_client:
         yield test_client

@@ -26,6 +26,7 @@ from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.conftest import MODEL, SEED_TOKENS, RedisServer, free_port
+from tests.controller.conftest import CheckedClient
 
 BASE = KVBusConfig(
     enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, max_lookup_tokens=4096
@@ -81,7 +82,7 @@ def lookup(client: TestClient, tokens: list[int]) -> dict[str, list[object]]:
 
 def test_the_seed_flow(client: TestClient, agent: Agent) -> None:
     assert lookup(client, SEED_TOKENS) == {}
-    agent.store(SEED_TOKENS, synthetic_kv(agent.space, SEED_TOKENS))
+    agent.tiers.store(SEED_TOKENS, synthetic_kv(agent.space, SEED_TOKENS))
     agent.index.flush()
     assert lookup(client, SEED_TOKENS) == {"lmcache_default_instance": ["LocalCPUBackend", 12]}
     response = client.post("/clear", json={"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"})
@@ -89,7 +90,7 @@ def test_the_seed_flow(client: TestClient, agent: Agent) -> None:
     assert response.json()["num_tokens"] == 12
     assert response.json()["event_id"].startswith("Clear")
     assert lookup(client, SEED_TOKENS) == {}
-    assert agent.contains(SEED_TOKENS) == 0
+    assert agent.tiers.contains(SEED_TOKENS) == 0
 
 
 def test_every_holder_is_credited_with_its_own_contiguous_prefix(
@@ -230,7 +231,7 @@ def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
     try:
         config = BASE.with_overrides(redis_url=server.url)
         hold(server.url, "keeper", SEED_TOKENS)
-        with TestClient(create_app(config)) as client:
+        with CheckedClient(create_app(config)) as client:
             assert lookup(client, SEED_TOKENS) == {"keeper": ["LocalCPUBackend", 12]}
             server.kill()
             for path, body in (

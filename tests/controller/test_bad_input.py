@@ -10,6 +10,7 @@ from starlette.testclient import TestClient
 from kvbus.controller.app import create_app
 from kvbus.controller.openapi import ENDPOINTS
 from kvbus.shared.config import KVBusConfig
+from tests.controller.conftest import CheckedClient
 
 POSTS = [e.path for e in ENDPOINTS if e.method == "post"]
 GARBAGE = [
@@ -35,7 +36,7 @@ GARBAGE = [
 @pytest.fixture(scope="module")
 def client(redis_server: object) -> Iterator[TestClient]:
     url = redis_server.url  # type: ignore[attr-defined]
-    with TestClient(create_app(KVBusConfig(redis_url=url, command_timeout=0.5))) as test_client:
+    with CheckedClient(create_app(KVBusConfig(redis_url=url, command_timeout=0.5))) as test_client:
         yield test_client
 
 

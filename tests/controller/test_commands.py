@@ -49,7 +49,7 @@ def post(client: TestClient, path: str, body: dict[str, Any], status: int = 200)
 
 
 def hold(agent: Agent, tokens: list[int]) -> None:
-    agent.store(tokens, synthetic_kv(agent.space, tokens))
+    agent.tiers.store(tokens, synthetic_kv(agent.space, tokens))
     agent.index.flush()
 
 
@@ -59,7 +59,7 @@ def test_a_clear_reaches_every_rank_and_reports_their_disagreement(client: TestC
     answer = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
     assert answer["num_tokens"] == 512
     assert answer["num_tokens_per_worker"] == {"0": 600, "1": 512}
-    assert ranks[0].contains(PROMPT) == 0 and ranks[1].contains(PROMPT) == 0
+    assert ranks[0].tiers.contains(PROMPT) == 0 and ranks[1].tiers.contains(PROMPT) == 0
     finished = post(client, "/check_finish", {"event_id": answer["event_id"]})
     assert finished["status"] == "finished" and finished["kind"] == "clear" and finished["instance_id"] == INSTANCE
     assert {w: r["num_tokens"] for w, r in finished["workers"].items()} == {"0": 600, "1": 512}
@@ -223,13 +223,13 @@ def test_pinned_chunks_survive_clear_until_unpinned(client: TestClient, single: 
 
 
 def test_compressed_chunks_still_answer_lookups_and_serve_hits(client: TestClient, single: Agent) -> None:
-    before = [t.clone() for t in single.retrieve(PROMPT)]
+    before = [t.clone() for t in single.tiers.retrieve(PROMPT)]
     used = single.backends[0].used_bytes
     squeezed = post(client, "/compress", {**CPU, "method": "int8", "tokens": PROMPT})
     assert squeezed["num_tokens"] == 600 and squeezed["event_id"].startswith("Compress")
     assert single.backends[0].used_bytes < used * 0.6  # fp16 to int8, plus one fp32 scale per channel
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"][INSTANCE] == ["LocalCPUBackend", 600]
-    after = single.retrieve(PROMPT)
+    after = single.tiers.retrieve(PROMPT)
     for original, restored in zip(before, after, strict=True):
         bound = original.float().abs().amax(dim=scale_dims(original.dim()), keepdim=True) / 254  # per channel
         assert restored.shape == original.shape and restored.dtype == original.dtype
@@ -240,9 +240,9 @@ def test_compressed_chunks_still_answer_lookups_and_serve_hits(client: TestClien
 
 
 def test_lossless_compression_is_exact(client: TestClient, single: Agent) -> None:
-    before = [t.clone() for t in single.retrieve(PROMPT)]
+    before = [t.clone() for t in single.tiers.retrieve(PROMPT)]
     assert post(client, "/compress", {**CPU, "method": "zlib"})["num_tokens"] == 600
-    assert all(a.equal(b) for a, b in zip(before, single.retrieve(PROMPT), strict=True))
+    assert all(a.equal(b) for a, b in zip(before, single.tiers.retrieve(PROMPT), strict=True))
 
 
 def test_compression_errors(client: TestClient, disked: Agent) -> None:
@@ -366,7 +366,7 @@ def test_a_move_between_instances_carries_the_chunks_and_reindexes_them(
     moved = move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT)
     assert moved["num_tokens"] == 600
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"dst": ["LocalCPUBackend", 600]}
-    assert all(torch.equal(a, b) for a, b in zip(before, dest.retrieve(PROMPT), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, dest.tiers.retrieve(PROMPT), strict=True))
     assert post(client, "/check_finish", {"event_id": moved["event_id"]})["status"] == "finished"
 
 

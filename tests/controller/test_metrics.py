@@ -3,7 +3,6 @@ request counts per route, command outcomes, lookup hits and misses, index sizes,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller.app import create_app
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
+from kvbus.shared.records import WorkerRecord
 from tests.conftest import MODEL, free_port, wait_for
 
 INSTANCE = "metrics-instance"
@@ -39,7 +39,7 @@ def config(redis_url: str) -> KVBusConfig:
 def agent(config: KVBusConfig) -> Iterator[Agent]:
     started = Agent(config, model=MODEL)
     started.start()
-    started.store(PROMPT, synthetic_kv(started.space, PROMPT))
+    started.tiers.store(PROMPT, synthetic_kv(started.space, PROMPT))
     started.index.flush()
     yield started
     started.stop()
@@ -65,9 +65,7 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     assert client.post("/lookup", json={"tokens": []}).status_code == 422
     wait_for(
         lambda: (
-            json.loads(agent._redis.hget(keys.worker(INSTANCE, 0), keys.WORKER_STATS_FIELD) or "{}")
-            .get("LocalCPUBackend", {})
-            .get("chunks")
+            (WorkerRecord.decode(agent._redis.hgetall(keys.worker(INSTANCE, 0))).stats or {})["LocalCPUBackend"].chunks
             == 3
         ),
         what="a heartbeat with the agent's stats",

@@ -9,6 +9,7 @@ import redis
 from kvbus.controller.reaper import Reaper
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
+from kvbus.shared.records import LifecycleEntry, LifecycleKind
 from tests.conftest import SEED_TOKENS
 from tests.controller.test_api import PROMPT, SPACE, hold
 
@@ -39,12 +40,8 @@ def test_an_instance_silent_past_reap_after_is_removed_whole(redis_url: str, rea
     assert real_redis.smembers(keys.INSTANCES) == {"peer"}
     assert real_redis.smembers(head) == {"peer"}
     assert list(real_redis.scan_iter("kvbus:{gone}:*")) == []
-    assert real_redis.xrange(keys.EVENTS)[-1][1] | {"detail": ""} == {
-        "kind": "reaped",
-        "instance_id": "gone",
-        "worker_id": "-1",
-        "detail": "",
-    }
+    entry = LifecycleEntry.decode(real_redis.xrange(keys.LIFECYCLE)[-1][1])
+    assert (entry.kind, entry.instance_id, entry.worker_id) == (LifecycleKind.REAPED, "gone", -1)
 
 
 def test_live_and_recently_seen_instances_stay(redis_url: str, real_redis: redis.Redis) -> None:

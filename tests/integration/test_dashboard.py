@@ -3,7 +3,6 @@ the rendered page must show the fleet's true numbers, and show instance ids as t
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import pytest
 import redis
 
 from kvbus.shared import keys
+from kvbus.shared.records import BackendStats, WorkerRecord
 from tests.conftest import Processes, wait_for
 
 PLAIN = "dash-a"
@@ -117,8 +117,8 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-def stats(client: redis.Redis, instance_id: str) -> dict[str, dict[str, int]]:
-    return json.loads(client.hget(keys.worker(instance_id, 0), keys.WORKER_STATS_FIELD) or "{}")  # type: ignore[no-any-return]
+def stats(client: redis.Redis, instance_id: str) -> dict[str, BackendStats]:
+    return WorkerRecord.decode(client.hgetall(keys.worker(instance_id, 0))).stats or {}
 
 
 @pytest.mark.skipif(
@@ -140,8 +140,8 @@ def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url
     assert cleared["num_tokens"] == 300
     wait_for(
         lambda: (
-            stats(client, HOSTILE)["LocalCPUBackend"]["chunks"] == 0
-            and stats(client, PLAIN).get("LocalDiskBackend", {}).get("chunks") == 3
+            stats(client, HOSTILE)["LocalCPUBackend"].chunks == 0
+            and stats(client, PLAIN).get("LocalDiskBackend", BackendStats()).chunks == 3
         ),
         what="heartbeats with the agents' stats",
     )
@@ -171,7 +171,7 @@ def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url
     on_disk = storage.one("tr", data_instance=PLAIN, data_worker="0", data_location="LocalDiskBackend")
     assert on_disk.cell("chunks") == "3"
     assert on_disk.one("td", data_field="bytes").attrs["data-value"] == str(
-        stats(client, PLAIN)["LocalDiskBackend"]["bytes"]
+        stats(client, PLAIN)["LocalDiskBackend"].bytes
     )
     emptied = storage.one("tr", data_instance=HOSTILE, data_worker="0", data_location="LocalCPUBackend")
     assert (emptied.cell("chunks"), emptied.cell("bytes")) == ("0", "0 B")

@@ -4,18 +4,9 @@ import pytest
 from redis.crc import key_slot
 
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError, decode, encode
 from kvbus.shared.locations import Location
-from kvbus.shared.messages import (
-    AgentEvent,
-    Command,
-    CommandKind,
-    DecodeError,
-    EventKind,
-    Result,
-    ResultStatus,
-    decode,
-    encode,
-)
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
 
 def test_every_per_instance_key_shares_the_instance_slot() -> None:
@@ -35,7 +26,15 @@ def test_every_per_instance_key_shares_the_instance_slot() -> None:
 
 
 def test_global_keys_are_prefixed() -> None:
-    for key in (keys.INSTANCES, keys.HASH_SPACES, keys.EVENTS, keys.head(Location.CPU, "ab"), keys.results("c1")):
+    for key in (
+        keys.INSTANCES,
+        keys.HASH_SPACES,
+        keys.LIFECYCLE,
+        keys.JOURNAL,
+        keys.command_record("Clear1"),
+        keys.head(Location.CPU, "ab"),
+        keys.results("c1"),
+    ):
         assert key.startswith("kvbus:")
 
 
@@ -58,8 +57,6 @@ def test_messages_round_trip_as_readable_fields() -> None:
     assert decode(Command, {k.encode(): v.encode() for k, v in fields.items()}) == command
     result = Result(event_id="Clear1", instance_id="i", worker_id=0, status=ResultStatus.OK, num_tokens=12)
     assert decode(Result, encode(result)) == result
-    event = AgentEvent(kind=EventKind.REGISTERED, instance_id="i", worker_id=1, detail="pid 7")
-    assert decode(AgentEvent, encode(event)) == event
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,92 @@
+"""How a msgspec Struct becomes the flat fields of a Redis hash or stream entry, and back.
+
+Fields stay readable in `redis-cli`: strings and string enums go as they are, everything else
+as JSON. Fields left at their defaults are omitted, so records stay short. Every Redis value
+kvbus keeps is declared as a Struct in `messages.py` (the bus) or `records.py` (the rest), and
+goes through these functions only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+Record = TypeVar("Record", bound=msgspec.Struct)
+
+
+class DecodeError(ValueError):
+    """Fields that do not fit the Struct they were read as."""
+
+
+def encode(record: msgspec.Struct) -> dict[str, str]:
+    """Every field that differs from its default, as text."""
+    fields: dict[str, str] = {}
+    for name, default in _defaults(type(record)):
+        value = getattr(record, name)
+        if default is not _REQUIRED and value == default:
+            continue
+        fields[name] = _text_of(value)
+    return fields
+
+
+def encode_some(record_type: type[msgspec.Struct], /, **values: Any) -> dict[str, str]:
+    """A partial update of a `record_type` record (say, a heartbeat's two fields), checked against its field names."""
+    names = {name for name, _ in _defaults(record_type)}
+    unknown = values.keys() - names
+    if unknown:
+        raise TypeError(f"{record_type.__name__} has no field {', '.join(sorted(unknown))}")
+    return {name: _text_of(value) for name, value in values.items()}
+
+
+def decode(kind: type[Record], fields: Mapping[Any, Any]) -> Record:
+    """Build a `kind` from fields (bytes or str), validating every value; raises DecodeError."""
+    try:
+        raw = {_text(k): _text(v) for k, v in fields.items()}
+        values: dict[str, Any] = {}
+        for name, is_text in _field_kinds(kind):
+            if name in raw:
+                values[name] = raw[name] if is_text else json.loads(raw[name])
+        return msgspec.convert(values, type=kind)
+    except (msgspec.ValidationError, ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"not a valid {kind.__name__}: {exc}") from exc
+
+
+def field_names(kind: type[msgspec.Struct]) -> tuple[str, ...]:
+    return tuple(name for name, _ in _defaults(kind))
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return str(value)
+    return json.dumps(msgspec.to_builtins(value), separators=(",", ":"))
+
+
+_REQUIRED = object()
+
+
+@functools.cache
+def _defaults(kind: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    def default(spec: msgspec.structs.FieldInfo) -> Any:
+        if spec.default is not msgspec.NODEFAULT:
+            return spec.default
+        return spec.default_factory() if spec.default_factory is not msgspec.NODEFAULT else _REQUIRED
+
+    return tuple((spec.name, default(spec)) for spec in msgspec.structs.fields(kind))
+
+
+@functools.cache
+def _field_kinds(kind: type[msgspec.Struct]) -> tuple[tuple[str, bool], ...]:
+    """Each field's name and whether it travels as plain text; inspecting a type costs ~0.1 ms."""
+    info = msgspec.inspect.type_info(kind)
+    if not isinstance(info, msgspec.inspect.StructType):
+        raise TypeError(f"{kind!r} is not a Struct")
+    text_types = (msgspec.inspect.StrType, msgspec.inspect.EnumType, msgspec.inspect.LiteralType)
+    return tuple((spec.name, isinstance(spec.type, text_types)) for spec in info.fields)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,254 @@
+"""Every record kvbus keeps in Redis outside the command bus, as Structs: the one place that spells their fields.
+
+The bus's own messages (commands and results) are in `messages.py`; `keys.py` names the keys
+these records live at. Each record goes to and from Redis through `flat_fields`, so a field is
+spelled once, here, and `redis-cli` shows it readable. `REDIS_VALUES` maps every key to what it
+holds; a test checks docs/redis-keys.md against it.
+
+Two words are kept apart: a *command record* is what /check_finish reads about one command
+(`kvbus:command:<event_id>`), and a *lifecycle entry* is an agent registering, leaving, resyncing
+or being reaped (`kvbus:lifecycle`).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from kvbus.shared.flat_fields import DecodeError, decode, encode, encode_some
+from kvbus.shared.messages import Command, CommandKind, Result
+
+
+class BackendStats(msgspec.Struct, kw_only=True):
+    """What one backend holds, as its worker's last heartbeat reported: only the agent knows bytes."""
+
+    chunks: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    pinned_chunks: int = 0
+    pinned_tokens: int = 0
+    compressed_chunks: int = 0
+    compressed_bytes: int = 0
+
+
+class WorkerRecord(msgspec.Struct, kw_only=True):
+    """`kvbus:{inst}:worker:<id>`: one worker (tensor-parallel rank) as it registered and last heartbeated."""
+
+    instance_id: str
+    worker_id: int
+    ip: str = ""
+    port: int | None = None  # lmcache_worker_ports, for the LMCache bridge
+    peer_init_url: str = ""  # host:port other agents /move chunks into; empty without p2p_init_ports
+    pid: int | None = None
+    hostname: str = ""
+    registration_time: float = 0.0
+    last_heartbeat_time: float = 0.0  # the agent's own clock
+    # What the bytes of this worker's chunks mean (model|dtype|block_size|backend) for engines that
+    # store their own paged blocks; readers load only chunks of their layout. Empty for other agents.
+    layout: str = ""
+    stats: dict[str, BackendStats] | None = None  # location -> what it held at the last heartbeat
+
+    def encode(self) -> dict[str, str]:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> WorkerRecord:
+        return decode(cls, fields)
+
+    @staticmethod
+    def heartbeat(now: float, stats: dict[str, BackendStats] | None) -> dict[str, str]:
+        """The fields each heartbeat rewrites."""
+        if stats is None:
+            return encode_some(WorkerRecord, last_heartbeat_time=now)
+        return encode_some(WorkerRecord, last_heartbeat_time=now, stats=stats)
+
+
+class InstanceInfo(msgspec.Struct, kw_only=True):
+    """`kvbus:{inst}:info`: what every worker of the instance shares: its hash space and locations."""
+
+    model: str
+    chunk_size: int
+    save_unfull_chunk: bool
+    locations: list[str]
+
+    def encode(self) -> dict[str, str]:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> InstanceInfo:
+        return decode(cls, fields)
+
+
+class CommandRecord(msgspec.Struct, kw_only=True):
+    """`kvbus:command:<event_id>`: a command as its controller sent it, and each worker's result once it answers.
+
+    The controller writes it in the same script step that sends the command; `entry_id` (the
+    command's stream entry, Redis server time) and `workers` (who must answer) are only known
+    inside that script, which fills them in under the names `SCRIPT_FIELDS` gives it. Each
+    worker adds its result under `result_field(worker_id)`.
+    """
+
+    kind: CommandKind
+    instance_id: str
+    location: str = ""
+    timeout_ms: int
+    entry_id: str
+    workers: list[int]
+    results: dict[int, Result] = msgspec.field(default_factory=dict)
+
+    SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("entry_id", "workers")
+
+    @staticmethod
+    def sent(command: Command, instance_id: str) -> dict[str, str]:
+        """The fields the controller writes with the command, before the script adds `SCRIPT_FIELDS`."""
+        return encode_some(
+            CommandRecord,
+            kind=command.kind,
+            instance_id=instance_id,
+            location=command.location,
+            timeout_ms=command.timeout_ms,
+        )
+
+    @staticmethod
+    def result_field(worker_id: int) -> str:
+        return f"result:{worker_id}"
+
+    @staticmethod
+    def result_value(result: Result) -> str:
+        return msgspec.json.encode(result).decode()
+
+    @property
+    def deadline_ms(self) -> int:
+        return int(self.entry_id.split("-", 1)[0]) + self.timeout_ms
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> CommandRecord:
+        text = {_text(k): _text(v) for k, v in fields.items()}
+        prefix = cls.result_field(0)[:-1]
+        try:
+            results = {
+                int(name[len(prefix) :]): msgspec.json.decode(value, type=Result)
+                for name, value in text.items()
+                if name.startswith(prefix)
+            }
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            raise DecodeError(f"not a valid CommandRecord result: {exc}") from exc
+        sent = {name: value for name, value in text.items() if not name.startswith(prefix)}
+        return msgspec.structs.replace(decode(cls, sent), results=results)
+
+
+class JournaledCommand(msgspec.Struct, kw_only=True):
+    """A command as `kvbus:journal` keeps it: a token count stands in for the token list, which can be MBs."""
+
+    type: Literal["command"] = "command"
+    event_id: str
+    instance_id: str
+    kind: CommandKind
+    location: str = ""
+    method: str = ""
+    dest_location: str = ""
+    tokens: int = 0  # how many tokens the command named
+    should_copy: bool = False
+
+    @staticmethod
+    def of(command: Command, instance_id: str) -> dict[str, str]:
+        entry = JournaledCommand(
+            event_id=command.event_id,
+            instance_id=instance_id,
+            kind=command.kind,
+            location=command.location,
+            method=command.method,
+            dest_location=command.dest_location,
+            tokens=len(command.tokens),
+            should_copy=command.should_copy,
+        )
+        return {"type": "command", **encode(entry)}
+
+
+class JournaledResult(Result, frozen=True, kw_only=True):
+    """A worker's result as `kvbus:journal` keeps it: the result's own fields."""
+
+    type: Literal["result"] = "result"
+
+    @staticmethod
+    def of(result: Result) -> dict[str, str]:
+        return {"type": "result", **encode(result)}
+
+
+JournalEntry = JournaledCommand | JournaledResult
+_JOURNAL_TYPES: dict[str, type[JournalEntry]] = {"command": JournaledCommand, "result": JournaledResult}
+
+
+def decode_journal(fields: dict[Any, Any]) -> JournalEntry:
+    """A `kvbus:journal` entry as whichever of the two it is; raises DecodeError."""
+    kind = next((_text(value) for name, value in fields.items() if _text(name) == "type"), "")
+    entry_type = _JOURNAL_TYPES.get(kind)
+    if entry_type is not None:
+        return decode(entry_type, fields)
+    raise DecodeError(f"journal entry of unknown type {kind!r}")
+
+
+class LifecycleKind(StrEnum):
+    REGISTERED = "registered"
+    DEREGISTERED = "deregistered"
+    RESYNCED = "resynced"  # Redis had lost the agent's state; it re-registered and re-published
+    REAPED = "reaped"  # removed by a controller after `reap_after` seconds without a heartbeat
+
+
+class LifecycleEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """`kvbus:lifecycle`: an agent registering, leaving, resyncing or being reaped."""
+
+    kind: LifecycleKind
+    instance_id: str
+    worker_id: int  # -1 when the entry is about the whole instance
+    detail: str = ""
+
+    def encode(self) -> dict[str, str]:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> LifecycleEntry:
+        return decode(cls, fields)
+
+
+class ResultsOpened(msgspec.Struct, kw_only=True):
+    """The first entry of a controller's result stream: it creates the stream, so agents can XADD NOMKSTREAM."""
+
+    controller: str
+
+    def encode(self) -> dict[str, str]:
+        return encode(self)
+
+
+def decode_result(fields: dict[Any, Any]) -> Result | None:
+    """An entry of a controller's result stream: a worker's result, or None for the opening entry."""
+    if {_text(name) for name in fields} <= set(ResultsOpened.__struct_fields__):
+        return None
+    return decode(Result, fields)
+
+
+def encode_stats(stats: dict[str, BackendStats]) -> str:
+    return json.dumps(msgspec.to_builtins(stats), separators=(",", ":"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# What every key holds: a Struct, or a plain value described in words. docs/redis-keys.md is checked against it.
+REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
+    "kvbus:{<inst>}:worker:<worker_id>": (WorkerRecord, BackendStats),
+    "kvbus:{<inst>}:info": (InstanceInfo,),
+    "kvbus:command:<event_id>": (CommandRecord,),
+    "kvbus:journal": (JournaledCommand, JournaledResult),
+    "kvbus:lifecycle": (LifecycleEntry,),
+    "kvbus:{<inst>}:cmd": (Command,),
+    "kvbus:ctl:<controller_id>:results": (Result, ResultsOpened),
+    "kvbus:{<inst>}:alive": "the id of the worker that heartbeated last",
+    "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
+    "kvbus:{<inst>}:idx:<location>": "chunk key -> tokens in that chunk",
+}
