@@ -151,7 +151,7 @@ def test_redis_restarted_under_a_running_controller(procs: Processes, tmp_path: 
         server.kill()
 
 
-def test_sigterm_lets_in_flight_clears_finish(procs: Processes, redis_url: str) -> None:
+def test_sigterm_lets_in_flight_clears_finish(procs: Processes, redis_url: str, real_redis: redis.Redis) -> None:
     controller, base = procs.controller(redis_url, timeout=10)
     agent = procs.agent(redis_url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
     wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
@@ -159,9 +159,16 @@ def test_sigterm_lets_in_flight_clears_finish(procs: Processes, redis_url: str) 
     answers: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: answers.append(clear(base)))
     thread.start()
-    time.sleep(0.5)
+    wait_for(
+        lambda: real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"] == 1,
+        what="the clear to reach the stopped agent's pending list",
+    )
     controller.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    controller_log = f"controller-{base.rsplit(':', 1)[1]}.log"
+    wait_for(
+        lambda: "Waiting for connections to close" in procs.log(controller_log),
+        what="the controller to begin its graceful shutdown",
+    )
     assert controller.poll() is None  # still draining the in-flight request
     os.kill(agent.pid, signal.SIGCONT)
     thread.join()
@@ -265,6 +272,9 @@ def test_a_pending_clear_survives_a_redis_crash_with_aof(procs: Processes, tmp_p
     server = RedisServer(free_port(), tmp_path, appendonly=True)
     server.start()
     try:
+        with redis.Redis.from_url(server.url) as setup:
+            # Every write reaches the AOF before Redis answers, so what XPENDING shows survives a kill -9.
+            setup.config_set("appendfsync", "always")
         _, base = procs.controller(server.url, timeout=20)
         agent = procs.agent(server.url, INSTANCE, "--preload-tokens", ",".join(map(str, SEED_TOKENS)))
         wait_for(lambda: lookup(base) != {}, what="preloaded tokens")
@@ -278,7 +288,6 @@ def test_a_pending_clear_survives_a_redis_crash_with_aof(procs: Processes, tmp_p
             what="the clear to reach the stopped agent's pending list",
         )
         client.close()
-        time.sleep(1.5)  # appendfsync everysec
         server.kill()  # kill -9: only the AOF remains
         server.start()
         os.kill(agent.pid, signal.SIGCONT)
