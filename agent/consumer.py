@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 import redis
 
@@ -115,7 +116,8 @@ class CommandConsumer:
         reply = self._redis.xreadgroup(
             self._group, self._group, {self._stream: start}, count=self._count, block=block_ms
         )
-        return reply[0][1] if reply else []
+        # One stream asked, so one (stream, entries) pair back; decode_responses makes every name text.
+        return cast(list[tuple[str, list[Entry]]], reply)[0][1] if reply else []
 
     def _answer(self, entries: list[Entry], *, redelivered: bool) -> None:
         """Run each command, then flush the index once and send all results, records and acks in one write."""

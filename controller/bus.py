@@ -12,8 +12,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -51,7 +52,7 @@ return workers
 """
 
 
-def _flat(fields: dict[str, Any]) -> list[str]:
+def _flat(fields: Mapping[Any, Any]) -> list[str]:
     return [str(v) for kv in fields.items() for v in kv]
 
 
@@ -192,7 +193,7 @@ class CommandBus:
                 await asyncio.sleep(outage.failed(exc))
                 continue
             outage.succeeded()
-            for _, entries in reply:
+            for _, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
                 for entry_id, fields in entries:
                     last_id = entry_id
                     self._resolve(fields)

@@ -95,7 +95,7 @@ def _tokens(generator: Generator, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-async def completions(request: Request) -> JSONResponse:
+async def completions(request: Request) -> Response:
     generator: Generator = request.app.state.generator
     served: str = request.app.state.served_model
     body = protocol.decode(await _body(request), protocol.CompletionRequest)
@@ -138,9 +138,11 @@ async def _events(
 
         def run(prompt: list[int] = prompt, pieces: asyncio.Queue[str | None] = pieces) -> Completion:
             try:
-                return generator.complete(
-                    prompt, params, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-                )
+
+                def emit(text: str) -> None:
+                    loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+                return generator.complete(prompt, params, emit)
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 

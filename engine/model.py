@@ -131,6 +131,9 @@ class TinyLlama(nn.Module):
         inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float64) / shape.head_dim)
         angles = torch.outer(torch.arange(shape.max_model_len, dtype=torch.float64), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
+        # Buffers, not parameters: they follow the module's device but are derived, never trained or saved.
+        self._cos: torch.Tensor
+        self._sin: torch.Tensor
         self.register_buffer("_cos", angles.cos().to(shape.dtype), persistent=False)
         self.register_buffer("_sin", angles.sin().to(shape.dtype), persistent=False)
 

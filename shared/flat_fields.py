@@ -14,17 +14,20 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
+from redis.typing import EncodableT
 
 Record = TypeVar("Record", bound=msgspec.Struct)
+# What redis-py takes for a hash's mapping or a stream entry; kvbus only ever puts str in it.
+Fields = dict[EncodableT, EncodableT]
 
 
 class DecodeError(ValueError):
     """Fields that do not fit the Struct they were read as."""
 
 
-def encode(record: msgspec.Struct) -> dict[str, str]:
+def encode(record: msgspec.Struct) -> Fields:
     """Every field that differs from its default, as text."""
-    fields: dict[str, str] = {}
+    fields: Fields = {}
     for name, default in _defaults(type(record)):
         value = getattr(record, name)
         if default is not _REQUIRED and value == default:
@@ -33,13 +36,14 @@ def encode(record: msgspec.Struct) -> dict[str, str]:
     return fields
 
 
-def encode_some(record_type: type[msgspec.Struct], /, **values: Any) -> dict[str, str]:
+def encode_some(record_type: type[msgspec.Struct], /, **values: Any) -> Fields:
     """A partial update of a `record_type` record (say, a heartbeat's two fields), checked against its field names."""
     names = {name for name, _ in _defaults(record_type)}
     unknown = values.keys() - names
     if unknown:
         raise TypeError(f"{record_type.__name__} has no field {', '.join(sorted(unknown))}")
-    return {name: _text_of(value) for name, value in values.items()}
+    encoded: Fields = {name: _text_of(value) for name, value in values.items()}
+    return encoded
 
 
 def decode(kind: type[Record], fields: Mapping[Any, Any]) -> Record:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from kvbus.shared.flat_fields import DecodeError, decode, encode, encode_some
+from kvbus.shared.flat_fields import DecodeError, Fields, decode, encode, encode_some
 from kvbus.shared.messages import Command, CommandKind, Result
 
 
@@ -52,7 +52,7 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     layout: str = ""
     stats: dict[str, BackendStats] | None = None  # location -> what it held at the last heartbeat
 
-    def encode(self) -> dict[str, str]:
+    def encode(self) -> Fields:
         return encode(self)
 
     @classmethod
@@ -60,7 +60,7 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
         return decode(cls, fields)
 
     @staticmethod
-    def heartbeat(now: float, stats: dict[str, BackendStats] | None) -> dict[str, str]:
+    def heartbeat(now: float, stats: dict[str, BackendStats] | None) -> Fields:
         """The fields each heartbeat rewrites."""
         if stats is None:
             return encode_some(WorkerRecord, last_heartbeat_time=now)
@@ -75,7 +75,7 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     save_unfull_chunk: bool
     locations: list[str]
 
-    def encode(self) -> dict[str, str]:
+    def encode(self) -> Fields:
         return encode(self)
 
     @classmethod
@@ -103,7 +103,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
     SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("entry_id", "workers")
 
     @staticmethod
-    def sent(command: Command, instance_id: str) -> dict[str, str]:
+    def sent(command: Command, instance_id: str) -> Fields:
         """The fields the controller writes with the command, before the script adds `SCRIPT_FIELDS`."""
         return encode_some(
             CommandRecord,
@@ -155,7 +155,7 @@ class JournaledCommand(msgspec.Struct, kw_only=True):
     should_copy: bool = False
 
     @staticmethod
-    def of(command: Command, instance_id: str) -> dict[str, str]:
+    def of(command: Command, instance_id: str) -> Fields:
         entry = JournaledCommand(
             event_id=command.event_id,
             instance_id=instance_id,
@@ -166,7 +166,8 @@ class JournaledCommand(msgspec.Struct, kw_only=True):
             tokens=len(command.tokens),
             should_copy=command.should_copy,
         )
-        return {"type": "command", **encode(entry)}
+        fields: Fields = {"type": "command", **encode(entry)}
+        return fields
 
 
 class JournaledResult(Result, frozen=True, kw_only=True):
@@ -175,8 +176,9 @@ class JournaledResult(Result, frozen=True, kw_only=True):
     type: Literal["result"] = "result"
 
     @staticmethod
-    def of(result: Result) -> dict[str, str]:
-        return {"type": "result", **encode(result)}
+    def of(result: Result) -> Fields:
+        fields: Fields = {"type": "result", **encode(result)}
+        return fields
 
 
 JournalEntry = JournaledCommand | JournaledResult
@@ -207,7 +209,7 @@ class LifecycleEntry(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: int  # -1 when the entry is about the whole instance
     detail: str = ""
 
-    def encode(self) -> dict[str, str]:
+    def encode(self) -> Fields:
         return encode(self)
 
     @classmethod
@@ -220,7 +222,7 @@ class ResultsOpened(msgspec.Struct, kw_only=True):
 
     controller: str
 
-    def encode(self) -> dict[str, str]:
+    def encode(self) -> Fields:
         return encode(self)
 
 

@@ -34,7 +34,7 @@ def _options(blocking: bool, retry: redis.retry.Retry | redis.asyncio.retry.Retr
 def connect(url: str, *, blocking: bool = False) -> redis.Redis:
     """A sync client, for agent threads that must not touch the engine's event loop."""
     retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
-    return redis.Redis.from_url(url, **_options(blocking, retry))  # type: ignore[arg-type]
+    return redis.Redis.from_url(url, **_options(blocking, retry))
 
 
 def connect_async(url: str, *, blocking: bool = False) -> redis.asyncio.Redis:
