@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvbus.agent.refused import Refused
 from kvbus.shared import compression
 
 _ZLIB_LEVEL = 1  # level 6 gains ~2% of size on KV and costs 2-5x the time
@@ -121,7 +122,15 @@ class Zlib(Packed):
 _ENCODERS: dict[str, Callable[[torch.Tensor], Packed]] = {Int8.method: Int8.encode, Zlib.method: Zlib.encode}
 
 
+def known_method(name: str) -> compression.Method:
+    """The method called `name`; Refused, naming the known ones, if there is none: a client asked for it."""
+    try:
+        return compression.method(name)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
 def encode(tensor: torch.Tensor, method: str) -> Packed:
-    """`tensor` compressed with `method`. ValueError for an unknown method, Unsuitable for a tensor it can't take."""
-    compression.method(method)
+    """`tensor` compressed with `method`. Refused for an unknown method, Unsuitable for a tensor it can't take."""
+    known_method(method)
     return _ENCODERS[method](tensor)

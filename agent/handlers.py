@@ -1,8 +1,9 @@
 """What an agent does for each command kind, on the backend at the command's location.
 
-A request the backend cannot carry out (an unknown compression method, compression on a
-backend without it) raises ValueError there and is answered REFUSED with the backend's
-reason: a client's mistake, not the agent's failure.
+A request that cannot be carried out here (an unknown compression method, compression on a
+backend without it, a move to a location this worker lacks) raises Refused and is answered
+REFUSED with the reason: a client's mistake, not the agent's failure. Any other exception
+leaves the handler, and the consumer answers it ERROR.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from kvbus.agent import peer
 from kvbus.agent.backends.base import StorageBackend
+from kvbus.agent.refused import Refused
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
@@ -53,7 +55,7 @@ class CommandHandlers:
             if command.kind == CommandKind.MOVE:
                 return self.move(backend, command)
             return self._answer(command, num_tokens=self._counted[command.kind](backend, command))
-        except ValueError as exc:
+        except Refused as exc:
             return self._answer(command, ResultStatus.REFUSED, detail=str(exc))
 
     def move(self, source: StorageBackend, command: Command) -> Result:
@@ -70,7 +72,7 @@ class CommandHandlers:
         if peer_url is None:
             target = self._backends.get(command.dest_location)
             if target is None:
-                raise ValueError(f"this worker has no {command.dest_location} to move chunks to")
+                raise Refused(f"this worker has no {command.dest_location} to move chunks to")
             arrived = set(target.adopt(entries, tensors))
         else:
             try:

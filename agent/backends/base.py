@@ -5,6 +5,7 @@ eviction and clear, in order and under its lock, and the listener keeps the inde
 
 Pinning and compression are optional: their public methods work on any backend through
 protected hooks that refuse with UnsupportedOperation until a backend implements them.
+A request the backend cannot carry out raises Refused; a caller's bug stays a ValueError.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
+from kvbus.agent import codecs
 from kvbus.agent.codecs import Packed
-from kvbus.shared import compression
+from kvbus.agent.refused import Refused
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
 log = logging.getLogger("kvbus.agent.backends")
 
 
-class UnsupportedOperation(NotImplementedError, ValueError):
+class UnsupportedOperation(Refused):
     """This backend does not implement the operation asked of it (pin, compress, ...)."""
 
 
@@ -179,9 +181,9 @@ class StorageBackend(ABC):
         Returns the tokens of those chunks now compressed with `method`, those that already were
         included. A chunk compressed with another method is left alone and not counted, and so is
         one the method cannot take (int8 on integers, inf or nan) or would not make smaller.
-        ValueError for an unknown method, naming the known ones.
+        Refused for an unknown method, naming the known ones.
         """
-        compression.method(method)
+        codecs.known_method(method)
         return self._compress_keys(self._targets(tokens), method)
 
     def decompress(self, tokens: Sequence[int], method: str) -> int:
@@ -189,10 +191,10 @@ class StorageBackend(ABC):
 
         Only chunks compressed with `method` are decoded. Returns the tokens of the chunks now
         plain, those that already were included. Growing back may evict unpinned chunks; a chunk
-        that cannot fit even then stays compressed and is not counted. ValueError for an unknown
+        that cannot fit even then stays compressed and is not counted. Refused for an unknown
         method, naming the known ones.
         """
-        compression.method(method)
+        codecs.known_method(method)
         return self._decompress_keys(self._targets(tokens), method, prefix=bool(tokens))
 
     def stats(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from kvbus.agent.backends.base import IndexEntry, StorageBackend, UnsupportedOpe
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
+from kvbus.agent.refused import Refused
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
@@ -384,7 +385,7 @@ def test_an_unknown_method_is_refused_naming_the_known_ones(make_memory: Factory
     prompt = list(range(4))
     backend.store(prompt, kv_2ltd(prompt))
     for operation in (backend.compress, backend.decompress):
-        with pytest.raises(ValueError, match="unknown compression method 'gzip'; known methods: int8, zlib"):
+        with pytest.raises(Refused, match="unknown compression method 'gzip'; known methods: int8, zlib"):
             operation(prompt, "gzip")
     assert backend.stats()["compressed_chunks"] == 0
 
@@ -490,8 +491,9 @@ def test_a_backend_without_pinning_or_compression_refuses_by_name(operation: str
         with pytest.raises(UnsupportedOperation, match=f"^LocalDiskBackend does not support {operation}$"):
             call(tokens, *method)
     if operation.endswith("compress"):
-        with pytest.raises(ValueError, match="known methods: int8, zlib"):  # the method is checked first
+        with pytest.raises(Refused, match="known methods: int8, zlib") as refused:  # the method is checked first
             call(prompt, "snappy")
+        assert not isinstance(refused.value, UnsupportedOperation)
     assert backend.clear() == 8
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvbus.agent import codecs
+from kvbus.agent.refused import Refused
 from kvbus.engine.kv_chunks import cut
 from kvbus.engine.model import build_model
 from kvbus.shared import compression
@@ -57,8 +58,10 @@ def test_every_catalogued_method_has_a_codec_and_keeps_its_promise() -> None:
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown compression method 'lz77'; known methods: int8, zlib"):
+    with pytest.raises(Refused, match="unknown compression method 'lz77'; known methods: int8, zlib"):
         codecs.encode(random_kv(), "lz77")
+    with pytest.raises(Refused, match="int8, zlib"):
+        codecs.known_method("")
     with pytest.raises(ValueError, match="int8, zlib"):
         compression.method("")
 

@@ -111,34 +111,3 @@ def test_a_destination_that_dies_midway_leaves_the_source_intact() -> None:
     listener.close()
     assert result.status == ResultStatus.ERROR and "the source keeps its chunks" in result.detail
     assert source.contains(PROMPT) == 600
-
-
-def test_a_local_move_goes_between_backends_and_a_copy_keeps_the_source() -> None:
-    cpu, other = LocalCPUBackend(SPACE, 1 << 30), LocalCPUBackend(SPACE, 1 << 30)
-    cpu.store(PROMPT, synthetic_kv(SPACE, PROMPT))
-    handlers = CommandHandlers(
-        {"LocalCPUBackend": cpu, "LocalDiskBackend": other}, "i", 0, space=SPACE, transfer_timeout_s=2
-    )
-
-    def move(tokens: list[int], copy: bool) -> int:
-        return handlers(
-            Command(
-                event_id=f"Move{copy}",
-                kind=CommandKind.MOVE,
-                reply_to="r",
-                timeout_ms=5000,
-                location="LocalCPUBackend",
-                tokens=tokens,
-                dest_location="LocalDiskBackend",
-                should_copy=copy,
-            )
-        ).num_tokens
-
-    assert move(PROMPT[:300], copy=True) == 256
-    assert cpu.contains(PROMPT) == 600 and other.contains(PROMPT) == 256
-    assert move(PROMPT, copy=False) == 600
-    assert cpu.contains(PROMPT) == 0 and other.contains(PROMPT) == 600
-    assert move(PROMPT, copy=False) == 0  # nothing left to move
-    cpu.store([9] * 300, synthetic_kv(SPACE, [9] * 300))
-    assert move([], copy=False) == 300  # no tokens: every chunk
-    assert len(cpu) == 0 and other.contains([9] * 300) == 300
