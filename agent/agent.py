@@ -14,12 +14,14 @@ from collections.abc import Sequence
 import redis
 import torch
 
-from kvbus.agent.backends import LocalDiskBackend, StorageBackend, WriteBehind, make_backends
+from kvbus.agent.backends import LocalDiskBackend, StorageBackend, make_backends
+from kvbus.agent.backends.base import chunks_with_tensors
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.peer import PeerServer
 from kvbus.agent.registration import Registration, WorkerAddress
+from kvbus.agent.write_behind import WriteBehind
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
@@ -183,11 +185,7 @@ class Agent:
         """Keep a prompt's KV in memory now and on disk soon; returns the tokens held (in memory, if any)."""
         held = self._memory.store(tokens, kv) if self._memory is not None else 0
         if self._disk is not None and self.disk_writer is not None:
-            chunks = self.space.chunks(tokens)
-            if len(kv) != len(chunks):
-                raise ValueError(
-                    f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, got {len(kv)}"
-                )
+            chunks = chunks_with_tensors(self.space, tokens, kv)
             if self._disk.count_held(chunks) < len(chunks):
                 # The memory tier's copies never change; the caller's tensors might once this returns.
                 owned = self._memory.retrieve(tokens) if self._memory is not None else []

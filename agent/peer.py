@@ -2,15 +2,15 @@
 
 The receiving agent listens on `p2p_host:p2p_init_ports[worker_id]`. A transfer is one
 connection: an offer (hash space, destination location, each chunk's index entry), then
-each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, then the
-receiver's reply. The receiver stores nothing until every chunk has arrived and matched its
-checksum, and the sender drops its copies only after that reply: a transfer cut midway, by
-either side dying, leaves the source as it was and the destination without partial data.
+each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, bytes and
+checksum as chunk_format.py makes them for the disk backend's files, then the receiver's reply. The
+receiver stores nothing until every chunk has arrived and matched its checksum, and the
+sender drops its copies only after that reply: a transfer cut midway, by either side dying,
+leaves the source as it was and the destination without partial data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import socketserver
@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 import torch
 
+from kvbus.agent import chunk_format
 from kvbus.agent.backends.base import IndexEntry, StorageBackend
 from kvbus.shared.hashing import HashSpace
 
@@ -53,11 +54,6 @@ class TransferFailed(Exception):
     pass
 
 
-def checksum(payload: bytes | bytearray | memoryview) -> str:
-    # SHA-256, as the disk backend uses: CPUs with SHA extensions run it 2.5x faster than blake2b.
-    return hashlib.sha256(payload).hexdigest()
-
-
 def send(
     peer_url: str,
     space: HashSpace,
@@ -68,14 +64,17 @@ def send(
 ) -> list[str]:
     """Hand these chunks to the agent at `peer_url`; returns the keys of those it now holds."""
     host, _, port = peer_url.rpartition(":")
-    offer = Offer(space.name, location, [tuple(entry) for entry in entries])
+    offer = Offer(space.name, location, [(entry.key, entry.num_tokens, entry.is_head) for entry in entries])
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
             _send_frame(conn, msgspec.msgpack.encode(offer))
             for tensor in tensors:
-                payload = _bytes(tensor)
+                payload = chunk_format.payload_of(tensor)
                 header = ChunkHeader(
-                    str(tensor.dtype).removeprefix("torch."), list(tensor.shape), len(payload), checksum(payload)
+                    chunk_format.dtype_name(tensor.dtype),
+                    list(tensor.shape),
+                    len(payload),
+                    chunk_format.checksum(payload).hex(),
                 )
                 _send_frame(conn, msgspec.msgpack.encode(header))
                 conn.sendall(payload)
@@ -152,10 +151,10 @@ class PeerServer:
             if not 0 <= header.nbytes <= _MAX_CHUNK:
                 raise ValueError(f"chunk of {header.nbytes} bytes")
             payload = _recv_exact(conn, header.nbytes)
-            if checksum(payload) != header.checksum:
+            if chunk_format.checksum(payload).hex() != header.checksum:
                 damaged += 1
             else:
-                tensors.append(_tensor(payload, header))
+                tensors.append(chunk_format.tensor_from(payload, header.dtype, header.shape))
         if damaged:
             return Reply(error=f"{damaged} chunks arrived damaged (checksum mismatch); nothing was stored")
         if offer.space != self.space.name:
@@ -167,17 +166,6 @@ class PeerServer:
         self._after_store()  # index the chunks before the sender hears they arrived
         log.info("received %d chunks, kept %d, into %s", len(tensors), len(stored), offer.location)
         return Reply(stored=stored)
-
-
-def _bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _tensor(payload: bytearray, header: ChunkHeader) -> torch.Tensor:
-    dtype = getattr(torch, header.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {header.dtype!r}")
-    return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).reshape(header.shape)
 
 
 def _send_frame(conn: socket.socket, data: bytes) -> None:

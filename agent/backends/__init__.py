@@ -9,7 +9,7 @@ import torch
 
 from kvbus.agent.backends.base import IndexListener, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
-from kvbus.agent.backends.disk import LocalDiskBackend, WriteBehind
+from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
 from kvbus.shared.config import KVBusConfig, check_devices
 from kvbus.shared.hashing import HashSpace
@@ -66,7 +66,6 @@ __all__ = [
     "LocalCPUBackend",
     "LocalDiskBackend",
     "StorageBackend",
-    "WriteBehind",
     "disk_directory",
     "make_backends",
 ]

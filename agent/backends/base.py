@@ -21,7 +21,7 @@ import torch
 from kvbus.agent import codecs
 from kvbus.agent.codecs import Packed
 from kvbus.agent.refused import Refused
-from kvbus.shared.hashing import HashSpace
+from kvbus.shared.hashing import Chunk, HashSpace
 from kvbus.shared.locations import Location
 
 log = logging.getLogger("kvbus.agent.backends")
@@ -29,6 +29,14 @@ log = logging.getLogger("kvbus.agent.backends")
 
 class UnsupportedOperation(Refused):
     """This backend does not implement the operation asked of it (pin, compress, ...)."""
+
+
+def chunks_with_tensors(space: HashSpace, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> list[Chunk]:
+    """The chunks of `tokens`, which `kv` must hold one tensor for each of; ValueError if it does not."""
+    chunks = space.chunks(tokens)
+    if len(kv) != len(chunks):
+        raise ValueError(f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, got {len(kv)}")
+    return chunks
 
 
 class IndexEntry(NamedTuple):
@@ -62,9 +70,7 @@ class StorageBackend(ABC):
 
     def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:
         """Keep one KV tensor per chunk of `tokens`; returns the tokens now held from position 0."""
-        chunks = self.space.chunks(tokens)
-        if len(kv) != len(chunks):
-            raise ValueError(f"{len(chunks)} chunks of {len(tokens)} tokens need {len(chunks)} tensors, got {len(kv)}")
+        chunks = chunks_with_tensors(self.space, tokens, kv)
         stored = 0
         with self.lock:
             for chunk, tensor in zip(chunks, kv, strict=True):

@@ -1,11 +1,9 @@
-"""What the disk backend does beyond the conformance suite: restarts, damaged files, write-behind, tiers."""
+"""What the disk backend does beyond the conformance suite: restarts, damaged files, clears, tiers."""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,12 +14,13 @@ import torch
 from kvbus.agent.agent import Agent
 from kvbus.agent.backends import disk_directory
 from kvbus.agent.backends.base import IndexEntry
-from kvbus.agent.backends.disk import SUFFIX, LocalDiskBackend, WriteBehind
+from kvbus.agent.backends.disk import SUFFIX, LocalDiskBackend
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.agent.test_backends import CHUNK_BYTES, SPACE, Recorder, kv
+from tests.agent.test_chunk_format import documented_file
 from tests.conftest import MODEL, wait_for
 
 PROMPT = list(range(10))  # chunks of 4, 4 and 2 tokens
@@ -96,19 +95,6 @@ def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(
     assert backend.contains(PROMPT) == 4 and not path.exists()
 
 
-def test_dtypes_and_shapes_come_back_bit_for_bit(tmp_path: Path) -> None:
-    backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
-    tokens = list(range(12))
-    stored = [
-        torch.randn(2, 3, 4, 8).to(torch.bfloat16),
-        torch.randn(2, 3, 4, 8),
-        torch.randn(8, 4).t(),
-    ]  # the last is not contiguous
-    backend.store(tokens, stored)
-    for before, after in zip(stored, LocalDiskBackend(SPACE, tmp_path, 1 << 20).retrieve(tokens), strict=True):
-        assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
-
-
 def test_stats_keep_count_through_store_discard_clear_and_restart(tmp_path: Path) -> None:
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
     backend.store(PROMPT, kv(PROMPT))
@@ -137,60 +123,13 @@ def test_a_store_begun_before_a_clear_does_not_land_after_it(tmp_path: Path) -> 
     assert chunk_files(tmp_path) == [] and not list(tmp_path.glob("*.tmp"))
 
 
-class BlockingDisk(LocalDiskBackend):
-    """Its stores wait for `release`, as a slow disk would make them."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(SPACE, directory, 1 << 20)
-        self.release = threading.Event()
-        self.entered = threading.Event()
-
-    def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor], *, epoch: int | None = None) -> int:
-        self.entered.set()
-        assert self.release.wait(30)
-        return super().store(tokens, kv, epoch=epoch)
-
-
-@pytest.fixture
-def slow_writer(tmp_path: Path) -> Iterator[WriteBehind]:
-    writer = WriteBehind(BlockingDisk(tmp_path), max_pending_bytes=3 * 3 * CHUNK_BYTES)  # three 12-token prompts
-    writer.start()
-    yield writer
-    writer.backend.release.set()  # type: ignore[attr-defined]
-    writer.stop()
-
-
-def test_a_full_write_behind_queue_drops_the_disk_copy_instead_of_blocking(slow_writer: WriteBehind) -> None:
-    disk: BlockingDisk = slow_writer.backend  # type: ignore[assignment]
-    prompts = [[n * 100 + i for i in range(12)] for n in range(4)]
-    assert slow_writer.submit(prompts[0], kv(prompts[0]))
-    assert disk.entered.wait(10)  # the store in hand still counts: two more fit
-    started = time.monotonic()
-    outcomes = [slow_writer.submit(p, kv(p)) for p in prompts[1:]]
-    assert time.monotonic() - started < 1.0
-    assert outcomes == [True, True, False] and slow_writer.dropped == 1
-    disk.release.set()
-    assert slow_writer.drain(10)
-    assert [disk.contains(p) for p in prompts] == [12, 12, 12, 0]
-
-
-def test_a_clear_drops_stores_still_queued(slow_writer: WriteBehind) -> None:
-    disk: BlockingDisk = slow_writer.backend  # type: ignore[assignment]
-    assert slow_writer.submit(PROMPT, kv(PROMPT))
-    assert disk.entered.wait(10)
-    disk.clear()
-    disk.release.set()
-    assert slow_writer.drain(10)
-    assert len(disk) == 0 and chunk_files(disk.directory) == []
-
-
-def test_stop_writes_what_is_queued(tmp_path: Path) -> None:
-    disk = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
-    writer = WriteBehind(disk, 1 << 20)
-    writer.start()
-    writer.submit(PROMPT, kv(PROMPT))
-    writer.stop()
-    assert disk.contains(PROMPT) == 10 and not writer.submit(PROMPT, kv(PROMPT))
+def test_a_chunk_file_laid_out_as_documented_is_adopted_and_served(tmp_path: Path) -> None:
+    chunk = SPACE.chunks(PROMPT)[0]
+    tensor = torch.arange(32, dtype=torch.float16).reshape(4, 8)
+    laid_out = documented_file(tensor, key=chunk.key, space=SPACE.name, layout="", num_tokens=4, is_head=True)
+    (tmp_path / f"{chunk.key}{SUFFIX}").write_bytes(laid_out)
+    backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
+    assert backend.contains(PROMPT) == 4 and torch.equal(backend.retrieve(PROMPT)[0], tensor)
 
 
 # The agent: memory first, the disk behind it.
@@ -273,7 +212,8 @@ def test_a_restarted_agent_republishes_what_its_disk_kept(config: KVBusConfig, r
         client.close()
 
 
-def test_workers_and_instances_keep_separate_directories(config: KVBusConfig) -> None:
+def test_workers_and_instances_keep_separate_directories(tmp_path: Path) -> None:
+    config = KVBusConfig(lmcache_instance_id="a").with_overrides(local_disk=f"file://{tmp_path}/disk")
     assert disk_directory(config, 1) != disk_directory(config, 0)
     assert disk_directory(config, 0).is_relative_to(str(config.local_disk))
     assert os.fspath(disk_directory(config.with_overrides(lmcache_instance_id="b"), 0)) != os.fspath(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvbus.agent import peer
+from kvbus.agent import chunk_format, peer
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.handlers import CommandHandlers
@@ -70,14 +70,14 @@ def test_a_damaged_chunk_stores_nothing(
     receiver: tuple[peer.PeerServer, LocalCPUBackend, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, backend, _ = receiver
-    real = peer.checksum
+    real = chunk_format.checksum
     sent: list[int] = []
 
-    def corrupt_second(payload: bytes | bytearray | memoryview) -> str:
+    def corrupt_second(*parts: bytes | bytearray | memoryview) -> bytes:
         sent.append(1)
-        return "0" * 64 if len(sent) == 2 else real(payload)
+        return bytes(32) if len(sent) == 2 else real(*parts)
 
-    monkeypatch.setattr(peer, "checksum", corrupt_second)
+    monkeypatch.setattr(chunk_format, "checksum", corrupt_second)
     with pytest.raises(peer.TransferFailed, match="checksum mismatch"):
         peer.send(url(server), SPACE, "LocalCPUBackend", entries(SPACE, PROMPT), synthetic_kv(SPACE, PROMPT), 5)
     assert len(backend) == 0
