@@ -1,4 +1,4 @@
-"""The agent: backends, index writer, registration and command consumer, started and stopped together.
+"""The agent: backends and their tiers, index writer, registration and command consumer, started and stopped together.
 
 It lives inside someone else's process, so it only runs plain daemon threads (one for the
 command stream, one for heartbeats, one for index writes), never touches the host's event
@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 
 import redis
-import torch
 
-from kvbus.agent.backends import LocalDiskBackend, StorageBackend, make_backends
-from kvbus.agent.backends.base import chunks_with_tensors
+from kvbus.agent.backends import StorageBackend, make_backends
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.peer import PeerServer
 from kvbus.agent.registration import Registration, WorkerAddress
-from kvbus.agent.write_behind import WriteBehind
+from kvbus.agent.tiers import TieredStore
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import EventKind
 
 log = logging.getLogger("kvbus.agent")
-
-# Stores waiting for the disk, in bytes. They are mostly the memory tier's own tensors, so the
-# queue costs little memory of its own; the bound caps how far the disk may fall behind.
-DISK_QUEUE_BYTES = 1024**3
 
 
 class Agent:
@@ -53,10 +46,7 @@ class Agent:
         self.backends: list[StorageBackend] = make_backends(
             config, self.space, self.index, worker_id=worker_id, layout=layout or ""
         )
-        # Stores go to the memory tier at once and to the disk through the write-behind thread.
-        self._memory = next((b for b in self.backends if not isinstance(b, LocalDiskBackend)), None)
-        self._disk = next((b for b in self.backends if isinstance(b, LocalDiskBackend)), None)
-        self.disk_writer = WriteBehind(self._disk, DISK_QUEUE_BYTES) if self._disk is not None else None
+        self.tiers = TieredStore(self.space, self.backends)  # what the engine stores to and retrieves from
         self.registration = Registration(
             self._redis,
             instance_id=self.instance_id,
@@ -96,8 +86,7 @@ class Agent:
         if self.peer is None:
             self.peer = self._listen_for_peers()
         self.index.start()
-        if self.disk_writer is not None:
-            self.disk_writer.start()
+        self.tiers.start()
         for name, target in (("heartbeat", self._heartbeat_loop), ("commands", self._command_loop)):
             thread = threading.Thread(target=target, name=f"kvbus-{name}-{self.instance_id}", daemon=True)
             thread.start()
@@ -141,8 +130,7 @@ class Agent:
             thread.join(timeout=10)
         if self.peer is not None:
             self.peer.stop()
-        if self.disk_writer is not None:
-            self.disk_writer.stop()  # queued stores reach the disk, so a restart finds them
+        self.tiers.stop()
         self.index.stop()
         try:
             if self.registration.deregister():
@@ -180,39 +168,6 @@ class Agent:
             return None
         server.start()
         return server
-
-    def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int:
-        """Keep a prompt's KV in memory now and on disk soon; returns the tokens held (in memory, if any)."""
-        held = self._memory.store(tokens, kv) if self._memory is not None else 0
-        if self._disk is not None and self.disk_writer is not None:
-            chunks = chunks_with_tensors(self.space, tokens, kv)
-            if self._disk.count_held(chunks) < len(chunks):
-                # The memory tier's copies never change; the caller's tensors might once this returns.
-                owned = self._memory.retrieve(tokens) if self._memory is not None else []
-                self.disk_writer.submit(tokens, [*owned, *(t.detach().to("cpu", copy=True) for t in kv[len(owned) :])])
-            if self._memory is None:
-                held = self._disk.contains(tokens)
-        return held
-
-    def retrieve(self, tokens: Sequence[int]) -> list[torch.Tensor]:
-        """The longest held prefix: from memory, then from disk for the chunks memory lacks."""
-        found = self._memory.retrieve(tokens) if self._memory is not None else []
-        if self._disk is not None:
-            chunks = self.space.chunks(tokens)
-            if len(found) < len(chunks):
-                found += self._disk.load(chunks[len(found) :])
-        return found
-
-    def contains(self, tokens: Sequence[int]) -> int:
-        """The tokens `retrieve` would return now: memory's prefix, continued from disk."""
-        held = self._memory.contains(tokens) if self._memory is not None else 0
-        if self._disk is not None:
-            chunks = self.space.chunks(tokens)
-            first = -(-held // self.space.chunk_size)
-            more = self._disk.count_held(chunks[first:])
-            if more:
-                held = chunks[first + more - 1].end
-        return held
 
     def _publish_all(self) -> None:
         for backend in self.backends:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
     if not agent.start_when_reachable(stop):
         return 0
     for tokens in prompts:
-        held = agent.store(tokens, synthetic_kv(agent.space, tokens))
+        held = agent.tiers.store(tokens, synthetic_kv(agent.space, tokens))
         log.info("preloaded %d of %d tokens (%d chunks)", held, len(tokens), len(agent.space.chunks(tokens)))
     stop.wait()
     log.info("stopping on signal")

@@ -52,7 +52,7 @@ class Layout:
 
 
 class ChunkStore(Protocol):
-    """What the worker side needs of an agent (or of one backend, in tests)."""
+    """What the worker side needs of the agent's tiers (or of one backend, in tests)."""
 
     def store(self, tokens: Sequence[int], kv: Sequence[torch.Tensor]) -> int: ...
 

@@ -153,7 +153,7 @@ class KVBusConnector(KVConnectorBase_V1):
         threading.Thread(
             target=self._agent.start_when_reachable, args=(self._stopping,), name="kvbus-agent-start", daemon=True
         ).start()
-        self._mover = BlockMover(self._agent, paged, self._space)
+        self._mover = BlockMover(self._agent.tiers, paged, self._space)
         log.info("kvbus connector: %d layers of blocks %s, layout %s", len(layers), paged.block_shape, layout)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:

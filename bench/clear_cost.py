@@ -60,7 +60,7 @@ HINTS_TIMEOUT_S = 5.0
 def _refill(agent: Agent, prompts: Sequence[Sequence[int]], kv: list[torch.Tensor]) -> None:
     """Store every prompt, then flush the index so that it lists all of their chunks."""
     for tokens in prompts:
-        agent.store(tokens, kv)
+        agent.tiers.store(tokens, kv)
     agent.index.flush()
 
 

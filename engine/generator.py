@@ -94,7 +94,7 @@ class Generator:
     def _prefill(self, prompt: Sequence[int]) -> tuple[torch.Tensor, list[kv_chunks.LayerKV], int]:
         """Logits after the prompt, its KV, and how many of its tokens came from the cache."""
         chunks = self.agent.space.chunks(prompt)
-        held = self.agent.retrieve(prompt)
+        held = self.agent.tiers.retrieve(prompt)
         # At least one token is always computed: the next token's logits come from it.
         cached = min(chunks[len(held) - 1].end, len(prompt) - 1) if held else 0
         past = kv_chunks.glue(held, cached, self.model.shape) if cached else None
@@ -102,7 +102,7 @@ class Generator:
         logits, kvs = self.model(torch.tensor(prompt[cached:]), past)
         elapsed = time.perf_counter() - started
         try:
-            stored = self.agent.store(prompt, [*held, *kv_chunks.cut(kvs, chunks[len(held) :])])
+            stored = self.agent.tiers.store(prompt, [*held, *kv_chunks.cut(kvs, chunks[len(held) :])])
         except (RuntimeError, ValueError) as exc:
             log.warning(
                 "could not keep the KV of a %d-token prompt (%s); it is served but not cached", len(prompt), exc

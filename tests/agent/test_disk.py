@@ -1,27 +1,23 @@
-"""What the disk backend does beyond the conformance suite: restarts, damaged files, clears, tiers."""
+"""What the disk backend does beyond the conformance suite: restarts, damaged files, clears, directories."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
-from kvbus.agent.agent import Agent
 from kvbus.agent.backends import disk_directory
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.disk import SUFFIX, LocalDiskBackend
-from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.agent.test_backends import CHUNK_BYTES, SPACE, Recorder, kv
 from tests.agent.test_chunk_format import documented_file
-from tests.conftest import MODEL, wait_for
 
 PROMPT = list(range(10))  # chunks of 4, 4 and 2 tokens
 
@@ -130,86 +126,6 @@ def test_a_chunk_file_laid_out_as_documented_is_adopted_and_served(tmp_path: Pat
     (tmp_path / f"{chunk.key}{SUFFIX}").write_bytes(laid_out)
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
     assert backend.contains(PROMPT) == 4 and torch.equal(backend.retrieve(PROMPT)[0], tensor)
-
-
-# The agent: memory first, the disk behind it.
-
-TOKENS = list(range(1000, 1010))
-
-
-@pytest.fixture
-def config(redis_url: str, tmp_path: Path) -> KVBusConfig:
-    return KVBusConfig(
-        chunk_size=4,
-        enable_controller=True,
-        redis_url=redis_url,
-        lmcache_instance_id="tiers",
-        max_local_disk_size=0.001,
-    ).with_overrides(local_disk=f"file://{tmp_path}/disk")
-
-
-@pytest.fixture
-def agent(config: KVBusConfig) -> Iterator[Agent]:
-    agent = Agent(config, model=MODEL)
-    agent.start()
-    yield agent
-    agent.stop()
-
-
-def tensors(tokens: list[int], fill: float) -> list[torch.Tensor]:
-    return [torch.full((2, c.num_tokens, 8), fill) for c in HashSpace(MODEL, 4).chunks(tokens)]
-
-
-def index(client: redis.Redis, location: Location) -> set[str]:
-    return {k.decode() for k in client.hkeys(keys.index("tiers", location))}
-
-
-def test_the_agent_writes_behind_and_the_index_shows_both_locations(agent: Agent, redis_url: str) -> None:
-    assert [type(b).__name__ for b in agent.backends] == ["LocalCPUBackend", "LocalDiskBackend"]
-    assert agent.store(TOKENS, tensors(TOKENS, 5.0)) == 10
-    assert agent.disk_writer is not None and agent.disk_writer.drain(10)
-    client = redis.Redis.from_url(redis_url)
-    expected = {c.key for c in agent.space.chunks(TOKENS)}
-    wait_for(lambda: index(client, Location.DISK) == expected == index(client, Location.CPU), what="both indexes")
-    assert client.sismember(keys.LOCATIONS, Location.DISK.value)
-    client.close()
-
-
-def test_retrieve_continues_from_disk_where_memory_ends(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
-    agent.store(TOKENS, tensors(TOKENS, 5.0))
-    assert agent.disk_writer is not None and agent.disk_writer.drain(10)
-    cpu, disk = agent.backends
-    cpu.discard(agent.space.chunks(TOKENS)[1].key)  # memory now holds chunk 0 and, unreachably, chunk 2
-    read: list[str] = []
-    original = LocalDiskBackend._read
-    monkeypatch.setattr(LocalDiskBackend, "_read", lambda self, key: read.append(key) or original(self, key))
-    assert agent.contains(TOKENS) == 10
-    found = agent.retrieve(TOKENS)
-    assert [float(t.mean()) for t in found] == [5.0] * 3
-    assert read == [c.key for c in agent.space.chunks(TOKENS)[1:]]  # chunk 0 came from memory alone
-    cpu.clear()
-    assert agent.contains(TOKENS) == 10 and len(agent.retrieve(TOKENS)) == 3
-    disk.clear()
-    assert agent.contains(TOKENS) == 0 and agent.retrieve(TOKENS) == []
-
-
-def test_a_restarted_agent_republishes_what_its_disk_kept(config: KVBusConfig, redis_url: str) -> None:
-    first = Agent(config, model=MODEL)
-    first.start()
-    first.store(TOKENS, tensors(TOKENS, 6.0))
-    first.stop()  # writes what is queued, then leaves the index
-    client = redis.Redis.from_url(redis_url)
-    assert index(client, Location.DISK) == set()
-    assert len(chunk_files(disk_directory(config, 0))) == 3
-    again = Agent(config, model=MODEL)
-    again.start()
-    try:
-        assert index(client, Location.DISK) == {c.key for c in again.space.chunks(TOKENS)}
-        assert index(client, Location.CPU) == set()
-        assert [float(t.mean()) for t in again.retrieve(TOKENS)] == [6.0] * 3
-    finally:
-        again.stop()
-        client.close()
 
 
 def test_workers_and_instances_keep_separate_directories(tmp_path: Path) -> None:
