@@ -105,7 +105,7 @@ class Zlib(Packed):
         host = tensor.detach().contiguous().cpu()
         width = host.element_size()
         by_position = host.reshape(-1).view(torch.uint8).view(-1, width).t().contiguous()
-        packed = zlib.compress(by_position.numpy(), _ZLIB_LEVEL)
+        packed = zlib.compress(by_position.numpy().data, _ZLIB_LEVEL)
         payload = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(tensor.device)
         return cls(payload, tensor.shape, tensor.dtype, tensor.device)
 
@@ -114,7 +114,7 @@ class Zlib(Packed):
         return self.payload.numel()
 
     def decode(self) -> torch.Tensor:
-        raw = zlib.decompress(self.payload.cpu().numpy())
+        raw = zlib.decompress(self.payload.cpu().numpy().data)
         by_position = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.dtype.itemsize, -1)
         return by_position.t().reshape(-1).view(self.dtype).reshape(self.shape).to(self.device)
 
