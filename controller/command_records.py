@@ -15,7 +15,7 @@ from kvbus.controller.answers import CheckFinishAnswer, CommandStatus, WorkerOut
 from kvbus.controller.errors import UnknownEvent
 from kvbus.shared import keys
 from kvbus.shared.messages import Result, ResultStatus
-from kvbus.shared.records import CommandRecord
+from kvbus.shared.records import CommandRecord, RecordedResult
 
 # A command not answered by every worker this long after its deadline never will be: agents
 # answer late commands "expired" and never execute them.
@@ -50,7 +50,7 @@ def describe(event_id: str, record: CommandRecord, now_ms: int) -> CheckFinishAn
     )
 
 
-def _status(results: dict[int, Result], *, complete: bool, overdue: bool) -> CommandStatus:
+def _status(results: dict[int, RecordedResult], *, complete: bool, overdue: bool) -> CommandStatus:
     statuses = {r.status for r in results.values()}
     if statuses & {ResultStatus.ERROR, ResultStatus.REFUSED}:
         return CommandStatus.FAILED
@@ -59,7 +59,7 @@ def _status(results: dict[int, Result], *, complete: bool, overdue: bool) -> Com
     return CommandStatus.FINISHED if complete else CommandStatus.PENDING
 
 
-def outcome(result: Result | None) -> WorkerOutcome:
+def outcome(result: RecordedResult | Result | None) -> WorkerOutcome:
     if result is None:
         return WorkerOutcome(status=CommandStatus.PENDING.value)
     return WorkerOutcome(

@@ -259,7 +259,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid yaml: {exc}") from None
+        # A YAML error spans several lines (problem, context, a caret under the spot); the reason stays on one.
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid yaml{at}: {problem}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

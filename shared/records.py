@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from kvbus.shared.flat_fields import DecodeError, Fields, decode, encode, encode_some
-from kvbus.shared.messages import Command, CommandKind, Result
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
 
 class BackendStats(msgspec.Struct, kw_only=True):
@@ -83,6 +83,21 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
         return decode(cls, fields)
 
 
+class RecordedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One worker's result inside a command record: what /check_finish reports, and nothing the record already holds."""
+
+    status: ResultStatus
+    num_tokens: int = 0
+    error_code: int = 0
+    detail: str = ""
+
+    @classmethod
+    def of(cls, result: Result) -> RecordedResult:
+        return cls(
+            status=result.status, num_tokens=result.num_tokens, error_code=result.error_code, detail=result.detail
+        )
+
+
 class CommandRecord(msgspec.Struct, kw_only=True):
     """`kvbus:command:<event_id>`: a command as its controller sent it, and each worker's result once it answers.
 
@@ -98,7 +113,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
     timeout_ms: int
     entry_id: str
     workers: list[int]
-    results: dict[int, Result] = msgspec.field(default_factory=dict)
+    results: dict[int, RecordedResult] = msgspec.field(default_factory=dict)
 
     SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("entry_id", "workers")
 
@@ -119,7 +134,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
 
     @staticmethod
     def result_value(result: Result) -> str:
-        return msgspec.json.encode(result).decode()
+        return msgspec.json.encode(RecordedResult.of(result)).decode()
 
     @property
     def deadline_ms(self) -> int:
@@ -131,7 +146,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
         prefix = cls.result_field(0)[:-1]
         try:
             results = {
-                int(name[len(prefix) :]): msgspec.json.decode(value, type=Result)
+                int(name[len(prefix) :]): msgspec.json.decode(value, type=RecordedResult)
                 for name, value in text.items()
                 if name.startswith(prefix)
             }

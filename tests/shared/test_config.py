@@ -153,3 +153,12 @@ def test_an_unknown_override_is_a_config_error_naming_it_and_the_known_keys() ->
     assert "\n" not in message
     with pytest.raises(ConfigError, match="unknown config key 'nope' "):
         config.with_overrides(nope=1)
+
+
+def test_invalid_yaml_is_refused_on_one_line_naming_where(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("chunk_size: [1,\nfoo: : bar\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    assert "\n" not in str(raised.value)
+    assert str(path) in str(raised.value) and "line 2" in str(raised.value)

@@ -20,6 +20,7 @@ from kvbus.shared.records import (
     JournaledResult,
     LifecycleEntry,
     LifecycleKind,
+    RecordedResult,
     ResultsOpened,
     WorkerRecord,
     decode_journal,
@@ -68,7 +69,8 @@ def test_a_command_record_gathers_the_sent_fields_and_each_workers_result() -> N
     }
     record = CommandRecord.decode(fields)
     assert (record.kind, record.instance_id, record.location, record.workers) == (CommandKind.CLEAR, "i", "L", [0, 1])
-    assert record.results == {1: done}
+    assert record.results == {1: RecordedResult(status=ResultStatus.OK, num_tokens=12)}
+    assert fields[CommandRecord.result_field(1)] == '{"status":"ok","num_tokens":12}'
     assert record.deadline_ms == 1700000000000 + 5000
     with pytest.raises(DecodeError):
         CommandRecord.decode({**fields, CommandRecord.result_field(0): "{not json"})
