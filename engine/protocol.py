@@ -115,7 +115,7 @@ def prompts(raw: Any) -> list[str | list[int]]:
         if len(prompt) == 0:
             raise BadRequest("prompt must not be empty", param="prompt")
         if not isinstance(prompt, str) and any(not 0 <= t < TOKEN_LIMIT for t in prompt):
-            raise BadRequest("token ids must be non-negative integers", param="prompt")
+            raise BadRequest(f"token ids must be integers from 0 to {TOKEN_LIMIT - 1}", param="prompt")
     return batch
 
 
