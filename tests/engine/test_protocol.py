@@ -110,7 +110,7 @@ def test_a_prompt_is_text_token_ids_or_a_batch_of_either(prompt: Any, expected: 
         ({"prompt": [True]}, BadRequest, "prompt", "prompt must be"),
         ({"prompt": [[1], []]}, BadRequest, "prompt", "prompt must be"),
         ({"prompt": 5}, BadRequest, "prompt", "prompt must be"),
-        ({"prompt": [-1]}, BadRequest, "prompt", "non-negative"),
+        ({"prompt": [-1]}, BadRequest, "prompt", "from 0 to"),
         ({"prompt": [2**32]}, BadRequest, "prompt", "token ids must be"),
         ({"prompt": "x", "max_tokens": 0}, BadRequest, "max_tokens", "at least 1"),
         ({"prompt": "x", "temperature": -1}, BadRequest, "temperature", "[0, 2]"),
