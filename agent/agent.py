@@ -22,7 +22,8 @@ from kvbus.agent.tiers import TieredStore
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
-from kvbus.shared.messages import EventKind
+from kvbus.shared.outage import Outage
+from kvbus.shared.records import LifecycleKind
 
 log = logging.getLogger("kvbus.agent")
 
@@ -106,21 +107,16 @@ class Agent:
 
         Engines and compose start in any order, so an agent waits for Redis rather than dying.
         """
-        warned = False
+        outage = Outage(
+            log, f"starting against Redis at {redis_conn.redacted(self.config.redis_url)}", backoff_s=retry_s
+        )
         while not stop.is_set():
             try:
                 self.start()
+                outage.succeeded()
                 return True
             except redis.RedisError as exc:
-                if not warned:
-                    log.warning(
-                        "Redis unreachable at %s (%s); retrying every %.0f s",
-                        redis_conn.redacted(self.config.redis_url),
-                        exc,
-                        retry_s,
-                    )
-                warned = True
-                stop.wait(retry_s)
+                stop.wait(outage.failed(exc))
         return False
 
     def stop(self) -> None:
@@ -175,7 +171,8 @@ class Agent:
         self.index.flush()
 
     def _heartbeat_loop(self) -> None:
-        failing = False
+        # Heartbeats keep their own cadence during an outage: the next one is the retry.
+        outage = Outage(log, "heartbeat to Redis", backoff_s=self.config.heartbeat_interval)
         while not self._stop.wait(self.config.heartbeat_interval):
             try:
                 if not self.registration.heartbeat():
@@ -184,13 +181,9 @@ class Agent:
                 if lost:
                     self._reregister(f"index writes for {', '.join(lost)} were dropped while Redis was away")
             except redis.RedisError as exc:
-                if not failing:
-                    log.warning("heartbeat to Redis failing (%s); retrying", exc)
-                failing = True
+                outage.failed(exc)
                 continue
-            if failing:
-                log.info("heartbeat to Redis recovered")
-            failing = False
+            outage.succeeded()
 
     def _reregister(self, reason: str) -> None:
         with self._reregistering:
@@ -198,7 +191,7 @@ class Agent:
             self.consumer.ensure_group()
             self._publish_all()
         held = sum(len(b) for b in self.backends)
-        self.registration.event(EventKind.RESYNCED, f"{held} chunks")
+        self.registration.lifecycle(LifecycleKind.RESYNCED, f"{held} chunks")
         log.warning("re-registered %s and re-published %d chunks: %s", self.instance_id, held, reason)
 
     def _command_loop(self) -> None:
