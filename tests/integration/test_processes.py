@@ -16,7 +16,8 @@ import redis
 import torch
 
 from kvbus.shared import keys
-from kvbus.shared.messages import Result, decode
+from kvbus.shared.flat_fields import decode
+from kvbus.shared.messages import Result
 from tests.conftest import SEED_TEXT, SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
 
 INSTANCE = "lmcache_default_instance"
