@@ -23,6 +23,7 @@ from kvbus.agent.codecs import Packed
 from kvbus.agent.refused import Refused
 from kvbus.shared.hashing import Chunk, HashSpace
 from kvbus.shared.locations import Location
+from kvbus.shared.records import BackendStats
 
 log = logging.getLogger("kvbus.agent.backends")
 
@@ -203,22 +204,18 @@ class StorageBackend(ABC):
         codecs.known_method(method)
         return self._decompress_keys(self._targets(tokens), method, prefix=bool(tokens))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> BackendStats:
         """Counts for metrics: chunks, tokens, bytes and capacity held, and how much of it is pinned or compressed.
 
         This default is for backends without pinning or compression, and counts tokens in O(chunks).
         """
         with self.lock:
-            return {
-                "chunks": len(self),
-                "tokens": sum(entry.num_tokens for entry in self._entries()),
-                "bytes": self.used_bytes,
-                "capacity_bytes": self.capacity_bytes,
-                "pinned_chunks": 0,
-                "pinned_tokens": 0,
-                "compressed_chunks": 0,
-                "compressed_bytes": 0,
-            }
+            return BackendStats(
+                chunks=len(self),
+                tokens=sum(entry.num_tokens for entry in self._entries()),
+                bytes=self.used_bytes,
+                capacity_bytes=self.capacity_bytes,
+            )
 
     def publish_all(self) -> None:
         """Hand the listener the full set of held chunks, as one replacement of what it had."""

@@ -30,6 +30,7 @@ from kvbus.agent.backends.base import IndexEntry, IndexListener, StorageBackend,
 from kvbus.agent.chunk_format import ChunkFormatError
 from kvbus.shared.hashing import Chunk, HashSpace
 from kvbus.shared.locations import Location
+from kvbus.shared.records import BackendStats
 
 log = logging.getLogger("kvbus.agent.backends")
 
@@ -285,18 +286,11 @@ class LocalDiskBackend(StorageBackend):
     def __len__(self) -> int:
         return len(self._files)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> BackendStats:
         with self.lock:
-            return {
-                "chunks": len(self._files),
-                "tokens": self._tokens,
-                "bytes": self._used,
-                "capacity_bytes": self._capacity,
-                "pinned_chunks": 0,
-                "pinned_tokens": 0,
-                "compressed_chunks": 0,
-                "compressed_bytes": 0,
-            }
+            return BackendStats(
+                chunks=len(self._files), tokens=self._tokens, bytes=self._used, capacity_bytes=self._capacity
+            )
 
     @property
     def used_bytes(self) -> int:

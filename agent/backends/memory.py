@@ -21,6 +21,7 @@ from kvbus.agent import codecs
 from kvbus.agent.backends.base import IndexEntry, IndexListener, StorageBackend
 from kvbus.agent.codecs import Packed
 from kvbus.shared.hashing import HashSpace
+from kvbus.shared.records import BackendStats
 
 log = logging.getLogger("kvbus.agent.backends")
 
@@ -224,19 +225,19 @@ class TensorLRUBackend(StorageBackend):
         with self.lock:
             return sum(held[0].num_tokens for held in map(self._held, keys) if held is not None and state(held[1]))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> BackendStats:
         with self.lock:
             lru, pinned = self._lru_tally, self._pinned_tally
-            return {
-                "chunks": lru.chunks + pinned.chunks,
-                "tokens": lru.tokens + pinned.tokens,
-                "bytes": lru.bytes + pinned.bytes,
-                "capacity_bytes": self._capacity,
-                "pinned_chunks": pinned.chunks,
-                "pinned_tokens": pinned.tokens,
-                "compressed_chunks": lru.compressed_chunks + pinned.compressed_chunks,
-                "compressed_bytes": lru.compressed_bytes + pinned.compressed_bytes,
-            }
+            return BackendStats(
+                chunks=lru.chunks + pinned.chunks,
+                tokens=lru.tokens + pinned.tokens,
+                bytes=lru.bytes + pinned.bytes,
+                capacity_bytes=self._capacity,
+                pinned_chunks=pinned.chunks,
+                pinned_tokens=pinned.tokens,
+                compressed_chunks=lru.compressed_chunks + pinned.compressed_chunks,
+                compressed_bytes=lru.compressed_bytes + pinned.compressed_bytes,
+            )
 
     def __len__(self) -> int:
         return len(self._lru) + len(self._pinned)

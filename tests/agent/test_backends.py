@@ -20,6 +20,7 @@ from kvbus.agent.refused import Refused
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
+from kvbus.shared.records import BackendStats
 
 SPACE = HashSpace("test/model", chunk_size=4)
 CHUNK_BYTES = 4 * 8 * 2  # 4 tokens x 8 values x fp16
@@ -232,10 +233,10 @@ def test_pin_answers_the_held_prefix_and_is_a_flag_not_a_count(make_memory: Fact
     assert backend.pin(prompt) == 10
     assert backend.pin(prompt) == 10
     assert backend.pin([7, 7, 7, 7]) == 0 and backend.pin([]) == 0
-    assert backend.stats()["pinned_chunks"] == 3 and backend.stats()["pinned_tokens"] == 10
+    assert backend.stats().pinned_chunks == 3 and backend.stats().pinned_tokens == 10
     assert backend.unpin(prompt) == 10  # once undoes any number of pins
     assert backend.unpin(prompt) == 10  # held, if no longer pinned, still counts
-    assert backend.stats()["pinned_chunks"] == 0
+    assert backend.stats().pinned_chunks == 0
     assert backend.clear() == 10
 
 
@@ -316,7 +317,7 @@ def test_int8_shrinks_used_bytes_and_lookups_still_hit_within_its_bound(make_mem
     assert backend.used_bytes == 3 * KV_CHUNK
     assert backend.compress(prompt, "int8") == 12
     assert backend.used_bytes == 3 * INT8_CHUNK
-    assert backend.stats()["compressed_chunks"] == 3 and backend.stats()["compressed_bytes"] == 3 * INT8_CHUNK
+    assert backend.stats().compressed_chunks == 3 and backend.stats().compressed_bytes == 3 * INT8_CHUNK
     assert backend.contains(prompt) == 12
     restored = backend.retrieve(prompt)
     for got, want in zip(restored, original, strict=True):
@@ -327,7 +328,7 @@ def test_int8_shrinks_used_bytes_and_lookups_still_hit_within_its_bound(make_mem
     assert backend.compress(prompt, "zlib") == 0  # compressed with another method: left alone
     assert backend.decompress(prompt, "zlib") == 0
     assert backend.decompress(prompt, "int8") == 12
-    assert backend.used_bytes == 3 * KV_CHUNK and backend.stats()["compressed_chunks"] == 0
+    assert backend.used_bytes == 3 * KV_CHUNK and backend.stats().compressed_chunks == 0
     assert all(torch.equal(a, b) for a, b in zip(backend.retrieve(prompt), restored, strict=True))
     assert backend.decompress(prompt, "int8") == 12  # already plain: counted
 
@@ -364,7 +365,7 @@ def test_a_chunk_a_method_cannot_shrink_or_take_stays_plain_and_uncounted(make_m
     assert backend.compress(floats, "int8") == 0
     assert backend.compress(ints, "int8") == 0
     assert backend.compress(ints, "zlib") == 8
-    assert backend.stats()["compressed_chunks"] == 2
+    assert backend.stats().compressed_chunks == 2
 
 
 def test_compress_takes_the_held_prefix_or_with_no_tokens_everything(make_memory: Factory) -> None:
@@ -373,11 +374,11 @@ def test_compress_takes_the_held_prefix_or_with_no_tokens_everything(make_memory
     backend.store(first, kv_2ltd(first))
     backend.store(second, kv_2ltd(second, seed=1))
     assert backend.compress(first[:8] + [999] * 4, "int8") == 8
-    assert backend.stats()["compressed_chunks"] == 2
+    assert backend.stats().compressed_chunks == 2
     assert backend.compress([], "int8") == 18
     assert backend.compress([5, 5, 5, 5], "int8") == 0
     assert backend.decompress([], "int8") == 18
-    assert backend.stats()["compressed_chunks"] == 0
+    assert backend.stats().compressed_chunks == 0
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones(make_memory: Factory) -> None:
@@ -387,7 +388,7 @@ def test_an_unknown_method_is_refused_naming_the_known_ones(make_memory: Factory
     for operation in (backend.compress, backend.decompress):
         with pytest.raises(Refused, match="unknown compression method 'gzip'; known methods: int8, zlib"):
             operation(prompt, "gzip")
-    assert backend.stats()["compressed_chunks"] == 0
+    assert backend.stats().compressed_chunks == 0
 
 
 def test_compressed_chunks_leave_room_for_more(make_memory: Factory) -> None:
@@ -415,7 +416,7 @@ def test_a_chunk_that_cannot_grow_back_stays_compressed_and_uncounted(make_memor
     backend.pin(big)  # nothing left to evict: room for one chunk to grow, not three
     assert backend.decompress(small, "int8") == 4
     assert backend.used_bytes == 4 * KV_CHUNK
-    assert backend.stats()["compressed_chunks"] == 2
+    assert backend.stats().compressed_chunks == 2
     assert backend.contains(small) == 12 and backend.contains(big) == 8
 
 
@@ -428,7 +429,7 @@ def test_pinned_chunks_can_be_compressed_and_survive_clear_compressed(make_memor
     assert backend.compress(prompt, "int8") == 12
     assert backend.clear() == 0
     stats = backend.stats()
-    assert (stats["pinned_chunks"], stats["compressed_chunks"], stats["bytes"]) == (3, 3, 3 * INT8_CHUNK)
+    assert (stats.pinned_chunks, stats.compressed_chunks, stats.bytes) == (3, 3, 3 * INT8_CHUNK)
     for got, want in zip(backend.retrieve(prompt), original, strict=True):
         assert bool(((got.cpu() - want).abs() <= want.abs().amax(dim=-2, keepdim=True) / 254 * (1 + 1e-6)).all())
 
@@ -501,16 +502,7 @@ def test_every_backend_reports_the_same_stats(make: Factory) -> None:
     backend = Bare()
     prompt = list(range(6))
     backend.store(prompt, kv(prompt))
-    assert backend.stats() == {
-        "chunks": 2,
-        "tokens": 6,
-        "bytes": 3 * CHUNK_BYTES // 2,
-        "capacity_bytes": 1 << 20,
-        "pinned_chunks": 0,
-        "pinned_tokens": 0,
-        "compressed_chunks": 0,
-        "compressed_bytes": 0,
-    }
+    assert backend.stats() == BackendStats(chunks=2, tokens=6, bytes=3 * CHUNK_BYTES // 2, capacity_bytes=1 << 20)
     other = make(1 << 20, Recorder())
     other.store(prompt, kv(prompt))
     assert other.stats() == backend.stats()
@@ -538,7 +530,7 @@ def test_clear_and_lookups_do_not_wait_for_a_codec(make_memory: Factory, monkeyp
     release.set()
     compressing.join(10)
     assert answers == [0]  # what was encoded was cleared meanwhile: nothing swapped in
-    assert len(backend) == 0 and backend.used_bytes == 0 and backend.stats()["compressed_chunks"] == 0
+    assert len(backend) == 0 and backend.used_bytes == 0 and backend.stats().compressed_chunks == 0
 
 
 def test_concurrent_compress_decompress_store_and_clear_keep_accounts_straight(make_memory: Factory) -> None:
@@ -569,11 +561,11 @@ def test_concurrent_compress_decompress_store_and_clear_keep_accounts_straight(m
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert backend.used_bytes <= backend.capacity_bytes and backend.stats()["chunks"] == len(backend)
+    assert backend.used_bytes <= backend.capacity_bytes and backend.stats().chunks == len(backend)
     backend.decompress([], "int8")
     backend.decompress([], "zlib")
     stats = backend.stats()
-    assert stats["compressed_chunks"] == 0  # the pinned chunks, at most 10, always fit plain
-    assert backend.used_bytes == len(backend) * KV_CHUNK and stats["tokens"] == len(backend) * 4  # recounted
-    assert backend.clear() == stats["tokens"] - stats["pinned_tokens"]
-    assert len(backend) == stats["pinned_chunks"]
+    assert stats.compressed_chunks == 0  # the pinned chunks, at most 10, always fit plain
+    assert backend.used_bytes == len(backend) * KV_CHUNK and stats.tokens == len(backend) * 4  # recounted
+    assert backend.clear() == stats.tokens - stats.pinned_tokens
+    assert len(backend) == stats.pinned_chunks

@@ -94,12 +94,12 @@ def test_a_damaged_chunk_is_a_miss_and_leaves_the_index(
 def test_stats_keep_count_through_store_discard_clear_and_restart(tmp_path: Path) -> None:
     backend = LocalDiskBackend(SPACE, tmp_path, 1 << 20)
     backend.store(PROMPT, kv(PROMPT))
-    assert backend.stats()["tokens"] == 10 and backend.stats()["chunks"] == 3
+    assert backend.stats().tokens == 10 and backend.stats().chunks == 3
     backend.discard(SPACE.chunks(PROMPT)[2].key)
-    assert backend.stats()["tokens"] == 8 and backend.stats()["bytes"] == backend.used_bytes
-    assert LocalDiskBackend(SPACE, tmp_path, 1 << 20).stats()["tokens"] == 8  # adopted on restart
+    assert backend.stats().tokens == 8 and backend.stats().bytes == backend.used_bytes
+    assert LocalDiskBackend(SPACE, tmp_path, 1 << 20).stats().tokens == 8  # adopted on restart
     backend.clear()
-    assert backend.stats()["tokens"] == 0 == backend.stats()["bytes"]
+    assert backend.stats().tokens == 0 == backend.stats().bytes
 
 
 def test_clear_deletes_the_files(tmp_path: Path) -> None:
