@@ -17,9 +17,11 @@ import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
+from kvbus.agent.agent import Agent
 from kvbus.controller import openapi
 from kvbus.controller.app import create_app
 from kvbus.shared.config import KVBusConfig
+from tests.conftest import MODEL
 
 
 @functools.cache
@@ -54,3 +56,32 @@ class CheckedClient(TestClient):
 def client(config: KVBusConfig) -> Iterator[TestClient]:
     with CheckedClient(create_app(config)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def agent(config: KVBusConfig) -> Iterator[Agent]:
+    """Worker 0 of the module's instance, serving commands on its threads."""
+    running = Agent(config, model=MODEL)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def ranks(config: KVBusConfig) -> Iterator[list[Agent]]:
+    """Two workers (tensor-parallel ranks) of the module's instance, each with its own agent."""
+    agents = [Agent(config, model=MODEL, worker_id=rank) for rank in (0, 1)]
+    for running in agents:
+        running.start()
+    yield agents
+    for running in agents:
+        running.stop()
+
+
+@pytest.fixture
+def silent(config: KVBusConfig) -> Agent:
+    """Worker 0 of the module's instance, registered with its command group but never reading it."""
+    unstarted = Agent(config, model=MODEL)
+    unstarted.registration.register()
+    unstarted.consumer.ensure_group()
+    return unstarted

@@ -11,7 +11,7 @@ from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
 from kvbus.shared.records import LifecycleEntry, LifecycleKind
 from tests.conftest import SEED_TOKENS
-from tests.controller.test_api import PROMPT, SPACE, hold
+from tests.controller.test_lookup import PROMPT, SPACE, hold
 
 
 def reap(url: str, reap_after_s: float) -> list[str]:

@@ -1,5 +1,9 @@
-"""Every command endpoint and query in process, against real redis-server and real agents on threads:
-tensor-parallel fan-out, the event table (/check_finish), the journal, health and the worker queries."""
+"""The command-kind endpoints and the queries routes.py serves, in process against real redis-server and
+real agents on threads: pin and unpin, compress and decompress, move, health, the worker queries and key stats.
+
+The bus's fan-out and /check_finish have their own modules (test_bus.py, test_command_records.py), which
+use this module's instance, prompt and helpers.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +12,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import torch
 from starlette.testclient import TestClient
 
 from kvbus.agent.agent import Agent
 from kvbus.agent.codecs import scale_dims
 from kvbus.agent.synthetic import synthetic_kv
-from kvbus.shared import keys
+from kvbus.controller import routes
 from kvbus.shared.config import KVBusConfig
-from tests.conftest import MODEL, SEED_TOKENS, free_port, wait_for
+from tests.conftest import MODEL, free_port
 
 INSTANCE = "tp-instance"
 PROMPT = list(range(1000, 1600))  # chunks of 256, 256 and 88
 BASE = KVBusConfig(
     enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, lmcache_instance_id=INSTANCE
 )
+CPU = {"instance_id": INSTANCE, "location": "LocalCPUBackend"}
 
 
 @pytest.fixture
 def config(redis_url: str) -> KVBusConfig:
     return BASE.with_overrides(redis_url=redis_url)
-
-
-@pytest.fixture
-def ranks(config: KVBusConfig) -> Iterator[list[Agent]]:
-    """Two workers (tensor-parallel ranks) of one instance, each with its own agent."""
-    agents = [Agent(config, model=MODEL, worker_id=rank) for rank in (0, 1)]
-    for agent in agents:
-        agent.start()
-    yield agents
-    for agent in agents:
-        agent.stop()
 
 
 def post(client: TestClient, path: str, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
@@ -48,75 +41,17 @@ def post(client: TestClient, path: str, body: dict[str, Any], status: int = 200)
     return response.json()  # type: ignore[no-any-return]
 
 
-def hold(agent: Agent, tokens: list[int]) -> None:
+def store(agent: Agent, tokens: list[int]) -> None:
+    """Store `tokens` as the engine would, and index them before the test goes on."""
     agent.tiers.store(tokens, synthetic_kv(agent.space, tokens))
     agent.index.flush()
 
 
-def test_a_clear_reaches_every_rank_and_reports_their_disagreement(client: TestClient, ranks: list[Agent]) -> None:
-    hold(ranks[0], PROMPT)
-    hold(ranks[1], PROMPT[:512])
-    answer = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
-    assert answer["num_tokens"] == 512
-    assert answer["num_tokens_per_worker"] == {"0": 600, "1": 512}
-    assert ranks[0].tiers.contains(PROMPT) == 0 and ranks[1].tiers.contains(PROMPT) == 0
-    finished = post(client, "/check_finish", {"event_id": answer["event_id"]})
-    assert finished["status"] == "finished" and finished["kind"] == "clear" and finished["instance_id"] == INSTANCE
-    assert {w: r["num_tokens"] for w, r in finished["workers"].items()} == {"0": 600, "1": 512}
-
-
-def test_ranks_that_agree_answer_exactly_as_lmcache(client: TestClient, ranks: list[Agent]) -> None:
-    for agent in ranks:
-        hold(agent, SEED_TOKENS)
-    assert post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}).keys() == {
-        "event_id",
-        "num_tokens",
-    }
-
-
-def test_a_silent_rank_gives_504_naming_it_and_check_finish_tells_the_outcome_later(
-    client: TestClient, config: KVBusConfig
-) -> None:
-    live = Agent(config, model=MODEL, worker_id=0)
-    live.start()
-    late = Agent(config, model=MODEL, worker_id=1)
-    late.registration.register()
-    late.consumer.ensure_group()
-    try:
-        body = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}, status=504)
-        assert body["error"] == "agent_timeout" and "worker 1 of 'tp-instance' did not answer" in body["detail"]
-        assert "workers [0] answered" in body["detail"]
-        event_id = body["event_id"]
-        pending = post(client, "/check_finish", {"event_id": event_id})
-        assert pending["status"] == "pending" and pending["workers"]["1"] == {"status": "pending"}
-        assert pending["workers"]["0"]["status"] == "ok"
-        late.start()  # reads the command past its deadline: answers it expired, does nothing
-        wait_for(
-            lambda: post(client, "/check_finish", {"event_id": event_id})["workers"]["1"]["status"] == "expired",
-            what="the late rank's answer",
-        )
-        assert post(client, "/check_finish", {"event_id": event_id})["status"] == "expired"
-    finally:
-        live.stop()
-        late.stop()
-
-
-def test_check_finish_of_unknown_lookup_and_malformed_events(client: TestClient) -> None:
-    missing = post(client, "/check_finish", {"event_id": "Clear-nothing"}, status=404)
-    assert missing["error"] == "unknown_event" and missing["event_id"] == "Clear-nothing"
-    looked = post(client, "/lookup", {"tokens": SEED_TOKENS})
-    assert post(client, "/check_finish", {"event_id": looked["event_id"]})["status"] == "finished"
-    assert post(client, "/check_finish", {}, status=422)["field"] == "event_id"
-    assert post(client, "/check_finish", {"event_id": 7}, status=422)["field"] == "event_id"
-
-
-def test_commands_and_results_are_journaled(client: TestClient, ranks: list[Agent], redis_url: str) -> None:
-    event_id = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})["event_id"]
-    journal = redis.Redis.from_url(redis_url, decode_responses=True).xrange(keys.JOURNAL)
-    mine = [fields for _, fields in journal if fields.get("event_id") == event_id]
-    assert [f["type"] for f in mine] == ["command", "result", "result"]
-    assert mine[0]["instance_id"] == INSTANCE and mine[0]["kind"] == "clear"
-    assert sorted(f["worker_id"] for f in mine[1:]) == ["0", "1"]
+@pytest.fixture
+def single(agent: Agent) -> Agent:
+    """One worker holding PROMPT in CPU memory."""
+    store(agent, PROMPT)
+    return agent
 
 
 def test_health_reports_each_rank(client: TestClient, ranks: list[Agent]) -> None:
@@ -125,12 +60,9 @@ def test_health_reports_each_rank(client: TestClient, ranks: list[Agent]) -> Non
     assert post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "finished"
 
 
-def test_health_of_unknown_silent_and_malformed(client: TestClient, redis_url: str, config: KVBusConfig) -> None:
+def test_health_of_unknown_silent_and_malformed(client: TestClient, silent: Agent) -> None:
     assert post(client, "/health", {"instance_id": "ghost"}, status=404)["error"] == "unknown_instance"
     assert post(client, "/health", {}, status=422)["field"] == "instance_id"
-    silent = Agent(config, model=MODEL, worker_id=0)
-    silent.registration.register()
-    silent.consumer.ensure_group()
     body = post(client, "/health", {"instance_id": INSTANCE}, status=504)
     assert body["event_id"].startswith("health")
 
@@ -157,7 +89,7 @@ def test_query_instance_finds_the_instance_at_an_ip(client: TestClient, ranks: l
 
 
 def test_key_stats_and_workers(client: TestClient, ranks: list[Agent]) -> None:
-    hold(ranks[0], PROMPT)
+    store(ranks[0], PROMPT)
     stats = client.get("/controller/key-stats").json()
     assert stats == {
         "total_key_count": 3,
@@ -175,41 +107,14 @@ def test_key_stats_and_workers(client: TestClient, ranks: list[Agent]) -> None:
     assert client.get("/controller/workers", params={"worker_id": 0}).status_code == 422
 
 
-def test_a_rank_that_stops_leaves_the_instance_to_the_others(client: TestClient, config: KVBusConfig) -> None:
-    first, second = (Agent(config, model=MODEL, worker_id=rank) for rank in (0, 1))
-    first.start()
-    second.start()
-    hold(first, SEED_TOKENS)
-    second.stop()
-    assert post(client, "/lookup", {"tokens": SEED_TOKENS})["layout_info"] == {INSTANCE: ["LocalCPUBackend", 12]}
-    answer = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
-    assert answer == {"event_id": answer["event_id"], "num_tokens": 12}
-    first.stop()
-    assert post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}, status=404)
-    assert client.get("/controller/key-stats").json()["total_instance_count"] == 0
-
-
-@pytest.fixture
-def single(config: KVBusConfig) -> Iterator[Agent]:
-    """One worker holding PROMPT in CPU memory."""
-    agent = Agent(config, model=MODEL)
-    agent.start()
-    hold(agent, PROMPT)
-    yield agent
-    agent.stop()
-
-
 @pytest.fixture
 def disked(config: KVBusConfig, tmp_path: Any) -> Iterator[Agent]:
     """One worker with CPU memory and a disk, holding PROMPT in both."""
     agent = Agent(config.with_overrides(local_disk=str(tmp_path / "disk"), max_local_disk_size=1), model=MODEL)
     agent.start()
-    hold(agent, PROMPT)
+    store(agent, PROMPT)
     yield agent
     agent.stop()
-
-
-CPU = {"instance_id": INSTANCE, "location": "LocalCPUBackend"}
 
 
 def test_pinned_chunks_survive_clear_until_unpinned(client: TestClient, single: Agent) -> None:
@@ -274,40 +179,6 @@ def test_pin_errors(client: TestClient, single: Agent, path: str) -> None:
         == "unknown_instance"
     )
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"][INSTANCE] == ["LocalCPUBackend", 600]
-
-
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/pin", {**CPU, "tokens": [1]}),
-        ("/unpin", {**CPU, "tokens": [1]}),
-        ("/compress", {**CPU, "method": "zlib"}),
-        ("/decompress", {**CPU, "method": "zlib"}),
-        (
-            "/move",
-            {
-                "old_position": [INSTANCE, "LocalCPUBackend"],
-                "new_position": [INSTANCE, "LocalDiskBackend"],
-                "tokens": [1],
-            },
-        ),
-        ("/health", {"instance_id": INSTANCE}),
-        ("/clear", CPU),
-    ],
-)
-def test_every_command_gives_504_on_a_silent_agent_then_check_finish_expires(
-    client: TestClient, config: KVBusConfig, path: str, body: dict[str, Any]
-) -> None:
-    silent = Agent(config, model=MODEL)
-    silent.registration.register()
-    silent.consumer.ensure_group()
-    answer = post(client, path, body, status=504)
-    assert post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "pending"
-    wait_for(
-        lambda: post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "expired",
-        timeout=10,
-        what="the event to expire",
-    )
 
 
 @pytest.fixture
@@ -430,3 +301,14 @@ def test_a_move_to_an_instance_without_a_peer_endpoint_is_refused(
         assert refused["error"] == "refused" and "p2p_init_ports" in refused["detail"]
     finally:
         closed.stop()
+
+
+def test_clear_of_a_location_the_agent_lacks_clears_nothing(client: TestClient, single: Agent) -> None:
+    response = client.post("/clear", json={"instance_id": INSTANCE, "location": "LocalDiskBackend"})
+    assert response.status_code == 200 and response.json()["num_tokens"] == 0
+
+
+def test_an_oversized_body_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routes, "MAX_BODY_BYTES", 64)
+    response = client.post("/lookup", json={"tokens": list(range(100))})
+    assert response.status_code == 413 and response.json()["error"] == "body_too_large"

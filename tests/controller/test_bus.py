@@ -1,0 +1,348 @@
+"""The command bus (bus.py) against a real redis-server: `CommandBus` driven directly, with real agents or with
+workers simulated on the command stream, then the tensor-parallel fan-out as the HTTP commands show it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from kvbus.agent.agent import Agent
+from kvbus.controller import event_ids
+from kvbus.controller.bus import RESULTS_TTL_S, CommandBus, Outcome
+from kvbus.controller.errors import AgentTimeout, UnknownInstance
+from kvbus.controller.event_ids import Operation
+from kvbus.shared import keys, redis_conn
+from kvbus.shared.config import KVBusConfig
+from kvbus.shared.flat_fields import decode, encode
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
+from kvbus.shared.records import (
+    CommandRecord,
+    JournaledCommand,
+    JournaledResult,
+    RecordedResult,
+    decode_journal,
+    decode_result,
+)
+from tests.conftest import MODEL, SEED_TOKENS, wait_for
+from tests.controller.test_lookup import hold
+from tests.controller.test_routes import BASE, INSTANCE, PROMPT, post, store
+
+LOCATION = "LocalCPUBackend"
+
+
+@pytest.fixture
+def config(redis_url: str) -> KVBusConfig:
+    return BASE.with_overrides(redis_url=redis_url)
+
+
+@contextlib.asynccontextmanager
+async def command_bus(url: str, timeout_s: float) -> AsyncIterator[CommandBus]:
+    client = redis_conn.connect_async(url)
+    reader = redis_conn.connect_async(url, blocking=True)
+    bus = CommandBus(client, reader, timeout_s=timeout_s)
+    await bus.start()
+    try:
+        # start() only schedules the reader that creates the result stream, and workers reply with
+        # NOMKSTREAM: a result sent before the stream exists would be dropped.
+        async with asyncio.timeout(10):
+            while not await client.exists(bus.results_key):
+                await asyncio.sleep(0.01)
+        yield bus
+    finally:
+        await bus.stop()
+        await client.aclose()
+        await reader.aclose()
+
+
+def enlist(client: redis.Redis, instance_id: str, *worker_ids: int, heartbeat: bool = True) -> None:
+    """Workers as the bus sees them: in the instance's workers set, each with its group on the command stream."""
+    for worker_id in worker_ids:
+        client.sadd(keys.workers(instance_id), worker_id)
+        client.xgroup_create(keys.commands(instance_id), keys.command_group(worker_id), id="0", mkstream=True)
+    if heartbeat:
+        client.set(keys.alive(instance_id), worker_ids[0], ex=60)
+
+
+async def answer(url: str, instance_id: str, worker_id: int, num_tokens: int) -> tuple[str, Command]:
+    """As the worker: read its next command through its group and reply where it says; returns its entry id and it."""
+    client = redis_conn.connect_async(url, blocking=True)
+    group = keys.command_group(worker_id)
+    try:
+        [(_, [(entry_id, fields)])] = await client.xreadgroup(
+            group, group, {keys.commands(instance_id): ">"}, count=1, block=5000
+        )
+        command = decode(Command, fields)
+        result = Result(
+            event_id=command.event_id,
+            instance_id=instance_id,
+            worker_id=worker_id,
+            status=ResultStatus.OK,
+            num_tokens=num_tokens,
+        )
+        await client.xadd(command.reply_to, encode(result))
+        await client.xack(keys.commands(instance_id), group, entry_id)
+        return entry_id, command
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["nothing-registered", "workers-without-a-stream"])
+def test_an_unknown_instance_raises_and_writes_nothing(redis_url: str, real_redis: redis.Redis, workers: bool) -> None:
+    if workers:
+        real_redis.sadd(keys.workers("ghost"), 0)  # a deregistering instance: its stream is already gone
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def send() -> Outcome:
+        async with command_bus(redis_url, timeout_s=0.5) as bus:
+            return await bus.request("ghost", CommandKind.CLEAR, event_id, location=LOCATION)
+
+    with pytest.raises(UnknownInstance, match="unknown instance_id 'ghost'"):
+        asyncio.run(send())
+    assert real_redis.exists(keys.command_record(event_id), keys.commands("ghost"), keys.JOURNAL) == 0
+
+
+def test_the_outcome_waits_for_every_worker_and_lists_them_in_order(redis_url: str, real_redis: redis.Redis) -> None:
+    enlist(real_redis, INSTANCE, 0, 1, 2)
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def scenario() -> Outcome:
+        async with command_bus(redis_url, timeout_s=5) as bus:
+            request = asyncio.create_task(bus.request(INSTANCE, CommandKind.CLEAR, event_id, location=LOCATION))
+            for worker_id in (2, 0, 1):  # out of order: the outcome still lists them by worker id
+                await answer(redis_url, INSTANCE, worker_id, num_tokens=100 * worker_id)
+            return await request
+
+    outcome = asyncio.run(scenario())
+    assert (outcome.event_id, outcome.instance_id) == (event_id, INSTANCE)
+    assert list(outcome.results) == [0, 1, 2]
+    assert {w: (r.status, r.num_tokens) for w, r in outcome.results.items()} == {
+        0: ("ok", 0),
+        1: ("ok", 100),
+        2: ("ok", 200),
+    }
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "why"),
+    [
+        (True, "its heartbeat is fresh, so it is alive but busy or stuck"),
+        (False, "it has no heartbeat: its engine is down or cannot reach Redis"),
+    ],
+    ids=["fresh-heartbeat", "no-heartbeat"],
+)
+def test_a_silent_worker_times_out_named_with_the_state_of_its_heartbeat(
+    redis_url: str, real_redis: redis.Redis, heartbeat: bool, why: str
+) -> None:
+    enlist(real_redis, INSTANCE, 0, 1, heartbeat=heartbeat)
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def scenario() -> Outcome:
+        async with command_bus(redis_url, timeout_s=0.5) as bus:
+            request = asyncio.create_task(bus.request(INSTANCE, CommandKind.CLEAR, event_id, location=LOCATION))
+            await answer(redis_url, INSTANCE, 0, num_tokens=12)
+            return await request
+
+    with pytest.raises(AgentTimeout) as raised:
+        asyncio.run(scenario())
+    # Worker 0's answer arrived, and still the outcome waited for worker 1.
+    assert raised.value.detail == f"worker 1 of {INSTANCE!r} did not answer within 0.5 s (workers [0] answered); {why}"
+    assert raised.value.context == {"event_id": event_id}
+
+
+def test_the_command_record_and_the_journal_entry_go_out_with_the_command(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    enlist(real_redis, INSTANCE, 0, 1)
+    event_id = event_ids.new(Operation.PIN)
+
+    async def scenario() -> tuple[str, list[tuple[str, Command]]]:
+        async with command_bus(redis_url, timeout_s=5) as bus:
+            request = asyncio.create_task(
+                bus.request(INSTANCE, CommandKind.PIN, event_id, location=LOCATION, tokens=PROMPT)
+            )
+            read = [await answer(redis_url, INSTANCE, worker_id, num_tokens=512) for worker_id in (0, 1)]
+            await request
+            return bus.results_key, read
+
+    results_key, [(entry_id, command), (same_entry, _)] = asyncio.run(scenario())
+    assert same_entry == entry_id  # one stream entry, read by each worker's own group
+    assert command == Command(
+        event_id=event_id, kind=CommandKind.PIN, reply_to=results_key, timeout_ms=5000, location=LOCATION, tokens=PROMPT
+    )
+    record = CommandRecord.decode(real_redis.hgetall(keys.command_record(event_id)))
+    assert record == CommandRecord(
+        kind=CommandKind.PIN,
+        instance_id=INSTANCE,
+        location=LOCATION,
+        timeout_ms=5000,
+        entry_id=entry_id,
+        workers=[0, 1],
+    )
+    assert 0 < real_redis.pttl(keys.command_record(event_id)) <= 3600 * 1000  # the bus's event retention
+    [(_, journaled)] = real_redis.xrange(keys.JOURNAL)  # the simulated workers journal nothing
+    assert decode_journal(journaled) == JournaledCommand(
+        event_id=event_id, instance_id=INSTANCE, kind=CommandKind.PIN, location=LOCATION, tokens=len(PROMPT)
+    )
+
+
+def test_real_ranks_answer_into_the_record_and_the_journal(
+    redis_url: str, real_redis: redis.Redis, ranks: list[Agent]
+) -> None:
+    store(ranks[0], PROMPT)
+    store(ranks[1], PROMPT[:512])
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def clear() -> Outcome:
+        async with command_bus(redis_url, timeout_s=5) as bus:
+            return await bus.request(INSTANCE, CommandKind.CLEAR, event_id, location=LOCATION)
+
+    outcome = asyncio.run(clear())
+    assert {w: r.num_tokens for w, r in outcome.results.items()} == {0: 600, 1: 512}
+    # Each worker writes its result into the record before it replies.
+    record = CommandRecord.decode(real_redis.hgetall(keys.command_record(event_id)))
+    assert record.results == {w: RecordedResult.of(r) for w, r in outcome.results.items()}
+    journal = [decode_journal(fields) for _, fields in real_redis.xrange(keys.JOURNAL)]
+    mine = [entry for entry in journal if entry.event_id == event_id]
+    assert isinstance(mine[0], JournaledCommand) and mine[0].kind == CommandKind.CLEAR
+    assert sorted((e.worker_id, e.num_tokens) for e in mine[1:] if isinstance(e, JournaledResult)) == [
+        (0, 600),
+        (1, 512),
+    ]
+    assert len(mine) == 3
+
+
+def test_the_result_stream_lives_as_long_as_the_bus_and_skips_what_it_cannot_use(
+    redis_url: str, real_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    enlist(real_redis, INSTANCE, 0)
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def scenario() -> tuple[str, Outcome]:
+        async with command_bus(redis_url, timeout_s=5) as bus:
+            [(_, opening)] = real_redis.xrange(bus.results_key)
+            assert decode_result(opening) is None  # the entry that created the stream
+            assert 0 < real_redis.ttl(bus.results_key) <= RESULTS_TTL_S  # it expires if this controller dies
+            real_redis.xadd(bus.results_key, {"event_id": event_id, "worker_id": "not a number"})
+            stray = Result(event_id="Clear-nobody-waits", instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK)
+            real_redis.xadd(bus.results_key, encode(stray))
+            request = asyncio.create_task(bus.request(INSTANCE, CommandKind.CLEAR, event_id, location=LOCATION))
+            await answer(redis_url, INSTANCE, 0, num_tokens=7)
+            return bus.results_key, await request
+
+    with caplog.at_level(logging.ERROR, logger="kvbus.controller.bus"):
+        results_key, outcome = asyncio.run(scenario())
+    assert outcome.results[0].num_tokens == 7
+    assert "ignoring undecodable result" in caplog.text
+    assert not real_redis.exists(results_key)  # stop() removes it at once
+
+
+def test_a_clear_reaches_every_rank_and_reports_their_disagreement(client: TestClient, ranks: list[Agent]) -> None:
+    store(ranks[0], PROMPT)
+    store(ranks[1], PROMPT[:512])
+    answer = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
+    assert answer["num_tokens"] == 512
+    assert answer["num_tokens_per_worker"] == {"0": 600, "1": 512}
+    assert ranks[0].tiers.contains(PROMPT) == 0 and ranks[1].tiers.contains(PROMPT) == 0
+    finished = post(client, "/check_finish", {"event_id": answer["event_id"]})
+    assert finished["status"] == "finished" and finished["kind"] == "clear" and finished["instance_id"] == INSTANCE
+    assert {w: r["num_tokens"] for w, r in finished["workers"].items()} == {"0": 600, "1": 512}
+
+
+def test_ranks_that_agree_answer_exactly_as_lmcache(client: TestClient, ranks: list[Agent]) -> None:
+    for agent in ranks:
+        store(agent, SEED_TOKENS)
+    assert post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}).keys() == {
+        "event_id",
+        "num_tokens",
+    }
+
+
+def test_a_silent_rank_gives_504_naming_it_and_check_finish_tells_the_outcome_later(
+    client: TestClient, config: KVBusConfig
+) -> None:
+    live = Agent(config, model=MODEL, worker_id=0)
+    live.start()
+    late = Agent(config, model=MODEL, worker_id=1)
+    late.registration.register()
+    late.consumer.ensure_group()
+    try:
+        body = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}, status=504)
+        assert body["error"] == "agent_timeout" and "worker 1 of 'tp-instance' did not answer" in body["detail"]
+        assert "workers [0] answered" in body["detail"]
+        event_id = body["event_id"]
+        pending = post(client, "/check_finish", {"event_id": event_id})
+        assert pending["status"] == "pending" and pending["workers"]["1"] == {"status": "pending"}
+        assert pending["workers"]["0"]["status"] == "ok"
+        late.start()  # reads the command past its deadline: answers it expired, does nothing
+        wait_for(
+            lambda: post(client, "/check_finish", {"event_id": event_id})["workers"]["1"]["status"] == "expired",
+            what="the late rank's answer",
+        )
+        assert post(client, "/check_finish", {"event_id": event_id})["status"] == "expired"
+    finally:
+        live.stop()
+        late.stop()
+
+
+def test_commands_and_results_are_journaled(client: TestClient, ranks: list[Agent], redis_url: str) -> None:
+    event_id = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})["event_id"]
+    journal = redis.Redis.from_url(redis_url, decode_responses=True).xrange(keys.JOURNAL)
+    mine = [fields for _, fields in journal if fields.get("event_id") == event_id]
+    assert [f["type"] for f in mine] == ["command", "result", "result"]
+    assert mine[0]["instance_id"] == INSTANCE and mine[0]["kind"] == "clear"
+    assert sorted(f["worker_id"] for f in mine[1:]) == ["0", "1"]
+
+
+def test_a_rank_that_stops_leaves_the_instance_to_the_others(client: TestClient, config: KVBusConfig) -> None:
+    first, second = (Agent(config, model=MODEL, worker_id=rank) for rank in (0, 1))
+    first.start()
+    second.start()
+    store(first, SEED_TOKENS)
+    second.stop()
+    assert post(client, "/lookup", {"tokens": SEED_TOKENS})["layout_info"] == {INSTANCE: ["LocalCPUBackend", 12]}
+    answer = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})
+    assert answer == {"event_id": answer["event_id"], "num_tokens": 12}
+    first.stop()
+    assert post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"}, status=404)
+    assert client.get("/controller/key-stats").json()["total_instance_count"] == 0
+
+
+def test_clear_of_an_unknown_instance_is_404(client: TestClient) -> None:
+    response = client.post("/clear", json={"instance_id": "ghost", "location": "LocalCPUBackend"})
+    assert response.status_code == 404
+    assert response.json()["error"] == "unknown_instance"
+    assert "ghost" in response.json()["detail"]
+
+
+def test_clear_of_a_silent_instance_is_504_with_the_event_id(
+    client: TestClient,
+    redis_url: str,
+) -> None:
+    hold(redis_url, "silent", SEED_TOKENS)
+    redis.Redis.from_url(redis_url).xgroup_create(keys.commands("silent"), "worker-0", mkstream=True)
+    response = client.post("/clear", json={"instance_id": "silent", "location": "LocalCPUBackend"})
+    assert response.status_code == 504
+    body = response.json()
+    assert body["error"] == "agent_timeout" and body["event_id"].startswith("Clear")
+    assert "did not answer within 0.5 s" in body["detail"]
+
+
+def test_an_agent_failure_is_502_with_the_event_id(
+    client: TestClient,
+    agent: Agent,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken() -> int:
+        raise OSError("device lost")
+
+    monkeypatch.setattr(agent.backends[0], "clear", broken)
+    response = client.post("/clear", json={"instance_id": INSTANCE, "location": "LocalCPUBackend"})
+    assert response.status_code == 502
+    assert response.json()["error"] == "agent_failed" and "OSError: device lost" in response.json()["detail"]
+    assert response.json()["event_id"].startswith("Clear")

@@ -1,0 +1,66 @@
+"""Errors as answers (errors.py): Redis going away is a 503 the controller recovers from, routing's own
+refusals and unexpected failures are JSON of the same shape as every other error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from kvbus.controller import registry
+from kvbus.controller.app import create_app
+from kvbus.shared.config import KVBusConfig
+from tests.conftest import SEED_TOKENS, RedisServer, free_port
+from tests.controller.conftest import CheckedClient
+from tests.controller.test_lookup import BASE, hold, lookup
+
+
+@pytest.fixture
+def config(redis_url: str) -> KVBusConfig:
+    return BASE.with_overrides(redis_url=redis_url)
+
+
+def test_unknown_paths_and_methods_answer_json(client: TestClient) -> None:
+    assert client.get("/nowhere").json()["detail"] == "Not Found"
+    assert client.get("/nowhere").json()["error"] == "http"
+    response = client.get("/clear")
+    assert response.status_code == 405 and response.json()["error"] == "http"
+
+
+def test_an_unexpected_failure_is_a_json_500_naming_it(config: KVBusConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(registry, "key_stats", broken)
+    # The test client would re-raise the failure; what a real client sees is the answer.
+    with CheckedClient(create_app(config), raise_server_exceptions=False) as client:
+        response = client.get("/controller/key-stats")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error: RuntimeError: a bug", "error": "internal"}
+
+
+def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        config = BASE.with_overrides(redis_url=server.url)
+        hold(server.url, "keeper", SEED_TOKENS)
+        with CheckedClient(create_app(config)) as client:
+            assert lookup(client, SEED_TOKENS) == {"keeper": ["LocalCPUBackend", 12]}
+            server.kill()
+            for path, body in (
+                ("/lookup", {"tokens": SEED_TOKENS}),
+                ("/clear", {"instance_id": "keeper", "location": "LocalCPUBackend"}),
+            ):
+                response = client.post(path, json=body)
+                assert response.status_code == 503
+                assert response.json()["error"] == "redis_unavailable"
+                assert "Redis is unreachable" in response.json()["detail"]
+            assert client.get("/healthz").status_code == 503
+            server.start()
+            hold(server.url, "keeper", SEED_TOKENS)  # a restarted Redis is empty until agents re-register
+            assert lookup(client, SEED_TOKENS) == {"keeper": ["LocalCPUBackend", 12]}
+            assert client.get("/healthz").json()["status"] == "ok"
+    finally:
+        server.kill()
