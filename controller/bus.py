@@ -105,9 +105,18 @@ class CommandBus:
         self._closing = False
 
     async def start(self) -> None:
+        """Open the result stream, then read it on a task of its own.
+
+        Agents answer with XADD NOMKSTREAM, so a command sent before the stream exists would have
+        its results dropped: the stream is made before the first request can be served. If Redis
+        is unreachable now, the task makes it as soon as Redis answers.
+        """
+        opened = "0-0"
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            opened = await self._create_results_stream()
         # The reader task uses only its own client: cancelling it midway through a command
         # leaves that connection unusable, and nothing else must depend on it.
-        self._task = asyncio.create_task(self._read_results(), name="kvbus-results")
+        self._task = asyncio.create_task(self._read_results(opened), name="kvbus-results")
 
     async def stop(self) -> None:
         self._closing = True
@@ -174,9 +183,9 @@ class CommandBus:
             return f"{waited}; its heartbeat is fresh, so it is alive but busy or stuck"
         return f"{waited}; it has no heartbeat: its engine is down or cannot reach Redis"
 
-    async def _read_results(self) -> None:
-        last_id = "0-0"
-        next_refresh = 0.0
+    async def _read_results(self, opened: str) -> None:
+        last_id = opened
+        next_refresh = time.monotonic() + _TTL_REFRESH_S if opened != "0-0" else 0.0
         outage = Outage(log, f"reading result stream {self.results_key}", backoff_s=0.2, max_backoff_s=1.0)
         # redis-py can swallow a cancellation midway through a command, so the flag ends the loop too.
         while not self._closing:

@@ -48,11 +48,6 @@ async def command_bus(url: str, timeout_s: float) -> AsyncIterator[CommandBus]:
     bus = CommandBus(client, reader, timeout_s=timeout_s)
     await bus.start()
     try:
-        # start() only schedules the reader that creates the result stream, and workers reply with
-        # NOMKSTREAM: a result sent before the stream exists would be dropped.
-        async with asyncio.timeout(10):
-            while not await client.exists(bus.results_key):
-                await asyncio.sleep(0.01)
         yield bus
     finally:
         await bus.stop()
@@ -346,3 +341,13 @@ def test_an_agent_failure_is_502_with_the_event_id(
     assert response.status_code == 502
     assert response.json()["error"] == "agent_failed" and "OSError: device lost" in response.json()["detail"]
     assert response.json()["event_id"].startswith("Clear")
+
+
+def test_the_result_stream_exists_once_start_returns(redis_url: str, real_redis: redis.Redis) -> None:
+    """Workers answer with XADD NOMKSTREAM: a command sent right after start must find the stream there."""
+
+    async def scenario() -> int:
+        async with command_bus(redis_url, timeout_s=1) as bus:
+            return int(real_redis.exists(bus.results_key))
+
+    assert asyncio.run(scenario()) == 1
