@@ -54,9 +54,9 @@ class _LocationDelta:
 
     def apply(self, op: _Op) -> None:
         if op.kind == "replace":
-            withdrawn = self.heads_removed  # hints an earlier clear left to withdraw still must go
-            self.__init__(purge=True)  # type: ignore[misc]
-            self.heads_removed = withdrawn
+            # Everything before is superseded, but hints an earlier clear left to withdraw still must go.
+            self.purge = True
+            self.admit, self.evict, self.heads_added = {}, set(), set()
             for entry in op.entries:
                 self._admit(entry)
             return

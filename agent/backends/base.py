@@ -269,8 +269,9 @@ class StorageBackend(ABC):
         if self.listener is not None:
             self.listener.admitted(self.location, entry)
 
-    def _evicted(self, entry: IndexEntry) -> None:
-        if self.listener is not None:
+    def _evicted(self, entry: IndexEntry | None) -> None:
+        """Report a chunk gone; None (nothing was there to discard) reports nothing."""
+        if self.listener is not None and entry is not None:
             self.listener.evicted(self.location, entry)
 
     @abstractmethod

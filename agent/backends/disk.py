@@ -139,7 +139,7 @@ class LocalDiskBackend(StorageBackend):
                 _unlink(temp)
                 return entry.key in self._files
             while self._used + size > self._capacity:
-                self._evicted(self._discard(next(iter(self._files))))  # type: ignore[arg-type]
+                self._evicted(self._discard(next(iter(self._files))))
             try:
                 os.replace(temp, self._path(entry.key))
             except OSError as exc:
@@ -180,7 +180,7 @@ class LocalDiskBackend(StorageBackend):
         except (OSError, ChunkFormatError) as exc:
             with self.lock:
                 if self._files.get(key) is held:  # not already replaced by a fresh copy
-                    self._evicted(self._discard(key))  # type: ignore[arg-type]
+                    self._evicted(self._discard(key))
             log.warning(
                 "%s: chunk %s in %s is unusable (%s); dropped, and it will be recomputed",
                 self.location,

@@ -105,7 +105,7 @@ class TensorLRUBackend(StorageBackend):
             return False
         while self.used_bytes + size > self._capacity:
             oldest = next(key for key in self._lru if key != keep)  # passes over at most one key
-            self._evicted(self._discard(oldest))  # type: ignore[arg-type]
+            self._evicted(self._discard(oldest))
         return True
 
     def _held(self, key: str) -> _Held | None:
