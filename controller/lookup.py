@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import redis.asyncio
 
 from kvbus.shared import keys
-from kvbus.shared.hashing import Chunk, HashSpace
+from kvbus.shared.hashing import Chunk, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
@@ -157,5 +157,5 @@ def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[list[Chunk]]:
     chains = []
     for name in names:
         with contextlib.suppress(ValueError):  # a stray entry must not fail every lookup
-            chains.append(HashSpace.from_name(name).chunks(tokens))
+            chains.append(space_from_name(name).chunks(tokens))
     return chains
