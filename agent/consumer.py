@@ -23,18 +23,14 @@ from typing import cast
 import redis
 
 from kvbus.shared import keys
-from kvbus.shared.flat_fields import DecodeError, decode, encode
+from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, Result, ResultStatus
 from kvbus.shared.outage import Outage
-from kvbus.shared.records import CommandRecord, JournaledResult
 from kvbus.shared.redis_conn import BLOCK_MS
+from kvbus.shared.replies import deadline_ms, queue_reply
 
 log = logging.getLogger("kvbus.agent.consumer")
 
-# A done record outlives its command's deadline by this much. A redelivery later than that,
-# without a record, is past its deadline: nobody waits for it, so it is acked unanswered.
-DONE_GRACE_S = 60
-RESULTS_MAXLEN = 10_000
 _REMEMBERED_RESULTS = 10_000
 
 Handler = Callable[[Command], Result]
@@ -139,18 +135,7 @@ class CommandConsumer:
             self._before_reply()
         pipe = self._redis.pipeline(transaction=False)
         for command, result in replies:
-            pipe.set(
-                keys.done(self._instance, self._worker, command.event_id),
-                result.num_tokens,
-                ex=command.timeout_ms // 1000 + DONE_GRACE_S,
-            )
-            record = keys.command_record(command.event_id)
-            pipe.hset(record, CommandRecord.result_field(self._worker), CommandRecord.result_value(result))
-            # The controller set the record's retention; this only keeps a record it never made from leaking.
-            pipe.expire(record, self._event_retention_s, nx=True)
-            pipe.xadd(keys.JOURNAL, JournaledResult.of(result), maxlen=keys.JOURNAL_MAXLEN, approximate=True)
-            # NOMKSTREAM: a result stream that is gone belongs to a controller that is gone.
-            pipe.xadd(command.reply_to, encode(result), maxlen=RESULTS_MAXLEN, approximate=True, nomkstream=True)
+            queue_reply(pipe, command, result, retention_s=self._event_retention_s)
         pipe.xack(self._stream, self._group, *(entry_id for entry_id, _ in entries))
         pipe.execute()
 
@@ -173,8 +158,7 @@ class CommandConsumer:
         return False
 
     def _late_ms(self, entry_id: str, command: Command) -> int:
-        issued_ms = int(entry_id.split("-", 1)[0])
-        return self._now_ms() - (issued_ms + command.timeout_ms)
+        return self._now_ms() - deadline_ms(entry_id, command)
 
     def _execute(self, entry_id: str, command: Command) -> Result:
         late_ms = self._late_ms(entry_id, command)

@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from kvbus.controller import dashboard, metrics
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.errors import EXCEPTION_HANDLERS
+from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.reaper import Reaper
 from kvbus.controller.routes import ROUTES
@@ -37,6 +38,8 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.bus = bus
         app.state.index = PrefixIndex(redis_client)
         await bus.start()
+        bridge = Bridge(redis_client, config, controller_id=bus.controller_id)
+        await bridge.start()
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None
         log.info("controller %s ready; results on %s", bus.controller_id, bus.results_key)
@@ -46,6 +49,7 @@ def create_app(config: KVBusConfig) -> Starlette:
             reaper.stop()
             if reaping is not None:
                 await reaping
+            await bridge.stop()
             await bus.stop()
             await redis_client.aclose()
             await reader_client.aclose()

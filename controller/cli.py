@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 
+import msgspec
 import uvicorn
 
 from kvbus import logs
 from kvbus.controller.app import create_app
+from kvbus.controller.lmcache.monitor import MonitorPorts
 from kvbus.shared.config import ConfigError, load
 
 log = logging.getLogger("kvbus.controller")
@@ -26,15 +28,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     # Defaults are None so that only flags actually given override the config file.
     parser.add_argument("--host", help="address to bind (default: controller_host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: controller_port, 9000)")
-    parser.add_argument(
+    ports = parser.add_mutually_exclusive_group()
+    ports.add_argument(
+        "--monitor-ports",
+        help=(
+            'LMCache workers\' sockets, as LMCache 0.5.6 takes them: \'{"pull": P1, "reply": P2, "heartbeat": P3}\' '
+            "(heartbeat optional; without it LMCache workers send none and are checked by health messages). "
+            "Default: controller_monitor_ports, else none bound"
+        ),
+    )
+    ports.add_argument(
         "--monitor-port",
         type=int,
-        default=9001,
-        help=(
-            "port reserved for the LMCache worker bridge, which will let unmodified LMCache workers report "
-            "over ZMQ as they do to LMCache's controller. Accepted for LMCache CLI compatibility; "
-            "kvbus agents talk through Redis and do not use it yet"
-        ),
+        help="the seed's single port P: pull on P, reply on P+1, heartbeat on P+2",
     )
     parser.add_argument("--redis-url", help="Redis bus and index (default: redis_url, redis://127.0.0.1:6379/0)")
     parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, if set)")
@@ -50,6 +56,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int:
     args = _parser(prog).parse_args(argv)
     logs.setup(args.log_level)
+    monitor_ports = args.monitor_ports
+    if args.monitor_port is not None:
+        monitor_ports = msgspec.json.encode(msgspec.structs.asdict(MonitorPorts.of_port(args.monitor_port))).decode()
     overrides = {
         key: value
         for key, value in {
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int
             "controller_port": args.port,
             "redis_url": args.redis_url,
             "command_timeout": args.command_timeout,
+            "controller_monitor_ports": monitor_ports,
         }.items()
         if value is not None
     }
@@ -65,12 +75,7 @@ def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    log.info(
-        "controller listening on http://%s:%d (monitor port %d reserved)",
-        config.controller_host,
-        config.controller_port,
-        args.monitor_port,
-    )
+    log.info("controller listening on http://%s:%d", config.controller_host, config.controller_port)
     uvicorn.run(
         create_app(config),
         host=config.controller_host,

@@ -114,6 +114,21 @@ def _optional_ports(value: Any) -> tuple[int, ...] | None:
     return None if value is None else _ports(value)
 
 
+def _monitor_ports(value: Any) -> dict[str, int] | None:
+    """LMCache's `{"pull": P1, "reply": P2, "heartbeat": P3}` (heartbeat optional), as yaml or JSON text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict) or not {"pull", "reply"} <= value.keys() <= {"pull", "reply", "heartbeat"}:
+        raise ValueError('expected {"pull": port, "reply": port} and optionally "heartbeat": port')
+    return {name: _port(port) for name, port in value.items() if port is not None}
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
 def _disk_path(value: Any) -> str | None:
     if value is None:
         return None
@@ -148,6 +163,9 @@ class KVBusConfig:
     controller_pull_url: str | None = _spec(_optional_text, None, "LMCache worker bridge host:port")
     controller_reply_url: str | None = _spec(_optional_text, None, "LMCache worker reply host:port")
     lmcache_worker_ports: tuple[int, ...] | None = _spec(_optional_ports, None, "worker port per worker id")
+    controller_monitor_ports: dict[str, int] | None = _spec(
+        _monitor_ports, None, "the controller's ports for LMCache workers: pull, reply and optionally heartbeat"
+    )
     p2p_host: str | None = _spec(_optional_text, None, "host other agents reach this one on")
     p2p_init_ports: tuple[int, ...] | None = _spec(_optional_ports, None, "peer port per worker id")
     # kvbus keys. LMCache has no GPU-memory backend key; these two follow its local_cpu pattern.
@@ -162,7 +180,13 @@ class KVBusConfig:
     )
     event_retention: float = _spec(_positive, 3600.0, "seconds /check_finish remembers a command's outcome")
     max_lookup_tokens: int = _spec(_positive_int, 262_144, "longest token list /lookup accepts")
-    controller_host: str = _spec(_text, "127.0.0.1", "controller bind address")
+    lmcache_hash_seed: int | None = _spec(
+        _optional_int,
+        None,
+        "PYTHONHASHSEED of LMCache engines running in vLLM (their chunk keys start from a hash of it); "
+        "unset: the controller's own PYTHONHASHSEED if set, else engines without vLLM",
+    )
+    controller_host: str = _spec(_text, "127.0.0.1", "controller bind address (HTTP and LMCache's sockets)")
     controller_port: int = _spec(_port, 9000, "controller HTTP port")
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ decoder ignores them. A payload that starts with `{` is JSON, which LMCache also
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -211,6 +211,7 @@ WorkerAnswer = (
     | ErrorMsg
 )
 
+_T = TypeVar("_T")
 _REPLY = msgspec.msgpack.Decoder(FromWorkerReply)
 _PULL = msgspec.msgpack.Decoder(FromWorkerPull)
 _HEARTBEAT = msgspec.msgpack.Decoder(HeartbeatMsg)
@@ -245,7 +246,7 @@ def decode_answer(payload: bytes) -> WorkerAnswer:
     return _decode(payload, _ANSWER, _JSON_ANSWER)
 
 
-def _decode(payload: bytes, packed: msgspec.msgpack.Decoder[Any], text: msgspec.json.Decoder[Any]) -> Any:
+def _decode(payload: bytes, packed: msgspec.msgpack.Decoder[_T], text: msgspec.json.Decoder[_T]) -> _T:
     try:
         # LMCache takes JSON too, from producers that are not LMCache workers.
         return text.decode(payload) if payload[:1] == b"{" else packed.decode(payload)

@@ -266,7 +266,7 @@ def test_controller_help_says_what_the_monitor_port_is_for() -> None:
         [sys.executable, "-m", "kvbus", "controller", "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0
-    assert "--monitor-port" in proc.stdout and "LMCache worker bridge" in " ".join(proc.stdout.split())
+    assert "--monitor-port" in proc.stdout and "pull on P, reply on P+1" in " ".join(proc.stdout.split())
 
 
 def test_a_pending_clear_survives_a_redis_crash_with_aof(procs: Processes, tmp_path: Path) -> None:

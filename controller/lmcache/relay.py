@@ -1,0 +1,335 @@
+"""Commands for LMCache workers: read from their instances' streams as an agent reads its own, carried
+to each worker's REP socket over ZMQ, answered exactly as an agent answers.
+
+Every controller replica that serves LMCache's protocol relays. Each reads through the worker's own
+consumer group (`worker-<id>`) under its own consumer name, so a command goes to exactly one
+replica whichever replica took the HTTP request, and a replica that dies loses only the commands
+it held, which expire at their deadline like any unanswered command. One request is in flight per
+worker at a time (its REP socket takes one), each with the command's deadline as its timeout: a
+silent worker costs a 504, never a hang.
+
+LMCache workers heartbeat only when told to (and 0.5.6 does not by default), so a worker that sent
+no heartbeat lately is asked for its health instead, by one replica at a time, and an answer
+counts as a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+import redis.asyncio
+import zmq
+import zmq.asyncio
+
+from kvbus.controller.lmcache import wire
+from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError, decode
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
+from kvbus.shared.outage import Outage
+from kvbus.shared.records import WorkerRecord
+from kvbus.shared.redis_conn import BLOCK_MS
+from kvbus.shared.replies import deadline_ms, queue_reply
+
+log = logging.getLogger("kvbus.controller.lmcache")
+
+_READ_COUNT = 64
+_MEMBERS_REFRESH_S = 1.0
+
+
+@dataclass
+class _Worker:
+    """One LMCache worker as this replica reaches it: its socket, and the lock that keeps one request in flight."""
+
+    instance_id: str
+    worker_id: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    address: str = ""
+    socket: zmq.asyncio.Socket | None = None
+
+
+class Relay:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        reader: redis.asyncio.Redis,
+        *,
+        consumer: str,
+        heartbeat_interval_s: float,
+        heartbeat_ttl_s: float,
+        event_retention_s: float,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._redis = client
+        self._reader = reader  # blocking reads only: a cancelled one leaves its connection unusable
+        self._consumer = consumer
+        self._interval_s = heartbeat_interval_s
+        self._ttl_ms = int(heartbeat_ttl_s * 1000)
+        self._retention_s = max(int(event_retention_s), 1)
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self._context = zmq.asyncio.Context.instance()
+        self._workers: dict[tuple[str, int], _Worker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def run(self) -> None:
+        """Read and carry commands until `stop`; Redis outages are waited out."""
+        outage = Outage(log, "relaying commands to LMCache workers", backoff_s=0.2, max_backoff_s=2.0)
+        next_probe = 0.0
+        while not self._closing:
+            try:
+                members = await self._members()
+                if time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + self._interval_s
+                    self._spawn(self._probe_silent(members))
+                await self._read_once(members)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._closing:
+                    return
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.succeeded()
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self._workers.values():
+            if worker.socket is not None:
+                worker.socket.close(linger=0)
+
+    async def _members(self) -> dict[int, list[str]]:
+        """worker id -> instances with an LMCache worker of that id: one read covers all of one id's streams."""
+        by_worker: dict[int, list[str]] = {}
+        for member in await self._redis.smembers(keys.LMCACHE_WORKERS):
+            holder = keys.head_holder(str(member))
+            if holder is not None:
+                by_worker.setdefault(holder[1], []).append(holder[0])
+        return by_worker
+
+    async def _read_once(self, members: dict[int, list[str]]) -> None:
+        if not members:
+            await asyncio.sleep(_MEMBERS_REFRESH_S)
+            return
+        # One id's streams in one blocking read; other ids wait at most the block time for their turn.
+        block_ms = max(1, min(BLOCK_MS, int(_MEMBERS_REFRESH_S * 1000) // len(members)))
+        for worker_id, instances in sorted(members.items()):
+            of_stream = {keys.commands(instance): instance for instance in sorted(instances)}
+            streams: dict[Any, Any] = dict.fromkeys(of_stream, ">")
+            try:
+                reply = await self._reader.xreadgroup(
+                    keys.command_group(worker_id), self._consumer, streams, count=_READ_COUNT, block=block_ms
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._repair_groups(worker_id, instances)
+                continue
+            for stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str] | None]]]], reply or []):
+                instance = of_stream[stream]
+                for entry_id, fields in entries:
+                    self._spawn(self._carry(instance, worker_id, entry_id, fields))
+
+    async def _repair_groups(self, worker_id: int, instances: list[str]) -> None:
+        """A stream or group vanished (Redis restarted empty, or the instance left): recreate what is registered."""
+        for instance in instances:
+            if not await self._redis.exists(keys.worker(instance, worker_id)):
+                await self._redis.srem(keys.LMCACHE_WORKERS, keys.head_member(instance, worker_id))
+                continue
+            with contextlib.suppress(redis.ResponseError):
+                await self._redis.xgroup_create(
+                    keys.commands(instance), keys.command_group(worker_id), id="0", mkstream=True
+                )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _carry(self, instance: str, worker_id: int, entry_id: str, fields: dict[str, str] | None) -> None:
+        command = self._decode(instance, entry_id, fields)
+        result = None if command is None else await self._answer(instance, worker_id, entry_id, command)
+        pipe = self._redis.pipeline(transaction=False)
+        if command is not None and result is not None:
+            queue_reply(pipe, command, result, retention_s=self._retention_s)
+        pipe.xack(keys.commands(instance), keys.command_group(worker_id), entry_id)
+        await pipe.execute()
+
+    @staticmethod
+    def _decode(instance: str, entry_id: str, fields: dict[str, str] | None) -> Command | None:
+        if not fields:
+            return None
+        try:
+            return decode(Command, fields)
+        except DecodeError as exc:
+            log.error("dropping undecodable command %s for %s: %s", entry_id, instance, exc)
+            return None
+
+    async def _answer(self, instance: str, worker_id: int, entry_id: str, command: Command) -> Result | None:
+        if await self._redis.exists(keys.done(instance, worker_id, command.event_id)):
+            return None  # answered before by a replica that died before acking
+        left_ms = deadline_ms(entry_id, command) - self._now_ms()
+        if left_ms <= 0:
+            return _result(instance, worker_id, command, ResultStatus.EXPIRED, f"arrived {-left_ms} ms late")
+        message = _message(worker_id, command)
+        if isinstance(message, str):
+            return _result(instance, worker_id, command, ResultStatus.REFUSED, message)
+        started = time.perf_counter()
+        answer = await self._request(instance, worker_id, message, left_ms / 1000)
+        result = _result_of(instance, worker_id, command, answer)
+        log.info(
+            "%s %s to LMCache worker %s/%d: %s %d tokens in %.1f ms",
+            command.kind,
+            command.event_id,
+            instance,
+            worker_id,
+            result.status,
+            result.num_tokens,
+            (time.perf_counter() - started) * 1000,
+        )
+        return result
+
+    async def _request(
+        self, instance: str, worker_id: int, message: wire.ToWorker, timeout_s: float
+    ) -> wire.WorkerAnswer | str:
+        """The worker's answer, or why there is none."""
+        worker = self._workers.setdefault((instance, worker_id), _Worker(instance, worker_id))
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with worker.lock:
+                    sock = await self._socket(worker)
+                    if sock is None:
+                        return "the LMCache worker is not registered"
+                    # A REP socket expects the envelope a REQ socket adds: an empty frame first.
+                    await sock.send_multipart([b"", wire.encode(message)])
+                    frames = await sock.recv_multipart()
+        except TimeoutError:
+            self._drop_socket(worker)  # a late answer must not be read as the next request's
+            return f"the LMCache worker at {worker.address} did not answer within {timeout_s:.1f} s"
+        try:
+            return wire.decode_answer(frames[-1])
+        except wire.WireError as exc:
+            return f"undecodable answer from the LMCache worker at {worker.address}: {exc}"
+
+    async def _socket(self, worker: _Worker) -> zmq.asyncio.Socket | None:
+        fields = await self._redis.hgetall(keys.worker(worker.instance_id, worker.worker_id))
+        try:
+            record = WorkerRecord.decode(fields)
+        except DecodeError:
+            return None
+        address = f"tcp://{record.ip}:{record.port}"
+        if worker.socket is None or worker.address != address:
+            self._drop_socket(worker)
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            worker.socket, worker.address = sock, address
+        return worker.socket
+
+    @staticmethod
+    def _drop_socket(worker: _Worker) -> None:
+        if worker.socket is not None:
+            worker.socket.close(linger=0)
+            worker.socket = None
+
+    async def _probe_silent(self, members: dict[int, list[str]]) -> None:
+        """Ask each worker that sent no heartbeat lately for its health; an answer keeps it alive."""
+        now = time.time()
+        for worker_id, instances in members.items():
+            for instance in instances:
+                record_fields = await self._redis.hgetall(keys.worker(instance, worker_id))
+                try:
+                    record = WorkerRecord.decode(record_fields)
+                except DecodeError:
+                    continue
+                if now - record.last_heartbeat_time < self._interval_s:
+                    continue
+                if not await self._redis.set(
+                    keys.lmcache_probe(instance, worker_id), self._consumer, nx=True, px=self._ttl_ms // 2
+                ):
+                    continue  # another replica asks
+                self._spawn(self._probe(instance, worker_id))
+
+    async def _probe(self, instance: str, worker_id: int) -> None:
+        answer = await self._request(
+            instance,
+            worker_id,
+            wire.HealthWorkerMsg(worker_event_id=f"HealthWorker{worker_id}probe"),
+            self._ttl_ms / 2000,
+        )
+        if isinstance(answer, wire.HealthWorkerRetMsg):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(keys.alive(instance), worker_id, px=self._ttl_ms)
+            pipe.hset(keys.worker(instance, worker_id), mapping=WorkerRecord.heartbeat(time.time(), None))
+            await pipe.execute()
+
+
+def _message(worker_id: int, command: Command) -> wire.ToWorker | str:
+    """The LMCache message for a command, or why an LMCache worker cannot take it."""
+    worker_event_id = f"Worker{worker_id}{command.event_id}"
+    tokens = list(command.tokens)
+    match command.kind:
+        case CommandKind.CLEAR:
+            return wire.ClearWorkerMsg(worker_event_id=worker_event_id, location=command.location)
+        case CommandKind.PIN:
+            return wire.PinWorkerMsg(worker_event_id=worker_event_id, location=command.location, tokens=tokens)
+        case CommandKind.COMPRESS:
+            return wire.CompressWorkerMsg(
+                worker_event_id=worker_event_id, method=command.method, location=command.location, tokens=tokens
+            )
+        case CommandKind.DECOMPRESS:
+            return wire.DecompressWorkerMsg(
+                worker_event_id=worker_event_id, method=command.method, location=command.location, tokens=tokens
+            )
+        case CommandKind.HEALTH:
+            return wire.HealthWorkerMsg(worker_event_id=worker_event_id)
+        case CommandKind.MOVE:
+            return _move(worker_event_id, worker_id, command)
+        case _:
+            return f"LMCache 0.5.6 workers have no {command.kind} operation"
+
+
+def _move(worker_event_id: str, worker_id: int, command: Command) -> wire.MoveWorkerMsg | str:
+    peer = command.peers.get(str(worker_id))
+    if peer is None:
+        return "LMCache workers move chunks only to another instance's peer endpoint (p2p_init_ports)"
+    return wire.MoveWorkerMsg(
+        worker_event_id=worker_event_id,
+        old_position=command.location,
+        new_position=(peer, command.dest_location),
+        tokens=list(command.tokens),
+        copy=command.should_copy,
+    )
+
+
+def _result_of(instance: str, worker_id: int, command: Command, answer: wire.WorkerAnswer | str) -> Result:
+    if isinstance(answer, str):
+        return _result(instance, worker_id, command, ResultStatus.ERROR, answer)
+    if isinstance(answer, wire.ErrorMsg):
+        return _result(instance, worker_id, command, ResultStatus.ERROR, f"the LMCache worker answered: {answer.error}")
+    if isinstance(answer, wire.HealthWorkerRetMsg):
+        return Result(
+            event_id=command.event_id,
+            instance_id=instance,
+            worker_id=worker_id,
+            status=ResultStatus.OK,
+            error_code=answer.error_code,
+        )
+    return Result(
+        event_id=command.event_id,
+        instance_id=instance,
+        worker_id=worker_id,
+        status=ResultStatus.OK,
+        num_tokens=answer.num_tokens,
+    )
+
+
+def _result(instance: str, worker_id: int, command: Command, status: ResultStatus, detail: str) -> Result:
+    return Result(event_id=command.event_id, instance_id=instance, worker_id=worker_id, status=status, detail=detail)

@@ -1,0 +1,199 @@
+"""LMCache workers on kvbus, through the controller's monitor sockets and relay, against real Redis.
+
+Workers here are `FakeLMCacheWorker`s (LMCache's protocol over pyzmq); the LMCache tier runs LMCache's
+own worker code. Each test gets its own controller app with its own monitor ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from kvbus.controller.lmcache import wire
+from kvbus.shared import keys
+from kvbus.shared.config import KVBusConfig
+from kvbus.shared.records import LMCacheSync, WorkerProtocol, WorkerRecord
+from tests.conftest import SEED_TOKENS, free_port, wait_for
+from tests.controller.conftest import CheckedClient
+from tests.controller.lmcache.fake_worker import FakeLMCacheWorker
+
+CPU = "LocalCPUBackend"
+PROMPT = list(range(1000, 1600))  # 256 + 256 + 88 tokens
+
+
+@pytest.fixture
+def config(redis_url: str) -> KVBusConfig:
+    ports = {"pull": free_port(), "reply": free_port(), "heartbeat": free_port()}
+    return KVBusConfig(redis_url=redis_url, command_timeout=2.0, controller_monitor_ports=ports)
+
+
+@pytest.fixture
+def client(config: KVBusConfig, real_redis: redis.Redis) -> Iterator[TestClient]:
+    real_redis.flushdb()
+    from kvbus.controller.app import create_app
+
+    with CheckedClient(create_app(config)) as test_client:
+        yield test_client
+
+
+def make_worker(config: KVBusConfig, instance_id: str, worker_id: int = 0) -> FakeLMCacheWorker:
+    ports = config.controller_monitor_ports
+    assert ports is not None
+    return FakeLMCacheWorker(
+        instance_id, worker_id, ports["pull"], ports["reply"], free_port(), heartbeat_port=ports.get("heartbeat")
+    )
+
+
+@pytest.fixture
+def worker(config: KVBusConfig, client: TestClient) -> Iterator[FakeLMCacheWorker]:
+    fake = make_worker(config, "lmc-a")
+    fake.register()
+    yield fake
+    fake.close()
+
+
+def index_size(real_redis: redis.Redis, instance_id: str, worker_id: int = 0) -> int:
+    return int(real_redis.hlen(keys.index(instance_id, worker_id, CPU)))
+
+
+def test_registration_writes_the_same_records_an_agent_writes(
+    config: KVBusConfig, client: TestClient, real_redis: redis.Redis
+) -> None:
+    fake = make_worker(config, "lmc-reg")
+    try:
+        answer = fake.register()
+        ports = config.controller_monitor_ports
+        assert ports is not None
+        assert answer.extra_config == {"heartbeat_url": f"127.0.0.1:{ports['heartbeat']}"}
+        record = WorkerRecord.decode(real_redis.hgetall(keys.worker("lmc-reg", 0)))
+        assert record.protocol == WorkerProtocol.LMCACHE and record.port == fake.rep_port and record.ip == "127.0.0.1"
+        assert real_redis.sismember(keys.INSTANCES, "lmc-reg") and real_redis.exists(keys.alive("lmc-reg"))
+        workers = client.get("/controller/workers", params={"instance_id": "lmc-reg"}).json()["workers"]
+        assert [(w["worker_id"], w["port"]) for w in workers] == [(0, fake.rep_port)]
+    finally:
+        fake.close()
+
+
+def test_admitted_chunks_land_in_the_ranks_index_and_evictions_leave_it(
+    worker: FakeLMCacheWorker, real_redis: redis.Redis
+) -> None:
+    worker.store(PROMPT)
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 3, what="three admitted chunks")
+    worker.push_ops([(wire.OpType.EVICT, worker.held[-1])])
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 2, what="the evicted chunk gone")
+
+
+def test_a_clear_reaches_the_worker_over_its_rep_socket_and_answers_as_lmcache(
+    worker: FakeLMCacheWorker, client: TestClient, real_redis: redis.Redis
+) -> None:
+    worker.store(SEED_TOKENS)
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 1, what="the seed chunk admitted")
+    response = client.post("/clear", json={"instance_id": "lmc-a", "location": CPU})
+    assert response.status_code == 200, response.text
+    assert response.json()["num_tokens"] == 12 and response.json()["event_id"].startswith("Clear")
+    assert isinstance(worker.received[-1], wire.ClearWorkerMsg) and worker.received[-1].location == CPU
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 0, what="the worker's evictions")
+    finished = client.post("/check_finish", json={"event_id": response.json()["event_id"]}).json()
+    assert finished["status"] == "finished" and finished["workers"]["0"]["num_tokens"] == 12
+
+
+def test_health_pin_and_compress_with_lmcaches_own_method_pass_through(
+    worker: FakeLMCacheWorker, client: TestClient
+) -> None:
+    health = client.post("/health", json={"instance_id": "lmc-a"})
+    assert health.status_code == 200 and health.json()["error_codes"] == {"0": 0}
+    pinned = client.post("/pin", json={"instance_id": "lmc-a", "location": CPU, "tokens": SEED_TOKENS})
+    assert pinned.status_code == 200 and pinned.json()["num_tokens"] == 12
+    sent = worker.received[-1]
+    assert isinstance(sent, wire.PinWorkerMsg) and sent.tokens == SEED_TOKENS
+    unpinned = client.post("/unpin", json={"instance_id": "lmc-a", "location": CPU, "tokens": SEED_TOKENS})
+    assert unpinned.status_code == 400 and "no unpin" in unpinned.json()["detail"]
+
+
+def test_a_worker_that_answers_an_error_is_a_502_and_check_finish_says_failed(
+    worker: FakeLMCacheWorker, client: TestClient
+) -> None:
+    worker.answer = lambda message: wire.ErrorMsg(error="engine exploded")
+    response = client.post("/clear", json={"instance_id": "lmc-a", "location": CPU})
+    assert response.status_code == 502 and "engine exploded" in response.json()["detail"]
+    status = client.post("/check_finish", json={"event_id": response.json()["event_id"]}).json()
+    assert status["status"] == "failed"
+
+
+def test_a_silent_worker_costs_a_504_not_a_hang_and_the_next_command_still_goes_through(
+    worker: FakeLMCacheWorker, client: TestClient
+) -> None:
+    worker.answer = lambda message: None
+    response = client.post("/clear", json={"instance_id": "lmc-a", "location": CPU})
+    assert response.status_code == 504 and response.json()["error"] == "agent_timeout"
+
+
+def test_a_sequence_gap_drops_the_ranks_index_and_the_heartbeat_asks_for_a_full_sync(
+    worker: FakeLMCacheWorker, real_redis: redis.Redis
+) -> None:
+    worker.store(PROMPT[:256])
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 1, what="the first chunk")
+    worker.store(PROMPT, skip_seq=3)  # three ops lost on the way
+    wait_for(
+        lambda: LMCacheSync.decode(real_redis.hgetall(keys.lmcache_sync("lmc-a", 0))).gaps == 1, what="the gap noted"
+    )
+    assert index_size(real_redis, "lmc-a") == 0  # nothing stale is kept
+    commands = worker.heartbeat().commands
+    assert [c.reason for c in commands] == ["seq_gap"]
+    started = worker.ask(
+        wire.FullSyncStartMsg(instance_id="lmc-a", worker_id=0, location=CPU, sync_id="s1", total_keys=3, batch_count=2)
+    )
+    assert isinstance(started, wire.FullSyncStartRetMsg) and started.accepted
+    worker.push(
+        wire.FullSyncBatchMsg(
+            instance_id="lmc-a", worker_id=0, location=CPU, sync_id="s1", batch_id=0, keys=worker.held[:2]
+        )
+    )
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 2, what="the first sync batch")
+    status = worker.ask(wire.FullSyncStatusMsg(instance_id="lmc-a", worker_id=0, sync_id="s1"))
+    assert isinstance(status, wire.FullSyncStatusRetMsg)
+    assert not status.is_complete and status.missing_batches == [1] and not status.can_exit_freeze
+    worker.push(
+        wire.FullSyncBatchMsg(
+            instance_id="lmc-a", worker_id=0, location=CPU, sync_id="s1", batch_id=1, keys=worker.held[2:]
+        ),
+        wire.FullSyncEndMsg(instance_id="lmc-a", worker_id=0, location=CPU, sync_id="s1", actual_total_keys=3),
+    )
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 3, what="the whole sync")
+
+    def complete() -> bool:
+        answer = worker.ask(wire.FullSyncStatusMsg(instance_id="lmc-a", worker_id=0, sync_id="s1"))
+        return isinstance(answer, wire.FullSyncStatusRetMsg) and answer.is_complete and answer.can_exit_freeze
+
+    wait_for(complete, what="the sync complete")
+    assert worker.heartbeat().commands == []
+
+
+def test_a_heartbeat_from_a_worker_redis_lost_registers_it_again_and_asks_for_its_chunks(
+    worker: FakeLMCacheWorker, real_redis: redis.Redis
+) -> None:
+    real_redis.delete(keys.worker("lmc-a", 0))
+    assert [c.reason for c in worker.heartbeat().commands] == ["worker_re_registered"]
+    assert real_redis.exists(keys.worker("lmc-a", 0))
+
+
+def test_garbage_on_the_pull_socket_is_skipped_and_the_loop_goes_on(
+    worker: FakeLMCacheWorker, real_redis: redis.Redis
+) -> None:
+    worker._push.send(b"GET / HTTP/1.1\r\n\r\n")
+    worker.store(SEED_TOKENS)
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 1, what="an admit after the garbage")
+
+
+def test_deregistration_removes_the_worker_and_its_index(
+    worker: FakeLMCacheWorker, client: TestClient, real_redis: redis.Redis
+) -> None:
+    worker.store(PROMPT)
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 3, what="the chunks")
+    worker.deregister()
+    wait_for(lambda: not real_redis.sismember(keys.INSTANCES, "lmc-a"), what="the instance gone")
+    assert index_size(real_redis, "lmc-a") == 0 and not real_redis.exists(keys.worker("lmc-a", 0))
+    assert client.post("/clear", json={"instance_id": "lmc-a", "location": CPU}).status_code == 404
