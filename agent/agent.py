@@ -43,7 +43,7 @@ class Agent:
         self.space = HashSpace(model, config.chunk_size, config.save_unfull_chunk)
         self._redis = redis_conn.connect(config.redis_url)
         self._blocking = redis_conn.connect(config.redis_url, blocking=True)
-        self.index = IndexWriter(self._redis, self.instance_id)
+        self.index = IndexWriter(self._redis, self.instance_id, worker_id)
         self.backends: list[StorageBackend] = make_backends(
             config, self.space, self.index, worker_id=worker_id, layout=layout or ""
         )
@@ -120,7 +120,11 @@ class Agent:
         return False
 
     def stop(self) -> None:
-        """Finish the command in hand, then deregister; the last worker of the instance drops its index entries."""
+        """Finish the command in hand, drop this rank's index entries, then deregister.
+
+        The index goes first: while this rank is still registered, lookup credits the instance with
+        nothing this rank no longer serves. The last worker also takes the instance away.
+        """
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -129,8 +133,8 @@ class Agent:
         self.tiers.stop()
         self.index.stop()
         try:
-            if self.registration.deregister():
-                self.index.purge([b.location for b in self.backends])
+            self.index.purge([b.location for b in self.backends])
+            self.registration.deregister()
         except redis.RedisError as exc:
             log.warning(
                 "could not deregister from Redis (%s); lookups skip the instance once its heartbeat "

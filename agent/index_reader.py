@@ -1,5 +1,5 @@
-"""How much of a prompt an instance holds, read from its Redis index by a process that holds no KV
-(the engine's scheduler), in one round trip.
+"""How much of a prompt one rank of an instance holds, read from that rank's Redis index by a process
+that holds no KV (the engine's scheduler), in one round trip.
 
 The scheduler runs the engine's loop, so a Redis that is slow or gone must cost it little: any
 error counts as a miss, and after one the reader answers "nothing held" without asking for
@@ -34,7 +34,7 @@ class IndexReader:
         backoff_s: float = 5.0,
     ) -> None:
         self._redis = client
-        self._index = keys.index(instance_id, location)
+        self._index = keys.index(instance_id, worker_id, location)
         self._worker = keys.worker(instance_id, worker_id)
         self._layout = layout
         self._backoff_s = backoff_s
@@ -42,7 +42,7 @@ class IndexReader:
         self._warned_layout: str | None = None
 
     def held(self, chunk_keys: list[str]) -> int:
-        """How many of `chunk_keys`, from the first, the instance holds in blocks of this reader's layout."""
+        """How many of `chunk_keys`, from the first, this reader's rank holds in blocks of its layout."""
         if time.monotonic() < self._paused_until:
             return 0
         pipe = self._redis.pipeline(transaction=False)

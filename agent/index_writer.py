@@ -1,4 +1,8 @@
-"""Keeps the Redis index equal to what this agent's backends hold.
+"""Keeps this rank's Redis index equal to what this agent's backends hold.
+
+Each rank (worker) of an instance has an index of its own (`keys.index(instance, worker, location)`)
+and its own members in the global head sets, so a clear or eviction on one rank never hides
+what another rank holds; lookup credits the instance with what every rank holds.
 
 Backends report admissions, evictions and clears in order into one op log; `flush()`
 folds the log into a few batched commands (one HSET of many fields per location, not a
@@ -7,7 +11,7 @@ handler flushes synchronously before it answers, so the index is current when th
 controller's response goes out.
 
 A clear drops the location's index hash at once. The global `head` sets are only hints
-that lookup verifies against that hash, so withdrawing this instance from them (one
+that lookup verifies against that hash, so withdrawing this rank from them (one
 command per prompt) is queued as a `forget` op and done by the next flush.
 """
 
@@ -82,11 +86,15 @@ class _LocationDelta:
 
 
 class IndexWriter:
-    """The IndexListener of every backend of one agent."""
+    """The IndexListener of every backend of one agent (one rank of an instance)."""
 
-    def __init__(self, client: redis.Redis, instance_id: str, *, flush_interval_s: float = 0.005) -> None:
+    def __init__(
+        self, client: redis.Redis, instance_id: str, worker_id: int, *, flush_interval_s: float = 0.005
+    ) -> None:
         self._redis = client
         self._instance = instance_id
+        self._worker = worker_id
+        self._member = keys.head_member(instance_id, worker_id)  # this rank in the global head sets
         self._interval = flush_interval_s
         self._ops: deque[_Op] = deque()
         self._ops_lock = threading.Lock()
@@ -161,7 +169,7 @@ class IndexWriter:
             self.flush()
 
     def purge(self, locations: list[Location]) -> None:
-        """Drop everything the index says this instance holds at `locations`, e.g. left by a crashed run."""
+        """Drop everything the index says this rank holds at `locations`, e.g. left by a crashed run."""
         for location in locations:
             self.replaced(location, [])
         self.drain()
@@ -184,8 +192,9 @@ class IndexWriter:
     def _purge(self, locations: list[Location], deltas: dict[Location, _LocationDelta]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for location in locations:
-            pipe.smembers(keys.heads(self._instance, location))
-            pipe.unlink(keys.index(self._instance, location), keys.heads(self._instance, location))
+            heads_key = keys.heads(self._instance, self._worker, location)
+            pipe.smembers(heads_key)
+            pipe.unlink(keys.index(self._instance, self._worker, location), heads_key)
         replies = pipe.execute()
         forget = [
             _Op("forget", location, heads=frozenset(old) - deltas[location].heads_added)
@@ -199,8 +208,8 @@ class IndexWriter:
             self._wake.set()
 
     def _add_commands(self, pipe: redis.client.Pipeline, location: Location, delta: _LocationDelta) -> None:
-        index_key = keys.index(self._instance, location)
-        heads_key = keys.heads(self._instance, location)
+        index_key = keys.index(self._instance, self._worker, location)
+        heads_key = keys.heads(self._instance, self._worker, location)
         items = list(delta.admit.items())
         for start in range(0, len(items), FIELDS_PER_COMMAND):
             pipe.hset(index_key, mapping=dict(items[start : start + FIELDS_PER_COMMAND]))
@@ -212,12 +221,14 @@ class IndexWriter:
         if delta.heads_removed:
             pipe.srem(heads_key, *delta.heads_removed)
         for head in delta.heads_added:
-            pipe.sadd(keys.head(location, head), self._instance)
+            pipe.sadd(keys.head(location, head), self._member)
         for head in delta.heads_removed:
-            pipe.srem(keys.head(location, head), self._instance)
+            pipe.srem(keys.head(location, head), self._member)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"kvbus-index-{self._instance}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"kvbus-index-{self._instance}-{self._worker}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -33,10 +33,14 @@ class WorkerAddress:
     peer_init_url: str | None
 
 
-# Other ranks of the instance may still be serving: only the last one takes the instance away.
+# KEYS: 1 the workers set, 2 this worker's hash, 3 the instance set, 4..6 the instance's info, alive
+# key and command stream, then this rank's index and heads keys. ARGV: 1 the worker id, 2 the instance id.
+# A rank takes only its own keys: other ranks of the instance may still be serving, and only the
+# last one takes the instance away.
 _DEREGISTER = """
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+if #KEYS > 6 then redis.call('UNLINK', unpack(KEYS, 7)) end
 if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('UNLINK', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
@@ -146,21 +150,29 @@ class Registration:
         return bool(known == 2)
 
     def deregister(self) -> bool:
-        """Remove this worker; the instance goes with its last worker. True if this was the last."""
-        last = bool(
-            self._redis.eval(
-                _DEREGISTER,
-                6,
-                keys.workers(self._instance),
-                keys.worker(self._instance, self._worker),
-                keys.INSTANCES,
-                keys.info(self._instance),
-                keys.alive(self._instance),
-                keys.commands(self._instance),
-                self._worker,
-                self._instance,
+        """Remove this worker and its index; the instance goes with its last worker. True if this was the last.
+
+        The index keys are normally empty by now: the agent purges them first (`IndexWriter.purge`),
+        which also withdraws this rank's head hints; removing them here keeps a bare deregistration whole.
+        """
+        rank_keys = [
+            key
+            for location in self._locations
+            for key in (
+                keys.index(self._instance, self._worker, location),
+                keys.heads(self._instance, self._worker, location),
             )
-        )
+        ]
+        script_keys = [
+            keys.workers(self._instance),
+            keys.worker(self._instance, self._worker),
+            keys.INSTANCES,
+            keys.info(self._instance),
+            keys.alive(self._instance),
+            keys.commands(self._instance),
+            *rank_keys,
+        ]
+        last = bool(self._redis.eval(_DEREGISTER, len(script_keys), *script_keys, self._worker, self._instance))
         self.lifecycle(LifecycleKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
         return last
 

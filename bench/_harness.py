@@ -420,12 +420,12 @@ def unrelated_entries(rng: torch.Generator, num_chunks: int) -> list[IndexEntry]
     ]
 
 
-def register(client: redis.Redis, instance_id: str) -> None:
-    """Register `instance_id` as its agent would, for an instance whose index we write ourselves."""
+def register(client: redis.Redis, instance_id: str, worker_id: int = 0) -> None:
+    """Register rank `worker_id` of `instance_id` as its agent would, for an instance whose index we write ourselves."""
     Registration(
         client,
         instance_id=instance_id,
-        worker_id=0,
+        worker_id=worker_id,
         space=SPACE,
         locations=[CPU],
         address=WorkerAddress("127.0.0.1", None, None),
@@ -433,17 +433,17 @@ def register(client: redis.Redis, instance_id: str) -> None:
     ).register()
 
 
-def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]) -> None:
-    """Admit `admitted` at LocalCPUBackend through one IndexWriter, as a backend would, and flush it."""
-    writer = IndexWriter(client, instance_id)
+def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry], worker_id: int = 0) -> None:
+    """Admit `admitted` at LocalCPUBackend through rank `worker_id`'s IndexWriter, as a backend would, and flush it."""
+    writer = IndexWriter(client, instance_id, worker_id)
     for entry in admitted:
         writer.admitted(CPU, entry)
     writer.flush()
 
 
-def publish(client: redis.Redis, instance_id: str, held: Sequence[IndexEntry]) -> None:
-    """Index `held` as everything `instance_id` holds at LocalCPUBackend, in one replacement, as a backend
-    republishes its chunks on start: a faster way than `ingest` to fill a fresh instance's index."""
-    writer = IndexWriter(client, instance_id)
+def publish(client: redis.Redis, instance_id: str, held: Sequence[IndexEntry], worker_id: int = 0) -> None:
+    """Index `held` as everything rank `worker_id` of `instance_id` holds at LocalCPUBackend, in one replacement,
+    as a backend republishes its chunks on start: a faster way than `ingest` to fill a fresh instance's index."""
+    writer = IndexWriter(client, instance_id, worker_id)
     writer.replaced(CPU, list(held))
     writer.drain()

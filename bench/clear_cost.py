@@ -92,10 +92,10 @@ async def _post(base_url: str, request: bytes) -> tuple[float, dict[str, Any]]:
 
 
 def _hinted(client: redis.Redis, heads: Sequence[str]) -> int:
-    """How many of the global head sets `heads` still name this benchmark's instance."""
+    """How many of the global head sets `heads` still name this benchmark's instance (its one rank, 0)."""
     pipe = client.pipeline(transaction=False)
     for head in heads:
-        pipe.sismember(head, INSTANCE)
+        pipe.sismember(head, keys.head_member(INSTANCE, 0))
     return sum(map(bool, pipe.execute()))
 
 
@@ -141,7 +141,7 @@ def run(quick: bool) -> list[Figure]:
         )
         agent = Agent(config, model=MODEL)
         _timed_clear(agent.backends[0], backend_spans)
-        index_key = keys.index(INSTANCE, Location.CPU)
+        index_key = keys.index(INSTANCE, 0, Location.CPU)
         client = redis_conn.connect(server.url)
         try:
             agent.start()

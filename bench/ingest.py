@@ -28,7 +28,7 @@ def run(quick: bool) -> list[Figure]:
         client = redis_conn.connect(server.url)
         try:
             register(client, INSTANCE)
-            writer = IndexWriter(client, INSTANCE)
+            writer = IndexWriter(client, INSTANCE, 0)
             writer.start()
             try:
                 note(f"ingest: {total} admissions")
@@ -39,7 +39,7 @@ def run(quick: bool) -> list[Figure]:
                 elapsed = time.perf_counter() - started
             finally:
                 writer.stop()
-            indexed = client.hlen(keys.index(INSTANCE, CPU))
+            indexed = client.hlen(keys.index(INSTANCE, 0, CPU))
         finally:
             client.close()
     if indexed != total:

@@ -70,7 +70,7 @@ async def dashboard_json(request: Request) -> Response:
         controller_id=bus.controller_id,
         now=snapshot.now_s,
         locations=snapshot.locations,
-        instances=[_instance(instance, ttl_s) for instance in snapshot.instances],
+        instances=[_instance(instance, snapshot.locations, ttl_s) for instance in snapshot.instances],
         lookups=LookupCounts(hits, misses, hits / (hits + misses) if hits + misses else None),
         commands_answered=metrics.command_counts(),
         recent_commands=commands,
@@ -79,11 +79,12 @@ async def dashboard_json(request: Request) -> Response:
     return respond(answer, headers={"Cache-Control": "no-store"})
 
 
-def _instance(instance: fleet.Instance, ttl_s: float) -> DashboardInstance:
+def _instance(instance: fleet.Instance, locations: list[str], ttl_s: float) -> DashboardInstance:
+    index = instance.index  # summed over the instance's workers: each rank has its own index
     return DashboardInstance(
         instance_id=instance.instance_id,
         alive=instance.alive,
-        index_chunks=instance.index,
+        index_chunks={location: index.get(location, 0) for location in locations},
         workers_registered=len(instance.workers),
         workers_alive=sum(w.alive(ttl_s) for w in instance.workers),
         workers=[_worker(w, ttl_s) for w in instance.workers],

@@ -2,14 +2,14 @@
 
 Worker queries, key stats, move's peer lookup, the reaper, /metrics and the dashboard are all
 views over one `Fleet`. A read costs three pipelined round trips whatever the fleet's size:
-the registered ids, then per instance its workers, liveness and index sizes (and command
-backlog when asked), then each worker's record. Ages are in Redis server time, which also
-stamps the command stream's entry ids.
+the registered ids, then per instance its workers, liveness (and command backlog when asked),
+then each worker's record and index sizes (each rank has an index of its own). Ages are in
+Redis server time, which also stamps the command stream's entry ids.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
@@ -32,10 +32,16 @@ class Worker:
     record: WorkerRecord
     heartbeat_age_s: float | None  # None before the first heartbeat time is written
     backlog: Backlog | None  # None while the worker has no consumer group on the stream, or not asked for
+    index: dict[str, int] = field(default_factory=dict)  # location -> chunks this rank has indexed there
 
     @property
     def worker_id(self) -> int:
         return self.record.worker_id
+
+    @property
+    def key_count(self) -> int:
+        """Chunks this rank has indexed, over all locations: LMCache's per-worker key count."""
+        return sum(self.index.values())
 
     def alive(self, heartbeat_ttl_s: float) -> bool:
         return self.heartbeat_age_s is not None and self.heartbeat_age_s <= heartbeat_ttl_s
@@ -45,13 +51,21 @@ class Worker:
 class Instance:
     instance_id: str
     alive: bool  # its heartbeat key exists: what /lookup requires
-    index: dict[str, int]  # location -> chunks indexed there
     workers: list[Worker]
 
     @property
+    def index(self) -> dict[str, int]:
+        """Location -> chunks indexed there, summed over the instance's workers (each rank has its own index)."""
+        totals: dict[str, int] = {}
+        for worker in self.workers:
+            for location, chunks in worker.index.items():
+                totals[location] = totals.get(location, 0) + chunks
+        return totals
+
+    @property
     def key_count(self) -> int:
-        """Chunks indexed over all locations; the ranks of one instance share its index."""
-        return sum(self.index.values())
+        """Chunks indexed over all locations, summed over workers as LMCache sums its workers' key counts."""
+        return sum(w.key_count for w in self.workers)
 
     def worker(self, worker_id: int) -> Worker | None:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
@@ -77,8 +91,8 @@ async def read(client: redis.asyncio.Redis, only: str | None = None, *, backlogs
     now_ms = seconds * 1000 + micros // 1000
     ids = sorted(registered) if only is None else [only] if only in registered else []
     locations = sorted(known_locations)
-    states = await _read_instances(client, ids, locations, backlogs)
-    records = await _read_workers(client, states)
+    states = await _read_instances(client, ids, backlogs)
+    records = await _read_workers(client, states, locations)
     instances = [_instance(state, records, now_ms) for state in states]
     return Fleet(now_ms / 1000, locations, instances)
 
@@ -87,7 +101,6 @@ async def read(client: redis.asyncio.Redis, only: str | None = None, *, backlogs
 class _InstanceState:
     instance_id: str
     alive: bool
-    index: dict[str, int]
     worker_ids: list[int]
     groups: dict[str, _Group] | None  # None when backlogs were not asked for
 
@@ -103,15 +116,11 @@ class _Group:
         return self.pending + self.undelivered
 
 
-async def _read_instances(
-    client: redis.asyncio.Redis, ids: list[str], locations: list[str], backlogs: bool
-) -> list[_InstanceState]:
+async def _read_instances(client: redis.asyncio.Redis, ids: list[str], backlogs: bool) -> list[_InstanceState]:
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         pipe.smembers(keys.workers(instance_id))
         pipe.exists(keys.alive(instance_id))
-        for location in locations:
-            pipe.hlen(keys.index(instance_id, location))
         if backlogs:
             pipe.xlen(keys.commands(instance_id))
             pipe.xinfo_groups(keys.commands(instance_id))
@@ -121,9 +130,8 @@ async def _read_instances(
     for instance_id in ids:
         worker_ids = sorted(int(w) for w in next(replies))
         alive = bool(next(replies))
-        index = {location: next(replies) for location in locations}
         groups = _groups(next(replies), next(replies)) if backlogs else None
-        states.append(_InstanceState(instance_id, alive, index, worker_ids, groups))
+        states.append(_InstanceState(instance_id, alive, worker_ids, groups))
     return states
 
 
@@ -143,17 +151,20 @@ def _groups(length: int, reply: list[dict[str, Any]] | Exception) -> dict[str, _
 @dataclass(frozen=True)
 class _WorkerRead:
     record: WorkerRecord | None  # None when the hash is gone (deregistered meanwhile) or unreadable
+    index: dict[str, int]
     oldest_unacked_ms: int | None
 
 
 async def _read_workers(
-    client: redis.asyncio.Redis, states: list[_InstanceState]
+    client: redis.asyncio.Redis, states: list[_InstanceState], locations: list[str]
 ) -> dict[tuple[str, int], _WorkerRead]:
     pipe = client.pipeline(transaction=False)
     asked_oldest: list[bool] = []
     for state in states:
         for worker_id in state.worker_ids:
             pipe.hgetall(keys.worker(state.instance_id, worker_id))
+            for location in locations:
+                pipe.hlen(keys.index(state.instance_id, worker_id, location))
             asked_oldest.append(_ask_oldest(pipe, state, worker_id))
     replies = iter(await pipe.execute())
     asked = iter(asked_oldest)
@@ -161,8 +172,9 @@ async def _read_workers(
     for state in states:
         for worker_id in state.worker_ids:
             record = _record(next(replies))
+            index = {location: next(replies) for location in locations}
             oldest = _entry_ms(next(replies)) if next(asked) else None
-            reads[(state.instance_id, worker_id)] = _WorkerRead(record, oldest)
+            reads[(state.instance_id, worker_id)] = _WorkerRead(record, index, oldest)
     return reads
 
 
@@ -193,8 +205,9 @@ def _instance(state: _InstanceState, reads: dict[tuple[str, int], _WorkerRead], 
         read = reads[(state.instance_id, worker_id)]
         if read.record is None:
             continue
-        workers.append(Worker(read.record, _age(read.record, now_ms), _backlog(state, worker_id, read, now_ms)))
-    return Instance(state.instance_id, state.alive, state.index, workers)
+        backlog = _backlog(state, worker_id, read, now_ms)
+        workers.append(Worker(read.record, _age(read.record, now_ms), backlog, read.index))
+    return Instance(state.instance_id, state.alive, workers)
 
 
 def _backlog(state: _InstanceState, worker_id: int, read: _WorkerRead, now_ms: int) -> Backlog | None:

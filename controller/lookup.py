@@ -1,9 +1,11 @@
 """Prefix lookup over the Redis index: which live instances hold how much of a prompt, from token 0.
 
 Cost is flat in the number of instances. The first chunk's key names a small set of
-candidate instances (the `head` sets); only those are read. Each candidate is credited
-with its own contiguous prefix, across its locations, and instances without a heartbeat
-are skipped. That walk runs inside Redis, one script call per hash space: when a shared
+candidate instances (the `head` sets, whose members name the ranks holding it); only those
+are read. Each rank (worker) of an instance has its own index, and a tensor-parallel engine
+can load no chunk that one of its ranks lacks, so each candidate is credited with the
+contiguous prefix that every registered rank holds, each chunk at any of its locations.
+Instances without a heartbeat are skipped. That walk runs inside Redis, one script call per hash space: when a shared
 system prompt makes every instance a candidate, 1000 candidates cost ~8 ms instead of the
 ~170 ms that one HMGET per candidate costs in redis-py. (A script may only touch keys of
 one Redis node; kvbus talks to a single Redis today, and its per-instance keys are
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio
 
@@ -28,28 +31,61 @@ from kvbus.shared.locations import FASTEST_FIRST, Location
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
 
-# KEYS: per candidate, its alive key then its index key at each location (fastest first).
-# ARGV: the number of locations, then the chain's chunk keys in order.
-# Returns per candidate: chunks matched contiguously from the first, and the 1-based
-# location of the last one (0 when none matched or the candidate is not alive).
+# KEYS: per candidate, its alive key, its workers set, then for each rank its head hints name
+# (the hinted ranks), that rank's index key at each location, fastest first.
+# ARGV: the number of locations L, the number of chunks n, the chain's n chunk keys in order,
+# then per candidate the number of hinted ranks and their worker ids, in the order of KEYS.
+# Every registered rank (SMEMBERS of the workers set) must hold each chunk, at any location: a
+# registered rank that no hint names lacks the first chunk, so the candidate matches nothing, and a
+# hinted rank that is not registered is ignored. Returns per candidate: chunks matched contiguously
+# from the first by every registered rank, and the 1-based location of the last one (0 when none
+# matched, the candidate is not alive or has no registered rank). When the ranks hold the last
+# matched chunk at different locations, the slowest rank's is reported (each rank's fastest):
+# a tensor-parallel load waits for its slowest rank.
 _WALK = """
-local locations = tonumber(ARGV[1])
-local stride = locations + 1
-local out = {}
-for c = 1, #KEYS, stride do
+local locations, chunks = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+local function walk(bases)
   local matched, last = 0, 0
-  if redis.call('EXISTS', KEYS[c]) == 1 then
-    for i = 2, #ARGV do
+  for i = 1, chunks do
+    local slowest = 0
+    for _, base in ipairs(bases) do
       local found = 0
       for l = 1, locations do
-        if redis.call('HEXISTS', KEYS[c + l], ARGV[i]) == 1 then found = l break end
+        if redis.call('HEXISTS', KEYS[base + l], ARGV[i + 2]) == 1 then found = l break end
       end
-      if found == 0 then break end
-      matched, last = i - 1, found
+      if found == 0 then return matched, last end
+      if found > slowest then slowest = found end
     end
+    matched, last = i, slowest
+  end
+  return matched, last
+end
+
+local function ranks(k, hinted, a)
+  local base = {}
+  for r = 1, hinted do base[ARGV[a + r]] = k + 1 + (r - 1) * locations end
+  local bases = {}
+  for _, worker in ipairs(redis.call('SMEMBERS', KEYS[k + 1])) do
+    if base[worker] == nil then return {} end
+    bases[#bases + 1] = base[worker]
+  end
+  return bases
+end
+
+local out = {}
+local k, a = 1, chunks + 3
+while k <= #KEYS do
+  local hinted = tonumber(ARGV[a])
+  local matched, last = 0, 0
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    local bases = ranks(k, hinted, a)
+    if #bases > 0 then matched, last = walk(bases) end
   end
   out[#out + 1] = matched
   out[#out + 1] = last
+  k = k + 2 + hinted * locations
+  a = a + 1 + hinted
 end
 return out
 """
@@ -58,7 +94,9 @@ return out
 @dataclass(frozen=True)
 class Match:
     instance_id: str
-    location: Location  # where the last matched chunk is, fastest first when it is in several
+    # Where the last matched chunk is, fastest first when it is in several; when the ranks hold it
+    # at different locations, the slowest rank's (the walk script says why).
+    location: Location
     num_tokens: int
 
 
@@ -77,11 +115,11 @@ class PrefixIndex:
         self._walk = client.register_script(_WALK)
 
     async def lookup(self, tokens: Sequence[int]) -> list[Match]:
-        """Every live instance holding a prefix of `tokens`, longest first."""
+        """Every live instance whose registered ranks all hold a prefix of `tokens`, longest first."""
         scope, chains, heads = await self._candidate_heads(tokens)
         matches = []
-        for chain, instances in _candidates(chains, heads, len(scope.locations)):
-            matches += await self._walk_chain(scope, chain, instances)
+        for chain, holders in _candidates(chains, heads, len(scope.locations)):
+            matches += await self._walk_chain(scope, chain, holders)
         matches.sort(key=lambda m: (-m.num_tokens, m.instance_id))
         return matches
 
@@ -107,16 +145,19 @@ class PrefixIndex:
         _read_heads(pipe, chains, scope.locations)
         return scope, chains, await pipe.execute()
 
-    async def _walk_chain(self, scope: _Scope, chain: list[Chunk], instances: list[str]) -> list[Match]:
-        walk_keys = [
-            key
-            for instance_id in instances
-            for key in (keys.alive(instance_id), *(keys.index(instance_id, loc) for loc in scope.locations))
-        ]
-        walked = await self._walk(keys=walk_keys, args=[len(scope.locations), *(c.key for c in chain)])
+    async def _walk_chain(self, scope: _Scope, chain: list[Chunk], holders: list[_Holder]) -> list[Match]:
+        walk_keys: list[str] = []
+        rank_args: list[int] = []
+        for instance_id, ranks in holders:
+            walk_keys += (keys.alive(instance_id), keys.workers(instance_id))
+            walk_keys += (keys.index(instance_id, rank, loc) for rank in ranks for loc in scope.locations)
+            rank_args += (len(ranks), *ranks)
+        walked = await self._walk(
+            keys=walk_keys, args=[len(scope.locations), len(chain), *(c.key for c in chain), *rank_args]
+        )
         return [
             Match(instance_id, scope.locations[last - 1], chain[matched - 1].end)
-            for instance_id, matched, last in zip(instances, walked[::2], walked[1::2], strict=True)
+            for (instance_id, _), matched, last in zip(holders, walked[::2], walked[1::2], strict=True)
             if matched
         ]
 
@@ -135,18 +176,36 @@ def _read_heads(
             pipe.smembers(keys.head(location, chain[0].key))
 
 
+class _Holder(NamedTuple):
+    """A candidate instance and the ranks the head sets name for it, at any location."""
+
+    instance_id: str
+    ranks: tuple[int, ...]
+
+
 def _candidates(
     chains: list[list[Chunk]], heads: list[set[str]], per_chain: int
-) -> list[tuple[list[Chunk], list[str]]]:
+) -> list[tuple[list[Chunk], list[_Holder]]]:
     """Each chain with the instances its first chunk names; an instance goes with its first chain."""
     seen: set[str] = set()
     grouped = []
     for n, chain in enumerate(chains):
-        members = set().union(*heads[n * per_chain : (n + 1) * per_chain]) - seen
-        if members:
-            grouped.append((chain, sorted(members)))
-            seen |= members
+        ranks = _ranks(set().union(*heads[n * per_chain : (n + 1) * per_chain]))
+        fresh = sorted(ranks.keys() - seen)
+        if fresh:
+            grouped.append((chain, [_Holder(i, tuple(sorted(ranks[i]))) for i in fresh]))
+            seen.update(fresh)
     return grouped
+
+
+def _ranks(members: set[str]) -> dict[str, set[int]]:
+    """Head set members as instance id -> the ranks named; a member of another form is skipped."""
+    ranks: dict[str, set[int]] = {}
+    for member in members:
+        holder = keys.head_holder(member)
+        if holder is not None:
+            ranks.setdefault(holder[0], set()).add(holder[1])
+    return ranks
 
 
 def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[list[Chunk]]:

@@ -181,8 +181,8 @@ class _FleetCollector(Collector):
         families = {
             "chunks": GaugeMetricFamily(
                 "kvbus_index_chunks",
-                "Chunks indexed per instance and location (HLEN of its index hash)",
-                labels=[*inst, "location"],
+                "Chunks indexed per instance, worker (rank) and location (HLEN of the rank's index hash)",
+                labels=[*wkr, "location"],
             ),
             "alive": GaugeMetricFamily(
                 "kvbus_instance_alive",
@@ -231,13 +231,13 @@ class _FleetCollector(Collector):
 
 def _add_instance(families: dict[str, GaugeMetricFamily], instance: fleet.Instance, ttl_s: float) -> None:
     name = instance.instance_id
-    for location, chunks in instance.index.items():
-        families["chunks"].add_metric([name, location], chunks)
     families["alive"].add_metric([name], int(instance.alive))
     families["registered"].add_metric([name], len(instance.workers))
     families["workers_alive"].add_metric([name], sum(w.alive(ttl_s) for w in instance.workers))
     for worker in instance.workers:
         labels = [name, str(worker.worker_id)]
+        for location, chunks in worker.index.items():
+            families["chunks"].add_metric([*labels, location], chunks)
         if worker.heartbeat_age_s is not None:
             families["heartbeat"].add_metric(labels, worker.heartbeat_age_s)
         if worker.backlog is not None:

@@ -20,17 +20,18 @@ import redis.asyncio
 
 from kvbus.controller import fleet
 from kvbus.shared import keys
-from kvbus.shared.locations import FASTEST_FIRST
+from kvbus.shared.locations import FASTEST_FIRST, Location
 from kvbus.shared.records import LifecycleEntry, LifecycleKind
 
 log = logging.getLogger("kvbus.controller.reaper")
 
-# KEYS: 1 the instance's alive key, 2 the instance set, 3..n+2 the instance's keys to delete,
-# then the global head sets to withdraw it from. ARGV: 1 the instance id, 2 n.
+# KEYS: 1 the instance's alive key, 2 the instance set, 3..n+2 the instance's keys to delete (every
+# rank's index and heads keys among them), then the global head sets to withdraw its ranks from.
+# ARGV: 1 the instance id, 2 n, then for each head set, in order, the rank's member to remove.
 _REAP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local n = tonumber(ARGV[2])
-for i = n + 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = n + 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[i - n]) end
 redis.call('UNLINK', unpack(KEYS, 3, n + 2))
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
@@ -76,21 +77,10 @@ class Reaper:
 
     async def _reap(self, instance: fleet.Instance, silence: float) -> bool:
         instance_id = instance.instance_id
-        pipe = self._redis.pipeline(transaction=False)
-        for location in FASTEST_FIRST:
-            pipe.smembers(keys.heads(instance_id, location))
-        heads = await pipe.execute()
-        owned = [
-            keys.info(instance_id),
-            keys.workers(instance_id),
-            keys.commands(instance_id),
-            *(keys.worker(instance_id, w.worker_id) for w in instance.workers),
-            *(keys.index(instance_id, loc) for loc in FASTEST_FIRST),
-            *(keys.heads(instance_id, loc) for loc in FASTEST_FIRST),
-        ]
-        hints = [keys.head(loc, head) for loc, held in zip(FASTEST_FIRST, heads, strict=True) for head in held]
+        owned, hints = await self._keys_of(instance)
         done = await self._script(
-            keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *hints], args=[instance_id, len(owned)]
+            keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *(key for key, _ in hints)],
+            args=[instance_id, len(owned), *(member for _, member in hints)],
         )
         if not done:
             return False
@@ -101,3 +91,37 @@ class Reaper:
             await self._redis.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
         log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)
         return True
+
+    async def _keys_of(self, instance: fleet.Instance) -> tuple[list[str], list[tuple[str, str]]]:
+        """The instance's own keys, every rank's index and heads keys among them, and the (head set,
+        member) pairs that withdraw each rank's hints."""
+        instance_id = instance.instance_id
+        # Every rank that may have keys: the registered ones, including any whose worker hash the read skipped.
+        registered = await self._redis.smembers(keys.workers(instance_id))
+        ranks = sorted({int(w) for w in registered} | {w.worker_id for w in instance.workers})
+        places = [(rank, loc) for rank in ranks for loc in FASTEST_FIRST]
+        pipe = self._redis.pipeline(transaction=False)
+        for rank, location in places:
+            pipe.smembers(keys.heads(instance_id, rank, location))
+        heads = await pipe.execute()
+        owned = [
+            keys.info(instance_id),
+            keys.workers(instance_id),
+            keys.commands(instance_id),
+            *(keys.worker(instance_id, rank) for rank in ranks),
+            *(
+                key
+                for rank, loc in places
+                for key in (keys.index(instance_id, rank, loc), keys.heads(instance_id, rank, loc))
+            ),
+        ]
+        return owned, _hints(instance_id, places, heads)
+
+
+def _hints(instance_id: str, places: list[tuple[int, Location]], heads: list[set[str]]) -> list[tuple[str, str]]:
+    """(head set, member) for each first chunk a rank holds at a location: what withdraws that rank's hint."""
+    return [
+        (keys.head(location, head), keys.head_member(instance_id, rank))
+        for (rank, location), held in zip(places, heads, strict=True)
+        for head in held
+    ]

@@ -1,7 +1,8 @@
 """Who is registered, as LMCache's worker and key-count queries answer it: views over one fleet read.
 
 LMCache serves "all" from a 30 s cache that can be stale; these views are read from Redis on
-every call and are always current.
+every call and are always current. As in LMCache, a worker's key count is its own (each rank
+has its own index), and an instance's is the sum over its workers.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def worker_info(worker: Worker, key_count: int | None = None) -> WorkerInfo:
 
 
 def workers(fleet: Fleet) -> WorkersAnswer:
-    listed = [worker_info(w, i.key_count) for i in fleet.instances for w in i.workers]
+    listed = [worker_info(w, w.key_count) for i in fleet.instances for w in i.workers]
     return WorkersAnswer(workers=listed, total_count=len(listed))
 
 
@@ -54,7 +55,7 @@ def worker(fleet: Fleet, instance_id: str, worker_id: int) -> WorkerInfo:
     found = held.worker(worker_id)
     if found is None:
         raise UnknownWorker(f"instance {instance_id!r} has no worker {worker_id}", instance_id=instance_id)
-    return worker_info(found, held.key_count)
+    return worker_info(found, found.key_count)
 
 
 def instance_at(fleet: Fleet, ip: str) -> str | None:

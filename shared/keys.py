@@ -20,8 +20,25 @@ JOURNAL_MAXLEN = 100_000
 
 
 def head(location: str, first_chunk: str) -> str:
-    """SET of instance ids holding, at `location`, the first chunk of a prompt: lookup's candidate filter."""
+    """SET of the ranks holding, at `location`, the first chunk of a prompt: lookup's candidate filter.
+
+    Its members are `head_member(instance_id, worker_id)`, one per rank, so that a rank withdrawing
+    its hint never withdraws another rank's.
+    """
     return f"{PREFIX}:head:{location}:{first_chunk}"
+
+
+def head_member(instance_id: str, worker_id: int) -> str:
+    """A member of a head() set: `<worker_id>:<instance_id>` (the worker id is digits, so the first ':' splits)."""
+    return f"{worker_id}:{instance_id}"
+
+
+def head_holder(member: str) -> tuple[str, int] | None:
+    """The (instance id, worker id) a head() member names; None for a member of any other form."""
+    worker, colon, instance_id = member.partition(":")
+    if not colon or not instance_id or not (worker.isascii() and worker.isdigit()):
+        return None
+    return instance_id, int(worker)
 
 
 def command_record(event_id: str) -> str:
@@ -69,14 +86,14 @@ def command_group(worker_id: int) -> str:
     return f"worker-{worker_id}"
 
 
-def index(instance_id: str, location: str) -> str:
-    """HASH chunk key -> token count of every chunk the instance holds at `location`."""
-    return f"{_instance(instance_id)}:idx:{location}"
+def index(instance_id: str, worker_id: int, location: str) -> str:
+    """HASH chunk key -> token count of every chunk one rank of the instance holds at `location`."""
+    return f"{_instance(instance_id)}:idx:{worker_id}:{location}"
 
 
-def heads(instance_id: str, location: str) -> str:
-    """SET of the first-chunk keys the instance holds at `location`: what to undo in head() on clear."""
-    return f"{_instance(instance_id)}:heads:{location}"
+def heads(instance_id: str, worker_id: int, location: str) -> str:
+    """SET of the first-chunk keys one rank holds at `location`: its members of head() to withdraw on clear."""
+    return f"{_instance(instance_id)}:heads:{worker_id}:{location}"
 
 
 def done(instance_id: str, worker_id: int, event_id: str) -> str:

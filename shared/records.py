@@ -267,5 +267,5 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:ctl:<controller_id>:results": (Result, ResultsOpened),
     "kvbus:{<inst>}:alive": "the id of the worker that heartbeated last",
     "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
-    "kvbus:{<inst>}:idx:<location>": "chunk key -> tokens in that chunk",
+    "kvbus:{<inst>}:idx:<worker_id>:<location>": "chunk key -> tokens in that chunk",
 }

@@ -38,7 +38,7 @@ def register(client: redis.Redis, layout: Layout | None) -> None:
 
 
 def admit(client: redis.Redis, tokens: list[int]) -> None:
-    writer = IndexWriter(client, INSTANCE)
+    writer = IndexWriter(client, INSTANCE, 0)
     for chunk in SPACE.chunks(tokens):
         writer.admitted(Location.CPU, IndexEntry(chunk.key, chunk.num_tokens, chunk.start == 0))
     writer.flush()

@@ -19,6 +19,7 @@ from .test_backends import kv
 
 SPACE = HashSpace("test/model", chunk_size=4)
 INSTANCE = "inst-a"
+MEMBER = keys.head_member(INSTANCE, 0)  # rank 0's member of the global head sets
 CPU = Location.CPU
 
 
@@ -34,7 +35,7 @@ def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
 
 
 def make(client: redis.Redis, capacity: int = 1 << 20) -> tuple[LocalCPUBackend, IndexWriter]:
-    writer = IndexWriter(client, INSTANCE)
+    writer = IndexWriter(client, INSTANCE, 0)
     return LocalCPUBackend(SPACE, capacity, writer), writer
 
 
@@ -42,12 +43,12 @@ def test_admissions_become_index_fields_and_head_entries(client: redis.Redis) ->
     backend, writer = make(client)
     prompt = list(range(10))
     backend.store(prompt, kv(prompt))
-    assert client.hlen(keys.index(INSTANCE, CPU)) == 0  # nothing written until a flush
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 0  # nothing written until a flush
     writer.flush()
     chunks = SPACE.chunks(prompt)
-    assert client.hgetall(keys.index(INSTANCE, CPU)) == {c.key: str(c.num_tokens) for c in chunks}
-    assert client.smembers(keys.heads(INSTANCE, CPU)) == {chunks[0].key}
-    assert client.smembers(keys.head(CPU, chunks[0].key)) == {INSTANCE}
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == {c.key: str(c.num_tokens) for c in chunks}
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {chunks[0].key}
+    assert client.smembers(keys.head(CPU, chunks[0].key)) == {MEMBER}
 
 
 def test_evictions_remove_fields_and_heads(client: redis.Redis) -> None:
@@ -57,9 +58,9 @@ def test_evictions_remove_fields_and_heads(client: redis.Redis) -> None:
     writer.flush()
     backend.store(second, kv(second))  # evicts all of `first`
     writer.drain()
-    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(second)}
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {c.key for c in SPACE.chunks(second)}
     assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
-    assert client.smembers(keys.heads(INSTANCE, CPU)) == {SPACE.chunks(second)[0].key}
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {SPACE.chunks(second)[0].key}
 
 
 def test_an_admit_then_evict_in_one_batch_nets_out(client: redis.Redis) -> None:
@@ -68,30 +69,30 @@ def test_an_admit_then_evict_in_one_batch_nets_out(client: redis.Redis) -> None:
     backend.store(prompt, kv(prompt))
     backend.discard(SPACE.chunks(prompt)[0].key)
     writer.flush()
-    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU)) == 0
+    assert client.exists(keys.index(INSTANCE, 0, CPU), keys.heads(INSTANCE, 0, CPU)) == 0
     assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
 
 
 def test_clear_empties_this_location_only_and_keeps_later_admissions(client: redis.Redis) -> None:
     backend, writer = make(client)
-    other = IndexWriter(client, "inst-b")
+    other = IndexWriter(client, "inst-b", 0)
     shared_prompt = list(range(8))
     LocalCPUBackend(SPACE, 1 << 20, other).store(shared_prompt, kv(shared_prompt))
     other.flush()
     backend.store(shared_prompt, kv(shared_prompt))
     writer.flush()
-    client.hset(keys.index(INSTANCE, Location.DISK), "k", 1)
+    client.hset(keys.index(INSTANCE, 0, Location.DISK), "k", 1)
     backend.clear()
     later = [50, 51]
     backend.store(later, kv(later))
     writer.flush()
     head = SPACE.chunks(shared_prompt)[0].key
-    assert client.hlen(keys.index(INSTANCE, CPU)) == 1  # gone from the index at once
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 1  # gone from the index at once
     writer.drain()  # the head hint, which lookup verifies anyway, goes on the next flush
-    assert client.smembers(keys.head(CPU, head)) == {"inst-b"}
-    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {SPACE.chunks(later)[0].key}
-    assert client.hlen(keys.index("inst-b", CPU)) == 2
-    assert client.hlen(keys.index(INSTANCE, Location.DISK)) == 1
+    assert client.smembers(keys.head(CPU, head)) == {keys.head_member("inst-b", 0)}
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {SPACE.chunks(later)[0].key}
+    assert client.hlen(keys.index("inst-b", 0, CPU)) == 2
+    assert client.hlen(keys.index(INSTANCE, 0, Location.DISK)) == 1
 
 
 def test_purge_removes_what_a_previous_run_left(client: redis.Redis) -> None:
@@ -99,23 +100,25 @@ def test_purge_removes_what_a_previous_run_left(client: redis.Redis) -> None:
     prompt = list(range(8))
     backend.store(prompt, kv(prompt))
     writer.flush()
-    fresh = IndexWriter(client, INSTANCE)  # a restarted agent: empty memory, stale Redis
+    fresh = IndexWriter(client, INSTANCE, 0)  # a restarted agent: empty memory, stale Redis
     fresh.purge([CPU])
     assert (
-        client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU), keys.head(CPU, SPACE.chunks(prompt)[0].key))
+        client.exists(
+            keys.index(INSTANCE, 0, CPU), keys.heads(INSTANCE, 0, CPU), keys.head(CPU, SPACE.chunks(prompt)[0].key)
+        )
         == 0
     )
 
 
 def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    writer = IndexWriter(client, INSTANCE)
+    writer = IndexWriter(client, INSTANCE, 0)
     client.config_resetstat()
     for n in range(5000):
         writer.admitted(CPU, IndexEntry(f"{n:032x}", 256, n % 32 == 0))
     writer.flush()
     stats = client.info("commandstats")
-    assert client.hlen(keys.index(INSTANCE, CPU)) == 5000
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 5000
     assert stats["cmdstat_hset"]["calls"] <= 5  # 1000 fields per HSET, not one round trip per chunk
     client.close()
 
@@ -130,7 +133,7 @@ def test_a_failed_flush_keeps_its_ops_for_the_next(fake_server: fakeredis.FakeSe
         writer.flush()
     fake_server.connected = True
     writer.flush()
-    assert client.hlen(keys.index(INSTANCE, CPU)) == 2
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 2
 
 
 def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
@@ -141,7 +144,7 @@ def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
         backend.store(prompt, kv(prompt))
         from tests.conftest import wait_for
 
-        wait_for(lambda: client.hlen(keys.index(INSTANCE, CPU)) == 2, timeout=5, what="background flush")
+        wait_for(lambda: client.hlen(keys.index(INSTANCE, 0, CPU)) == 2, timeout=5, what="background flush")
     finally:
         writer.stop()
 
@@ -162,7 +165,7 @@ def test_a_long_outage_gives_way_to_a_full_resync(
     fake_server.connected = True
     backend.publish_all()
     writer.flush()
-    assert set(client.hkeys(keys.index(INSTANCE, CPU))) == {c.key for c in SPACE.chunks(prompt)}
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {c.key for c in SPACE.chunks(prompt)}
 
 
 def test_a_head_readmitted_right_after_a_clear_keeps_its_hint(client: redis.Redis) -> None:
@@ -175,9 +178,9 @@ def test_a_head_readmitted_right_after_a_clear_keeps_its_hint(client: redis.Redi
     backend.store(prompt, kv(prompt))  # the same prompt comes straight back
     writer.drain()
     head = SPACE.chunks(prompt)[0].key
-    assert client.smembers(keys.head(CPU, head)) == {INSTANCE}
-    assert client.smembers(keys.heads(INSTANCE, CPU)) == {head}
-    assert client.hlen(keys.index(INSTANCE, CPU)) == 2
+    assert client.smembers(keys.head(CPU, head)) == {MEMBER}
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {head}
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 2
 
 
 def test_a_second_clear_before_the_hints_go_still_withdraws_them(client: redis.Redis) -> None:
@@ -202,12 +205,52 @@ def test_clear_leaves_pinned_chunks_in_the_index(client: redis.Redis) -> None:
     assert backend.clear() == 8
     writer.flush()  # what a command handler does before it answers
     kept_head, freed_head = SPACE.chunks(kept)[0].key, SPACE.chunks(freed)[0].key
-    assert client.hgetall(keys.index(INSTANCE, CPU)) == {c.key: str(c.num_tokens) for c in SPACE.chunks(kept)}
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == {c.key: str(c.num_tokens) for c in SPACE.chunks(kept)}
     writer.drain()
-    assert client.smembers(keys.heads(INSTANCE, CPU)) == {kept_head}
-    assert client.smembers(keys.head(CPU, kept_head)) == {INSTANCE}
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {kept_head}
+    assert client.smembers(keys.head(CPU, kept_head)) == {MEMBER}
     assert client.exists(keys.head(CPU, freed_head)) == 0
     backend.unpin(kept)
     assert backend.clear() == 10
     writer.drain()
-    assert client.exists(keys.index(INSTANCE, CPU), keys.heads(INSTANCE, CPU), keys.head(CPU, kept_head)) == 0
+    assert client.exists(keys.index(INSTANCE, 0, CPU), keys.heads(INSTANCE, 0, CPU), keys.head(CPU, kept_head)) == 0
+
+
+def test_each_rank_writes_its_own_index_and_a_clear_on_one_leaves_the_other(client: redis.Redis) -> None:
+    rank0, writer0 = make(client)
+    writer1 = IndexWriter(client, INSTANCE, 1)
+    rank1 = LocalCPUBackend(SPACE, 1 << 20, writer1)
+    prompt = list(range(8))
+    for backend in (rank0, rank1):
+        backend.store(prompt, kv(prompt))
+    writer0.flush()
+    writer1.flush()
+    chunks = {c.key: str(c.num_tokens) for c in SPACE.chunks(prompt)}
+    head = SPACE.chunks(prompt)[0].key
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == chunks == client.hgetall(keys.index(INSTANCE, 1, CPU))
+    assert client.smembers(keys.head(CPU, head)) == {MEMBER, keys.head_member(INSTANCE, 1)}
+    rank1.clear()
+    writer1.drain()  # the index at once, the hint on the next flush
+    assert client.exists(keys.index(INSTANCE, 1, CPU), keys.heads(INSTANCE, 1, CPU)) == 0
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == chunks
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {head}
+    assert client.smembers(keys.head(CPU, head)) == {MEMBER}  # rank 0's hint survives rank 1's withdrawal
+    rank0.discard(head)  # an eviction on rank 0 withdraws only its own hint too
+    rank1.store(prompt, kv(prompt))
+    writer0.flush()
+    writer1.flush()
+    assert client.smembers(keys.head(CPU, head)) == {keys.head_member(INSTANCE, 1)}
+
+
+def test_a_purge_drops_only_this_rank_s_keys(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    other = IndexWriter(client, INSTANCE, 1)
+    LocalCPUBackend(SPACE, 1 << 20, other).store(prompt, kv(prompt))
+    other.flush()
+    IndexWriter(client, INSTANCE, 1).purge([CPU])  # rank 1 restarted, or is leaving
+    assert client.exists(keys.index(INSTANCE, 1, CPU), keys.heads(INSTANCE, 1, CPU)) == 0
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 2
+    assert client.smembers(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == {MEMBER}

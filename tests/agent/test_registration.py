@@ -14,11 +14,11 @@ from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind, Wo
 INSTANCE = "inst-r"
 
 
-def make(client: fakeredis.FakeRedis) -> Registration:
+def make(client: fakeredis.FakeRedis, worker_id: int = 0) -> Registration:
     return Registration(
         client,
         instance_id=INSTANCE,
-        worker_id=0,
+        worker_id=worker_id,
         space=HashSpace("m", 256),
         locations=[Location.CPU],
         address=WorkerAddress("10.0.0.7", 8001, "10.0.0.7:8200"),
@@ -54,6 +54,23 @@ def test_deregister_removes_the_instance(fake_redis: fakeredis.FakeRedis) -> Non
     assert fake_redis.smembers(keys.INSTANCES) == set()
     assert fake_redis.exists(keys.info(INSTANCE), keys.alive(INSTANCE), keys.worker(INSTANCE, 0)) == 0
     assert LifecycleEntry.decode(fake_redis.xrange(keys.LIFECYCLE)[-1][1]).kind == LifecycleKind.DEREGISTERED
+
+
+def test_a_rank_deregistering_takes_only_its_own_index_and_the_last_takes_the_instance(
+    fake_redis: fakeredis.FakeRedis,
+) -> None:
+    ranks = [make(fake_redis, worker_id) for worker_id in (0, 1)]
+    for worker_id, registration in enumerate(ranks):
+        registration.register()
+        fake_redis.hset(keys.index(INSTANCE, worker_id, Location.CPU), "k", 4)
+        fake_redis.sadd(keys.heads(INSTANCE, worker_id, Location.CPU), "k")
+    assert ranks[1].deregister() is False
+    assert fake_redis.exists(keys.index(INSTANCE, 1, Location.CPU), keys.heads(INSTANCE, 1, Location.CPU)) == 0
+    assert fake_redis.exists(keys.index(INSTANCE, 0, Location.CPU), keys.heads(INSTANCE, 0, Location.CPU)) == 2
+    assert fake_redis.smembers(keys.INSTANCES) == {INSTANCE}
+    assert ranks[0].deregister() is True
+    assert fake_redis.keys(f"kvbus:{{{INSTANCE}}}:*") == []
+    assert fake_redis.smembers(keys.INSTANCES) == set()
 
 
 def test_a_second_live_agent_for_the_same_worker_is_warned_about(

@@ -124,7 +124,7 @@ def agent(config: KVBusConfig) -> Iterator[Agent]:
 
 
 def index(client: redis.Redis, location: Location) -> set[str]:
-    return {k.decode() for k in client.hkeys(keys.index("tiers", location))}
+    return {k.decode() for k in client.hkeys(keys.index("tiers", 0, location))}
 
 
 def test_the_agent_writes_behind_and_the_index_shows_both_locations(agent: Agent, redis_url: str) -> None:

@@ -69,8 +69,20 @@ def test_each_instance_has_its_index_size_at_every_location_the_fleet_uses(redis
     assert snapshot.locations == [CPU, DISK, GPU]
     tiered, tp = snapshot.instance("tiered"), snapshot.instance(INSTANCE)
     assert tiered is not None and tiered.index == {CPU: 2, DISK: 1, GPU: 1} and tiered.key_count == 4
-    # The ranks of one instance share its index: counted once, not per worker.
-    assert tp is not None and tp.index == {CPU: 3, DISK: 0, GPU: 0} and tp.key_count == 3
+    # Each rank has its own index: rank 0 stored the prompt, rank 1 nothing.
+    assert tp is not None and [w.index for w in tp.workers] == [{CPU: 3, DISK: 0, GPU: 0}, {CPU: 0, DISK: 0, GPU: 0}]
+    assert [w.key_count for w in tp.workers] == [3, 0]
+    assert tp.index == {CPU: 3, DISK: 0, GPU: 0} and tp.key_count == 3
+
+
+def test_an_instance_s_index_sizes_are_its_workers_summed(redis_url: str, ranks: list[Agent]) -> None:
+    store(ranks[0], PROMPT)
+    store(ranks[1], PROMPT[:512])
+    tp = read(redis_url).instance(INSTANCE)
+    assert tp is not None and [w.index for w in tp.workers] == [{CPU: 3}, {CPU: 2}]
+    assert [w.key_count for w in tp.workers] == [3, 2]
+    # As LMCache counts: a chunk both ranks hold counts once per rank.
+    assert tp.index == {CPU: 5} and tp.key_count == 5
 
 
 def test_a_silent_workers_backlog_counts_unread_and_unacked_commands_from_the_oldest(

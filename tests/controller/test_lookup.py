@@ -42,20 +42,25 @@ def config(redis_url: str) -> KVBusConfig:
 
 
 def hold(
-    url: str, instance_id: str, *prompts: list[int], space: HashSpace = SPACE, alive: bool = True
+    url: str,
+    instance_id: str,
+    *prompts: list[int],
+    space: HashSpace = SPACE,
+    alive: bool = True,
+    worker_id: int = 0,
 ) -> LocalCPUBackend:
-    """An instance that holds `prompts`, registered and indexed, with no consumer thread."""
+    """Rank `worker_id` of an instance, holding `prompts`, registered and indexed, with no consumer thread."""
     redis_client = redis.Redis.from_url(url, decode_responses=True)
     Registration(
         redis_client,
         instance_id=instance_id,
-        worker_id=0,
+        worker_id=worker_id,
         space=space,
         locations=[Location.CPU],
         address=WorkerAddress("127.0.0.1", None, None),
         ttl_s=60,
     ).register()
-    writer = IndexWriter(redis_client, instance_id)
+    writer = IndexWriter(redis_client, instance_id, worker_id)
     backend = LocalCPUBackend(space, 1 << 30, writer)
     for prompt in prompts:
         backend.store(prompt, synthetic_kv(space, prompt))
@@ -65,19 +70,22 @@ def hold(
     return backend
 
 
-def place(url: str, instance_id: str, tokens: list[int], places: Sequence[tuple[Location, ...]]) -> None:
-    """An instance whose index has chunk n of `tokens` at each location of `places[n]`, and no backend behind it."""
+def place(
+    url: str, instance_id: str, tokens: list[int], places: Sequence[tuple[Location, ...]], worker_id: int = 0
+) -> None:
+    """Rank `worker_id` of an instance, whose index has chunk n of `tokens` at each location of `places[n]`, and
+    no backend behind it."""
     redis_client = redis.Redis.from_url(url, decode_responses=True)
     Registration(
         redis_client,
         instance_id=instance_id,
-        worker_id=0,
+        worker_id=worker_id,
         space=SPACE,
         locations=[loc for loc in FASTEST_FIRST if any(loc in where for where in places)],
         address=WorkerAddress("127.0.0.1", None, None),
         ttl_s=60,
     ).register()
-    writer = IndexWriter(redis_client, instance_id)
+    writer = IndexWriter(redis_client, instance_id, worker_id)
     for chunk, where in zip(SPACE.chunks(tokens), places, strict=False):
         for location in where:
             writer.admitted(location, IndexEntry(chunk.key, chunk.num_tokens, chunk.start == 0))
@@ -177,7 +185,7 @@ def test_a_candidate_without_a_heartbeat_is_skipped_until_it_beats_again(
     hold(redis_url, "live", PROMPT)
     hold(redis_url, "dead", PROMPT[:512], alive=False)
     # Both are candidates: the head set is only a hint, and liveness is checked in the walk.
-    assert real_redis.smembers(keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)) == {"live", "dead"}
+    assert real_redis.smembers(keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)) == {"0:live", "0:dead"}
     [skipped] = asyncio.run(_lookups(redis_url, PROMPT))
     assert skipped == [Match("live", Location.CPU, 1000)]
     real_redis.set(keys.alive("dead"), 0, ex=60)
@@ -234,3 +242,95 @@ def test_the_scope_guessed_from_the_last_lookup_is_checked_and_replaced_when_it_
         (2, {llama, qwen, disked}),
         (1, {llama, qwen, disked}),
     ]
+
+
+LONG = list(range(10_000, 10_000 + 8192))  # 32 full chunks
+
+
+def test_an_instance_is_credited_only_with_what_every_rank_holds(redis_url: str, real_redis: redis.Redis) -> None:
+    """Issue 9: a TP engine can load no chunk one of its ranks lacks."""
+    place(redis_url, "tp", LONG, [(Location.CPU,)] * 32, worker_id=0)
+    place(redis_url, "tp", LONG, [], worker_id=1)  # registered, holds nothing
+    [nothing] = asyncio.run(_lookups(redis_url, LONG))
+    assert nothing == []
+    place(redis_url, "tp", LONG, [(Location.CPU,)] * 8, worker_id=1)  # rank 1 now holds the first 8 chunks
+    [eight] = asyncio.run(_lookups(redis_url, LONG))
+    assert eight == [Match("tp", Location.CPU, 8 * 256)]
+    place(redis_url, "tp", LONG, [(Location.CPU,)] * 32, worker_id=1)
+    [full] = asyncio.run(_lookups(redis_url, LONG))
+    assert full == [Match("tp", Location.CPU, 8192)]
+    # A third rank, holding the first 10 chunks, two of them at another location than its peers: any counts.
+    place(redis_url, "tp", LONG, [(Location.CPU,)] * 8 + [(Location.DISK,)] * 2, worker_id=2)
+    [mixed] = asyncio.run(_lookups(redis_url, LONG))
+    assert mixed == [Match("tp", Location.DISK, 10 * 256)]
+    assert real_redis.hlen(keys.index("tp", 0, Location.CPU)) == 32  # each rank's index is its own
+
+
+def test_the_slowest_rank_s_location_of_the_last_matched_chunk_is_reported(redis_url: str) -> None:
+    place(redis_url, "tp", PROMPT, [(Location.GPU, Location.CPU)] * 4, worker_id=0)
+    place(redis_url, "tp", PROMPT, [(Location.CPU,), (Location.CPU, Location.GPU), (Location.GPU,)], worker_id=1)
+    found, first = asyncio.run(_lookups(redis_url, PROMPT, PROMPT[:256]))
+    # Rank 1 lacks chunk 3. Chunk 2 is on both ranks' GPU; chunk 0 on rank 0's GPU and rank 1's CPU.
+    assert found == [Match("tp", Location.GPU, 768)]
+    assert first == [Match("tp", Location.CPU, 256)]
+    place(redis_url, "tp", PROMPT, [(Location.DISK,)] * 3, worker_id=2)
+    [slowest] = asyncio.run(_lookups(redis_url, PROMPT))
+    assert slowest == [Match("tp", Location.DISK, 768)]
+
+
+def test_a_rank_s_withdrawn_hint_leaves_the_others_and_a_rank_that_leaves_is_not_waited_for(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    hold(redis_url, "tp", PROMPT, worker_id=0)
+    rank1 = hold(redis_url, "tp", PROMPT, worker_id=1)
+    head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
+    assert real_redis.smembers(head) == {keys.head_member("tp", 0), keys.head_member("tp", 1)}
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[Match("tp", Location.CPU, 1000)]]
+    rank1.clear()
+    assert isinstance(rank1.listener, IndexWriter)
+    rank1.listener.drain()
+    assert real_redis.smembers(head) == {keys.head_member("tp", 0)}  # rank 0's hint stays
+    assert real_redis.hlen(keys.index("tp", 0, Location.CPU)) == 4
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[]]  # registered rank 1 holds nothing
+    Registration(
+        real_redis,
+        instance_id="tp",
+        worker_id=1,
+        space=SPACE,
+        locations=[Location.CPU],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=60,
+    ).deregister()
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[Match("tp", Location.CPU, 1000)]]
+
+
+def test_head_members_name_the_ranks_to_walk_and_others_are_ignored(redis_url: str, real_redis: redis.Redis) -> None:
+    hold(redis_url, "tp", PROMPT, worker_id=0)
+    hold(redis_url, "tp", PROMPT, worker_id=1)
+    head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
+    # A rank's index that no member names is not read: its rank counts as lacking the first chunk.
+    real_redis.srem(head, keys.head_member("tp", 1))
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[]]
+    real_redis.sadd(head, keys.head_member("tp", 1))
+    # A member for a rank that is not registered (a stale hint) is ignored, and so is a member of any
+    # other form, such as a bare instance id left by an older kvbus.
+    real_redis.sadd(head, keys.head_member("tp", 7), "tp", "x:tp", ":tp", "3:")
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[Match("tp", Location.CPU, 1000)]]
+    # An instance with no registered rank left matches nothing.
+    real_redis.delete(keys.workers("tp"))
+    assert asyncio.run(_lookups(redis_url, PROMPT)) == [[]]
+
+
+def test_head_members_round_trip() -> None:
+    assert keys.head_holder(keys.head_member("a:b", 12)) == ("a:b", 12)
+    for member in ("tp", "x:tp", ":tp", "3:", "٣:tp"):
+        assert keys.head_holder(member) is None
+
+
+def test_over_http_real_ranks_are_credited_with_what_both_hold(client: TestClient, ranks: list[Agent]) -> None:
+    ranks[0].tiers.store(PROMPT, synthetic_kv(ranks[0].space, PROMPT))
+    ranks[0].index.flush()
+    assert lookup(client, PROMPT) == {}  # rank 1 holds none of it: the engine could load nothing
+    ranks[1].tiers.store(PROMPT[:512], synthetic_kv(ranks[1].space, PROMPT[:512]))
+    ranks[1].index.flush()
+    assert lookup(client, PROMPT) == {"lmcache_default_instance": ["LocalCPUBackend", 512]}

@@ -71,8 +71,8 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
         what="a heartbeat with the agent's stats",
     )
     before = scrape(client)
-    assert value(before, "kvbus_index_chunks", instance_id=INSTANCE, location="LocalCPUBackend") == 3
     worker = {"instance_id": INSTANCE, "worker_id": "0", "location": "LocalCPUBackend"}
+    assert value(before, "kvbus_index_chunks", **worker) == 3
     assert value(before, "kvbus_worker_chunks", **worker) == 3
     assert value(before, "kvbus_worker_bytes", **worker) == 600 * KV_BYTES_PER_TOKEN
     assert value(before, "kvbus_worker_capacity_bytes", **worker) == BASE.max_local_cpu_size * 1024**3
@@ -101,7 +101,7 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     assert value(after, "kvbus_lookups_total", result="miss") == 1
     assert value(after, "kvbus_commands_total", kind="clear", outcome="ok") == 1
     assert value(after, "kvbus_commands_total", kind="clear", outcome="timeout") == 0
-    assert value(after, "kvbus_index_chunks", instance_id=INSTANCE, location="LocalCPUBackend") == 0
+    assert value(after, "kvbus_index_chunks", **worker) == 0
 
 
 def test_a_silent_agent_shows_as_bus_lag_read_or_not(

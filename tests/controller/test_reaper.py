@@ -27,8 +27,9 @@ def reap(url: str, reap_after_s: float) -> list[str]:
 
 def silence(client: redis.Redis, instance_id: str, seconds: float) -> None:
     client.delete(keys.alive(instance_id))
-    last = float(client.hget(keys.worker(instance_id, 0), "last_heartbeat_time") or 0)
-    client.hset(keys.worker(instance_id, 0), "last_heartbeat_time", last - seconds)
+    for worker_id in client.smembers(keys.workers(instance_id)):
+        last = float(client.hget(keys.worker(instance_id, int(worker_id)), "last_heartbeat_time") or 0)
+        client.hset(keys.worker(instance_id, int(worker_id)), "last_heartbeat_time", last - seconds)
 
 
 def test_an_instance_silent_past_reap_after_is_removed_whole(redis_url: str, real_redis: redis.Redis) -> None:
@@ -38,10 +39,25 @@ def test_an_instance_silent_past_reap_after_is_removed_whole(redis_url: str, rea
     head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
     assert reap(redis_url, 600) == ["gone"]
     assert real_redis.smembers(keys.INSTANCES) == {"peer"}
-    assert real_redis.smembers(head) == {"peer"}
+    assert real_redis.smembers(head) == {keys.head_member("peer", 0)}
     assert list(real_redis.scan_iter("kvbus:{gone}:*")) == []
     entry = LifecycleEntry.decode(real_redis.xrange(keys.LIFECYCLE)[-1][1])
     assert (entry.kind, entry.instance_id, entry.worker_id) == (LifecycleKind.REAPED, "gone", -1)
+
+
+def test_every_rank_s_index_heads_and_hints_are_removed(redis_url: str, real_redis: redis.Redis) -> None:
+    for rank in (0, 1, 2):
+        hold(redis_url, "tp", PROMPT[: 256 * (rank + 1)], worker_id=rank)
+    hold(redis_url, "peer", PROMPT)
+    # Rank 2's worker hash is unreadable: the fleet read skips it, its keys must go all the same.
+    real_redis.hset(keys.worker("tp", 2), "worker_id", "not a number")
+    head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
+    assert real_redis.smembers(head) == {"0:tp", "1:tp", "2:tp", "0:peer"}
+    silence(real_redis, "tp", 700)
+    assert reap(redis_url, 600) == ["tp"]
+    assert real_redis.smembers(head) == {"0:peer"}
+    assert list(real_redis.scan_iter("kvbus:{tp}:*")) == []
+    assert real_redis.hlen(keys.index("peer", 0, Location.CPU)) == 4
 
 
 def test_live_and_recently_seen_instances_stay(redis_url: str, real_redis: redis.Redis) -> None:
@@ -50,7 +66,7 @@ def test_live_and_recently_seen_instances_stay(redis_url: str, real_redis: redis
     silence(real_redis, "resting", 30)
     assert reap(redis_url, 600) == []
     assert real_redis.smembers(keys.INSTANCES) == {"live", "resting"}
-    assert real_redis.hlen(keys.index("resting", Location.CPU)) == 1
+    assert real_redis.hlen(keys.index("resting", 0, Location.CPU)) == 1
 
 
 def test_a_heartbeat_arriving_before_the_script_saves_the_instance(redis_url: str, real_redis: redis.Redis) -> None:
@@ -74,4 +90,4 @@ def test_a_heartbeat_arriving_before_the_script_saves_the_instance(redis_url: st
 
     assert asyncio.run(race()) == []
     assert real_redis.sismember(keys.INSTANCES, "back")
-    assert real_redis.hlen(keys.index("back", Location.CPU)) == 1
+    assert real_redis.hlen(keys.index("back", 0, Location.CPU)) == 1

@@ -14,9 +14,14 @@ from kvbus.shared.records import WorkerRecord
 
 
 def worker(
-    instance_id: str, worker_id: int, ip: str = "10.0.0.1", registered: float = 100.0, **fields: object
+    instance_id: str,
+    worker_id: int,
+    ip: str = "10.0.0.1",
+    registered: float = 100.0,
+    index: dict[str, int] | None = None,
+    **fields: object,
 ) -> Worker:
-    """A worker as fleet.read gives it; `fields` set the rest of its record."""
+    """A worker as fleet.read gives it, with its own `index` sizes; `fields` set the rest of its record."""
     record = WorkerRecord(
         instance_id=instance_id,
         worker_id=worker_id,
@@ -24,7 +29,7 @@ def worker(
         registration_time=registered,
         last_heartbeat_time=registered + 50,
     )
-    return Worker(msgspec.structs.replace(record, **fields), heartbeat_age_s=1.0, backlog=None)
+    return Worker(msgspec.structs.replace(record, **fields), heartbeat_age_s=1.0, backlog=None, index=index or {})
 
 
 FLEET = Fleet(
@@ -34,11 +39,13 @@ FLEET = Fleet(
         Instance(
             "a",
             alive=True,
-            index={"LocalCPUBackend": 3, "LocalDiskBackend": 2},
-            workers=[worker("a", 0, ip="10.0.0.2", registered=90.0), worker("a", 1, registered=90.0)],
+            workers=[
+                worker("a", 0, ip="10.0.0.2", registered=90.0, index={"LocalCPUBackend": 3, "LocalDiskBackend": 2}),
+                worker("a", 1, registered=90.0, index={"LocalCPUBackend": 3, "LocalDiskBackend": 0}),
+            ],
         ),
-        Instance("b", alive=False, index={"LocalCPUBackend": 0, "LocalDiskBackend": 4}, workers=[worker("b", 0)]),
-        Instance("c", alive=True, index={"LocalCPUBackend": 0, "LocalDiskBackend": 0}, workers=[]),
+        Instance("b", alive=False, workers=[worker("b", 0, index={"LocalCPUBackend": 0, "LocalDiskBackend": 4})]),
+        Instance("c", alive=True, workers=[]),
     ],
 )
 
@@ -80,16 +87,46 @@ def test_worker_infos_of_every_instance_or_of_the_worker_ids_asked() -> None:
     assert all(w.key_count is msgspec.UNSET for w in registry.worker_infos(FLEET))  # not in /query_worker_info
 
 
-def test_workers_carry_their_instance_s_key_count() -> None:
+def test_workers_carry_their_own_key_count() -> None:
     listed = registry.workers(FLEET)
     assert listed.total_count == 3
     assert [(w.instance_id, w.worker_id, w.key_count) for w in listed.workers] == [
         ("a", 0, 5),
-        ("a", 1, 5),
+        ("a", 1, 3),
         ("b", 0, 4),
     ]
     one = registry.worker(FLEET, "b", 0)
     assert (one.instance_id, one.worker_id, one.key_count) == ("b", 0, 4)
+    assert registry.worker(FLEET, "a", 1).key_count == 3  # its own, not its instance's
+
+
+def test_two_ranks_one_holding_32_chunks_and_one_none_are_counted_as_lmcache_counts_them() -> None:
+    """Issue 9's case: each worker has its own count, and the instance's is their sum."""
+    held = Fleet(
+        200.0,
+        ["LocalCPUBackend"],
+        [
+            Instance(
+                "tp",
+                alive=True,
+                workers=[worker("tp", 0, index={"LocalCPUBackend": 32}), worker("tp", 1, index={"LocalCPUBackend": 0})],
+            )
+        ],
+    )
+    assert [(w.worker_id, w.key_count) for w in registry.workers(held).workers] == [(0, 32), (1, 0)]
+    assert registry.key_stats(held) == KeyStatsAnswer(32, 1, 2, [InstanceKeyCount("tp", 32, 2)])
+    both = Fleet(
+        200.0,
+        ["LocalCPUBackend"],
+        [
+            Instance(
+                "tp",
+                alive=True,
+                workers=[worker("tp", w, index={"LocalCPUBackend": 32}) for w in (0, 1)],
+            )
+        ],
+    )
+    assert registry.key_stats(both) == KeyStatsAnswer(64, 1, 2, [InstanceKeyCount("tp", 64, 2)])
 
 
 def test_an_unknown_instance_or_worker_is_an_error_naming_it() -> None:
@@ -113,9 +150,9 @@ def test_the_instance_at_an_ip_is_the_earliest_registered_one_there() -> None:
 
 def test_key_stats_count_every_instance_including_dead_and_empty_ones() -> None:
     assert registry.key_stats(FLEET) == KeyStatsAnswer(
-        total_key_count=9,
+        total_key_count=12,
         total_instance_count=3,
         total_worker_count=3,
-        instances=[InstanceKeyCount("a", 5, 2), InstanceKeyCount("b", 4, 1), InstanceKeyCount("c", 0, 0)],
+        instances=[InstanceKeyCount("a", 8, 2), InstanceKeyCount("b", 4, 1), InstanceKeyCount("c", 0, 0)],
     )
     assert registry.key_stats(Fleet(200.0, [], [])) == KeyStatsAnswer(0, 0, 0, [])

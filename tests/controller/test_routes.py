@@ -98,9 +98,11 @@ def test_key_stats_and_workers(client: TestClient, ranks: list[Agent]) -> None:
         "instances": [{"instance_id": INSTANCE, "key_count": 3, "worker_count": 2}],
     }
     listed = client.get("/controller/workers").json()
-    assert listed["total_count"] == 2 and [w["worker_id"] for w in listed["workers"]] == [0, 1]
+    assert listed["total_count"] == 2
+    # Each worker its own count, as LMCache: rank 0 stored the prompt, rank 1 nothing.
+    assert [(w["worker_id"], w["key_count"]) for w in listed["workers"]] == [(0, 3), (1, 0)]
     one = client.get("/controller/workers", params={"instance_id": INSTANCE, "worker_id": 1}).json()
-    assert one["worker_id"] == 1 and one["key_count"] == 3
+    assert one["worker_id"] == 1 and one["key_count"] == 0
     assert client.get("/controller/workers", params={"instance_id": INSTANCE, "worker_id": 5}).status_code == 404
     assert client.get("/controller/workers", params={"instance_id": "ghost"}).status_code == 404
     assert client.get("/controller/workers", params={"instance_id": INSTANCE, "worker_id": "x"}).status_code == 422

@@ -50,7 +50,7 @@ def complete(client: TestClient, prompt: Any, **extra: Any) -> dict[str, Any]:
 
 def indexed(redis_url: str) -> dict[str, str]:
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        return client.hgetall(keys.index(INSTANCE, Location.CPU))  # type: ignore[return-value]
+        return client.hgetall(keys.index(INSTANCE, 0, Location.CPU))  # type: ignore[return-value]
 
 
 def test_completion_has_openai_shape_and_seed_prompt_is_held(client: TestClient, redis_url: str) -> None:

@@ -132,7 +132,7 @@ def test_the_dashboard_shows_the_fleets_real_numbers(procs: Processes, redis_url
     procs.agent(redis_url, PLAIN, "--preload-tokens", ",".join(map(str, PROMPT_A)), config=disk)
     procs.agent(redis_url, HOSTILE, "--preload-tokens", ",".join(map(str, PROMPT_B)))
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    wait_for(lambda: client.hlen(keys.index(PLAIN, "LocalDiskBackend")) == 3, what="the disk to hold PROMPT_A")
+    wait_for(lambda: client.hlen(keys.index(PLAIN, 0, "LocalDiskBackend")) == 3, what="the disk to hold PROMPT_A")
     assert post(f"{controller}/lookup", {"tokens": PROMPT_A})["layout_info"] == {PLAIN: ["LocalCPUBackend", 600]}
     assert post(f"{controller}/lookup", {"tokens": PROMPT_B})["layout_info"] == {HOSTILE: ["LocalCPUBackend", 300]}
     assert post(f"{controller}/lookup", {"tokens": [1, 2, 3]})["layout_info"] == {}

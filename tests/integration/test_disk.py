@@ -28,7 +28,7 @@ def chunk_files(tmp_path: Path, instance: str = INSTANCE) -> list[Path]:
 
 def wait_for_disk_index(redis_url: str, instance: str, count: int) -> None:
     client = redis.Redis.from_url(redis_url)
-    wait_for(lambda: client.hlen(keys.index(instance, Location.DISK)) == count, what="the disk copy in the index")
+    wait_for(lambda: client.hlen(keys.index(instance, 0, Location.DISK)) == count, what="the disk copy in the index")
     client.close()
 
 

@@ -16,8 +16,8 @@ def test_every_per_instance_key_shares_the_instance_slot() -> None:
         keys.alive(instance),
         keys.worker(instance, 3),
         keys.commands(instance),
-        keys.index(instance, Location.CPU),
-        keys.heads(instance, Location.DISK),
+        keys.index(instance, 1, Location.CPU),
+        keys.heads(instance, 1, Location.DISK),
         keys.done(instance, 0, "Clear1"),
     ]
     assert all(k.startswith("kvbus:{inst-42}:") for k in per_instance)

@@ -83,7 +83,7 @@ def test_a_chunk_gone_between_lookup_and_load_is_recomputed(stack: Stack) -> Non
     """The index claims chunks the agent does not hold, as it does for a moment when a clear races a
     request: vLLM is told 512 tokens will load, the worker finds none, and vLLM recomputes them."""
     tokens = prompt(4, 600)
-    stack.redis.hset(keys.index(INSTANCE, CPU), mapping={c.key: c.num_tokens for c in SPACE.chunks(tokens)})
+    stack.redis.hset(keys.index(INSTANCE, 0, CPU), mapping={c.key: c.num_tokens for c in SPACE.chunks(tokens)})
     _, raced = run(stack, tokens)
     assert "Recovered from KV load failure" in stack.vllm.log_tail(20_000)
     stack.clear()
