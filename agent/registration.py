@@ -100,6 +100,7 @@ class Registration:
             chunk_size=self._space.chunk_size,
             save_unfull_chunk=self._space.save_unfull_chunk,
             locations=[str(loc) for loc in self._locations],
+            hash_space=self._space.name,
         )
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(keys.INSTANCES, self._instance)

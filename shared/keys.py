@@ -99,3 +99,26 @@ def heads(instance_id: str, worker_id: int, location: str) -> str:
 def done(instance_id: str, worker_id: int, event_id: str) -> str:
     """STRING with a TTL: the result a worker sent for `event_id`, so a redelivery is not executed twice."""
     return f"{_instance(instance_id)}:done:{worker_id}:{event_id}"
+
+
+def space_instances(space_name: str) -> str:
+    """SET of the instances whose chunks are in a hash space without head hints (LMCache's: its
+    workers report bare chunk hashes, so no one knows which chunk starts a prompt): lookup's
+    candidates in that space."""
+    return f"{PREFIX}:space:{space_name}:instances"
+
+
+def lmcache_sync(instance_id: str, worker_id: int) -> str:
+    """HASH: an LMCache worker's op sequence and full-sync state (records.LMCacheSync)."""
+    return f"{_instance(instance_id)}:lmcache:{worker_id}"
+
+
+# Members are head_member(instance_id, worker_id): the controllers that relay commands to LMCache
+# workers read each one's command stream through this.
+LMCACHE_WORKERS = f"{PREFIX}:lmcache:workers"  # SET of every registered LMCache worker
+
+
+def lmcache_probe(instance_id: str, worker_id: int) -> str:
+    """STRING with a TTL: which controller checks, by a health message, that an LMCache worker that sends
+    no heartbeats is still alive."""
+    return f"{_instance(instance_id)}:lmcache:{worker_id}:probe"

@@ -35,11 +35,20 @@ class BackendStats(msgspec.Struct, kw_only=True):
     compressed_bytes: int = 0
 
 
+class WorkerProtocol(StrEnum):
+    """How a worker takes commands: a kvbus agent reads its instance's stream itself; an LMCache worker
+    is sent each one over ZMQ, at ip:port, by a controller that reads the stream for it."""
+
+    KVBUS = "kvbus"
+    LMCACHE = "lmcache"
+
+
 class WorkerRecord(msgspec.Struct, kw_only=True):
     """`kvbus:{inst}:worker:<id>`: one worker (tensor-parallel rank) as it registered and last heartbeated."""
 
     instance_id: str
     worker_id: int
+    protocol: WorkerProtocol = WorkerProtocol.KVBUS
     ip: str = ""
     port: int | None = None  # lmcache_worker_ports, for the LMCache bridge
     peer_init_url: str = ""  # host:port other agents /move chunks into; empty without p2p_init_ports
@@ -70,10 +79,11 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
 class InstanceInfo(msgspec.Struct, kw_only=True):
     """`kvbus:{inst}:info`: what every worker of the instance shares: its hash space and locations."""
 
-    model: str
+    model: str  # empty for LMCache engines, whose chunk keys do not depend on it
     chunk_size: int
     save_unfull_chunk: bool
     locations: list[str]
+    hash_space: str = ""  # the name of the space its chunk keys are in (shared/hashing.py)
 
     def encode(self) -> Fields:
         return encode(self)
@@ -209,6 +219,34 @@ def decode_journal(fields: dict[Any, Any]) -> JournalEntry:
     raise DecodeError(f"journal entry of unknown type {kind!r}")
 
 
+class LMCacheSync(msgspec.Struct, kw_only=True):
+    """`kvbus:{inst}:lmcache:<worker_id>`: an LMCache worker's admit/evict sequence and full-sync state.
+
+    LMCache numbers each worker's ops per location; a gap means ops were lost, so the rank's index
+    at that location is dropped and the worker is asked (in its next heartbeat answer) to send all
+    it holds again.
+    """
+
+    seq: dict[str, int] = msgspec.field(default_factory=dict)  # location -> last op's number
+    resync_reason: str = ""  # set: the next heartbeat answer asks for a full sync
+    gaps: int = 0  # sequence gaps seen since the worker registered
+    sync_id: str = ""  # the full sync in progress or last finished
+    sync_location: str = ""
+    sync_batches: int = 0  # how many batches the worker said it would send
+    sync_received: list[int] = msgspec.field(default_factory=list)
+    sync_ended: bool = False
+
+    # What the controller's op script reads and writes, by name: the sequence, the gap count, the reason.
+    SCRIPT_FIELDS: ClassVar[tuple[str, str, str]] = ("seq", "gaps", "resync_reason")
+
+    def encode(self) -> Fields:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> LMCacheSync:
+        return decode(cls, fields)
+
+
 class LifecycleKind(StrEnum):
     REGISTERED = "registered"
     DEREGISTERED = "deregistered"
@@ -260,6 +298,7 @@ def _text(value: Any) -> str:
 REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:worker:<worker_id>": (WorkerRecord, BackendStats),
     "kvbus:{<inst>}:info": (InstanceInfo,),
+    "kvbus:{<inst>}:lmcache:<worker_id>": (LMCacheSync,),
     "kvbus:command:<event_id>": (CommandRecord,),
     "kvbus:journal": (JournaledCommand, JournaledResult),
     "kvbus:lifecycle": (LifecycleEntry,),
