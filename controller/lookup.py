@@ -26,7 +26,7 @@ from typing import NamedTuple
 import redis.asyncio
 
 from kvbus.shared import keys
-from kvbus.shared.hashing import Chunk, space_from_name
+from kvbus.shared.hashing import Chunk, LMCacheHashSpace, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
@@ -62,11 +62,15 @@ local function walk(bases)
   return matched, last
 end
 
-local function ranks(k, hinted, a)
+local function ranks(k, hinted, a, registered)
+  if hinted == 1 then  -- the usual case: one rank named, which must be the only one registered
+    if #registered == 1 and registered[1] == ARGV[a + 1] then return {k + 1} end
+    return {}
+  end
   local base = {}
   for r = 1, hinted do base[ARGV[a + r]] = k + 1 + (r - 1) * locations end
   local bases = {}
-  for _, worker in ipairs(redis.call('SMEMBERS', KEYS[k + 1])) do
+  for _, worker in ipairs(registered) do
     if base[worker] == nil then return {} end
     bases[#bases + 1] = base[worker]
   end
@@ -79,7 +83,7 @@ while k <= #KEYS do
   local hinted = tonumber(ARGV[a])
   local matched, last = 0, 0
   if redis.call('EXISTS', KEYS[k]) == 1 then
-    local bases = ranks(k, hinted, a)
+    local bases = ranks(k, hinted, a, redis.call('SMEMBERS', KEYS[k + 1]))
     if #bases > 0 then matched, last = walk(bases) end
   end
   out[#out + 1] = matched
@@ -118,12 +122,12 @@ class PrefixIndex:
         """Every live instance whose registered ranks all hold a prefix of `tokens`, longest first."""
         scope, chains, heads = await self._candidate_heads(tokens)
         matches = []
-        for chain, holders in _candidates(chains, heads, len(scope.locations)):
+        for chain, holders in _candidates(chains, heads, scope.locations):
             matches += await self._walk_chain(scope, chain, holders)
         matches.sort(key=lambda m: (-m.num_tokens, m.instance_id))
         return matches
 
-    async def _candidate_heads(self, tokens: Sequence[int]) -> tuple[_Scope, list[list[Chunk]], list[set[str]]]:
+    async def _candidate_heads(self, tokens: Sequence[int]) -> tuple[_Scope, list[_Chain], list[set[str]]]:
         """The fleet's scope, the prompt's chains in it, and the head sets of each chain's first chunk.
 
         The head sets for the last scope seen are read along with the scope; only a changed
@@ -145,7 +149,7 @@ class PrefixIndex:
         _read_heads(pipe, chains, scope.locations)
         return scope, chains, await pipe.execute()
 
-    async def _walk_chain(self, scope: _Scope, chain: list[Chunk], holders: list[_Holder]) -> list[Match]:
+    async def _walk_chain(self, scope: _Scope, chain: _Chain, holders: list[_Holder]) -> list[Match]:
         walk_keys: list[str] = []
         rank_args: list[int] = []
         for instance_id, ranks in holders:
@@ -153,47 +157,60 @@ class PrefixIndex:
             walk_keys += (keys.index(instance_id, rank, loc) for rank in ranks for loc in scope.locations)
             rank_args += (len(ranks), *ranks)
         walked = await self._walk(
-            keys=walk_keys, args=[len(scope.locations), len(chain), *(c.key for c in chain), *rank_args]
+            keys=walk_keys, args=[len(scope.locations), len(chain.chunks), *(c.key for c in chain.chunks), *rank_args]
         )
         return [
-            Match(instance_id, scope.locations[last - 1], chain[matched - 1].end)
+            Match(instance_id, scope.locations[last - 1], chain.chunks[matched - 1].end)
             for (instance_id, _), matched, last in zip(holders, walked[::2], walked[1::2], strict=True)
             if matched
         ]
 
     @staticmethod
-    async def _hash(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[list[Chunk]]:
+    async def _hash(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[_Chain]:
         if len(tokens) > _INLINE_HASH_TOKENS:
             return await asyncio.to_thread(_chains, tokens, spaces)
         return _chains(tokens, spaces)
 
 
-def _read_heads(
-    pipe: redis.asyncio.client.Pipeline, chains: list[list[Chunk]], locations: tuple[Location, ...]
-) -> None:
+class _Chain(NamedTuple):
+    """A prompt's chunk keys in one hash space, and whether that space keeps head hints (LMCache's does not)."""
+
+    chunks: list[Chunk]
+    space: str
+    hinted: bool
+
+    def candidate_sets(self, locations: tuple[Location, ...]) -> list[str]:
+        """The sets whose members (`keys.head_member`) name the ranks to walk for this chain."""
+        if self.hinted:
+            return [keys.head(location, self.chunks[0].key) for location in locations]
+        return [keys.space_instances(self.space)]
+
+
+def _read_heads(pipe: redis.asyncio.client.Pipeline, chains: list[_Chain], locations: tuple[Location, ...]) -> None:
     for chain in chains:
-        for location in locations:
-            pipe.smembers(keys.head(location, chain[0].key))
+        for key in chain.candidate_sets(locations):
+            pipe.smembers(key)
 
 
-class _Holder(NamedTuple):
-    """A candidate instance and the ranks the head sets name for it, at any location."""
-
-    instance_id: str
-    ranks: tuple[int, ...]
+# A candidate instance and the ranks the head sets name for it, at any location (a plain tuple: a
+# worst-case lookup builds one per instance of the fleet).
+_Holder = tuple[str, tuple[int, ...]]
 
 
 def _candidates(
-    chains: list[list[Chunk]], heads: list[set[str]], per_chain: int
-) -> list[tuple[list[Chunk], list[_Holder]]]:
-    """Each chain with the instances its first chunk names; an instance goes with its first chain."""
+    chains: list[_Chain], heads: list[set[str]], locations: tuple[Location, ...]
+) -> list[tuple[_Chain, list[_Holder]]]:
+    """Each chain with the instances its candidate sets name; an instance goes with its first chain."""
     seen: set[str] = set()
     grouped = []
-    for n, chain in enumerate(chains):
-        ranks = _ranks(set().union(*heads[n * per_chain : (n + 1) * per_chain]))
+    read = 0
+    for chain in chains:
+        count = len(chain.candidate_sets(locations))
+        ranks = _ranks(set().union(*heads[read : read + count]))
+        read += count
         fresh = sorted(ranks.keys() - seen)
         if fresh:
-            grouped.append((chain, [_Holder(i, tuple(sorted(ranks[i]))) for i in fresh]))
+            grouped.append((chain, [(i, tuple(sorted(ranks[i]))) for i in fresh]))
             seen.update(fresh)
     return grouped
 
@@ -208,7 +225,7 @@ def _ranks(members: set[str]) -> dict[str, set[int]]:
     return ranks
 
 
-def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[list[Chunk]]:
+def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[_Chain]:
     """The chunk keys of `tokens` in every hash space the fleet registered (usually one).
 
     A lookup hashes any trailing partial chunk too: agents that do not store one simply miss it.
@@ -216,5 +233,8 @@ def _chains(tokens: Sequence[int], names: tuple[str, ...]) -> list[list[Chunk]]:
     chains = []
     for name in names:
         with contextlib.suppress(ValueError):  # a stray entry must not fail every lookup
-            chains.append(space_from_name(name).chunks(tokens))
+            space = space_from_name(name)
+            chunks = space.chunks(tokens)
+            if chunks:
+                chains.append(_Chain(chunks, name, hinted=not isinstance(space, LMCacheHashSpace)))
     return chains

@@ -21,7 +21,7 @@ import redis.asyncio
 from kvbus.controller import fleet
 from kvbus.shared import keys
 from kvbus.shared.locations import FASTEST_FIRST, Location
-from kvbus.shared.records import LifecycleEntry, LifecycleKind
+from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind
 
 log = logging.getLogger("kvbus.controller.reaper")
 
@@ -101,21 +101,24 @@ class Reaper:
         ranks = sorted({int(w) for w in registered} | {w.worker_id for w in instance.workers})
         places = [(rank, loc) for rank in ranks for loc in FASTEST_FIRST]
         pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(keys.info(instance_id), InstanceInfo.SPACE_FIELD)
         for rank, location in places:
             pipe.smembers(keys.heads(instance_id, rank, location))
-        heads = await pipe.execute()
-        owned = [
-            keys.info(instance_id),
-            keys.workers(instance_id),
-            keys.commands(instance_id),
-            *(keys.worker(instance_id, rank) for rank in ranks),
-            *(
-                key
-                for rank, loc in places
-                for key in (keys.index(instance_id, rank, loc), keys.heads(instance_id, rank, loc))
-            ),
-        ]
-        return owned, _hints(instance_id, places, heads)
+        space, *heads = await pipe.execute()
+        owned = _owned(instance_id, ranks, places)
+        # An LMCache worker's rank is also a candidate of its hash space and a member of the relay's set.
+        sets = [keys.LMCACHE_WORKERS, *([keys.space_instances(space)] if space else [])]
+        listed = [(key, keys.head_member(instance_id, rank)) for key in sets for rank in ranks]
+        return owned, [*_hints(instance_id, places, heads), *listed]
+
+
+def _owned(instance_id: str, ranks: list[int], places: list[tuple[int, Location]]) -> list[str]:
+    """Every key of the instance: its own, and each rank's record, index, heads and LMCache state."""
+    per_place = [
+        key for rank, loc in places for key in (keys.index(instance_id, rank, loc), keys.heads(instance_id, rank, loc))
+    ]
+    per_rank = [key for rank in ranks for key in (keys.worker(instance_id, rank), keys.lmcache_sync(instance_id, rank))]
+    return [keys.info(instance_id), keys.workers(instance_id), keys.commands(instance_id), *per_rank, *per_place]
 
 
 def _hints(instance_id: str, places: list[tuple[int, Location]], heads: list[set[str]]) -> list[tuple[str, str]]:

@@ -102,9 +102,9 @@ def done(instance_id: str, worker_id: int, event_id: str) -> str:
 
 
 def space_instances(space_name: str) -> str:
-    """SET of the instances whose chunks are in a hash space without head hints (LMCache's: its
-    workers report bare chunk hashes, so no one knows which chunk starts a prompt): lookup's
-    candidates in that space."""
+    """SET of the ranks whose chunks are in a hash space without head hints (LMCache's: its workers
+    report bare chunk hashes, so no one knows which chunk starts a prompt), as `head_member`s:
+    lookup's candidates in that space."""
     return f"{PREFIX}:space:{space_name}:instances"
 
 

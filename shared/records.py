@@ -85,6 +85,8 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     locations: list[str]
     hash_space: str = ""  # the name of the space its chunk keys are in (shared/hashing.py)
 
+    SPACE_FIELD: ClassVar[str] = "hash_space"  # what the reaper reads alone
+
     def encode(self) -> Fields:
         return encode(self)
 

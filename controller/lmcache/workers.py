@@ -63,13 +63,15 @@ return 0
 
 # Other ranks of the instance may still be serving: only the last one takes the instance away.
 # KEYS: workers set, worker record, instances set, info, alive, command stream, the space's
-# candidate set, then the rank's own keys to delete. ARGV: worker id, instance id.
+# candidate set, the relay's worker set, then the rank's own keys to delete. ARGV: worker id,
+# instance id, the rank's member of the two sets.
 _DEREGISTER = """
 redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], unpack(KEYS, 8))
+redis.call('SREM', KEYS[7], ARGV[3])
+redis.call('SREM', KEYS[8], ARGV[3])
+redis.call('DEL', KEYS[2], unpack(KEYS, 9))
 if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('SREM', KEYS[7], ARGV[2])
 redis.call('UNLINK', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
@@ -112,7 +114,9 @@ class LMCacheWorkers:
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(keys.INSTANCES, instance)
         pipe.sadd(keys.HASH_SPACES, self.space.name)
-        pipe.sadd(keys.space_instances(self.space.name), instance)
+        pipe.sadd(keys.space_instances(self.space.name), keys.head_member(instance, worker))
+        # LMCache's CPU and disk backends are the ones that report what they hold.
+        pipe.sadd(keys.LOCATIONS, Location.CPU, Location.DISK)
         pipe.hset(keys.info(instance), mapping=info.encode())
         pipe.delete(keys.worker(instance, worker), keys.lmcache_sync(instance, worker))
         pipe.delete(*(keys.index(instance, worker, location) for location in FASTEST_FIRST))
@@ -169,11 +173,11 @@ class LMCacheWorkers:
                 keys.alive(instance),
                 keys.commands(instance),
                 keys.space_instances(self.space.name),
+                keys.LMCACHE_WORKERS,
                 *own,
             ],
-            args=[worker, instance],
+            args=[worker, instance, keys.head_member(instance, worker)],
         )
-        await self._redis.srem(keys.LMCACHE_WORKERS, keys.head_member(instance, worker))
         log.info("LMCache worker %s/%d deregistered%s", instance, worker, ", the last of its instance" if last else "")
 
     async def apply(self, batches: list[wire.BatchedKVOperationMsg]) -> None:

@@ -197,3 +197,57 @@ def test_deregistration_removes_the_worker_and_its_index(
     wait_for(lambda: not real_redis.sismember(keys.INSTANCES, "lmc-a"), what="the instance gone")
     assert index_size(real_redis, "lmc-a") == 0 and not real_redis.exists(keys.worker("lmc-a", 0))
     assert client.post("/clear", json={"instance_id": "lmc-a", "location": CPU}).status_code == 404
+
+
+def test_lookup_finds_an_lmcache_workers_chunks_with_their_own_hash(
+    worker: FakeLMCacheWorker, client: TestClient, real_redis: redis.Redis
+) -> None:
+    worker.store(PROMPT)
+    wait_for(lambda: index_size(real_redis, "lmc-a") == 3, what="three admitted chunks")
+    assert client.post("/lookup", json={"tokens": PROMPT}).json()["layout_info"] == {"lmc-a": [CPU, 600]}
+    assert client.post("/lookup", json={"tokens": PROMPT[:300]}).json()["layout_info"] == {"lmc-a": [CPU, 256]}
+    assert client.post("/lookup", json={"tokens": list(range(7, 20))}).json()["layout_info"] == {}
+
+
+def test_lmcache_workers_and_kvbus_agents_are_looked_up_side_by_side(
+    config: KVBusConfig, worker: FakeLMCacheWorker, client: TestClient, real_redis: redis.Redis
+) -> None:
+    from kvbus.agent.agent import Agent
+    from kvbus.agent.synthetic import synthetic_kv
+    from tests.conftest import MODEL
+
+    agent = Agent(config.with_overrides(lmcache_instance_id="kvbus-b", chunk_size=256), model=MODEL)
+    agent.start()
+    try:
+        agent.tiers.store(PROMPT[:512], synthetic_kv(agent.space, PROMPT[:512]))
+        worker.store(PROMPT)
+        wait_for(lambda: index_size(real_redis, "lmc-a") == 3, what="the LMCache worker's chunks")
+        wait_for(lambda: index_size(real_redis, "kvbus-b") == 2, what="the agent's chunks")
+        layout = client.post("/lookup", json={"tokens": PROMPT}).json()["layout_info"]
+        assert layout == {"lmc-a": [CPU, 600], "kvbus-b": [CPU, 512]}
+        assert list(layout) == ["lmc-a", "kvbus-b"]  # longest first
+        assert client.post("/clear", json={"instance_id": "kvbus-b", "location": CPU}).json()["num_tokens"] == 512
+        assert client.post("/lookup", json={"tokens": PROMPT}).json()["layout_info"] == {"lmc-a": [CPU, 600]}
+    finally:
+        agent.stop()
+
+
+def test_two_lmcache_ranks_of_one_instance_are_credited_with_what_both_hold(
+    config: KVBusConfig, client: TestClient, real_redis: redis.Redis
+) -> None:
+    ranks = [make_worker(config, "lmc-tp", n) for n in (0, 1)]
+    try:
+        for rank in ranks:
+            rank.register()
+        ranks[0].store(PROMPT)
+        ranks[1].store(PROMPT[:256])
+        wait_for(lambda: index_size(real_redis, "lmc-tp", 1) == 1, what="rank 1's chunk")
+        wait_for(lambda: index_size(real_redis, "lmc-tp", 0) == 3, what="rank 0's chunks")
+        assert client.post("/lookup", json={"tokens": PROMPT}).json()["layout_info"] == {"lmc-tp": [CPU, 256]}
+        cleared = client.post("/clear", json={"instance_id": "lmc-tp", "location": CPU})
+        assert cleared.status_code == 200
+        assert cleared.json()["num_tokens"] == 256 and cleared.json()["num_tokens_per_worker"] == {"0": 600, "1": 256}
+        assert all(isinstance(rank.received[-1], wire.ClearWorkerMsg) for rank in ranks)
+    finally:
+        for rank in ranks:
+            rank.close()
