@@ -41,6 +41,9 @@ log = logging.getLogger("kvbus.controller.lmcache")
 
 _READ_COUNT = 64
 _MEMBERS_REFRESH_S = 1.0
+# Commands a replica took and never acked (it died) are taken over after this long: by then they
+# are past their deadline, so they are answered expired, which clears them from the bus's backlog.
+_RECLAIM_EVERY_S = 10.0
 
 
 @dataclass
@@ -81,13 +84,16 @@ class Relay:
     async def run(self) -> None:
         """Read and carry commands until `stop`; Redis outages are waited out."""
         outage = Outage(log, "relaying commands to LMCache workers", backoff_s=0.2, max_backoff_s=2.0)
-        next_probe = 0.0
+        next_probe = next_reclaim = 0.0
         while not self._closing:
             try:
                 members = await self._members()
                 if time.monotonic() >= next_probe:
                     next_probe = time.monotonic() + self._interval_s
                     self._spawn(self._probe_silent(members))
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
+                    self._spawn(self._reclaim(members))
                 await self._read_once(members)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if self._closing:
@@ -136,6 +142,21 @@ class Relay:
                 instance = of_stream[stream]
                 for entry_id, fields in entries:
                     self._spawn(self._carry(instance, worker_id, entry_id, fields))
+
+    async def _reclaim(self, members: dict[int, list[str]]) -> None:
+        idle_ms = int(_RECLAIM_EVERY_S * 1000)
+        for worker_id, instances in members.items():
+            for instance in instances:
+                with contextlib.suppress(redis.ResponseError):  # the stream or group is gone: nothing to take
+                    _, entries, _ = await self._redis.xautoclaim(
+                        keys.commands(instance),
+                        keys.command_group(worker_id),
+                        self._consumer,
+                        idle_ms,
+                        count=_READ_COUNT,
+                    )
+                    for entry_id, fields in entries:
+                        self._spawn(self._carry(instance, worker_id, entry_id, fields))
 
     async def _repair_groups(self, worker_id: int, instances: list[str]) -> None:
         """A stream or group vanished (Redis restarted empty, or the instance left): recreate what is registered."""
