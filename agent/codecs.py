@@ -123,11 +123,18 @@ _ENCODERS: dict[str, Callable[[torch.Tensor], Packed]] = {Int8.method: Int8.enco
 
 
 def known_method(name: str) -> compression.Method:
-    """The method called `name`; Refused, naming the known ones, if there is none: a client asked for it."""
+    """The method called `name`; Refused, naming the known ones, if there is none or it is LMCache's alone
+    (cachegen): a client asked for it."""
     try:
-        return compression.method(name)
+        found = compression.method(name)
     except ValueError as exc:
         raise Refused(str(exc)) from None
+    if not found.in_kvbus:
+        raise Refused(
+            f"{name} is LMCache's own compression method, which LMCache workers run and kvbus agents do not "
+            f"implement; kvbus agents compress with {compression.IN_KVBUS}"
+        )
+    return found
 
 
 def encode(tensor: torch.Tensor, method: str) -> Packed:

@@ -4,16 +4,22 @@ A request that cannot be carried out here (an unknown compression method, compre
 backend without it, a move to a location this worker lacks) raises Refused and is answered
 REFUSED with the reason: a client's mistake, not the agent's failure. Any other exception
 leaves the handler, and the consumer answers it ERROR.
+
+The controller accepts any integer as a token id, as LMCache does. No chunk holds an id outside
+0..2**32-1 (no tokenizer makes one), so a command's held prefix ends before the chunk of the first
+such id: the handlers act on the whole chunks before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import msgspec
+
 from kvbus.agent import peer
 from kvbus.agent.backends.base import StorageBackend
 from kvbus.agent.refused import Refused
-from kvbus.shared.hashing import HashSpace
+from kvbus.shared.hashing import TOKEN_LIMIT, HashSpace
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 
 # LMCache's health codes.
@@ -51,12 +57,25 @@ class CommandHandlers:
         backend = self._backends.get(command.location)
         if backend is None:
             return self._answer(command, detail=f"this worker has no {command.location}")
+        holdable = self._holdable(command)
+        if holdable is None:
+            return self._answer(command, detail="no chunk of these tokens is held: the first has an id past 2**32-1")
+        command = holdable
         try:
             if command.kind == CommandKind.MOVE:
                 return self.move(backend, command)
             return self._answer(command, num_tokens=self._counted[command.kind](backend, command))
         except Refused as exc:
             return self._answer(command, ResultStatus.REFUSED, detail=str(exc))
+
+    def _holdable(self, command: Command) -> Command | None:
+        """`command` with its tokens cut before the chunk of the first id outside 0..2**32-1; None when
+        that is the first chunk (an empty list would mean every chunk)."""
+        first_bad = next((n for n, t in enumerate(command.tokens) if not 0 <= t < TOKEN_LIMIT), None)
+        if first_bad is None:
+            return command
+        cut = first_bad - first_bad % self._space.chunk_size
+        return msgspec.structs.replace(command, tokens=command.tokens[:cut]) if cut else None
 
     def move(self, source: StorageBackend, command: Command) -> Result:
         """Copy the held prefix of `tokens` (every chunk, if empty) to the destination, then drop

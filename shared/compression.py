@@ -1,7 +1,9 @@
 """The compression methods controller and agent agree on: names, whether lossy, and what each promises.
 
 No torch here: the controller imports this to validate requests and to name the known methods in
-its errors. The codecs themselves live in kvbus.agent.codecs.
+its errors. The codecs themselves live in kvbus.agent.codecs. `cachegen` is LMCache's own method:
+the controller passes it to workers like any other, LMCache workers (through the bridge) run it,
+and kvbus's agents refuse it, saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ class Method:
     lossless: bool
     description: str
     error_bound: str | None = None  # what a lossy method promises; None where the round trip is exact
+    in_kvbus: bool = True  # kvbus's agents implement it; False: only LMCache workers do
 
 
 METHODS: dict[str, Method] = {
@@ -34,10 +37,19 @@ METHODS: dict[str, Method] = {
             lossless=True,
             description="zlib (level 1) over the tensor's bytes grouped by byte position; bit-exact, any dtype",
         ),
+        Method(
+            "cachegen",
+            lossless=False,
+            description="LMCache's CacheGen codec (quantized, arithmetic-coded KV), run by LMCache workers",
+            error_bound="LMCache's: quantization of a few bits per value, set per model and layer by cachegen's "
+            "settings in LMCache",
+            in_kvbus=False,
+        ),
     )
 }
 
 KNOWN = ", ".join(METHODS)
+IN_KVBUS = ", ".join(name for name, method in METHODS.items() if method.in_kvbus)
 
 
 def method(name: str) -> Method:

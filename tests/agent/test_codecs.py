@@ -49,12 +49,20 @@ def int8_bound(x: torch.Tensor) -> torch.Tensor:
 def test_every_catalogued_method_has_a_codec_and_keeps_its_promise() -> None:
     x = random_kv(layers=2, tokens=16)
     for name, method in compression.METHODS.items():
+        assert method.lossless == (method.error_bound is None)
+        if not method.in_kvbus:
+            continue  # LMCache's own (cachegen): refused below
         packed = codecs.encode(x, name)
         assert packed.method == name
         restored = packed.decode()
         assert (restored.shape, restored.dtype) == (x.shape, x.dtype)
         assert torch.equal(restored, x) == method.lossless
-        assert method.lossless == (method.error_bound is None)
+
+
+def test_lmcache_s_own_method_is_known_but_refused_saying_who_runs_it() -> None:
+    assert not compression.method("cachegen").in_kvbus
+    with pytest.raises(Refused, match="cachegen is LMCache's own .* kvbus agents compress with int8, zlib$"):
+        codecs.encode(random_kv(), "cachegen")
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones() -> None:

@@ -54,7 +54,7 @@ def handlers(tmp_path: Path) -> CommandHandlers:
     [
         (
             command(CommandKind.COMPRESS, method="gzip"),
-            "unknown compression method 'gzip'; known methods: int8, zlib",
+            "unknown compression method 'gzip'; known methods: int8, zlib, cachegen",
         ),
         (
             command(CommandKind.DECOMPRESS, "LocalDiskBackend", method="zlib"),
@@ -65,12 +65,28 @@ def handlers(tmp_path: Path) -> CommandHandlers:
             command(CommandKind.MOVE, tokens=PROMPT, dest_location="LocalGPUBackend"),
             "this worker has no LocalGPUBackend to move chunks to",
         ),
+        (
+            command(CommandKind.COMPRESS, method="cachegen"),
+            "cachegen is LMCache's own compression method, which LMCache workers run and kvbus agents do not "
+            "implement; kvbus agents compress with int8, zlib",
+        ),
     ],
-    ids=["unknown-method", "decompress-on-disk", "pin-on-disk", "move-nowhere"],
+    ids=["unknown-method", "decompress-on-disk", "pin-on-disk", "move-nowhere", "lmcache-s-cachegen"],
 )
 def test_a_client_s_mistake_is_refused_with_the_reason(handlers: CommandHandlers, asked: Command, reason: str) -> None:
     result = handlers(asked)
     assert (result.status, result.detail, result.num_tokens) == (ResultStatus.REFUSED, reason, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**70])
+def test_a_token_id_no_chunk_can_hold_ends_the_prefix_before_its_chunk(handlers: CommandHandlers, bad: int) -> None:
+    """The controller accepts any integer as a token id, as LMCache does; the held prefix stops before it."""
+    assert handlers(command(CommandKind.PIN, tokens=[*PROMPT[:300], bad, *PROMPT[301:]])).num_tokens == 256
+    assert handlers(command(CommandKind.PIN, tokens=[*PROMPT[:512], bad])).num_tokens == 512
+    # Within the first chunk: nothing, and not every chunk (which an empty list would mean).
+    for kind in (CommandKind.PIN, CommandKind.COMPRESS, CommandKind.MOVE):
+        kept = handlers(command(kind, tokens=[PROMPT[0], bad], method="zlib", dest_location="LocalDiskBackend"))
+        assert (kept.status, kept.num_tokens) == (ResultStatus.OK, 0), kind
 
 
 def test_any_other_failure_is_not_a_refusal(handlers: CommandHandlers, monkeypatch: pytest.MonkeyPatch) -> None:
