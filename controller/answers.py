@@ -7,7 +7,7 @@ stay field for field LMCache's while kvbus adds what it knows (a worker's pid, e
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -62,7 +62,7 @@ class WorkerInfo(msgspec.Struct):
     instance_id: str
     worker_id: int
     ip: str
-    port: int | None
+    port: int  # the worker's LMCache REP port (lmcache_worker_ports); 0 for a kvbus agent, which has none
     peer_init_url: str | None
     registration_time: float
     last_heartbeat_time: float
@@ -163,8 +163,19 @@ class DashboardAnswer(msgspec.Struct):
     agent_events: list[LifecycleView]
 
 
+class ValidationIssue(msgspec.Struct):
+    """One entry of FastAPI's 422 `detail` list, as pydantic v2 words it."""
+
+    type: str  # pydantic's error type: missing, int_parsing, list_type, json_invalid, ...
+    loc: list[str | int]  # where: "body" (or "query") then the field names and list indexes
+    msg: str
+    input: Any  # the value that failed (for a missing field, the object that lacks it)
+    ctx: dict[str, Any] | UnsetType = UNSET  # what some types add: max_length, the JSON error, ...
+
+
 class ErrorAnswer(msgspec.Struct):
-    detail: str  # FastAPI's field, which LMCache clients read
+    # FastAPI's field, which LMCache clients read: a 422 lists every problem as FastAPI does, other errors say one.
+    detail: str | list[ValidationIssue]
     error: str  # a stable code: see errors.py
     field: str | UnsetType = UNSET
     event_id: str | UnsetType = UNSET

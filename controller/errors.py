@@ -1,20 +1,23 @@
 """Every error a client can see, as data, and the one place that turns them into JSON responses.
 
-Bodies keep FastAPI's `detail` field, which LMCache's clients read, and add a stable
-machine-readable `error` code plus whatever context helps (field, event_id).
+Bodies keep FastAPI's `detail` field, which LMCache's clients read (for a 422, FastAPI's list of
+pydantic issues; otherwise a sentence), and add a stable machine-readable `error` code plus
+whatever context helps (field, event_id).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, ClassVar
 
+import msgspec
 import redis
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvbus.controller.answers import ErrorAnswer, respond
+from kvbus.controller.answers import ErrorAnswer, ValidationIssue, respond
 
 log = logging.getLogger("kvbus.controller")
 
@@ -23,18 +26,29 @@ class APIError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
-    def __init__(self, detail: str, **context: Any) -> None:
-        super().__init__(detail)
+    def __init__(self, detail: str | list[ValidationIssue], **context: Any) -> None:
+        super().__init__(detail if isinstance(detail, str) else detail[0].msg)
         self.detail = detail
         self.context = context
 
 
-class MalformedBody(APIError):
+class UndecodableBody(APIError):
+    """Bytes no JSON text decodes from (FastAPI's one 400 for a body, in its words)."""
+
     status_code = 400
+    code = "undecodable_body"
+
+
+class MalformedBody(APIError):
+    """The body as a whole: not JSON, empty, not an object, or not sent as application/json."""
+
+    status_code = 422
     code = "malformed_body"
 
 
 class InvalidField(APIError):
+    """A field missing, ill-typed or out of kvbus's bounds."""
+
     status_code = 422
     code = "invalid_field"
 
@@ -86,14 +100,18 @@ class AgentTimeout(APIError):
     code = "agent_timeout"
 
 
-def _body(status: int, code: str, detail: str, **context: Any) -> Response:
-    return respond(ErrorAnswer(detail=detail, error=code, **context), status)
+def _body(status: int, code: str, detail: str | list[ValidationIssue], **context: Any) -> Response:
+    answer = ErrorAnswer(detail=detail, error=code, **context)
+    try:
+        return respond(answer, status)
+    except UnicodeEncodeError:  # a lone surrogate in a refused input, which JSON's \u escape still carries
+        return Response(json.dumps(msgspec.to_builtins(answer)), status, media_type="application/json")
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     if exc.status_code >= 500:
-        log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.detail)
+        log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
     return _body(exc.status_code, exc.code, exc.detail, **exc.context)
 
 

@@ -25,7 +25,7 @@ class _Endpoint:
     answers_without_redis: bool = False  # never a 503
 
 
-_BODY_ERRORS = (errors.MalformedBody, errors.InvalidField, errors.BodyTooLarge)
+_BODY_ERRORS = (errors.UndecodableBody, errors.MalformedBody, errors.InvalidField, errors.BodyTooLarge)
 _COMMAND_ERRORS = (*_BODY_ERRORS, errors.UnknownInstance, errors.Refused, errors.AgentFailed, errors.AgentTimeout)
 
 ENDPOINTS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from kvbus.controller.answers import (
     respond,
 )
 from kvbus.controller.bus import CommandBus
-from kvbus.controller.errors import BodyTooLarge, InvalidField, Refused
+from kvbus.controller.errors import BodyTooLarge, Refused, UnknownInstance, UnknownWorker
 from kvbus.controller.event_ids import Operation
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.schemas import (
@@ -33,9 +34,12 @@ from kvbus.controller.schemas import (
     QueryInstanceRequest,
     QueryWorkerInfoRequest,
     check_method,
+    check_move,
     check_token_count,
     parse,
+    refusal,
 )
+from kvbus.controller.validation import Invalid, validate_query_int
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.messages import CommandKind
 
@@ -58,12 +62,16 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+async def _read(request: Request, kind: type[Any]) -> Any:
+    return parse(await _body(request), request.headers.get("content-type"), kind)
+
+
 async def lookup(request: Request) -> Response:
     config: KVBusConfig = request.app.state.config
     index: PrefixIndex = request.app.state.index
-    body = parse(await _body(request), LookupRequest)
+    body: LookupRequest = await _read(request, LookupRequest)
     check_token_count(body.tokens, config.max_lookup_tokens)
-    matches = await index.lookup(body.tokens)
+    matches = await index.lookup(body.tokens) if body.tokens else []
     return respond(
         LookupAnswer(
             event_id=event_ids.new(Operation.LOOKUP),
@@ -73,20 +81,20 @@ async def lookup(request: Request) -> Response:
 
 
 async def clear(request: Request) -> Response:
-    body = parse(await _body(request), ClearRequest)
-    return await _command(request, body.instance_id, CommandKind.CLEAR, location=str(body.location))
+    body: ClearRequest = await _read(request, ClearRequest)
+    return await _command(request, body.instance_id, CommandKind.CLEAR, location=body.location)
 
 
 async def pin(request: Request) -> Response:
-    body = parse(await _body(request), PinRequest)
+    body: PinRequest = await _read(request, PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(request, body.instance_id, CommandKind.PIN, location=str(body.location), tokens=body.tokens)
+    return await _command(request, body.instance_id, CommandKind.PIN, location=body.location, tokens=body.tokens)
 
 
 async def unpin(request: Request) -> Response:
-    body = parse(await _body(request), PinRequest)
+    body: PinRequest = await _read(request, PinRequest)
     _check_tokens(request, body.tokens)
-    return await _command(request, body.instance_id, CommandKind.UNPIN, location=str(body.location), tokens=body.tokens)
+    return await _command(request, body.instance_id, CommandKind.UNPIN, location=body.location, tokens=body.tokens)
 
 
 async def compress(request: Request) -> Response:
@@ -98,11 +106,11 @@ async def decompress(request: Request) -> Response:
 
 
 async def _compression(request: Request, kind: CommandKind) -> Response:
-    body = parse(await _body(request), CompressRequest)
+    body: CompressRequest = await _read(request, CompressRequest)
     check_method(body.method)
     _check_tokens(request, body.tokens)
     return await _command(
-        request, body.instance_id, kind, location=str(body.location), tokens=body.tokens, method=body.method
+        request, body.instance_id, kind, location=body.location, tokens=body.tokens or [], method=body.method
     )
 
 
@@ -124,21 +132,20 @@ async def _command(request: Request, instance_id: str, kind: CommandKind, **fiel
 
 
 async def move(request: Request) -> Response:
-    body = parse(await _body(request), MoveRequest)
+    body: MoveRequest = await _read(request, MoveRequest)
     _check_tokens(request, body.tokens)
+    check_move(body)
     (source, source_location), (dest, dest_location) = body.old_position, body.new_position
-    if source == dest and source_location == dest_location:
-        raise InvalidField("old_position and new_position are the same", field="new_position")
     peers = await _peers(request, source, dest) if dest != source else {}
     return await _command(
         request,
         source,
         CommandKind.MOVE,
-        location=str(source_location),
-        tokens=body.tokens,
-        dest_location=str(dest_location),
+        location=source_location,
+        tokens=body.tokens or [],
+        dest_location=dest_location,
         peers=peers,
-        should_copy=body.should_copy,
+        should_copy=bool(body.should_copy),
     )
 
 
@@ -164,61 +171,83 @@ async def _peers(request: Request, source: str, dest: str) -> dict[str, str]:
 
 async def health(request: Request) -> Response:
     bus: CommandBus = request.app.state.bus
-    body = parse(await _body(request), InstanceRequest)
+    body: InstanceRequest = await _read(request, InstanceRequest)
     event_id = event_ids.new(Operation.HEALTH)
     return respond(outcomes.health(await bus.request(body.instance_id, CommandKind.HEALTH, event_id)))
 
 
 async def check_finish(request: Request) -> Response:
-    body = parse(await _body(request), CheckFinishRequest)
+    body: CheckFinishRequest = await _read(request, CheckFinishRequest)
     return respond(await command_records.check(request.app.state.redis, body.event_id))
 
 
 async def query_worker_info(request: Request) -> Response:
-    body = parse(await _body(request), QueryWorkerInfoRequest)
+    """As LMCache: an unknown instance or worker id is left out (an empty list, not a 404), and an empty
+    `worker_ids` means every worker, as null does."""
+    body: QueryWorkerInfoRequest = await _read(request, QueryWorkerInfoRequest)
     only = None if body.instance_id == "all" else body.instance_id
-    snapshot = await fleet.read(request.app.state.redis, only, backlogs=False)
-    if only is not None:
-        registry.instance(snapshot, only)
+    snapshot = await _registration_order(request, only)
     return respond(
         QueryWorkerInfoAnswer(
             event_id=event_ids.new(Operation.QUERY_WORKER_INFO),
-            worker_infos=registry.worker_infos(snapshot, body.worker_ids),
+            worker_infos=registry.worker_infos(snapshot, body.worker_ids or None),
         )
     )
 
 
 async def query_instance(request: Request) -> Response:
-    body = parse(await _body(request), QueryInstanceRequest)
+    body: QueryInstanceRequest = await _read(request, QueryInstanceRequest)
     snapshot = await fleet.read(request.app.state.redis, backlogs=False)
     return respond(
         QueryInstanceAnswer(
-            event_id=body.event_id or event_ids.new(Operation.QUERY_INSTANCE),
+            event_id=event_ids.new(Operation.QUERY_INSTANCE),  # LMCache answers with its own, whatever was sent
             res=registry.instance_at(snapshot, body.ip),
         )
     )
 
 
 async def key_stats(request: Request) -> Response:
-    return respond(registry.key_stats(await fleet.read(request.app.state.redis, backlogs=False)))
+    return respond(registry.key_stats(await _registration_order(request)))
 
 
 async def workers(request: Request) -> Response:
+    """LMCache's three forms: every worker; an instance's (`instance_id`); one (`instance_id` and `worker_id`).
+    `worker_id` alone is ignored, as LMCache ignores it, but must be an integer all the same."""
     instance_id = request.query_params.get("instance_id")
-    worker_id = request.query_params.get("worker_id")
-    if worker_id is not None and instance_id is None:
-        raise InvalidField("worker_id needs instance_id", field="instance_id")
-    if worker_id is not None and not worker_id.isdigit():
-        raise InvalidField(f"worker_id must be a non-negative integer, got {worker_id!r}", field="worker_id")
-    snapshot = await fleet.read(request.app.state.redis, instance_id, backlogs=False)
-    if instance_id is not None:
-        registry.instance(snapshot, instance_id)
-    if instance_id is not None and worker_id is not None:
-        return respond(registry.worker(snapshot, instance_id, int(worker_id)))
+    worker_id = _query_int(request, "worker_id")
+    snapshot = await _registration_order(request, instance_id)
+    if instance_id is None:
+        return respond(registry.workers(snapshot))
+    found = snapshot.instance(instance_id)
+    if worker_id is not None:
+        if found is None or found.worker(worker_id) is None:
+            error = UnknownWorker if found is not None else UnknownInstance
+            raise error(f"Worker ({instance_id}, {worker_id}) not found", instance_id=instance_id)
+        return respond(registry.worker(snapshot, instance_id, worker_id))
+    if found is None:
+        raise UnknownInstance(f"No workers found for instance {instance_id}", instance_id=instance_id)
     return respond(registry.workers(snapshot))
 
 
-def _check_tokens(request: Request, tokens: list[int]) -> None:
+def _query_int(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    try:
+        return None if value is None else validate_query_int(value, name)
+    except Invalid as exc:
+        raise refusal(exc.issues) from None
+
+
+async def _registration_order(request: Request, only: str | None = None) -> fleet.Fleet:
+    """The fleet with its instances in the order they registered (by their first worker), as LMCache lists them."""
+    snapshot = await fleet.read(request.app.state.redis, only, backlogs=False)
+    ordered = sorted(
+        snapshot.instances,
+        key=lambda i: (min((w.record.registration_time for w in i.workers), default=0.0), i.instance_id),
+    )
+    return dataclasses.replace(snapshot, instances=ordered)
+
+
+def _check_tokens(request: Request, tokens: list[int] | None) -> None:
     config: KVBusConfig = request.app.state.config
     check_token_count(tokens, config.max_lookup_tokens)
 

@@ -1,70 +1,71 @@
-"""Request bodies of the LMCache controller API, decoded and validated in one step.
+"""Request bodies of the LMCache controller API, decoded and validated in one step, as LMCache's own do.
 
-Malformed JSON is a 400; a missing or ill-typed field is a 422 that names the field.
-Unknown fields are ignored, as LMCache's pydantic models ignore them.
+Each Struct declares the fields and types of LMCache 0.5.6's pydantic request model (same names,
+same order, same defaults), so kvbus accepts what LMCache accepts: whatever pydantic's lax mode
+converts, unknown fields ignored, any string as an instance id or a location (a location no worker
+has clears nothing), any integer as a token id. A refusal is FastAPI's 422 with its `detail` list
+(validation.py), plus kvbus's `error` code and the first problem's `field`. On top of LMCache's
+models kvbus bounds a token list by `max_lookup_tokens` and refuses a move onto itself, in the same
+422 shape, and refuses a compression method it does not know with a 400.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, TypeVar
+from typing import TypeVar
 
 import msgspec
 
-from kvbus.controller.errors import InvalidField, MalformedBody, UnknownMethod
+from kvbus.controller import validation
+from kvbus.controller.answers import ValidationIssue
+from kvbus.controller.errors import InvalidField, MalformedBody, UndecodableBody, UnknownMethod
 from kvbus.shared import compression
-from kvbus.shared.hashing import TOKEN_LIMIT
-from kvbus.shared.locations import KNOWN, Location
-
-TokenId = Annotated[int, msgspec.Meta(ge=0, lt=TOKEN_LIMIT)]
-InstanceId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
 class LookupRequest(msgspec.Struct):
-    tokens: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+    tokens: list[int]  # empty: a miss, as in LMCache
 
 
 class ClearRequest(msgspec.Struct):
-    instance_id: InstanceId
-    location: Location
+    instance_id: str
+    location: str
 
 
 class PinRequest(msgspec.Struct):
-    instance_id: InstanceId
-    location: Location
-    tokens: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+    instance_id: str
+    location: str
+    tokens: list[int]
 
 
 class CompressRequest(msgspec.Struct):
-    instance_id: InstanceId
-    method: Annotated[str, msgspec.Meta(min_length=1)]
-    location: Location
-    tokens: list[TokenId] = msgspec.field(default_factory=list)  # empty: every chunk at `location`
+    instance_id: str
+    method: str
+    location: str
+    tokens: list[int] | None = msgspec.field(default_factory=list)  # empty or null: every chunk at `location`
 
 
 class MoveRequest(msgspec.Struct):
-    old_position: tuple[InstanceId, Location]
-    new_position: tuple[InstanceId, Location]
-    tokens: list[TokenId] = msgspec.field(default_factory=list)  # empty: every chunk at the old position
-    should_copy: bool = False
+    old_position: tuple[str, str]  # (instance_id, location)
+    new_position: tuple[str, str]
+    tokens: list[int] | None = msgspec.field(default_factory=list)  # empty or null: every chunk at the old position
+    should_copy: bool | None = False
 
 
 class InstanceRequest(msgspec.Struct):
-    instance_id: InstanceId
+    instance_id: str
 
 
 class CheckFinishRequest(msgspec.Struct):
-    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    event_id: str
 
 
 class QueryWorkerInfoRequest(msgspec.Struct):
-    instance_id: InstanceId  # "all" for every instance
-    worker_ids: list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    instance_id: str  # "all" for every instance
+    worker_ids: list[int] | None = None  # null or empty: every worker
 
 
 class QueryInstanceRequest(msgspec.Struct):
-    ip: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    event_id: str = ""  # LMCache requires it and ignores it
+    event_id: str  # LMCache requires it and answers with an event id of its own
+    ip: str
 
 
 Body = TypeVar(
@@ -80,31 +81,55 @@ Body = TypeVar(
     QueryInstanceRequest,
 )
 
-_FIELD_AT = re.compile(r"at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
 
-
-def parse(body: bytes, kind: type[Body]) -> Body:
+def parse(body: bytes, content_type: str | None, kind: type[Body]) -> Body:
+    """The request, or the error FastAPI would answer for it in LMCache's app."""
+    if validation.is_json(content_type):
+        try:
+            return msgspec.json.decode(body, type=kind)  # the usual well-formed body, at msgspec's speed
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass  # read again as FastAPI reads it, for its conversions or its errors
     try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        found = _FIELD_AT.search(message) or _MISSING.search(message)
-        field = found.group(1) if found else ""
-        if field == "location":
-            message += f"; known locations: {KNOWN}"
-        if field == "":
-            message += "; the body must be a JSON object"
-        raise InvalidField(message, field=field) from None
-    except msgspec.DecodeError as exc:
-        raise MalformedBody(f"request body is not valid JSON: {exc}") from None
+        fields = validation.validate_body(validation.read_body(body, content_type), kind)
+    except validation.Unreadable:
+        raise UndecodableBody("There was an error parsing the body") from None
+    except validation.Invalid as exc:
+        raise refusal(exc.issues) from None
+    return msgspec.convert(fields, kind)
 
 
-def check_token_count(tokens: list[int], limit: int) -> None:
-    if len(tokens) > limit:
-        raise InvalidField(
-            f"tokens: {len(tokens)} tokens exceed the limit of {limit} (max_lookup_tokens)", field="tokens"
+def refusal(issues: list[ValidationIssue]) -> MalformedBody | InvalidField:
+    """The 422 for pydantic's `issues`: malformed_body when the body as a whole is wrong, else invalid_field."""
+    first = issues[0]
+    if first.type == "json_invalid" or len(first.loc) == 1:
+        return MalformedBody(issues)
+    return InvalidField(issues, field=field_name(first.loc))
+
+
+def field_name(loc: list[str | int]) -> str:
+    """`["body", "tokens", 3]` as `tokens[3]`."""
+    name = ""
+    for part in loc[1:]:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else part
+    return name
+
+
+def check_token_count(tokens: list[int] | None, limit: int) -> None:
+    if tokens is not None and len(tokens) > limit:
+        msg = f"List should have at most {limit} items after validation, not {len(tokens)} (max_lookup_tokens)"
+        detail = validation.issue(
+            "too_long", ("body", "tokens"), msg, tokens, field_type="List", max_length=limit, actual_length=len(tokens)
         )
+        raise InvalidField([detail], field="tokens")
+
+
+def check_move(body: MoveRequest) -> None:
+    if body.old_position == body.new_position:
+        error = "old_position and new_position are the same"
+        detail = validation.issue(
+            "value_error", ("body", "new_position"), f"Value error, {error}", list(body.new_position), error=error
+        )
+        raise InvalidField([detail], field="new_position")
 
 
 def check_method(method: str) -> None:

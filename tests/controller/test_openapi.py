@@ -38,7 +38,7 @@ def test_every_route_is_documented_with_its_errors(spec: dict[str, Any], redis_u
 def test_request_schemas_are_the_validating_structs(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     assert schemas["ClearRequest"]["required"] == ["instance_id", "location"]
-    assert "LocalCPUBackend" in str(schemas["ClearRequest"]["properties"]["location"]) or "Location" in schemas
+    assert schemas["ClearRequest"]["properties"]["location"] == {"type": "string"}  # any, as LMCache takes
     assert schemas["CompressRequest"]["required"] == ["instance_id", "method", "location"]
     compress = spec["paths"]["/compress"]["post"]["responses"]
     assert "unknown_method" in compress["400"]["description"] and "unknown_instance" in compress["404"]["description"]

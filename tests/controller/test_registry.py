@@ -56,7 +56,7 @@ def test_worker_info_is_lmcache_s_shape_plus_only_what_kvbus_knows() -> None:
         "instance_id": "a",
         "worker_id": 0,
         "ip": "10.0.0.1",
-        "port": None,
+        "port": 0,  # no LMCache REP port: LMCache's port is always an int
         "peer_init_url": None,  # LMCache's null, not the record's empty string
         "registration_time": 100.0,
         "last_heartbeat_time": 150.0,
