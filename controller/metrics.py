@@ -13,7 +13,16 @@ from collections.abc import Iterator
 
 import msgspec
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -22,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvbus.controller import fleet
+from kvbus.controller.compat_metrics import LMCacheGauges
 from kvbus.controller.errors import AgentFailed, AgentTimeout, Refused
 from kvbus.shared.messages import CommandKind
 
@@ -48,6 +58,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # prometheus_client's process_*, python_gc_* and python_info, which LMCache's /metrics has too.
+        for default in (ProcessCollector, GCCollector, PlatformCollector):
+            default(registry=self.registry)
         labels = ["method", "path", "status"]
         self.requests = Counter(
             "kvbus_http_requests",
@@ -258,6 +271,7 @@ async def metrics(request: Request) -> Response:
         snapshot = None  # this process's own counters still tell something; kvbus_redis_up says why the rest is gone
     scrape = CollectorRegistry()
     scrape.register(_FleetCollector(snapshot, request.app.state.config.heartbeat_ttl))
+    scrape.register(LMCacheGauges(snapshot))  # LMCache's own gauge names, beside kvbus's
     return Response(generate_latest(own.registry) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
 
 
