@@ -31,7 +31,9 @@ def test_register_writes_what_controllers_and_operators_read(fake_redis: fakered
     assert fake_redis.smembers(keys.INSTANCES) == {INSTANCE}
     assert fake_redis.smembers(keys.HASH_SPACES) == {"256:m"}
     info = InstanceInfo.decode(fake_redis.hgetall(keys.info(INSTANCE)))
-    assert info == InstanceInfo(model="m", chunk_size=256, save_unfull_chunk=True, locations=["LocalCPUBackend"])
+    assert info == InstanceInfo(
+        model="m", chunk_size=256, save_unfull_chunk=True, locations=["LocalCPUBackend"], hash_space="256:m"
+    )
     worker = WorkerRecord.decode(fake_redis.hgetall(keys.worker(INSTANCE, 0)))
     assert (worker.ip, worker.port, worker.peer_init_url) == ("10.0.0.7", 8001, "10.0.0.7:8200")
     assert 0 < fake_redis.pttl(keys.alive(INSTANCE)) <= 5000
