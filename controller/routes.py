@@ -36,6 +36,7 @@ from kvbus.controller.schemas import (
     check_method,
     check_move,
     check_token_count,
+    check_wire_tokens,
     parse,
     refusal,
 )
@@ -250,6 +251,7 @@ async def _registration_order(request: Request, only: str | None = None) -> flee
 def _check_tokens(request: Request, tokens: list[int] | None) -> None:
     config: KVBusConfig = request.app.state.config
     check_token_count(tokens, config.max_lookup_tokens)
+    check_wire_tokens(tokens)
 
 
 _SPEC = openapi.spec()

@@ -123,6 +123,24 @@ def check_token_count(tokens: list[int] | None, limit: int) -> None:
         raise InvalidField([detail], field="tokens")
 
 
+# What a command's token ids may be: they travel to LMCache workers as msgpack ints (LMCache's own
+# controller fails to encode others and answers 500). A lookup takes any integer: it never leaves.
+WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**64 - 1
+
+
+def check_wire_tokens(tokens: list[int] | None) -> None:
+    issues = []
+    for n, token in enumerate(tokens or ()):
+        if token < WIRE_INT_MIN:
+            msg = f"Input should be greater than or equal to {WIRE_INT_MIN}"
+            issues.append(validation.issue("greater_than_equal", ("body", "tokens", n), msg, token, ge=WIRE_INT_MIN))
+        elif token > WIRE_INT_MAX:
+            msg = f"Input should be less than or equal to {WIRE_INT_MAX}"
+            issues.append(validation.issue("less_than_equal", ("body", "tokens", n), msg, token, le=WIRE_INT_MAX))
+    if issues:
+        raise InvalidField(issues, field=field_name(issues[0].loc))
+
+
 def check_move(body: MoveRequest) -> None:
     if body.old_position == body.new_position:
         error = "old_position and new_position are the same"

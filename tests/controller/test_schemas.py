@@ -18,6 +18,7 @@ from kvbus.controller.schemas import (
     check_method,
     check_move,
     check_token_count,
+    check_wire_tokens,
     field_name,
     parse,
 )
@@ -171,6 +172,20 @@ def test_token_count_move_and_method_checks() -> None:
     assert same.value.detail[0].type == "value_error"
     check_method("zlib")
     check_method("cachegen")  # LMCache's own: passed to the workers, which decide
+
+
+def test_a_command_s_token_ids_must_fit_the_wire_to_lmcache_workers_a_lookup_s_need_not(client: TestClient) -> None:
+    check_wire_tokens([2**64 - 1, -(2**63), -1, 2**32])
+    with pytest.raises(InvalidField) as past:
+        check_wire_tokens([1, 2**64, -(2**63) - 1])
+    assert past.value.context == {"field": "tokens[1]"}
+    assert [(i.type, i.loc, i.ctx) for i in past.value.detail] == [
+        ("less_than_equal", ["body", "tokens", 1], {"le": 2**64 - 1}),
+        ("greater_than_equal", ["body", "tokens", 2], {"ge": -(2**63)}),
+    ]
+    pin = client.post("/pin", json={"instance_id": "i", "location": "LocalCPUBackend", "tokens": [2**70]})
+    assert pin.status_code == 422 and pin.json()["detail"][0]["type"] == "less_than_equal"
+    assert client.post("/lookup", json={"tokens": [2**70, -(2**70)]}).json()["layout_info"] == {}
     with pytest.raises(UnknownMethod, match="unknown compression method 'magic'; known methods: .*int8") as unknown:
         check_method("magic")
     assert unknown.value.context == {"field": "method"}
