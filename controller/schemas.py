@@ -5,8 +5,9 @@ same order, same defaults), so kvbus accepts what LMCache accepts: whatever pyda
 converts, unknown fields ignored, any string as an instance id or a location (a location no worker
 has clears nothing), any integer as a token id. A refusal is FastAPI's 422 with its `detail` list
 (validation.py), plus kvbus's `error` code and the first problem's `field`. On top of LMCache's
-models kvbus bounds a token list by `max_lookup_tokens` and refuses a move onto itself, in the same
-422 shape, and refuses a compression method it does not know with a 400.
+models kvbus bounds a token list by `max_lookup_tokens`, a command's token ids by what msgpack
+carries, and refuses a move onto itself, in the same 422 shape; it refuses a compression method it
+does not know with a 400.
 """
 
 from __future__ import annotations
