@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from kvbus.shared import keys
+from kvbus.shared import deregistration, keys
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
@@ -31,21 +31,6 @@ class WorkerAddress:
     host: str
     port: int | None
     peer_init_url: str | None
-
-
-# KEYS: 1 the workers set, 2 this worker's hash, 3 the instance set, 4..6 the instance's info, alive
-# key and command stream, then this rank's index and heads keys. ARGV: 1 the worker id, 2 the instance id.
-# A rank takes only its own keys: other ranks of the instance may still be serving, and only the
-# last one takes the instance away.
-_DEREGISTER = """
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-if #KEYS > 6 then redis.call('UNLINK', unpack(KEYS, 7)) end
-if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('UNLINK', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
-return 1
-"""
 
 
 class Registration:
@@ -164,16 +149,8 @@ class Registration:
                 keys.heads(self._instance, self._worker, location),
             )
         ]
-        script_keys = [
-            keys.workers(self._instance),
-            keys.worker(self._instance, self._worker),
-            keys.INSTANCES,
-            keys.info(self._instance),
-            keys.alive(self._instance),
-            keys.commands(self._instance),
-            *rank_keys,
-        ]
-        last = bool(self._redis.eval(_DEREGISTER, len(script_keys), *script_keys, self._worker, self._instance))
+        script_keys, args = deregistration.script_args(self._instance, self._worker, own=rank_keys)
+        last = bool(self._redis.eval(deregistration.SCRIPT, len(script_keys), *script_keys, *args))
         self.lifecycle(LifecycleKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
         return last
 

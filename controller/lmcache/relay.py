@@ -172,7 +172,13 @@ class Relay:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A command's task that failed is logged; its entry stays pending and is taken over later."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("relaying to an LMCache worker failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     async def _carry(self, instance: str, worker_id: int, entry_id: str, fields: dict[str, str] | None) -> None:
         command = self._decode(instance, entry_id, fields)
@@ -223,13 +229,17 @@ class Relay:
         """The worker's answer, or why there is none."""
         worker = self._workers.setdefault((instance, worker_id), _Worker(instance, worker_id))
         try:
+            payload = wire.encode(message)
+        except OverflowError:
+            return "a value in the command does not fit LMCache's 64-bit integers"
+        try:
             async with asyncio.timeout(timeout_s):
                 async with worker.lock:
                     sock = await self._socket(worker)
                     if sock is None:
                         return "the LMCache worker is not registered"
                     # A REP socket expects the envelope a REQ socket adds: an empty frame first.
-                    await sock.send_multipart([b"", wire.encode(message)])
+                    await sock.send_multipart([b"", payload])
                     frames = await sock.recv_multipart()
         except TimeoutError:
             self._drop_socket(worker)  # a late answer must not be read as the next request's
@@ -336,21 +346,26 @@ def _result_of(instance: str, worker_id: int, command: Command, answer: wire.Wor
     if isinstance(answer, wire.ErrorMsg):
         return _result(instance, worker_id, command, ResultStatus.ERROR, f"the LMCache worker answered: {answer.error}")
     if isinstance(answer, wire.HealthWorkerRetMsg):
-        return Result(
-            event_id=command.event_id,
-            instance_id=instance,
-            worker_id=worker_id,
-            status=ResultStatus.OK,
-            error_code=answer.error_code,
-        )
+        return _result(instance, worker_id, command, ResultStatus.OK, error_code=answer.error_code)
+    return _result(instance, worker_id, command, ResultStatus.OK, num_tokens=answer.num_tokens)
+
+
+def _result(
+    instance: str,
+    worker_id: int,
+    command: Command,
+    status: ResultStatus,
+    detail: str = "",
+    *,
+    num_tokens: int = 0,
+    error_code: int = 0,
+) -> Result:
     return Result(
         event_id=command.event_id,
         instance_id=instance,
         worker_id=worker_id,
-        status=ResultStatus.OK,
-        num_tokens=answer.num_tokens,
+        status=status,
+        num_tokens=num_tokens,
+        error_code=error_code,
+        detail=detail,
     )
-
-
-def _result(instance: str, worker_id: int, command: Command, status: ResultStatus, detail: str) -> Result:
-    return Result(event_id=command.event_id, instance_id=instance, worker_id=worker_id, status=status, detail=detail)

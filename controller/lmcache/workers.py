@@ -20,7 +20,7 @@ import redis
 import redis.asyncio
 
 from kvbus.controller.lmcache import wire
-from kvbus.shared import keys
+from kvbus.shared import deregistration, keys
 from kvbus.shared.flat_fields import DecodeError, encode_some
 from kvbus.shared.hashing import LMCacheHashSpace
 from kvbus.shared.locations import FASTEST_FIRST, KNOWN, Location
@@ -61,21 +61,6 @@ end
 return 0
 """
 
-# Other ranks of the instance may still be serving: only the last one takes the instance away.
-# KEYS: workers set, worker record, instances set, info, alive, command stream, the space's
-# candidate set, the relay's worker set, then the rank's own keys to delete. ARGV: worker id,
-# instance id, the rank's member of the two sets.
-_DEREGISTER = """
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[7], ARGV[3])
-redis.call('SREM', KEYS[8], ARGV[3])
-redis.call('DEL', KEYS[2], unpack(KEYS, 9))
-if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('UNLINK', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
-return 1
-"""
-
 
 class LMCacheWorkers:
     def __init__(
@@ -86,7 +71,7 @@ class LMCacheWorkers:
         self._ttl_ms = int(heartbeat_ttl_s * 1000)
         self._heartbeat_url = heartbeat_url  # empty: no heartbeat socket, so workers never heartbeat
         self._apply = client.register_script(_APPLY)
-        self._deregister = client.register_script(_DEREGISTER)
+        self._deregister = client.register_script(deregistration.SCRIPT)
         self._unknown_locations: set[str] = set()
 
     async def register(self, message: wire.RegisterMsg | wire.HeartbeatMsg) -> wire.RegisterRetMsg:
@@ -164,20 +149,10 @@ class LMCacheWorkers:
     async def deregister(self, message: wire.DeRegisterMsg) -> None:
         instance, worker = message.instance_id, message.worker_id
         own = [keys.lmcache_sync(instance, worker), *(keys.index(instance, worker, loc) for loc in FASTEST_FIRST)]
-        last = await self._deregister(
-            keys=[
-                keys.workers(instance),
-                keys.worker(instance, worker),
-                keys.INSTANCES,
-                keys.info(instance),
-                keys.alive(instance),
-                keys.commands(instance),
-                keys.space_instances(self.space.name),
-                keys.LMCACHE_WORKERS,
-                *own,
-            ],
-            args=[worker, instance, keys.head_member(instance, worker)],
+        script_keys, args = deregistration.script_args(
+            instance, worker, own=own, memberships=[keys.space_instances(self.space.name), keys.LMCACHE_WORKERS]
         )
+        last = await self._deregister(keys=script_keys, args=args)
         log.info("LMCache worker %s/%d deregistered%s", instance, worker, ", the last of its instance" if last else "")
 
     async def apply(self, batches: list[wire.BatchedKVOperationMsg]) -> None:

@@ -18,103 +18,21 @@ from typing import Any
 
 import harness
 
+from kvbus.shared.hashing import LMCacheHashSpace, vllm_none_hash
+
 VECTORS = Path(__file__).with_name("hash_vectors.json")
 SEED_PROMPT = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
 RANGE_PROMPT = list(range(1000, 1600))
 PROMPTS = {"seed_prompt": SEED_PROMPT, "range_1000_1600": RANGE_PROMPT}
 HASH_SEEDS: list[str | None] = ["0", "123", None]
 
-# CPython's (3.8+) hash of ints and tuples on 64-bit builds, spelled out so the chain can be reproduced
-# anywhere: ints reduce modulo the Mersenne prime 2**61 - 1 keeping their sign; tuples fold their items'
-# hashes with the xxHash64 round.
-_MASK = (1 << 64) - 1
-_MODULUS = (1 << 61) - 1
-_PRIME_1 = 11400714785074694791
-_PRIME_2 = 14029467366897019727
-_PRIME_5 = 2870177450012600261
-
-
-def int_hash(value: int) -> int:
-    reduced = abs(value) % _MODULUS
-    signed = -reduced if value < 0 else reduced
-    return -2 if signed == -1 else signed
-
-
-def tuple_hash(item_hashes: Sequence[int]) -> int:
-    acc = _PRIME_5
-    for lane in item_hashes:
-        acc = (acc + (lane & _MASK) * _PRIME_2) & _MASK
-        acc = ((acc << 31) | (acc >> 33)) & _MASK
-        acc = (acc * _PRIME_1) & _MASK
-    acc = (acc + (len(item_hashes) ^ (_PRIME_5 ^ 3527539))) & _MASK
-    if acc == _MASK:
-        return 1546275796
-    return acc - (1 << 64) if acc >= (1 << 63) else acc
-
-
-def _rotl(value: int, bits: int) -> int:
-    return ((value << bits) | (value >> (64 - bits))) & _MASK
-
-
-def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
-    v0 = (v0 + v1) & _MASK
-    v1 = _rotl(v1, 13) ^ v0
-    v0 = _rotl(v0, 32)
-    v2 = (v2 + v3) & _MASK
-    v3 = _rotl(v3, 16) ^ v2
-    v0 = (v0 + v3) & _MASK
-    v3 = _rotl(v3, 21) ^ v0
-    v2 = (v2 + v1) & _MASK
-    v1 = _rotl(v1, 17) ^ v2
-    v2 = _rotl(v2, 32)
-    return v0, v1, v2, v3
-
-
-def str_hash(text: str, hash_seed: int) -> int:
-    """CPython 3.11's hash() of an ASCII str in a process started with PYTHONHASHSEED=hash_seed: SipHash-1-3 of
-    its bytes, keyed by the first 16 of 24 secret bytes that CPython derives from the seed with an LCG (all zero
-    for seed 0, which turns randomisation off)."""
-    if not text:
-        return 0  # CPython's special case for empty buffers
-    secret = bytearray(24)
-    state = hash_seed
-    for index in range(len(secret) if hash_seed else 0):
-        state = (state * 214013 + 2531011) & 0xFFFFFFFF
-        secret[index] = (state >> 16) & 0xFF
-    k0, k1 = int.from_bytes(secret[0:8], "little"), int.from_bytes(secret[8:16], "little")
-    v0, v1 = k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D
-    v2, v3 = k0 ^ 0x6C7967656E657261, k1 ^ 0x7465646279746573
-    data = text.encode("ascii")
-    whole = len(data) - len(data) % 8
-    for offset in range(0, whole, 8):
-        word = int.from_bytes(data[offset : offset + 8], "little")
-        v3 ^= word
-        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
-        v0 ^= word
-    last = ((len(data) & 0xFF) << 56) | int.from_bytes(data[whole:], "little")
-    v3 ^= last
-    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
-    v0 ^= last
-    v2 ^= 0xFF
-    for _ in range(3):
-        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
-    digest = v0 ^ v1 ^ v2 ^ v3
-    signed = digest - (1 << 64) if digest >= (1 << 63) else digest
-    return -2 if signed == -1 else signed
-
 
 def recipe(
     tokens: Sequence[int], chunk_size: int = 256, save_unfull_chunk: bool = True, none_hash: int = 0
 ) -> list[int]:
-    """kvbus's reading of ChunkedTokenDatabase: h_0 = NONE_HASH, h_i+1 = hash((h_i, tuple(chunk_i), ()))."""
-    end = len(tokens) if save_unfull_chunk else len(tokens) - len(tokens) % chunk_size
-    hashes: list[int] = []
-    prefix = none_hash
-    for start in range(0, end, chunk_size):
-        chunk = tokens[start : start + chunk_size]
-        prefix = tuple_hash([int_hash(prefix), tuple_hash([int_hash(t) for t in chunk]), tuple_hash([])])
-        hashes.append(prefix)
-    return hashes
+    """kvbus's own reading of ChunkedTokenDatabase (shared/hashing.py), as the ints LMCache reports."""
+    space = LMCacheHashSpace(chunk_size, none_hash, save_unfull_chunk)
+    return [int(chunk.key) for chunk in space.chunks(tokens)]
 
 
 CHILD = """
@@ -214,7 +132,7 @@ def main() -> None:
             print("no .venv-vllm: the vLLM-importable case is skipped")
             break
         label = f"vLLM importable, PYTHONHASHSEED={hash_seed}"
-        assert got["NONE_HASH"] == got["hash(str(PYTHONHASHSEED))"] == str_hash(hash_seed, int(hash_seed)), got
+        assert got["NONE_HASH"] == got["hash(str(PYTHONHASHSEED))"] == vllm_none_hash(int(hash_seed)), got
         vectors[label] = got
         check(label, got)
     print("the recipe matches LMCache in every case")
