@@ -39,6 +39,7 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.index = PrefixIndex(redis_client)
         await bus.start()
         bridge = Bridge(redis_client, config, controller_id=bus.controller_id)
+        app.state.bridge = bridge
         await bridge.start()
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None

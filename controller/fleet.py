@@ -16,7 +16,7 @@ import redis.asyncio
 
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError
-from kvbus.shared.records import WorkerRecord
+from kvbus.shared.records import LMCacheSync, WorkerRecord
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Worker:
     heartbeat_age_s: float | None  # None before the first heartbeat time is written
     backlog: Backlog | None  # None while the worker has no consumer group on the stream, or not asked for
     index: dict[str, int] = field(default_factory=dict)  # location -> chunks this rank has indexed there
+    lmcache: LMCacheSync | None = None  # an LMCache worker's op numbering and full-sync state
 
     @property
     def worker_id(self) -> int:
@@ -153,6 +154,7 @@ class _WorkerRead:
     record: WorkerRecord | None  # None when the hash is gone (deregistered meanwhile) or unreadable
     index: dict[str, int]
     oldest_unacked_ms: int | None
+    lmcache: LMCacheSync | None
 
 
 async def _read_workers(
@@ -165,6 +167,7 @@ async def _read_workers(
             pipe.hgetall(keys.worker(state.instance_id, worker_id))
             for location in locations:
                 pipe.hlen(keys.index(state.instance_id, worker_id, location))
+            pipe.hgetall(keys.lmcache_sync(state.instance_id, worker_id))
             asked_oldest.append(_ask_oldest(pipe, state, worker_id))
     replies = iter(await pipe.execute())
     asked = iter(asked_oldest)
@@ -173,8 +176,9 @@ async def _read_workers(
         for worker_id in state.worker_ids:
             record = _record(next(replies))
             index = {location: next(replies) for location in locations}
+            lmcache = _sync_state(next(replies))
             oldest = _entry_ms(next(replies)) if next(asked) else None
-            reads[(state.instance_id, worker_id)] = _WorkerRead(record, index, oldest)
+            reads[(state.instance_id, worker_id)] = _WorkerRead(record, index, oldest, lmcache)
     return reads
 
 
@@ -192,6 +196,13 @@ def _ask_oldest(pipe: redis.asyncio.client.Pipeline, state: _InstanceState, work
     return True
 
 
+def _sync_state(fields: dict[str, str]) -> LMCacheSync | None:
+    try:
+        return LMCacheSync.decode(fields) if fields else None
+    except DecodeError:
+        return None
+
+
 def _record(fields: dict[str, str]) -> WorkerRecord | None:
     try:
         return WorkerRecord.decode(fields) if fields else None
@@ -206,7 +217,7 @@ def _instance(state: _InstanceState, reads: dict[tuple[str, int], _WorkerRead], 
         if read.record is None:
             continue
         backlog = _backlog(state, worker_id, read, now_ms)
-        workers.append(Worker(read.record, _age(read.record, now_ms), backlog, read.index))
+        workers.append(Worker(read.record, _age(read.record, now_ms), backlog, read.index, read.lmcache))
     return Instance(state.instance_id, state.alive, workers)
 
 

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvbus.controller import fleet
 from kvbus.controller.compat_metrics import LMCacheGauges
 from kvbus.controller.errors import AgentFailed, AgentTimeout, Refused
+from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.shared.messages import CommandKind
 
 # Each command is served at the path of its kind's name (/clear, /pin, ...).
@@ -271,7 +272,8 @@ async def metrics(request: Request) -> Response:
         snapshot = None  # this process's own counters still tell something; kvbus_redis_up says why the rest is gone
     scrape = CollectorRegistry()
     scrape.register(_FleetCollector(snapshot, request.app.state.config.heartbeat_ttl))
-    scrape.register(LMCacheGauges(snapshot))  # LMCache's own gauge names, beside kvbus's
+    bridge: Bridge = request.app.state.bridge
+    scrape.register(LMCacheGauges(snapshot, bridge.messages()))  # LMCache's own gauge names, beside kvbus's
     return Response(generate_latest(own.registry) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -238,6 +238,14 @@ class LMCacheSync(msgspec.Struct, kw_only=True):
     sync_received: list[int] = msgspec.field(default_factory=list)
     sync_ended: bool = False
 
+    @property
+    def missing_batches(self) -> list[int]:
+        return sorted(set(range(self.sync_batches)) - set(self.sync_received))
+
+    @property
+    def sync_complete(self) -> bool:
+        return self.sync_ended and not self.missing_batches
+
     # What the controller's op script reads and writes, by name: the sequence, the gap count, the reason.
     SCRIPT_FIELDS: ClassVar[tuple[str, str, str]] = ("seq", "gaps", "resync_reason")
 

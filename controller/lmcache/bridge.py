@@ -60,6 +60,10 @@ class Bridge:
             self._monitor.bind()
         self._relaying = asyncio.create_task(self._relay.run(), name="lmcache-relay")
 
+    def messages(self) -> dict[str, int]:
+        """LMCache messages this process's sockets received since start, per socket; empty when none are bound."""
+        return dict(self._monitor.received) if self._monitor is not None else {}
+
     async def stop(self) -> None:
         if self._monitor is not None:
             await self._monitor.stop()

@@ -48,6 +48,7 @@ class Monitor:
         self._context = zmq.asyncio.Context.instance()
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.received = {"pull": 0, "reply": 0, "heartbeat": 0}  # messages, per socket, since start
 
     def bind(self) -> None:
         """Bind every socket now, so a taken port fails the controller's start with its name."""
@@ -87,6 +88,7 @@ class Monitor:
             # LMCache sends up to 50 queued messages as the frames of one multipart message: their
             # admits and evicts go to Redis together, in one round trip.
             frames = await sock.recv_multipart()
+            self.received["pull"] += len(frames)
             batches: list[wire.BatchedKVOperationMsg] = []
             for frame in frames:
                 message = await self._guarded("pull", self._decode_pull, frame)
@@ -102,6 +104,7 @@ class Monitor:
     ) -> None:
         while True:
             frames = await sock.recv_multipart()
+            self.received[name] += 1
             if len(frames) < 2:
                 log.warning("LMCache %s socket: a message of %d frame(s) has no payload; skipped", name, len(frames))
                 continue

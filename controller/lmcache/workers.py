@@ -244,8 +244,8 @@ class LMCacheWorkers:
             return wire.FullSyncStatusRetMsg(
                 sync_id=message.sync_id, is_complete=False, global_progress=0.0, can_exit_freeze=True
             )
-        missing = sorted(set(range(state.sync_batches)) - set(state.sync_received))
-        complete = state.sync_ended and not missing
+        missing = state.missing_batches
+        complete = state.sync_complete
         if complete and state.resync_reason:
             await self._redis.hset(
                 keys.lmcache_sync(message.instance_id, message.worker_id),

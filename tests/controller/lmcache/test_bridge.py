@@ -251,3 +251,23 @@ def test_two_lmcache_ranks_of_one_instance_are_credited_with_what_both_hold(
     finally:
         for rank in ranks:
             rank.close()
+
+
+def test_lmcaches_own_gauges_count_this_processs_messages_and_the_fleets_gaps(
+    worker: FakeLMCacheWorker, client: TestClient, real_redis: redis.Redis
+) -> None:
+    worker.store(PROMPT[:256])
+    worker.store(PROMPT, skip_seq=2)
+    wait_for(
+        lambda: LMCacheSync.decode(real_redis.hgetall(keys.lmcache_sync("lmc-a", 0))).gaps == 1, what="the gap noted"
+    )
+    text = client.get("/metrics").text
+    values = {
+        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("lmcache:cache_controller_")
+    }
+    prefix = "lmcache:cache_controller_"
+    assert values[prefix + "kv_op_seq_discontinuity_count"] == 1
+    assert values[prefix + "pull_socket_message_count"] == 2 and values[prefix + "reply_socket_message_count"] == 1
+    assert values[prefix + "registered_workers_count"] == 1
