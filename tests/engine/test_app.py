@@ -14,7 +14,7 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from kvbus.engine import app
+from kvbus.engine import app, protocol
 from kvbus.engine.model import ModelShape, TinyLlama
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
@@ -176,3 +176,16 @@ def test_malformed_and_oversized_bodies(client: TestClient) -> None:
     response = client.get("/v1/completions")
     assert response.status_code == 405 and response.json()["error"]["code"] == 405
     assert client.get("/nowhere").json()["error"]["type"] == "NotFoundError"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize", "/detokenize"])
+def test_deeply_nested_bodies_are_refused_on_every_endpoint(client: TestClient, path: str) -> None:
+    deep = b'{"prompt": "x", "tokens": [1], "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = client.post(path, content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {
+        "message": f"request body is nested 100001 levels deep; at most {protocol.MAX_DEPTH} are accepted",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }

@@ -145,6 +145,41 @@ def test_a_body_that_is_not_a_json_object_is_refused_without_a_param(raw: bytes,
     assert refused.value.param is None
 
 
+def nested(depth: int) -> bytes:
+    """A completion request whose ignored `extra` field holds lists `depth` levels deep, counting the body's object."""
+    return b'{"prompt": "hi", "extra": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_a_body_nested_up_to_the_limit_is_read() -> None:
+    assert protocol.decode(nested(protocol.MAX_DEPTH), protocol.CompletionRequest).prompt == "hi"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        nested(protocol.MAX_DEPTH + 1),
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"[" * 100_000,  # unclosed: a parser recurses before it finds the body truncated
+        b'{"prompt": "x", "extra": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+    ],
+    ids=["one-past-the-limit", "deep-prompt", "unclosed", "deep-objects"],
+)
+def test_a_body_nested_too_deep_is_refused_before_it_is_parsed(raw: bytes) -> None:
+    with pytest.raises(BadRequest, match=f"at most {protocol.MAX_DEPTH} are accepted") as refused:
+        protocol.decode(raw, protocol.CompletionRequest)
+    assert refused.value.param is None
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [["[" * 1000], ['\\"' + "[" * 1000], ["\\\\", "[" * 1000], ["{" * 500 + "}" * 1000]],
+    ids=["brackets", "after-an-escaped-quote", "after-a-string-ending-in-a-backslash", "unbalanced"],
+)
+def test_brackets_inside_strings_are_not_nesting(prompts: list[str]) -> None:
+    raw = ('{"prompt": [' + ", ".join(f'"{p}"' for p in prompts) + "]}").encode()
+    assert protocol.decode(raw, protocol.CompletionRequest).prompt == json.loads(raw)["prompt"]
+
+
 def test_tokenize_and_detokenize_requests_are_read() -> None:
     tokenize = protocol.decode(body(prompt="hi", add_special_tokens=False), protocol.TokenizeRequest)
     assert (tokenize.prompt, tokenize.add_special_tokens, tokenize.model) == ("hi", False, None)
