@@ -24,6 +24,9 @@ MAX_LOGPROBS = 20
 MAX_DEPTH = 64
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DEPTH_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")  # +1 and -1 as signed bytes
+# vLLM takes a seed in the signed 64-bit range (its CompletionRequest: `ge=_INT64_MIN, le=_INT64_MAX`), and so
+# does this engine; torch.Generator.manual_seed would also take up to 2**64 - 1, but raises past either end.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _T = TypeVar("_T")
 
 
@@ -60,19 +63,22 @@ class DetokenizeRequest(msgspec.Struct):
 def decode(body: bytes, kind: type[_T]) -> _T:
     _check_depth(body)
     try:
-        raw = msgspec.json.decode(body)
+        # Straight into `kind`, so that a number out of range names its field too (`$.temperature`,
+        # where a plain decode says `$[...]`).
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise _refusal(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise BadRequest("request body must be a JSON object")
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.rpartition("at `$.")[2].rstrip("`").split("[")[0].split(".")[0] if "at `$." in message else None
-        if param is None and "missing required field" in message:
-            param = message.split("`")[1]
-        raise BadRequest(message, param=param) from None
+
+
+def _refusal(message: str) -> BadRequest:
+    """A 400 naming the field msgspec's message points at."""
+    if "at `$." in message:
+        return BadRequest(message, param=message.rpartition("at `$.")[2].rstrip("`").split("[")[0].split(".")[0])
+    if "missing required field" in message:
+        return BadRequest(message, param=message.split("`")[1])
+    return BadRequest("request body must be a JSON object")  # the only refusal of the body as a whole
 
 
 def _check_depth(body: bytes) -> None:
@@ -119,6 +125,10 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
         raise BadRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
         raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}", param="logprobs")
+    if request.seed is not None and not SEED_MIN <= request.seed <= SEED_MAX:
+        raise BadRequest(
+            f"seed must be a signed 64-bit integer, from {SEED_MIN} to {SEED_MAX}, got {request.seed}", param="seed"
+        )
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     return SamplingParams(
         max_tokens=max_tokens,

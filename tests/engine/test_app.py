@@ -145,6 +145,7 @@ def test_tokenize_models_and_health(client: TestClient) -> None:
         ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "Expected `int | null`"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model", "`gpt-4` does not exist"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
+        ({"prompt": "x", "seed": 18446744073709551616}, 400, "seed", "signed 64-bit integer"),
         ({"prompt": ""}, 400, "prompt", "must not be empty"),
         # The server's own checks, which need the model's vocabulary and context length.
         ({"prompt": [128256]}, 400, "prompt", "vocabulary size 128256"),

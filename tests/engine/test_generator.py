@@ -12,6 +12,7 @@ import quicktok
 import torch
 
 from kvbus.agent.agent import Agent
+from kvbus.engine import protocol
 from kvbus.engine.generator import Completion, Generator, SamplingParams
 from kvbus.engine.model import TinyLlama
 from kvbus.shared.config import KVBusConfig
@@ -95,6 +96,12 @@ def test_sampling_with_a_seed_repeats_and_another_seed_differs(generator: Genera
     other = complete(generator, SEED_TOKENS, temperature=1.0, seed=8, max_tokens=8)
     assert first.text == again.text and first.token_ids == again.token_ids
     assert other.token_ids != first.token_ids
+
+
+@pytest.mark.parametrize("seed", [protocol.SEED_MIN, -1, protocol.SEED_MAX])
+def test_every_seed_the_protocol_accepts_seeds_the_sampler(generator: Generator, seed: int) -> None:
+    first = complete(generator, SEED_TOKENS, temperature=1.0, seed=seed, max_tokens=4)
+    assert complete(generator, SEED_TOKENS, temperature=1.0, seed=seed, max_tokens=4).token_ids == first.token_ids
 
 
 def test_temperature_zero_and_a_tiny_top_p_both_pick_the_most_likely_token(generator: Generator) -> None:

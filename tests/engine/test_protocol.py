@@ -75,6 +75,8 @@ def test_stream_and_its_usage_option_are_read() -> None:
         ({"top_p": 1}, "top_p", 1),
         ({"logprobs": 0}, "logprobs", 0),
         ({"logprobs": 20}, "logprobs", 20),
+        ({"seed": -(2**63)}, "seed", -(2**63)),
+        ({"seed": 2**63 - 1}, "seed", 2**63 - 1),
     ],
 )
 def test_values_at_the_edges_of_each_range_are_accepted(fields: dict[str, Any], field: str, value: float) -> None:
@@ -120,6 +122,11 @@ def test_a_prompt_is_text_token_ids_or_a_batch_of_either(prompt: Any, expected: 
         ({"prompt": "x", "logprobs": 21}, BadRequest, "logprobs", "[0, 20]"),
         ({"prompt": "x", "logprobs": -1}, BadRequest, "logprobs", "[0, 20]"),
         ({"prompt": "x", "n": 2}, BadRequest, "n", "n must be 1"),
+        ({"prompt": "x", "n": 2**64}, BadRequest, "n", "n must be 1"),
+        ({"prompt": "x", "seed": 2**64}, BadRequest, "seed", "signed 64-bit integer"),
+        ({"prompt": "x", "seed": 2**63}, BadRequest, "seed", "signed 64-bit integer"),
+        ({"prompt": "x", "seed": -(2**63) - 1}, BadRequest, "seed", "signed 64-bit integer"),
+        ({"prompt": "x", "seed": 1.5}, BadRequest, "seed", "Expected `int | null`"),
         ({"prompt": "x", "stream": True, "logprobs": 1}, BadRequest, "logprobs", "not streamed"),
         ({"prompt": "x", "echo": True}, BadRequest, "echo", "not supported"),
         ({"prompt": "x", "model": "gpt-4"}, ModelNotFound, "model", "`gpt-4` does not exist"),
@@ -137,7 +144,28 @@ def test_bad_fields_are_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    ("raw", "phrase"), [(b"{not json", "not valid JSON"), (b'["a list"]', "JSON object"), (b"", "not valid JSON")]
+    ("raw", "param"),
+    [
+        (b'{"prompt": "x", "temperature": 1e400}', "temperature"),
+        (b'{"prompt": "x", "top_p": -1e400}', "top_p"),
+        (b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", "max_tokens"),
+        (b'{"prompt": [1' + b"0" * 5000 + b"]}", "prompt"),
+    ],
+)
+def test_numbers_too_large_to_read_are_refused_naming_the_field(raw: bytes, param: str) -> None:
+    with pytest.raises(BadRequest, match="out of range") as refused:
+        protocol.decode(raw, protocol.CompletionRequest)
+    assert refused.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("raw", "phrase"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'["a list"]', "JSON object"),
+        (b'"text"', "JSON object"),
+        (b"", "not valid JSON"),
+    ],
 )
 def test_a_body_that_is_not_a_json_object_is_refused_without_a_param(raw: bytes, phrase: str) -> None:
     with pytest.raises(BadRequest, match=phrase) as refused:
