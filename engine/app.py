@@ -87,12 +87,7 @@ async def _body(request: Request) -> bytes:
 
 
 def _tokens(generator: Generator, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return [LLAMA3_BOS, *generator.encoding.encode(prompt)]
-    vocab = generator.model.shape.vocab_size
-    if any(t >= vocab for t in prompt):
-        raise BadRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
-    return prompt
+    return [LLAMA3_BOS, *generator.encoding.encode(prompt)] if isinstance(prompt, str) else prompt
 
 
 async def completions(request: Request) -> Response:
@@ -101,7 +96,7 @@ async def completions(request: Request) -> Response:
     body = protocol.decode(await _body(request), protocol.CompletionRequest)
     protocol.check_model(body.model, served)
     params = protocol.sampling_params(body)
-    prompts = [_tokens(generator, p) for p in protocol.prompts(body.prompt)]
+    prompts = [_tokens(generator, p) for p in protocol.prompts(body.prompt, generator.model.shape.vocab_size)]
     limit = generator.model.shape.max_model_len
     for prompt in prompts:
         if len(prompt) + params.max_tokens > limit:
@@ -181,7 +176,7 @@ async def detokenize(request: Request) -> JSONResponse:
     generator: Generator = request.app.state.generator
     body = protocol.decode(await _body(request), protocol.DetokenizeRequest)
     protocol.check_model(body.model, request.app.state.served_model)
-    _tokens(generator, body.tokens)
+    protocol.check_token_ids(body.tokens, generator.model.shape.vocab_size, "tokens")
     return JSONResponse({"prompt": generator.encoding.decode(body.tokens)})
 
 

@@ -15,7 +15,6 @@ import msgspec
 
 from kvbus.engine.errors import BadRequest, ModelNotFound
 from kvbus.engine.generator import Completion, SamplingParams
-from kvbus.shared.hashing import TOKEN_LIMIT
 
 MAX_LOGPROBS = 20
 # The deepest body this engine reads is 3 levels ({"prompt": [[ids]]}); 64 leaves room for the unknown
@@ -140,7 +139,7 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
     )
 
 
-def prompts(raw: Any) -> list[str | list[int]]:
+def prompts(raw: Any, vocab_size: int) -> list[str | list[int]]:
     """The request's prompts: a string, token ids, or a list of either (a batch)."""
     if isinstance(raw, str) or _is_token_list(raw):
         batch = [raw]
@@ -151,9 +150,20 @@ def prompts(raw: Any) -> list[str | list[int]]:
     for prompt in batch:
         if len(prompt) == 0:
             raise BadRequest("prompt must not be empty", param="prompt")
-        if not isinstance(prompt, str) and any(not 0 <= t < TOKEN_LIMIT for t in prompt):
-            raise BadRequest(f"token ids must be integers from 0 to {TOKEN_LIMIT - 1}", param="prompt")
+        if not isinstance(prompt, str):
+            check_token_ids(prompt, vocab_size, "prompt")
     return batch
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Every id must name a row of the model's embedding (and a token the tokenizer can decode)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise BadRequest(
+            f"token id {bad} is outside the vocabulary: ids run from 0 to {vocab_size - 1} "
+            f"(vocabulary size {vocab_size})",
+            param=param,
+        )
 
 
 def _is_token_list(value: Any) -> bool:

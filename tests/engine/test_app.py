@@ -138,6 +138,14 @@ def test_tokenize_models_and_health(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("tokens", [[-1], [128256], [1, 2**64]])
+def test_detokenize_refuses_ids_outside_the_vocabulary(client: TestClient, tokens: list[int]) -> None:
+    response = client.post("/detokenize", json={"tokens": tokens})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "tokens" and "ids run from 0 to 128255 (vocabulary size 128256)" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param", "phrase"),
     [
@@ -149,6 +157,7 @@ def test_tokenize_models_and_health(client: TestClient) -> None:
         ({"prompt": ""}, 400, "prompt", "must not be empty"),
         # The server's own checks, which need the model's vocabulary and context length.
         ({"prompt": [128256]}, 400, "prompt", "vocabulary size 128256"),
+        ({"prompt": [[1], [-1]]}, 400, "prompt", "token id -1 is outside the vocabulary"),
         ({"prompt": list(range(1020)), "max_tokens": 10}, 400, "max_tokens", "maximum context length is 1024"),
         ({"prompt": list(range(1030))}, 400, "prompt", "maximum context length is 1024"),
     ],

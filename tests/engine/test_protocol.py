@@ -12,6 +12,8 @@ from kvbus.engine.errors import BadRequest, EngineError, ModelNotFound
 from kvbus.engine.generator import Completion, SamplingParams
 from tests.conftest import MODEL
 
+VOCAB = 1000
+
 
 def body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
@@ -21,7 +23,7 @@ def parse(raw: bytes) -> tuple[SamplingParams, list[str | list[int]]]:
     """A completion request checked in the order the server checks it."""
     request = protocol.decode(raw, protocol.CompletionRequest)
     protocol.check_model(request.model, MODEL)
-    return protocol.sampling_params(request), protocol.prompts(request.prompt)
+    return protocol.sampling_params(request), protocol.prompts(request.prompt, VOCAB)
 
 
 def test_every_sampling_field_reaches_the_sampling_params() -> None:
@@ -94,7 +96,7 @@ def test_values_at_the_edges_of_each_range_are_accepted(fields: dict[str, Any], 
     ],
 )
 def test_a_prompt_is_text_token_ids_or_a_batch_of_either(prompt: Any, expected: list[Any]) -> None:
-    assert protocol.prompts(prompt) == expected
+    assert protocol.prompts(prompt, VOCAB) == expected
 
 
 @pytest.mark.parametrize(
@@ -112,8 +114,9 @@ def test_a_prompt_is_text_token_ids_or_a_batch_of_either(prompt: Any, expected: 
         ({"prompt": [True]}, BadRequest, "prompt", "prompt must be"),
         ({"prompt": [[1], []]}, BadRequest, "prompt", "prompt must be"),
         ({"prompt": 5}, BadRequest, "prompt", "prompt must be"),
-        ({"prompt": [-1]}, BadRequest, "prompt", "from 0 to"),
-        ({"prompt": [2**32]}, BadRequest, "prompt", "token ids must be"),
+        ({"prompt": [-1]}, BadRequest, "prompt", "token id -1 is outside the vocabulary: ids run from 0 to 999"),
+        ({"prompt": [VOCAB]}, BadRequest, "prompt", f"token id {VOCAB} is outside the vocabulary"),
+        ({"prompt": [[1], [2**64]]}, BadRequest, "prompt", f"token id {2**64} is outside the vocabulary"),
         ({"prompt": "x", "max_tokens": 0}, BadRequest, "max_tokens", "at least 1"),
         ({"prompt": "x", "temperature": -1}, BadRequest, "temperature", "[0, 2]"),
         ({"prompt": "x", "temperature": 2.5}, BadRequest, "temperature", "[0, 2]"),
@@ -227,6 +230,13 @@ def test_bad_tokenize_and_detokenize_requests_name_the_field(kind: type, fields:
     with pytest.raises(BadRequest) as refused:
         protocol.decode(body(**fields), kind)
     assert refused.value.param == param
+
+
+def test_token_ids_to_detokenize_must_be_in_the_vocabulary() -> None:
+    protocol.check_token_ids([0, VOCAB - 1], VOCAB, "tokens")
+    with pytest.raises(BadRequest, match="token id -1 is outside") as refused:
+        protocol.check_token_ids([5, -1, VOCAB], VOCAB, "tokens")
+    assert refused.value.param == "tokens"
 
 
 def test_the_served_model_or_none_is_accepted() -> None:
