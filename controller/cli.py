@@ -8,10 +8,12 @@ import sys
 
 import msgspec
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from kvbus import logs
 from kvbus.controller.app import create_app
 from kvbus.controller.lmcache.monitor import MonitorPorts
+from kvbus.ports import PortError, check_free, listen, where
 from kvbus.shared.config import ConfigError, load
 
 log = logging.getLogger("kvbus.controller")
@@ -75,17 +77,29 @@ def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    log.info("controller listening on http://%s:%d", config.controller_host, config.controller_port)
-    uvicorn.run(
-        create_app(config),
-        host=config.controller_host,
-        port=config.controller_port,
-        log_level=args.log_level,
-        # In-flight requests end within the command timeout, so SIGTERM waits for them, never forever.
-        timeout_graceful_shutdown=int(config.command_timeout) + 2,
-        access_log=False,
+    try:
+        # Bound before anything says "listening" or "ready": a taken port stops it here, holder named.
+        sockets = listen(config.controller_host, config.controller_port, "HTTP port")
+        # LMCache's sockets are bound by the app once it starts; checked now so that a taken one
+        # is reported like the HTTP port, not as a failed start-up after "ready".
+        for name, port in (config.controller_monitor_ports or {}).items():
+            check_free(config.controller_host, port, f"LMCache {name} port")
+    except PortError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    log.info("controller listening on http://%s", where(config.controller_host, config.controller_port))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            log_level=args.log_level,
+            # In-flight requests end within the command timeout, so SIGTERM waits for them, never forever.
+            timeout_graceful_shutdown=int(config.command_timeout) + 2,
+            access_log=False,
+        )
     )
-    return 0
+    server.run(sockets=sockets)
+    # What uvicorn.run answers when the server never started.
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

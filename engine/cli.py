@@ -7,9 +7,11 @@ import logging
 import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from kvbus import logs
 from kvbus.engine.app import create_app
+from kvbus.ports import PortError, listen, where
 from kvbus.shared.config import DEFAULT_MODEL, ConfigError, check_devices, load
 
 log = logging.getLogger("kvbus.engine")
@@ -48,16 +50,24 @@ def main(argv: list[str] | None = None, prog: str = "kvbus engine") -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    log.info("engine starting on http://%s:%d as %s", args.host, args.port, config.lmcache_instance_id)
-    uvicorn.run(
-        create_app(config, args.model, seed=args.seed),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
+    try:
+        # Bound before the model is built and the agent registers: a taken port stops it here, holder named.
+        sockets = listen(args.host, args.port, "HTTP port")
+    except PortError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    log.info("engine listening on http://%s as %s", where(args.host, args.port), config.lmcache_instance_id)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, args.model, seed=args.seed),
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
     )
-    return 0
+    server.run(sockets=sockets)
+    # What uvicorn.run answers when the server never started.
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

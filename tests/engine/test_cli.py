@@ -3,31 +3,47 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
 from kvbus.engine import cli
 from kvbus.shared.config import DEFAULT_MODEL, KVBusConfig
 
 
 class Launch:
-    """What main() would have started: the app's arguments and uvicorn's, with nothing served."""
+    """What main() would have started: the app's arguments, the address and uvicorn's options; nothing served."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.app: tuple[KVBusConfig, str, int] | None = None
+        self.bound: tuple[str | None, int] | None = None
         self.served: dict[str, Any] | None = None
         monkeypatch.setattr(cli, "create_app", self.create_app)
-        monkeypatch.setattr(cli.uvicorn, "run", self.run)
+        monkeypatch.setattr(cli, "listen", self.listen)
+        monkeypatch.setattr(cli.uvicorn, "Server", self.server)
 
     def create_app(self, config: KVBusConfig, model: str, *, seed: int) -> object:
         self.app = (config, model, seed)
         return self
 
-    def run(self, app: object, **options: Any) -> None:
-        assert app is self
-        self.served = options
+    def listen(self, host: str | None, port: int, what: str = "") -> list[socket.socket]:
+        self.bound = (host, port)
+        return []
+
+    def server(self, config: uvicorn.Config) -> Any:
+        launch = self
+
+        class Server:
+            started = True
+
+            def run(self, sockets: list[socket.socket]) -> None:
+                assert config.app is launch and sockets == []
+                launch.served = {"log_level": config.log_level}
+
+        return Server()
 
 
 @pytest.fixture
@@ -54,7 +70,7 @@ def test_flags_reach_the_config_the_app_and_the_server(launch: Launch, tmp_path:
     )
     assert loaded.enable_controller  # the engine always runs its agent, whatever the file says
     assert (model, seed) == ("tiny", 3)
-    assert (launch.served["host"], launch.served["port"], launch.served["log_level"]) == ("0.0.0.0", 8123, "warning")
+    assert launch.bound == ("0.0.0.0", 8123) and launch.served["log_level"] == "warning"
 
 
 def test_defaults_serve_the_default_model_on_loopback(launch: Launch) -> None:
@@ -62,7 +78,7 @@ def test_defaults_serve_the_default_model_on_loopback(launch: Launch) -> None:
     assert launch.app is not None and launch.served is not None
     loaded, model, seed = launch.app
     assert (model, seed, loaded.enable_controller) == (DEFAULT_MODEL, 0, True)
-    assert (launch.served["host"], launch.served["port"]) == ("127.0.0.1", 8000)
+    assert launch.bound == ("127.0.0.1", 8000)
 
 
 def refusal(argv: list[str], capsys: pytest.CaptureFixture[str], launch: Launch) -> str:
@@ -70,7 +86,7 @@ def refusal(argv: list[str], capsys: pytest.CaptureFixture[str], launch: Launch)
     assert cli.main(argv, prog="kvbus-engine") == 2
     err = capsys.readouterr().err
     assert err.startswith("kvbus-engine: ") and err.endswith("\n") and err.count("\n") == 1
-    assert launch.app is None and launch.served is None
+    assert launch.app is None and launch.bound is None and launch.served is None
     return err
 
 

@@ -19,6 +19,7 @@ from kvbus.shared import keys
 from kvbus.shared.flat_fields import decode
 from kvbus.shared.messages import Result
 from tests.conftest import SEED_TEXT, SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
+from tests.kvbus.port_holder import port_held
 
 INSTANCE = "lmcache_default_instance"
 CLEAR_CPU = {"instance_id": INSTANCE, "location": "LocalCPUBackend"}
@@ -209,6 +210,26 @@ def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize("command", [["kvbus", "controller"], ["lmcache_controller"], ["kvbus", "engine"]])
+def test_a_taken_port_stops_a_server_before_it_says_ready_in_one_line_naming_the_holder(
+    redis_url: str, command: list[str]
+) -> None:
+    script = str(Path(sys.executable).parent / command[0])
+    with port_held() as (port, holder):
+        proc = subprocess.run(
+            [script, *command[1:], "--port", str(port), "--redis-url", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    # One line and nothing before it: no "listening" or "ready" from a server that never got its port.
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(
+        f"{' '.join(command)}: HTTP port 127.0.0.1:{port} is already in use by pid {holder} ("
+    )
 
 
 @pytest.mark.parametrize("command", [["controller"], ["agent"]])
