@@ -77,13 +77,17 @@ def create_app(config: KVBusConfig, served_model: str, shape: ModelShape = TINY,
 
 
 async def _body(request: Request) -> bytes:
+    """The body, refused with a 413 once it passes MAX_BODY_BYTES: read piece by piece, so that a body
+    sent without a Content-Length (chunked) is cut off there rather than read whole into memory."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _BodyTooLarge(f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise _BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    return body
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise _BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 def _tokens(generator: Generator, prompt: str | list[int]) -> list[int]:

@@ -199,3 +199,39 @@ def test_deeply_nested_bodies_are_refused_on_every_endpoint(client: TestClient, 
         "param": None,
         "code": 400,
     }
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize", "/detokenize"])
+def test_a_body_sent_without_a_length_is_cut_off_at_the_limit(client: TestClient, path: str) -> None:
+    """A chunked body is read only as far as the limit (TestClient sends whole bodies, so this speaks ASGI)."""
+    piece, pieces = 64 * 1024, 1024  # 64 MiB offered, 16 times the limit
+    pulled = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b" " * piece, "more_body": pulled < pieces}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert "exceeds 4194304 bytes" in json.loads(sent[1]["body"])["error"]["message"]
+    assert pulled * piece <= app.MAX_BODY_BYTES + piece
