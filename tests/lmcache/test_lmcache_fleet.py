@@ -105,6 +105,8 @@ def test_query_worker_info_all_lists_every_worker_of_a_thousand_at_once(fleet: F
 
 
 def test_a_lookup_among_a_thousand_lmcache_workers_names_exactly_the_holders(fleet: Fleet) -> None:
+    # LMCache workers send no heartbeats: the controller's health probes keep them alive.
+    wait_for(lambda: all(fleet.redis.exists(keys.alive(_instance(n))) for n in HOLDERS), what="the holders alive")
     response = httpx.post(f"{fleet.url}/lookup", json={"tokens": PROMPT}, timeout=30)
     assert response.status_code == 200, response.text
     expected = {_instance(n): [CPU, min(chunks * 256, len(PROMPT))] for n, chunks in HOLDERS.items()}
