@@ -3,7 +3,9 @@ that holds no KV (the engine's scheduler), in one round trip.
 
 The scheduler runs the engine's loop, so a Redis that is slow or gone must cost it little: any
 error counts as a miss, and after one the reader answers "nothing held" without asking for
-`backoff_s`, so that at most one request per backoff pays the timeout.
+`backoff_s`, so that at most one request per backoff pays the timeout. That timeout is the client's:
+give the reader `redis_conn.connect(url, request_path=True)` (one try of 0.5 s; a stalled Redis cost
+the agent's default client 15 s).
 """
 
 from __future__ import annotations

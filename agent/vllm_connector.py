@@ -76,7 +76,7 @@ class KVBusConnector(KVConnectorBase_V1):
                 transfer.kv_load_failure_policy = "recompute"
             self._planner = StepPlanner(self._space, block_size)
             self._reader = IndexReader(
-                redis_conn.connect(self._config.redis_url),
+                redis_conn.connect(self._config.redis_url, request_path=True),
                 self._config.lmcache_instance_id,
                 worker_id=0,
                 location=Location.CPU,

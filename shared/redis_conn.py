@@ -2,6 +2,7 @@
 
 redis-py 8 retries 10 times with a 5 s socket timeout by default; a request would then hang
 for a minute while Redis is down. Blocking readers get a socket timeout longer than their BLOCK.
+A client that a request waits on (the vLLM scheduler's index reads) gets a far shorter bound.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 BLOCK_MS = 1000  # XREAD/XREADGROUP BLOCK; kept well under the reader's socket timeout
+# A healthy Redis answers in well under a millisecond; a request waits at most about this (one try)
+# on a stalled one, and a slow answer only costs a cache miss.
+REQUEST_PATH_TIMEOUT_S = 0.5
 
 
 class _Options(TypedDict):
@@ -27,10 +31,14 @@ class _Options(TypedDict):
     decode_responses: Literal[True]
 
 
-def _options(blocking: bool) -> _Options:
+def _options(blocking: bool, request_path: bool = False) -> _Options:
+    if request_path:
+        connect_timeout = timeout = REQUEST_PATH_TIMEOUT_S
+    else:
+        connect_timeout, timeout = CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S + (BLOCK_MS / 1000 if blocking else 0)
     return {
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_timeout": COMMAND_TIMEOUT_S + (BLOCK_MS / 1000 if blocking else 0),
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": timeout,
         # Without this, pipelines do not retry at all: after a Redis restart the first pipeline
         # on each pooled (now dead) connection would fail. Every pipeline kvbus sends is safe
         # to repeat: index writes are idempotent and duplicate results are ignored by event id.
@@ -40,10 +48,14 @@ def _options(blocking: bool) -> _Options:
     }
 
 
-def connect(url: str, *, blocking: bool = False) -> redis.Redis:
-    """A sync client, for agent threads that must not touch the engine's event loop."""
-    retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
-    return redis.Redis.from_url(url, retry=retry, **_options(blocking))
+def connect(url: str, *, blocking: bool = False, request_path: bool = False) -> redis.Redis:
+    """A sync client, for agent threads that must not touch the engine's event loop.
+
+    `request_path`: for a caller a request waits on, which would rather miss than wait; each call
+    is tried once, with REQUEST_PATH_TIMEOUT_S to connect and to read, instead of up to 3 x 5 s.
+    """
+    retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 0 if request_path else 2)
+    return redis.Redis.from_url(url, retry=retry, **_options(blocking, request_path))
 
 
 def connect_async(url: str, *, blocking: bool = False) -> redis.asyncio.Redis:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +18,7 @@ from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import redis_conn
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 
 INSTANCE = "inst"
 SPACE = HashSpace("m", chunk_size=4)
@@ -79,3 +82,29 @@ def test_an_unreachable_redis_is_a_miss_and_is_not_asked_again_for_a_while() -> 
     started = time.monotonic()
     assert slow.held(KEYS) == 0
     assert time.monotonic() - started < max(first / 10, 0.001)
+
+
+def test_a_stalled_redis_costs_one_lookup_the_request_path_bound_then_nothing(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    assert server.process is not None
+    setup = redis_conn.connect(server.url)
+    register(setup, WORKER_LAYOUT)
+    admit(setup, PROMPT)
+    lookups = reader(redis_conn.connect(server.url, request_path=True), backoff_s=1.0)
+    try:
+        assert lookups.held(KEYS) == 4
+        os.kill(server.process.pid, signal.SIGSTOP)  # the connection stays open; nothing answers on it
+        started = time.monotonic()
+        assert lookups.held(KEYS) == 0
+        assert time.monotonic() - started < redis_conn.REQUEST_PATH_TIMEOUT_S + 0.5
+        started = time.monotonic()
+        assert lookups.held(KEYS) == 0
+        assert time.monotonic() - started < 0.05
+        os.kill(server.process.pid, signal.SIGCONT)
+        time.sleep(1.0)
+        assert lookups.held(KEYS) == 4
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        setup.close()
+        server.kill()

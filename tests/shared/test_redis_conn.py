@@ -1,19 +1,27 @@
-"""Clients ride through a Redis restart: pooled connections that died are retried, pipelines included."""
+"""Clients ride through a Redis restart: pooled connections that died are retried, pipelines included;
+a request-path client gives up on a stalled Redis within its short bound."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
+
+import pytest
+import redis
 
 from kvbus.shared import redis_conn
 from tests.conftest import RedisServer, free_port
 
 
-def test_sync_pipelines_survive_a_redis_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("request_path", [False, True], ids=["agent", "request-path"])
+def test_sync_pipelines_survive_a_redis_restart(tmp_path: Path, request_path: bool) -> None:
     server = RedisServer(free_port(), tmp_path)
     server.start()
     try:
-        client = redis_conn.connect(server.url)
+        client = redis_conn.connect(server.url, request_path=request_path)
         assert client.ping()
         server.kill()
         server.start()
@@ -45,4 +53,29 @@ def test_async_pipelines_survive_a_redis_restart(tmp_path: Path) -> None:
     try:
         assert asyncio.run(scenario()) == [True, "v"]
     finally:
+        server.kill()
+
+
+def test_a_request_path_client_gives_up_on_a_stalled_redis_within_its_bound(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    assert server.process is not None
+    client = redis_conn.connect(server.url, request_path=True)
+    fresh = redis_conn.connect(server.url, request_path=True)  # its first connection opens mid-stall
+    try:
+        assert client.ping()
+        os.kill(server.process.pid, signal.SIGSTOP)
+        for caller in (client, fresh):
+            started = time.monotonic()
+            pipe = caller.pipeline(transaction=False)
+            pipe.get("k")
+            with pytest.raises(redis.TimeoutError):
+                pipe.execute()
+            assert time.monotonic() - started < redis_conn.REQUEST_PATH_TIMEOUT_S + 0.5
+        os.kill(server.process.pid, signal.SIGCONT)
+        assert client.set("k", "v") and fresh.get("k") == "v"
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        client.close()
+        fresh.close()
         server.kill()
