@@ -24,12 +24,15 @@ from urllib.parse import urlsplit
 
 import redis
 
+from kvbus.ports import PortError, check_free, listened_by
 from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, check_devices, load
 from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_REDIS_BIND = "127.0.0.1"
 _SEED_TOKENS = "[128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]"
 
 
@@ -54,8 +57,16 @@ class Stack:
         self.stopping = threading.Event()
 
     def start(self) -> None:
+        redis_server = self._redis_server()
+        # Every port is checked before anything starts: a readiness probe would otherwise reach
+        # whoever holds one and report a part ready that is about to die on its port.
+        self._check_ports(redis_server is not None)
         (self.data / "logs").mkdir(parents=True, exist_ok=True)
-        self._redis()
+        self.say(f"[1/3] Redis at {redacted(self.config.redis_url)}")
+        if redis_server is None:
+            self.say("      already running; using it")
+        else:
+            self._start_redis(redis_server)
         host = self.config.controller_host
         self.say("[2/3] controller")
         self._spawn(
@@ -71,7 +82,7 @@ class Stack:
                 *self._config_flag(),
             ],
         )
-        self._wait_http("controller", f"http://{host}:{self.config.controller_port}/healthz")
+        self._wait_http("controller", host, self.config.controller_port, "/healthz")
         self.say("[3/3] reference engine")
         self._spawn(
             "engine",
@@ -90,19 +101,17 @@ class Stack:
                 *self._config_flag(),
             ],
         )
-        self._wait_http("engine", f"http://{host}:{self.args.engine_port}/health")
+        self._wait_http("engine", host, self.args.engine_port, "/health")
 
     def _config_flag(self) -> list[str]:
         return ["--config", str(Path(self.args.config).resolve())] if self.args.config else []
 
-    def _redis(self) -> None:
+    def _redis_server(self) -> str | None:
+        """The redis-server to start, or None when a Redis already answers at the URL."""
         url = self.config.redis_url
-        self.say(f"[1/3] Redis at {redacted(url)}")
         if _pings(url):
-            self.say("      already running; using it")
-            return
-        where = urlsplit(url)
-        if where.hostname not in ("127.0.0.1", "localhost", "::1"):
+            return None
+        if urlsplit(url).hostname not in _LOCAL_HOSTS:
             raise StartFailed(
                 f"no Redis answers at {redacted(url)}, and kvbus up starts one only on this "
                 "machine; start that server or point redis_url (or --redis-url) at one"
@@ -113,9 +122,49 @@ class Stack:
                 "no Redis answers and redis-server is not installed: apt-get install redis-server "
                 "(Debian/Ubuntu), brew install redis (macOS), or docker run -p 6379:6379 redis:7"
             )
+        return binary
+
+    def _check_ports(self, starting_redis: bool) -> None:
+        """Refuse, naming each holder, when a port a part needs is taken; warn for the optional peer port."""
+        host = self.config.controller_host
+        needed = [
+            ("controller port", host, self.config.controller_port, "--controller-port"),
+            ("engine port", host, self.args.engine_port, "--engine-port"),
+        ]
+        needed += [
+            (f"controller's LMCache {name} port", host, port, "controller_monitor_ports in the config")
+            for name, port in (self.config.controller_monitor_ports or {}).items()
+        ]
+        if starting_redis:
+            needed.append(("Redis port", _REDIS_BIND, self._redis_port(), "--redis-url, or start that Redis"))
+        problems = []
+        seen: dict[int, str] = {}
+        for what, bind_host, port, change in needed:
+            if port in seen:
+                problems.append(f"the {seen[port]} and the {what} are both {port}; change {change}")
+                continue
+            seen[port] = what
+            try:
+                check_free(bind_host, port, what)
+            except PortError as exc:
+                problems.append(f"{exc}; stop it or change {change}")
+        if problems:
+            raise StartFailed("nothing started:\n  " + "\n  ".join(problems))
+        peer = _address_of_peers(self.config)
+        if peer is not None:
+            try:
+                check_free(*peer, "engine's peer port")
+            except PortError as exc:
+                # As the engine itself treats it: everything but /move into this engine still works.
+                self.say(f"      warning: {exc}; /move into this engine will fail (p2p_init_ports in the config)")
+
+    def _redis_port(self) -> int:
+        return urlsplit(self.config.redis_url).port or 6379
+
+    def _start_redis(self, binary: str) -> None:
         store = self.data / "redis"
         store.mkdir(parents=True, exist_ok=True)
-        port = where.port or 6379
+        port = self._redis_port()
         self._spawn(
             "redis",
             [
@@ -123,7 +172,7 @@ class Stack:
                 "--port",
                 str(port),
                 "--bind",
-                "127.0.0.1",
+                _REDIS_BIND,
                 "--appendonly",
                 "yes",
                 "--appendfsync",
@@ -135,7 +184,8 @@ class Stack:
             ],
             python=False,
         )
-        self._wait("redis", lambda: _pings(url))
+        url = self.config.redis_url
+        self._wait("redis", lambda pid: _pings(url) and listened_by(pid, port) is not False)
         self.say(f"      started redis-server on port {port}, AOF under {store}")
 
     def _spawn(self, name: str, argv: list[str], *, python: bool = True) -> None:
@@ -153,14 +203,16 @@ class Stack:
             )
         self.parts.append(_Part(name, process, log_path))
 
-    def _wait_http(self, name: str, url: str) -> None:
-        self._wait(name, lambda: _http_ok(url))
-        self.say(f"      {name} ready at {url.rsplit('/', 1)[0]}")
+    def _wait_http(self, name: str, host: str, port: int, path: str) -> None:
+        url = f"http://{host}:{port}"
+        # A 200 counts only when the socket behind the port is this part's own.
+        self._wait(name, lambda pid: _http_ok(url + path) and listened_by(pid, port) is not False)
+        self.say(f"      {name} ready at {url}")
 
-    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+    def _wait(self, name: str, ready: Callable[[int], bool]) -> None:
         part = next(p for p in self.parts if p.name == name)
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not ready():
+        while not ready(part.process.pid):
             if part.process.poll() is not None:
                 raise StartFailed(
                     f"{name} exited with code {part.process.returncode} while starting:\n{_tail(part.log_path)}"
@@ -197,6 +249,13 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _address_of_peers(config: KVBusConfig) -> tuple[str, int] | None:
+    """Where the engine's agent (worker 0) listens for /move transfers, if p2p_init_ports gives it a port."""
+    if not config.p2p_init_ports:
+        return None
+    return config.p2p_host or "127.0.0.1", config.p2p_init_ports[0]
 
 
 def _pings(url: str) -> bool:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import MODEL, SEED_TEXT, SEED_TOKENS, Processes, free_port, wait_for, write_config
+from tests.kvbus.port_holder import port_held
 
 INSTANCE = "lmcache_default_instance"
 PROMPT_600 = list(range(3000, 3600))
@@ -175,6 +176,41 @@ def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> No
     )
     assert result.returncode == 1
     assert "redis-server is not installed: apt-get install redis-server" in result.stdout
+
+
+def test_kvbus_up_names_the_holder_of_each_taken_port_and_starts_nothing(tmp_path: Path) -> None:
+    with (
+        port_held() as (redis_port, redis_holder),
+        port_held() as (controller, controller_holder),
+        port_held() as (engine, engine_holder),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kvbus",
+                "up",
+                "--redis-url",
+                f"redis://127.0.0.1:{redis_port}/0",
+                "--controller-port",
+                str(controller),
+                "--engine-port",
+                str(engine),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout
+    out = result.stdout
+    assert f"controller port 127.0.0.1:{controller} is already in use by pid {controller_holder} (" in out
+    assert f"engine port 127.0.0.1:{engine} is already in use by pid {engine_holder} (" in out
+    assert f"Redis port 127.0.0.1:{redis_port} is already in use by pid {redis_holder} (" in out
+    # The holders answer 200 to every probe: nothing may be reported ready, or started.
+    assert "ready at" not in out and "starting" not in out and "kvbus is up" not in out
+    assert not (tmp_path / "data").exists()
 
 
 def test_kvbus_up_and_engine_refuse_bad_config_in_one_line(tmp_path: Path) -> None:

@@ -1,12 +1,16 @@
-"""`kvbus up`'s flags and the config file: a flag given wins, a flag left out leaves the file's value."""
+"""`kvbus up`: flags over the config file (a flag given wins, one left out leaves the file's value), and readiness."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from kvbus.up import _parser, main, resolve
+from kvbus import up
+from kvbus.up import Stack, StartFailed, _parser, _Part, main, resolve
+from tests.kvbus.port_holder import port_held
 
 
 def config_of(*argv: str) -> tuple[str, int, str]:
@@ -59,3 +63,22 @@ def test_a_bad_port_flag_stops_before_starting_anything(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "controller_port=70000" in err
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a port's owner is found through /proc")
+def test_a_part_is_not_ready_while_its_port_answers_from_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(up, "_START_TIMEOUT_S", 1.0)
+    args = _parser("kvbus up").parse_args(["--data-dir", str(tmp_path)])
+    said: list[str] = []
+    stack = Stack(resolve(args), args, said.append)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    stack.parts.append(_Part("controller", child, tmp_path / "controller.log"))
+    try:
+        with port_held() as (port, _), pytest.raises(StartFailed, match="controller was not ready after 1 s"):
+            stack._wait_http("controller", "127.0.0.1", port, "/healthz")  # the holder answers it with a 200
+    finally:
+        child.kill()
+        child.wait(10)
+    assert said == []
