@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -87,11 +88,18 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+# The one rule for an instance id kvbus is given to run as (yaml, environment, the agent's and engine's
+# --instance-id all come through `_instance_id`): it names a directory under local_disk, so no '/', '.' or
+# '..', and it sits in Redis hash tags, so no braces. LMCache's own ids (`lmcache_default_instance`,
+# host names, `inst-0:1`) fit. The HTTP API takes any string, as LMCache does: the controller derives
+# only hash-tagged Redis keys from a request's id, never a path.
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,255}")
+
+
 def _instance_id(value: Any) -> str:
     text = _text(value)
-    if any(c in text for c in "{} \t\n"):
-        # Braces would break the Redis Cluster hash tag that keeps an instance's keys in one slot.
-        raise ValueError("must not contain braces or whitespace")
+    if not _INSTANCE_ID.fullmatch(text) or text in (".", ".."):
+        raise ValueError("expected 1-255 characters of A-Z, a-z, 0-9 and . _ : @ - (not '.' or '..')")
     return text
 
 

@@ -11,7 +11,7 @@ from kvbus.agent.backends.base import IndexListener, StorageBackend
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.backends.disk import LocalDiskBackend
 from kvbus.agent.backends.gpu import LocalGPUBackend
-from kvbus.shared.config import KVBusConfig, check_devices
+from kvbus.shared.config import ConfigError, KVBusConfig, check_devices
 from kvbus.shared.hashing import HashSpace
 
 GB = 1024**3
@@ -56,9 +56,21 @@ def make_backends(
 
 def disk_directory(config: KVBusConfig, worker_id: int) -> Path:
     """Each worker of each instance gets a directory of its own under `local_disk`: one's clear or
-    capacity must not delete another's files, and a restart finds its own files again."""
+    capacity must not delete another's files, and a restart finds its own files again.
+
+    Raises ConfigError when the directory would lie outside `local_disk`. The config's rule for instance
+    ids already keeps '..' and '/' out; this holds whatever the id, and also against a link under
+    `local_disk` that leads elsewhere, since the backend deletes files it finds in its directory.
+    """
     assert config.local_disk is not None
-    return Path(config.local_disk) / config.lmcache_instance_id / f"worker-{worker_id}"
+    directory = Path(config.local_disk) / config.lmcache_instance_id / f"worker-{worker_id}"
+    root, resolved = Path(config.local_disk).resolve(), directory.resolve()
+    if not resolved.is_relative_to(root):
+        raise ConfigError(
+            f"lmcache_instance_id={config.lmcache_instance_id!r} with local_disk={config.local_disk!r} puts "
+            f"worker {worker_id}'s chunk files at {resolved}, outside local_disk"
+        )
+    return directory
 
 
 __all__ = [

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvbus.agent import cli as agent_cli
 from kvbus.agent.backends import disk_directory
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.disk import SUFFIX, LocalDiskBackend
-from kvbus.shared.config import KVBusConfig
+from kvbus.shared.config import ConfigError, KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from tests.agent.test_backends import CHUNK_BYTES, SPACE, Recorder, kv
@@ -135,3 +136,25 @@ def test_workers_and_instances_keep_separate_directories(tmp_path: Path) -> None
     assert os.fspath(disk_directory(config.with_overrides(lmcache_instance_id="b"), 0)) != os.fspath(
         disk_directory(config, 0)
     )
+
+
+def test_an_instance_id_that_climbs_out_of_local_disk_is_refused_at_config_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"enable_controller: true\nlocal_disk: {tmp_path / 'disk'}\nmax_local_disk_size: 1\n")
+    assert agent_cli.main(["--config", str(path), "--instance-id", "../x"]) == 2
+    refusal = capsys.readouterr().err
+    assert refusal.count("\n") == 1 and "lmcache_instance_id='../x' in the command line" in refusal
+    assert not (tmp_path / "x").exists()
+
+
+def test_chunk_files_stay_under_local_disk_whatever_the_id_and_links_say(tmp_path: Path) -> None:
+    # A config built in code skips load()'s rule; the resolved path is checked all the same.
+    with pytest.raises(ConfigError, match="outside local_disk"):
+        disk_directory(KVBusConfig(lmcache_instance_id="../x", local_disk=str(tmp_path / "disk")), 0)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "disk" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="outside local_disk"):
+        disk_directory(KVBusConfig(lmcache_instance_id="linked", local_disk=str(tmp_path / "disk")), 0)

@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kvbus.shared.config import ConfigError, KVBusConfig, load
 
@@ -99,6 +100,8 @@ def test_unknown_key_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCap
         ("redis_url: localhost:6379\n", "redis_url"),
         ("lmcache_instance_id: ''\n", "lmcache_instance_id"),
         ("lmcache_instance_id: 'a{b}'\n", "lmcache_instance_id"),
+        ("lmcache_instance_id: '../x'\n", "lmcache_instance_id"),
+        ("lmcache_instance_id: '..'\n", "lmcache_instance_id"),
         ("command_timeout: 0\n", "command_timeout"),
     ],
 )
@@ -162,3 +165,26 @@ def test_invalid_yaml_is_refused_on_one_line_naming_where(tmp_path: Path) -> Non
         load(path)
     assert "\n" not in str(raised.value)
     assert str(path) in str(raised.value) and "line 2" in str(raised.value)
+
+
+@pytest.mark.parametrize("instance_id", ["lmcache_default_instance", "inst-0:1", "engine@node-7.example.com", "..."])
+def test_instance_ids_of_the_usual_shapes_load(instance_id: str) -> None:
+    assert load(None, environ={"LMCACHE_LMCACHE_INSTANCE_ID": instance_id}).lmcache_instance_id == instance_id
+
+
+@pytest.mark.parametrize("instance_id", ["../x", "a/b", ".", "..", "a b", "a{b", "x" * 256, "caf\u00e9"])
+def test_one_rule_refuses_an_instance_id_from_the_file_the_environment_or_the_command_line(
+    tmp_path: Path, instance_id: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lmcache_instance_id": instance_id}))
+    refusals = []
+    for attempt in (
+        lambda: load(path, environ={}),
+        lambda: load(None, environ={"LMCACHE_LMCACHE_INSTANCE_ID": instance_id}),
+        lambda: load(None, environ={}).with_overrides(lmcache_instance_id=instance_id),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        refusals.append(str(caught.value))
+    assert all("lmcache_instance_id" in r and "\n" not in r for r in refusals), refusals
