@@ -6,6 +6,7 @@ stay field for field LMCache's while kvbus adds what it knows (a worker's pid, e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -199,5 +200,5 @@ Answer = (
 )
 
 
-def respond(answer: Answer, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def respond(answer: Answer, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(answer), status_code, headers, media_type="application/json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import msgspec
@@ -100,12 +101,18 @@ class AgentTimeout(APIError):
     code = "agent_timeout"
 
 
-def _body(status: int, code: str, detail: str | list[ValidationIssue], **context: Any) -> Response:
+def _body(
+    status: int,
+    code: str,
+    detail: str | list[ValidationIssue],
+    headers: Mapping[str, str] | None = None,
+    **context: Any,
+) -> Response:
     answer = ErrorAnswer(detail=detail, error=code, **context)
     try:
-        return respond(answer, status)
+        return respond(answer, status, headers)
     except UnicodeEncodeError:  # a lone surrogate in a refused input, which JSON's \u escape still carries
-        return Response(json.dumps(msgspec.to_builtins(answer)), status, media_type="application/json")
+        return Response(json.dumps(msgspec.to_builtins(answer)), status, headers, media_type="application/json")
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -127,7 +134,8 @@ async def redis_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _body(exc.status_code, "http", str(exc.detail), **({"path": request.url.path}))
+    # Routing's headers are part of its answer: a 405's Allow lists the methods the path takes.
+    return _body(exc.status_code, "http", str(exc.detail), exc.headers, path=request.url.path)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:

@@ -260,6 +260,12 @@ def _optional(value: Any, kind: mi.Type, loc: Loc, issues: list[ValidationIssue]
     return _check(value, inner, loc, issues)
 
 
+def _annotated(value: Any, kind: mi.Type, loc: Loc, issues: list[ValidationIssue]) -> Any:
+    """A type annotated for the schema only: an enum it documents, not one it enforces."""
+    assert isinstance(kind, mi.Metadata)
+    return _check(value, kind.type, loc, issues)
+
+
 _CHECKS: dict[type[mi.Type], Callable[[Any, mi.Type, Loc, list[ValidationIssue]], Any]] = {
     mi.StrType: _str,
     mi.IntType: _int_field,
@@ -268,4 +274,5 @@ _CHECKS: dict[type[mi.Type], Callable[[Any, mi.Type, Loc, list[ValidationIssue]]
     mi.TupleType: _tuple,
     mi.UnionType: _optional,
     mi.StructType: lambda value, kind, loc, issues: _model(value, kind, loc, issues),
+    mi.Metadata: _annotated,
 }
