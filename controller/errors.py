@@ -40,6 +40,13 @@ class UndecodableBody(APIError):
     code = "undecodable_body"
 
 
+class BodyTooDeep(APIError):
+    """JSON nested deeper than any request needs: refused unread, since parsers recurse once per level."""
+
+    status_code = 400
+    code = "body_too_deep"
+
+
 class MalformedBody(APIError):
     """The body as a whole: not JSON, empty, not an object, or not sent as application/json."""
 

@@ -25,7 +25,13 @@ class _Endpoint:
     answers_without_redis: bool = False  # never a 503
 
 
-_BODY_ERRORS = (errors.UndecodableBody, errors.MalformedBody, errors.InvalidField, errors.BodyTooLarge)
+_BODY_ERRORS = (
+    errors.UndecodableBody,
+    errors.BodyTooDeep,
+    errors.MalformedBody,
+    errors.InvalidField,
+    errors.BodyTooLarge,
+)
 _COMMAND_ERRORS = (*_BODY_ERRORS, errors.UnknownInstance, errors.Refused, errors.AgentFailed, errors.AgentTimeout)
 
 ENDPOINTS = (

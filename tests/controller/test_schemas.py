@@ -10,11 +10,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from kvbus.controller.app import create_app
-from kvbus.controller.errors import InvalidField, MalformedBody, UndecodableBody, UnknownMethod
+from kvbus.controller.errors import BodyTooDeep, InvalidField, MalformedBody, UndecodableBody, UnknownMethod
 from kvbus.controller.openapi import ENDPOINTS
 from kvbus.controller.schemas import (
     ClearRequest,
     MoveRequest,
+    check_depth,
     check_method,
     check_move,
     check_token_count,
@@ -93,6 +94,47 @@ def test_garbage_never_gets_a_5xx(module_client: TestClient, path: str) -> None:
             assert answer["error"] and answer["detail"], (path, body, answer)
             refused += 1
     assert refused == len(GARBAGE) - ACCEPTED.get(path, 0)
+
+
+def _deep(depth: int, opener: bytes = b"[", closer: bytes = b"]", inner: bytes = b"") -> bytes:
+    return opener * depth + inner + closer * depth
+
+
+# Each of these made every POST a 500 (RecursionError, from msgspec's or json's parser).
+DEEP = [
+    _deep(1000),
+    _deep(100_000),
+    b'{"tokens": ' + _deep(5000) + b"}",
+    b'{"instance_id": "i", "location": "l", "unknown": ' + _deep(5000) + b"}",  # an ignored field, too
+    _deep(2000, b'{"a": ', b"}", b"1"),
+    b'{"tokens": [1, ' + _deep(65) + b"]}",  # one level over the limit
+]
+
+
+@pytest.mark.parametrize("path", POSTS)
+def test_deeply_nested_json_is_a_400_saying_so_before_any_parser_recurses(module_client: TestClient, path: str) -> None:
+    for body in DEEP:
+        response = module_client.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, body[:40], response.text[:200])
+        assert response.json()["error"] == "body_too_deep"
+        assert "at most 64" in response.json()["detail"], response.text
+    # 64 levels, or brackets inside strings, are no refusal: the body is read as usual.
+    at_limit = b'{"tokens": [1], "extra": ' + _deep(63) + b"}"
+    in_strings = b'{"tokens": [1], "extra": "' + b"[" * 1000 + b'\\"' + b"{" * 1000 + b'"}'
+    for body in (at_limit, in_strings):
+        response = module_client.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.json().get("error") != "body_too_deep", (path, response.text[:200])
+        assert response.status_code < 500
+
+
+def test_the_depth_scan_counts_only_brackets_outside_strings() -> None:
+    check_depth(_deep(64))
+    check_depth(b'["' + b"[" * 100 + b'"]')
+    check_depth(b'["\\\\\\"' + b"[" * 100 + b'"]')  # an escaped backslash, then an escaped quote: still a string
+    with pytest.raises(BodyTooDeep, match="nested 65 levels"):
+        check_depth(_deep(65))
+    with pytest.raises(BodyTooDeep, match="nested 100 levels"):
+        check_depth(b'["\\\\"' + b"," + _deep(99) + b"]")  # the string ends at its quote: the brackets count
 
 
 @pytest.mark.parametrize(("path", "body", "status", "error", "field"), BAD_REQUESTS)
