@@ -21,6 +21,9 @@ from kvbus.engine.model import TinyLlama
 log = logging.getLogger("kvbus.engine")
 
 STOP_TOKENS = frozenset({128001, 128008, 128009})  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+# Logits divided by a tinier temperature can overflow to inf, and softmax then gives NaN; vLLM raises a
+# temperature in (0, 0.01) to 0.01 for this, and so does this engine.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class _Sampler:
     def pick(self, logits: torch.Tensor) -> int:
         if self.params.temperature == 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
+        probs = torch.softmax(logits.float() / max(self.params.temperature, MIN_TEMPERATURE), dim=-1)
         if self.params.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.params.top_p

@@ -13,7 +13,7 @@ import torch
 
 from kvbus.agent.agent import Agent
 from kvbus.engine import protocol
-from kvbus.engine.generator import Completion, Generator, SamplingParams
+from kvbus.engine.generator import MIN_TEMPERATURE, Completion, Generator, SamplingParams
 from kvbus.engine.model import TinyLlama
 from kvbus.shared.config import KVBusConfig
 from tests.conftest import MODEL, SEED_TOKENS
@@ -102,6 +102,16 @@ def test_sampling_with_a_seed_repeats_and_another_seed_differs(generator: Genera
 def test_every_seed_the_protocol_accepts_seeds_the_sampler(generator: Generator, seed: int) -> None:
     first = complete(generator, SEED_TOKENS, temperature=1.0, seed=seed, max_tokens=4)
     assert complete(generator, SEED_TOKENS, temperature=1.0, seed=seed, max_tokens=4).token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-6])
+def test_a_temperature_too_small_to_divide_by_samples_as_vllms_minimum_does(
+    generator: Generator, temperature: float
+) -> None:
+    tiny = complete(generator, SEED_TOKENS, temperature=temperature, seed=5, max_tokens=4)
+    assert (
+        tiny.token_ids == complete(generator, SEED_TOKENS, temperature=MIN_TEMPERATURE, seed=5, max_tokens=4).token_ids
+    )
 
 
 def test_temperature_zero_and_a_tiny_top_p_both_pick_the_most_likely_token(generator: Generator) -> None:
