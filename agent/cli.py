@@ -27,7 +27,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="LMCache/kvbus yaml (enable_controller must be true)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name the KV belongs to ({DEFAULT_MODEL})")
     parser.add_argument("--worker-id", type=int, default=0, help="this worker's rank within the instance")
-    parser.add_argument("--redis-url", help="override redis_url from the config")
+    parser.add_argument(
+        "--redis-url",
+        help=(
+            "override redis_url from the config; "
+            "a URL with a password belongs in $LMCACHE_REDIS_URL or the config file, since every user can read "
+            "a command line"
+        ),
+    )
     parser.add_argument("--instance-id", help="override lmcache_instance_id from the config")
     parser.add_argument(
         "--preload-text",

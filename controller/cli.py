@@ -44,7 +44,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         type=int,
         help="the seed's single port P: pull on P, reply on P+1, heartbeat on P+2",
     )
-    parser.add_argument("--redis-url", help="Redis bus and index (default: redis_url, redis://127.0.0.1:6379/0)")
+    parser.add_argument(
+        "--redis-url",
+        help=(
+            "Redis bus and index (default: redis_url, redis://127.0.0.1:6379/0); "
+            "a URL with a password belongs in $LMCACHE_REDIS_URL or the config file, since every user can read "
+            "a command line"
+        ),
+    )
     parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, if set)")
     parser.add_argument(
         "--command-timeout",

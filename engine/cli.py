@@ -29,7 +29,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"served model name (default {DEFAULT_MODEL})")
-    parser.add_argument("--redis-url", help="override redis_url from the config")
+    parser.add_argument(
+        "--redis-url",
+        help=(
+            "override redis_url from the config; "
+            "a URL with a password belongs in $LMCACHE_REDIS_URL or the config file, since every user can read "
+            "a command line"
+        ),
+    )
     parser.add_argument("--instance-id", help="override lmcache_instance_id from the config")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; engines that share KV need the same one")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -8,7 +8,9 @@ Ctrl-C or SIGTERM stops what this command started, engine first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -20,12 +22,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 
 from kvbus.ports import PortError, check_free, listened_by
-from kvbus.shared.config import DEFAULT_MODEL, ConfigError, KVBusConfig, check_devices, load
+from kvbus.shared.config import DEFAULT_MODEL, ENV_PREFIX, ConfigError, KVBusConfig, check_devices, load
 from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
@@ -77,8 +79,6 @@ class Stack:
                 host,
                 "--port",
                 str(self.config.controller_port),
-                "--redis-url",
-                self.config.redis_url,
                 *self._config_flag(),
             ],
         )
@@ -94,8 +94,6 @@ class Stack:
                 str(self.args.engine_port),
                 "--model",
                 self.args.model,
-                "--redis-url",
-                self.config.redis_url,
                 "--instance-id",
                 self.config.lmcache_instance_id,
                 *self._config_flag(),
@@ -181,27 +179,37 @@ class Stack:
                 "",
                 "--dir",
                 str(store),
+                "-",  # the rest of the config, the password included, comes on stdin
             ],
             python=False,
+            stdin=_redis_secrets(self.config.redis_url),
         )
         url = self.config.redis_url
         self._wait("redis", lambda pid: _pings(url) and listened_by(pid, port) is not False)
         self.say(f"      started redis-server on port {port}, AOF under {store}")
 
-    def _spawn(self, name: str, argv: list[str], *, python: bool = True) -> None:
+    def _spawn(self, name: str, argv: list[str], *, python: bool = True, stdin: bytes | None = None) -> None:
+        """Start a part; secrets reach it through its environment or `stdin`, never argv, which `ps` shows to all."""
         log_path = self.data / "logs" / f"{name}.log"
         self.say(f"      starting {name} (log {log_path})")
         command = [sys.executable, "-m", "kvbus", *argv] if python else argv
+        # The Redis URL may carry a password; config.load() reads LMCACHE_REDIS_URL over the file.
+        env = {**os.environ, f"{ENV_PREFIX}REDIS_URL": self.config.redis_url} if python else None
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 command,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                env=env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         self.parts.append(_Part(name, process, log_path))
+        if process.stdin is not None:
+            # A part that died before reading is reported by the wait for it to be ready.
+            with contextlib.suppress(BrokenPipeError), process.stdin:
+                process.stdin.write(stdin or b"")
 
     def _wait_http(self, name: str, host: str, port: int, path: str) -> None:
         url = f"http://{host}:{port}"
@@ -242,6 +250,24 @@ class Stack:
                     part.process.kill()
                     part.process.wait()
             self.say(f"stopped {part.name}")
+
+
+def _redis_secrets(url: str) -> bytes:
+    """redis-server config lines that make it ask for the URL's credentials (none without a password)."""
+    where = urlsplit(url)
+    if where.password is None:
+        return b""
+    password = unquote(where.password)
+    lines = [f"requirepass {_quoted(password)}"]
+    user = unquote(where.username or "default")
+    if user != "default":
+        lines.append(f"user {_quoted(user)} on {_quoted('>' + password)} ~* &* +@all")
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def _quoted(text: str) -> str:
+    """`text` as a redis.conf double-quoted string, every byte \\x-escaped so no character of it can end the string."""
+    return '"' + "".join(f"\\x{byte:02x}" for byte in text.encode()) + '"'
 
 
 def _die_with_parent() -> None:
@@ -316,7 +342,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--engine-port", type=int, default=8000, help="reference engine HTTP port (8000)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"engine's served model name ({DEFAULT_MODEL})")
-    parser.add_argument("--redis-url", help="override redis_url from the config")
+    parser.add_argument(
+        "--redis-url",
+        help=(
+            "override redis_url from the config; a URL with a password belongs in $LMCACHE_REDIS_URL or the "
+            "config file, since every user can read a command line"
+        ),
+    )
     parser.add_argument("--data-dir", default="data", help="Redis AOF and logs go here (./data)")
     return parser
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,39 +38,40 @@ def lookup(controller: str, tokens: list[int] = SEED_TOKENS) -> dict[str, list[A
     return post(f"{controller}/lookup", {"tokens": tokens})["layout_info"]  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Any:
-    """`kvbus up` on free ports with a Redis URL where nothing listens, so it must start its own."""
+@dataclass
+class Up:
+    proc: subprocess.Popen[bytes]
+    out: Path  # what it prints
+    engine: str
+    controller: str
+    redis_port: int
+    redis_url: str
+
+
+@contextlib.contextmanager
+def running_up(tmp_path: Path, *, password: str = "") -> Iterator[Up]:
+    """`kvbus up` (the console script) with the seed's config on free ports and a Redis URL where nothing listens,
+    so it must start its own, once it says it is up; stopped at the end, and its Redis with it.
+
+    A URL with a password goes in LMCACHE_REDIS_URL, as up's --help asks; one without, in --redis-url.
+    """
     redis_port, engine_port, controller_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    redis_url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{redis_port}/0"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"LMCACHE_REDIS_URL": redis_url} if password else {})}
     env.pop("LMCACHE_CONFIG_FILE", None)
     config = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
-    out = (tmp_path / "up.out").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvbus",
-            "up",
-            "--config",
-            str(config),
-            "--redis-url",
-            f"redis://127.0.0.1:{redis_port}/0",
-            "--engine-port",
-            str(engine_port),
-            "--controller-port",
-            str(controller_port),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    command = [str(Path(sys.executable).parent / "kvbus"), "up", "--config", str(config)]
+    command += ["--data-dir", str(tmp_path / "data"), "--engine-port", str(engine_port)]
+    command += ["--controller-port", str(controller_port), *([] if password else ["--redis-url", redis_url])]
     log = tmp_path / "up.out"
+    out = log.open("wb")
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: "kvbus is up" in log.read_text(), timeout=90, what="kvbus up")
-        yield proc, f"http://localhost:{engine_port}", f"http://localhost:{controller_port}", redis_port, tmp_path, log
+        wait_for(lambda: "kvbus is up" in log.read_text() or proc.poll() is not None, timeout=90, what="kvbus up")
+        assert "kvbus is up" in log.read_text(), log.read_text()
+        yield Up(
+            proc, log, f"http://localhost:{engine_port}", f"http://localhost:{controller_port}", redis_port, redis_url
+        )
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # up stops its parts; a SIGKILL would orphan them
@@ -77,13 +81,19 @@ def up(tmp_path: Path) -> Any:
                 proc.kill()
                 proc.wait(10)
         out.close()
-        if _answers(redis_port):
-            redis.Redis(port=redis_port).shutdown(nosave=True)
+        if _answers(redis_url):
+            redis.Redis.from_url(redis_url).shutdown(nosave=True)
 
 
-def _answers(port: int) -> bool:
+@pytest.fixture
+def up(tmp_path: Path) -> Any:
+    with running_up(tmp_path) as running:
+        yield running.proc, running.engine, running.controller, running.redis_port, tmp_path, running.out
+
+
+def _answers(url: str) -> bool:
     try:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
 
@@ -120,7 +130,7 @@ def test_seed_curl_flow_verbatim_against_kvbus_up(up: Any) -> None:
     assert proc.wait(60) == 0
     text = log.read_text()
     assert "stopped engine" in text and "stopped controller" in text and "stopped redis" in text
-    assert not _answers(redis_port)
+    assert not _answers(f"redis://127.0.0.1:{redis_port}/0")
     assert any((tmp_path / "data" / "redis").rglob("*.aof*")), "Redis ran without AOF"
 
 
@@ -178,6 +188,32 @@ def test_kvbus_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> No
     assert "redis-server is not installed: apt-get install redis-server" in result.stdout
 
 
+@pytest.mark.timeout(240)
+def test_kvbus_up_keeps_the_redis_password_off_command_lines_and_out_of_logs(tmp_path: Path) -> None:
+    password = "s3cret-pw"
+    with running_up(tmp_path, password=password) as up:
+        parts = _children(up.proc.pid)
+        assert len(parts) == 3  # redis-server, controller, engine
+        for pid in parts:
+            command_line = Path(f"/proc/{pid}/cmdline").read_text()
+            assert password not in command_line, command_line
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=up.redis_port).ping()  # the Redis up started asks for the URL's password
+        assert redis.Redis.from_url(up.redis_url).ping()
+    shown = [up.out, *(tmp_path / "data" / "logs").iterdir()]
+    assert len(shown) == 4 and all(password not in path.read_text() for path in shown)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended since the listing
+            # "pid (comm) state ppid ...", and comm may hold spaces and parentheses.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def test_kvbus_up_names_the_holder_of_each_taken_port_and_starts_nothing(tmp_path: Path) -> None:
     with (
         port_held() as (redis_port, redis_holder),
@@ -229,7 +265,11 @@ def test_a_killed_kvbus_up_takes_its_parts_with_it(up: Any) -> None:
     proc.kill()
     proc.wait(10)
     wait_for(
-        lambda: not _serves(f"{engine}/health") and not _serves(f"{controller}/healthz") and not _answers(redis_port),
+        lambda: (
+            not _serves(f"{engine}/health")
+            and not _serves(f"{controller}/healthz")
+            and not _answers(f"redis://127.0.0.1:{redis_port}/0")
+        ),
         timeout=60,
         what="the parts of a SIGKILLed kvbus up to stop",
     )
