@@ -7,12 +7,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import redis
+import redis.asyncio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from kvbus.controller import dashboard, metrics
 from kvbus.controller.bus import CommandBus
-from kvbus.controller.errors import EXCEPTION_HANDLERS
+from kvbus.controller.errors import EXCEPTION_HANDLERS, credentials_problem
 from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.reaper import Reaper
@@ -21,6 +23,27 @@ from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
 
 log = logging.getLogger("kvbus.controller")
+
+PROBE_TIMEOUT_S = 2.0  # start-up's check of Redis: long enough for a cold connection, short enough to not delay
+
+
+async def _probe(client: redis.asyncio.Redis, redis_url: str) -> None:
+    """Say at start-up what is wrong with Redis, if anything: the controller starts all the same and serves
+    503s until Redis answers, but a wrong password never fixes itself, so the log names the setting."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await client.ping()
+    except (redis.RedisError, TimeoutError) as exc:
+        problem = credentials_problem(exc, redis_url)
+        if problem is not None:
+            log.error("%s; every request that needs Redis answers 503 redis_auth_failed until it is fixed", problem)
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer in {PROBE_TIMEOUT_S:g} s"
+            log.warning(
+                "Redis at %s does not answer yet (%s); requests answer 503 until it does",
+                redis_conn.redacted(redis_url),
+                reason,
+            )
 
 
 def create_app(config: KVBusConfig) -> Starlette:
@@ -37,6 +60,7 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.redis = redis_client
         app.state.bus = bus
         app.state.index = PrefixIndex(redis_client)
+        await _probe(redis_client, config.redis_url)
         await bus.start()
         bridge = Bridge(redis_client, config, controller_id=bus.controller_id)
         app.state.bridge = bridge

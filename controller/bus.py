@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio
 
-from kvbus.controller.errors import AgentTimeout, UnknownInstance
+from kvbus.controller.errors import REDIS_DOWN, AgentTimeout, UnknownInstance
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError, encode
 from kvbus.shared.messages import Command, CommandKind, Result
@@ -112,7 +112,7 @@ class CommandBus:
         is unreachable now, the task makes it as soon as Redis answers.
         """
         opened = "0-0"
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+        with contextlib.suppress(*REDIS_DOWN):
             opened = await self._create_results_stream()
         # The reader task uses only its own client: cancelling it midway through a command
         # leaves that connection unusable, and nothing else must depend on it.
@@ -195,7 +195,7 @@ class CommandBus:
                         last_id = await self._create_results_stream()
                     next_refresh = time.monotonic() + _TTL_REFRESH_S
                 reply = await self._reader.xread({self.results_key: last_id}, block=BLOCK_MS, count=512)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 if self._closing:
                     return
                 next_refresh = 0.0  # Redis may have restarted empty: recreate the stream first

@@ -19,8 +19,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kvbus.controller.answers import ErrorAnswer, ValidationIssue, respond
+from kvbus.shared.redis_conn import redacted
 
 log = logging.getLogger("kvbus.controller")
+
+
+# Redis failing as a whole, which the controller waits out (a 503 meanwhile): down, stalled, or refusing
+# redis_url's user a command (NoPermissionError, a ResponseError, until an operator fixes the ACL).
+REDIS_DOWN: tuple[type[redis.RedisError], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.NoPermissionError,
+)
 
 
 class APIError(Exception):
@@ -103,9 +113,36 @@ class BusUnavailable(APIError):
     code = "redis_unavailable"
 
 
+class RedisAuthFailed(APIError):
+    """Redis refuses redis_url's credentials, or denies their user a command: retrying cannot help."""
+
+    status_code = 503
+    code = "redis_auth_failed"
+
+
 class AgentTimeout(APIError):
     status_code = 504
     code = "agent_timeout"
+
+
+def credentials_problem(exc: BaseException, redis_url: str) -> str | None:
+    """What to fix when `exc` is Redis refusing redis_url's credentials or their rights; None for other failures.
+
+    redis-py raises AuthenticationError (a ConnectionError) for a wrong password, WRONGPASS and NOAUTH, so
+    without this they read as "unreachable, retry shortly". The URL is shown without its password.
+    """
+    where = f"Redis at {redacted(redis_url)}"
+    if isinstance(exc, redis.AuthenticationError):
+        return (
+            f"{where} refused the controller's credentials ({exc}): fix the user name and password in redis_url "
+            "(redis://[user]:password@host:port/db) to match the server's requirepass or ACL user"
+        )
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (
+            f"{where} denies redis_url's user a command kvbus needs ({exc}): use another user in redis_url, "
+            "or give this one kvbus's keys and commands (ACL SETUSER <user> ~kvbus:* +@all)"
+        )
+    return None
 
 
 def _body(
@@ -130,6 +167,10 @@ async def api_error(request: Request, exc: Exception) -> Response:
 
 
 async def redis_error(request: Request, exc: Exception) -> Response:
+    problem = credentials_problem(exc, request.app.state.config.redis_url)
+    if problem is not None:
+        log.error("%s %s -> 503: %s", request.method, request.url.path, problem)
+        return _body(503, RedisAuthFailed.code, problem)
     log.warning("%s %s -> 503: Redis unreachable (%s)", request.method, request.url.path, exc)
     return _body(
         503,
@@ -152,8 +193,7 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     APIError: api_error,
-    redis.ConnectionError: redis_error,
-    redis.TimeoutError: redis_error,
+    **dict.fromkeys(REDIS_DOWN, redis_error),
     HTTPException: http_error,
     Exception: unexpected_error,
 }

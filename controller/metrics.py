@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import msgspec
-import redis
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvbus.controller import fleet
 from kvbus.controller.compat_metrics import LMCacheGauges
-from kvbus.controller.errors import AgentFailed, AgentTimeout, Refused
+from kvbus.controller.errors import REDIS_DOWN, AgentFailed, AgentTimeout, Refused
 from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.shared.messages import CommandKind
 
@@ -268,7 +267,7 @@ async def metrics(request: Request) -> Response:
     snapshot: fleet.Fleet | None
     try:
         snapshot = await fleet.read(request.app.state.redis)
-    except (redis.ConnectionError, redis.TimeoutError):
+    except REDIS_DOWN:
         snapshot = None  # this process's own counters still tell something; kvbus_redis_up says why the rest is gone
     scrape = CollectorRegistry()
     scrape.register(_FleetCollector(snapshot, request.app.state.config.heartbeat_ttl))

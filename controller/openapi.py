@@ -194,7 +194,8 @@ def _operation(endpoint: _Endpoint, schema_of: dict[Any, dict[str, Any]]) -> dic
             "content": {"application/json": {"schema": schema_of[endpoint.body]}},
         }
     error_schema = {"application/json": {"schema": schema_of[answers.ErrorAnswer]}}
-    for error in (*endpoint.errors, *(() if endpoint.answers_without_redis else (errors.BusUnavailable,))):
+    redis_errors = () if endpoint.answers_without_redis else (errors.BusUnavailable, errors.RedisAuthFailed)
+    for error in (*endpoint.errors, *redis_errors):
         described = operation["responses"].setdefault(
             str(error.status_code), {"description": "", "content": error_schema}
         )

@@ -3,9 +3,12 @@ refusals and unexpected failures are JSON of the same shape as every other error
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from kvbus.controller import registry
@@ -66,3 +69,53 @@ def test_redis_down_is_503_and_the_controller_recovers(tmp_path: Path) -> None:
             assert client.get("/healthz").json()["status"] == "ok"
     finally:
         server.kill()
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own that wants a password, and has an ACL user allowed nothing but PING."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    admin = redis.Redis(port=server.port)
+    admin.acl_setuser("pinger", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], commands=["+ping", "+hello"])
+    admin.config_set("requirepass", PASSWORD)
+    admin.close()
+    yield server
+    server.kill()
+
+
+PASSWORD = "s3cret-pw-0123"
+
+
+@pytest.mark.parametrize(
+    ("credentials", "says"),
+    [
+        (":wrong-pw@", "refused the controller's credentials"),
+        ("", "refused the controller's credentials"),  # none given: NOAUTH
+        (f"pinger:{PASSWORD}@", "denies redis_url's user a command"),  # the right password, an ACL user without rights
+    ],
+)
+def test_a_credentials_problem_says_so_and_names_redis_url_both_at_start_and_in_every_503(
+    guarded: RedisServer, credentials: str, says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"redis://{credentials}127.0.0.1:{guarded.port}/0"
+    caplog.set_level(logging.INFO, logger="kvbus.controller")
+    with CheckedClient(create_app(BASE.with_overrides(redis_url=url))) as client:
+        answers = [
+            client.post("/lookup", json={"tokens": SEED_TOKENS}),
+            client.post("/clear", json={"instance_id": "keeper", "location": "LocalCPUBackend"}),
+            client.get("/controller/key-stats"),
+        ]
+        if not credentials.startswith("pinger"):
+            answers.append(client.get("/healthz"))  # the ACL user may PING
+        for response in answers:
+            assert response.status_code == 503, response.text
+            answer = response.json()
+            assert answer["error"] == "redis_auth_failed", answer
+            assert says in answer["detail"] and "redis_url" in answer["detail"], answer
+            assert "unreachable" not in answer["detail"] and PASSWORD not in response.text
+    if credentials.startswith("pinger"):
+        return  # PING is allowed: start-up could not tell, the first request that needed more did
+    started = [r.getMessage() for r in caplog.records if "every request that needs Redis" in r.getMessage()]
+    assert len(started) == 1 and says in started[0] and "redis_url" in started[0], caplog.text
+    assert PASSWORD not in caplog.text and "wrong-pw" not in caplog.text
