@@ -192,7 +192,9 @@ class Stack:
         """Start a part; secrets reach it through its environment or `stdin`, never argv, which `ps` shows to all."""
         log_path = self.data / "logs" / f"{name}.log"
         self.say(f"      starting {name} (log {log_path})")
-        command = [sys.executable, "-m", "kvbus", *argv] if python else argv
+        # -P: the current directory stays off sys.path, so a kvbus/ folder there (the parent of a
+        # clone) cannot shadow the installed package.
+        command = [sys.executable, "-P", "-m", "kvbus", *argv] if python else argv
         # The Redis URL may carry a password; config.load() reads LMCACHE_REDIS_URL over the file.
         env = {**os.environ, f"{ENV_PREFIX}REDIS_URL": self.config.redis_url} if python else None
         with log_path.open("ab") as log_file:

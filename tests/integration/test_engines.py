@@ -49,7 +49,7 @@ class Up:
 
 
 @contextlib.contextmanager
-def running_up(tmp_path: Path, *, password: str = "") -> Iterator[Up]:
+def running_up(tmp_path: Path, *, password: str = "", cwd: Path | None = None) -> Iterator[Up]:
     """`kvbus up` (the console script) with the seed's config on free ports and a Redis URL where nothing listens,
     so it must start its own, once it says it is up; stopped at the end, and its Redis with it.
 
@@ -65,7 +65,7 @@ def running_up(tmp_path: Path, *, password: str = "") -> Iterator[Up]:
     command += ["--controller-port", str(controller_port), *([] if password else ["--redis-url", redis_url])]
     log = tmp_path / "up.out"
     out = log.open("wb")
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         wait_for(lambda: "kvbus is up" in log.read_text() or proc.poll() is not None, timeout=90, what="kvbus up")
         assert "kvbus is up" in log.read_text(), log.read_text()
@@ -212,6 +212,15 @@ def _children(pid: int) -> list[int]:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(stat.parent.name))
     return found
+
+
+@pytest.mark.timeout(240)
+def test_kvbus_up_runs_from_a_folder_holding_a_kvbus_folder(tmp_path: Path) -> None:
+    # The parent of a clone holds kvbus/; a child started with the current directory on sys.path imports it.
+    (tmp_path / "kvbus").mkdir()
+    (tmp_path / "kvbus" / "__init__.py").write_text("raise ImportError('the kvbus/ in the current directory')\n")
+    with running_up(tmp_path, cwd=tmp_path) as up:
+        assert "controller ready at" in up.out.read_text() and "engine ready at" in up.out.read_text()
 
 
 def test_kvbus_up_names_the_holder_of_each_taken_port_and_starts_nothing(tmp_path: Path) -> None:
