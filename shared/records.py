@@ -61,6 +61,8 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     layout: str = ""
     stats: dict[str, BackendStats] | None = None  # location -> what it held at the last heartbeat
 
+    HEARTBEAT_FIELD: ClassVar[str] = "last_heartbeat_time"  # what the relay reads alone, for many workers
+
     def encode(self) -> Fields:
         return encode(self)
 
@@ -304,6 +306,25 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class MoveTicket(msgspec.Struct, frozen=True, kw_only=True):
+    """`kvbus:{<inst>}:ticket:<digest>`: what one ticket lets one source rank of a /move send into one rank of
+    the instance. The controller writes it as it sends the command (controller/tickets.py); the receiving
+    agent deletes it as it reads it, so it serves one transfer, and it expires with the command's deadline."""
+
+    source_instance: str  # who was asked to send, for the receiver's log
+    source_worker: int
+    worker_id: int  # the receiving rank
+    location: str  # where the chunks may go
+    max_tokens: int = 0  # the tokens the /move named; 0: it named none, so every chunk the source holds there
+
+    def encode(self) -> Fields:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, fields: dict[Any, Any]) -> MoveTicket:
+        return decode(cls, fields)
+
+
 # What every key holds: a Struct, or a plain value described in words. docs/redis-keys.md is checked against it.
 REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:worker:<worker_id>": (WorkerRecord, BackendStats),
@@ -317,4 +338,5 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:alive": "the id of the worker that heartbeated last",
     "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
     "kvbus:{<inst>}:idx:<worker_id>:<location>": "chunk key -> tokens in that chunk",
+    "kvbus:{<inst>}:ticket:<digest>": (MoveTicket,),
 }

@@ -11,6 +11,7 @@ LMCache's main branch reads them: the payload is the last frame, after the ident
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from kvbus.controller.lmcache import wire
 from kvbus.controller.lmcache.workers import LMCacheWorkers
 
 log = logging.getLogger("kvbus.controller.lmcache")
+
+# Frames (reports) taken off the pull socket for one Redis round trip, at most.
+_PULL_BURST = 2000
 
 
 class MonitorPorts(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,9 +89,12 @@ class Monitor:
 
     async def _serve_pull(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            # LMCache sends up to 50 queued messages as the frames of one multipart message: their
-            # admits and evicts go to Redis together, in one round trip.
+            # LMCache sends up to 50 queued messages as the frames of one multipart message, and many
+            # workers send at once: everything already queued goes to Redis together, in one round trip.
             frames = await sock.recv_multipart()
+            with contextlib.suppress(zmq.Again):
+                while len(frames) < _PULL_BURST:
+                    frames += await sock.recv_multipart(zmq.NOBLOCK)
             self.received["pull"] += len(frames)
             batches: list[wire.BatchedKVOperationMsg] = []
             for frame in frames:
@@ -95,9 +102,11 @@ class Monitor:
                 if isinstance(message, wire.BatchedKVOperationMsg):
                     batches.append(message)
                 elif message is not None:
+                    # Reports before it happened before it: they go first.
+                    await self._guarded("pull", self.workers.apply, batches)
+                    batches = []
                     await self._guarded("pull", self._on_pull, message)
-            if batches:
-                await self._guarded("pull", self.workers.apply, batches)
+            await self._guarded("pull", self.workers.apply, batches)
 
     async def _serve_router(
         self, sock: zmq.asyncio.Socket, handle: Callable[[bytes], Awaitable[msgspec.Struct]], name: str

@@ -33,7 +33,7 @@ from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
-from kvbus.shared.records import WorkerRecord
+from kvbus.shared.records import LMCacheSync, WorkerRecord
 from kvbus.shared.redis_conn import BLOCK_MS
 from kvbus.shared.replies import deadline_ms, queue_reply
 
@@ -41,6 +41,10 @@ log = logging.getLogger("kvbus.controller.lmcache")
 
 _READ_COUNT = 64
 _MEMBERS_REFRESH_S = 1.0
+_IN_FLIGHT = 32
+_PROBES_IN_FLIGHT = 64
+_EVICTION_WAIT_S = 0.5
+_MAX_SOCKETS = 65_536
 # Commands a replica took and never acked (it died) are taken over after this long: by then they
 # are past their deadline, so they are answered expired, which clears them from the bus's backlog.
 _RECLAIM_EVERY_S = 10.0
@@ -76,9 +80,18 @@ class Relay:
         self._ttl_ms = int(heartbeat_ttl_s * 1000)
         self._retention_s = max(int(event_retention_s), 1)
         self._now_ms = now_ms or (lambda: int(time.time() * 1000))
-        self._context = zmq.asyncio.Context.instance()
+        # A socket per LMCache worker: the default of 1023 sockets a context would cap the fleet.
+        self._context = zmq.asyncio.Context()
+        self._context.set(zmq.MAX_SOCKETS, _MAX_SOCKETS)
         self._workers: dict[tuple[str, int], _Worker] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Commands and probes in flight at once: each holds a Redis connection while it writes, and the
+        # pool refuses rather than waits past its size.
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)
+        self._probe_slots = asyncio.Semaphore(_PROBES_IN_FLIGHT)
+        self._probing = False
+        self._members_cache: dict[int, list[str]] = {}
+        self._members_read = 0.0
         self._closing = False
 
     async def run(self) -> None:
@@ -88,9 +101,9 @@ class Relay:
         while not self._closing:
             try:
                 members = await self._members()
-                if time.monotonic() >= next_probe:
+                if time.monotonic() >= next_probe and not self._probing:
                     next_probe = time.monotonic() + self._interval_s
-                    self._spawn(self._probe_silent(members))
+                    self._spawn(self._probe_pass(members))
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
                     self._spawn(self._reclaim(members))
@@ -110,14 +123,21 @@ class Relay:
         for worker in self._workers.values():
             if worker.socket is not None:
                 worker.socket.close(linger=0)
+        self._context.term()
 
     async def _members(self) -> dict[int, list[str]]:
-        """worker id -> instances with an LMCache worker of that id: one read covers all of one id's streams."""
+        """worker id -> instances with an LMCache worker of that id: one read covers all of one id's streams.
+
+        Read at most once a second: a worker registered since then waits that long for its first command.
+        """
+        if time.monotonic() - self._members_read < _MEMBERS_REFRESH_S:
+            return self._members_cache
         by_worker: dict[int, list[str]] = {}
         for member in await self._redis.smembers(keys.LMCACHE_WORKERS):
             holder = keys.head_holder(str(member))
             if holder is not None:
                 by_worker.setdefault(holder[1], []).append(holder[0])
+        self._members_cache, self._members_read = by_worker, time.monotonic()
         return by_worker
 
     async def _read_once(self, members: dict[int, list[str]]) -> None:
@@ -143,6 +163,13 @@ class Relay:
                 for entry_id, fields in entries:
                     self._spawn(self._carry(instance, worker_id, entry_id, fields))
 
+    async def _probe_pass(self, members: dict[int, list[str]]) -> None:
+        self._probing = True
+        try:
+            await self._probe_silent(members)
+        finally:
+            self._probing = False
+
     async def _reclaim(self, members: dict[int, list[str]]) -> None:
         idle_ms = int(_RECLAIM_EVERY_S * 1000)
         for worker_id, instances in members.items():
@@ -160,6 +187,7 @@ class Relay:
 
     async def _repair_groups(self, worker_id: int, instances: list[str]) -> None:
         """A stream or group vanished (Redis restarted empty, or the instance left): recreate what is registered."""
+        self._members_read = 0.0  # and read the membership again next round
         for instance in instances:
             if not await self._redis.exists(keys.worker(instance, worker_id)):
                 await self._redis.srem(keys.LMCACHE_WORKERS, keys.head_member(instance, worker_id))
@@ -187,7 +215,8 @@ class Relay:
         if command is not None and result is not None:
             queue_reply(pipe, command, result, retention_s=self._retention_s)
         pipe.xack(keys.commands(instance), keys.command_group(worker_id), entry_id)
-        await pipe.execute()
+        async with self._slots:
+            await pipe.execute()
 
     @staticmethod
     def _decode(instance: str, entry_id: str, fields: dict[str, str] | None) -> Command | None:
@@ -200,7 +229,9 @@ class Relay:
             return None
 
     async def _answer(self, instance: str, worker_id: int, entry_id: str, command: Command) -> Result | None:
-        if await self._redis.exists(keys.done(instance, worker_id, command.event_id)):
+        async with self._slots:
+            answered = await self._redis.exists(keys.done(instance, worker_id, command.event_id))
+        if answered:
             return None  # answered before by a replica that died before acking
         left_ms = deadline_ms(entry_id, command) - self._now_ms()
         if left_ms <= 0:
@@ -209,8 +240,11 @@ class Relay:
         if isinstance(message, str):
             return _result(instance, worker_id, command, ResultStatus.REFUSED, message)
         started = time.perf_counter()
+        before = await self._reported(instance, worker_id, command.location)
         answer = await self._request(instance, worker_id, message, left_ms / 1000)
         result = _result_of(instance, worker_id, command, answer)
+        if command.kind == CommandKind.CLEAR and result.num_tokens > 0:
+            await self._await_evictions(instance, worker_id, command.location, before, started + left_ms / 1000)
         log.info(
             "%s %s to LMCache worker %s/%d: %s %d tokens in %.1f ms",
             command.kind,
@@ -222,6 +256,28 @@ class Relay:
             (time.perf_counter() - started) * 1000,
         )
         return result
+
+    async def _reported(self, instance: str, worker_id: int, location: str) -> int:
+        """The number of the worker's last reported op at `location` (-1 before any)."""
+        try:
+            state = LMCacheSync.decode(await self._redis.hgetall(keys.lmcache_sync(instance, worker_id)))
+        except DecodeError:
+            return -1
+        return state.seq.get(location, -1)
+
+    async def _await_evictions(self, instance: str, worker_id: int, location: str, before: int, until: float) -> None:
+        """Hold a clear's answer until the worker's report of what it evicted has reached the index.
+
+        LMCache answers a clear first and reports the evictions with its next batch (within about
+        10 ms); waiting for that keeps kvbus's rule that a clear is visible to the very next lookup,
+        without dropping the chunks a clear leaves (pinned ones), which only the worker knows.
+        """
+        limit = min(until, time.perf_counter() + _EVICTION_WAIT_S)
+        while time.perf_counter() < limit:
+            if await self._reported(instance, worker_id, location) > before:
+                return
+            await asyncio.sleep(0.002)
+        log.warning("LMCache worker %s/%d reported no evictions after a clear at %s", instance, worker_id, location)
 
     async def _request(
         self, instance: str, worker_id: int, message: wire.ToWorker, timeout_s: float
@@ -250,7 +306,8 @@ class Relay:
             return f"undecodable answer from the LMCache worker at {worker.address}: {exc}"
 
     async def _socket(self, worker: _Worker) -> zmq.asyncio.Socket | None:
-        fields = await self._redis.hgetall(keys.worker(worker.instance_id, worker.worker_id))
+        async with self._slots:
+            fields = await self._redis.hgetall(keys.worker(worker.instance_id, worker.worker_id))
         try:
             record = WorkerRecord.decode(fields)
         except DecodeError:
@@ -271,24 +328,29 @@ class Relay:
             worker.socket = None
 
     async def _probe_silent(self, members: dict[int, list[str]]) -> None:
-        """Ask each worker that sent no heartbeat lately for its health; an answer keeps it alive."""
+        """Ask each worker that sent no heartbeat lately for its health; an answer keeps it alive.
+
+        Two round trips for the whole fleet: the records, then the leases of the silent ones.
+        """
+        workers = [(instance, worker_id) for worker_id, instances in members.items() for instance in instances]
+        pipe = self._redis.pipeline(transaction=False)
+        for instance, worker_id in workers:
+            pipe.hget(keys.worker(instance, worker_id), WorkerRecord.HEARTBEAT_FIELD)
+        beats = await pipe.execute()
         now = time.time()
-        for worker_id, instances in members.items():
-            for instance in instances:
-                record_fields = await self._redis.hgetall(keys.worker(instance, worker_id))
-                try:
-                    record = WorkerRecord.decode(record_fields)
-                except DecodeError:
-                    continue
-                if now - record.last_heartbeat_time < self._interval_s:
-                    continue
-                if not await self._redis.set(
-                    keys.lmcache_probe(instance, worker_id), self._consumer, nx=True, px=self._ttl_ms // 2
-                ):
-                    continue  # another replica asks
-                self._spawn(self._probe(instance, worker_id))
+        silent = [w for w, beat in zip(workers, beats, strict=True) if now - float(beat or 0) >= self._interval_s]
+        pipe = self._redis.pipeline(transaction=False)
+        for instance, worker_id in silent:
+            pipe.set(keys.lmcache_probe(instance, worker_id), self._consumer, nx=True, px=self._ttl_ms // 2)
+        leases = await pipe.execute()
+        # Each probe waits up to half a heartbeat_ttl; they run side by side, bounded like commands.
+        await asyncio.gather(*(self._probe(*w) for w, mine in zip(silent, leases, strict=True) if mine))
 
     async def _probe(self, instance: str, worker_id: int) -> None:
+        async with self._probe_slots:
+            await self._probe_once(instance, worker_id)
+
+    async def _probe_once(self, instance: str, worker_id: int) -> None:
         answer = await self._request(
             instance,
             worker_id,
@@ -299,7 +361,8 @@ class Relay:
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.alive(instance), worker_id, px=self._ttl_ms)
             pipe.hset(keys.worker(instance, worker_id), mapping=WorkerRecord.heartbeat(time.time(), None))
-            await pipe.execute()
+            async with self._slots:
+                await pipe.execute()
 
 
 def _message(worker_id: int, command: Command) -> wire.ToWorker | str:

@@ -12,6 +12,7 @@ and ops arrive numbered, so a lost op is noticed (see `records.LMCacheSync`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
@@ -36,6 +37,7 @@ from kvbus.shared.records import (
 log = logging.getLogger("kvbus.controller.lmcache")
 
 _LOCATIONS = frozenset(str(location) for location in Location)
+_OP_CODES = {wire.OpType.ADMIT: "a", wire.OpType.EVICT: "e"}
 
 # KEYS: the worker's sync record, then its index at the batch's location. ARGV: the names of the
 # record's seq, gaps and resync_reason fields, the location, the first and last op numbers, then
@@ -70,7 +72,7 @@ class LMCacheWorkers:
         self.space = space
         self._ttl_ms = int(heartbeat_ttl_s * 1000)
         self._heartbeat_url = heartbeat_url  # empty: no heartbeat socket, so workers never heartbeat
-        self._apply = client.register_script(_APPLY)
+        self._apply_sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._deregister = client.register_script(deregistration.SCRIPT)
         self._unknown_locations: set[str] = set()
 
@@ -158,30 +160,35 @@ class LMCacheWorkers:
     async def apply(self, batches: list[wire.BatchedKVOperationMsg]) -> None:
         """Admit and evict each batch's chunks in its rank's index, in order, unless ops were lost; one round trip."""
         applied = [b for b in batches if b.operations and self._known(b.location)]
-        pipe = self._redis.pipeline(transaction=False)
-        for batch in applied:
-            ops: list[str | int] = []
-            for op in batch.operations:
-                ops += ["a" if op.op_type == wire.OpType.ADMIT else "e", LMCacheHashSpace.key(op.key)]
-            # With a pipeline as its client the script call only queues, after loading the script once.
-            await self._apply(
-                keys=[
-                    keys.lmcache_sync(batch.instance_id, batch.worker_id),
-                    keys.index(batch.instance_id, batch.worker_id, batch.location),
-                ],
-                args=[
-                    *LMCacheSync.SCRIPT_FIELDS,
-                    batch.location,
-                    batch.operations[0].seq_num,
-                    batch.operations[-1].seq_num,
-                    *ops,
-                ],
-                client=pipe,
-            )
-        gaps = await pipe.execute()
+        if not applied:
+            return
+        try:
+            gaps = await self._apply_all(applied)
+        except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script: load it, run again
+            await self._redis.script_load(_APPLY)
+            gaps = await self._apply_all(applied)
         for batch, gap in zip(applied, gaps, strict=True):
             if gap:
                 self._log_gap(batch)
+
+    async def _apply_all(self, batches: list[wire.BatchedKVOperationMsg]) -> list[int]:
+        # EVALSHA straight into the pipeline: redis-py's script objects would ask SCRIPT EXISTS first,
+        # a round trip per pipeline that costs as much as the ops themselves.
+        pipe = self._redis.pipeline(transaction=False)
+        for batch in batches:
+            ops = [part for op in batch.operations for part in (_OP_CODES[op.op_type], LMCacheHashSpace.key(op.key))]
+            pipe.evalsha(
+                self._apply_sha,
+                2,
+                keys.lmcache_sync(batch.instance_id, batch.worker_id),
+                keys.index(batch.instance_id, batch.worker_id, batch.location),
+                *LMCacheSync.SCRIPT_FIELDS,
+                batch.location,
+                batch.operations[0].seq_num,
+                batch.operations[-1].seq_num,
+                *ops,
+            )
+        return list(await pipe.execute())
 
     def _log_gap(self, batch: wire.BatchedKVOperationMsg) -> None:
         log.warning(
