@@ -194,6 +194,12 @@ class KVBusConfig:
         "PYTHONHASHSEED of LMCache engines running in vLLM (their chunk keys start from a hash of it); "
         "unset: the controller's own PYTHONHASHSEED if set, else engines without vLLM",
     )
+    lmcache_none_hash: int | None = _spec(
+        _optional_int,
+        None,
+        "the hash LMCache engines start their chunk chain from, given outright (0: engines without vLLM, "
+        "whatever PYTHONHASHSEED says); unset: derived from lmcache_hash_seed",
+    )
     controller_host: str = _spec(_text, "127.0.0.1", "controller bind address (HTTP and LMCache's sockets)")
     controller_port: int = _spec(_port, 9000, "controller HTTP port")
 

@@ -22,6 +22,8 @@ log = logging.getLogger("kvbus.controller.lmcache")
 def hash_space(config: KVBusConfig, environ: dict[str, str] | None = None) -> LMCacheHashSpace:
     """The space LMCache engines key their chunks in: LMCache's documented set-up runs every engine and the
     controller with one PYTHONHASHSEED, so the controller's own seed stands for theirs unless configured."""
+    if config.lmcache_none_hash is not None:
+        return LMCacheHashSpace(config.chunk_size, config.lmcache_none_hash)
     seed = config.lmcache_hash_seed
     if seed is None:
         text = (os.environ if environ is None else environ).get("PYTHONHASHSEED", "")

@@ -271,3 +271,15 @@ def test_lmcaches_own_gauges_count_this_processs_messages_and_the_fleets_gaps(
     assert values[prefix + "kv_op_seq_discontinuity_count"] == 1
     assert values[prefix + "pull_socket_message_count"] == 2 and values[prefix + "reply_socket_message_count"] == 1
     assert values[prefix + "registered_workers_count"] == 1
+
+
+def test_the_hash_space_follows_the_engines_seed_unless_told_outright() -> None:
+    from kvbus.controller.lmcache.bridge import hash_space
+    from kvbus.shared.hashing import vllm_none_hash
+
+    base = KVBusConfig()
+    assert hash_space(base, environ={}).none_hash == 0  # engines without vLLM
+    assert hash_space(base, environ={"PYTHONHASHSEED": "123"}).none_hash == vllm_none_hash(123)
+    assert hash_space(base.with_overrides(lmcache_hash_seed=7), environ={}).none_hash == vllm_none_hash(7)
+    told = base.with_overrides(lmcache_none_hash=0)
+    assert hash_space(told, environ={"PYTHONHASHSEED": "123"}).none_hash == 0
