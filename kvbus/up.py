@@ -1,8 +1,9 @@
 """`kvbus up`: the whole seed set-up in one command: Redis, the controller and a reference engine.
 
-Redis is started only when none answers at the configured URL; it then runs with AOF under the
-data directory, so the index survives a restart. Each part logs to its own file there, and
-Ctrl-C or SIGTERM stops what this command started, engine first.
+Every port it needs is checked before anything starts, and a taken one is reported with the
+process that holds it. Redis is started only when none answers at the configured URL; it then
+runs with AOF under the data directory, so the index survives a restart. Each part logs to its
+own file there, and Ctrl-C or SIGTERM stops what this command started, engine first.
 """
 
 from __future__ import annotations
@@ -333,7 +334,9 @@ Ctrl-C stops everything.
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="LMCache/kvbus yaml (default: $LMCACHE_CONFIG_FILE, else built-in defaults)")
     # Defaults are None so that only flags actually given override the config file.
     parser.add_argument(
@@ -342,16 +345,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--controller-port", type=int, help="controller HTTP port (default: controller_port from the config, 9000)"
     )
-    parser.add_argument("--engine-port", type=int, default=8000, help="reference engine HTTP port (8000)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"engine's served model name ({DEFAULT_MODEL})")
+    parser.add_argument("--engine-port", type=int, default=8000, help="reference engine HTTP port (default: 8000)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"engine's served model name (default: {DEFAULT_MODEL})")
     parser.add_argument(
         "--redis-url",
         help=(
-            "override redis_url from the config; a URL with a password belongs in $LMCACHE_REDIS_URL or the "
-            "config file, since every user can read a command line"
+            "Redis bus and index (default: $LMCACHE_REDIS_URL, else redis_url from the config, else "
+            "redis://127.0.0.1:6379/0); a URL with a password belongs in $LMCACHE_REDIS_URL or the config file, "
+            "since every user can read a command line"
         ),
     )
-    parser.add_argument("--data-dir", default="data", help="Redis AOF and logs go here (./data)")
+    parser.add_argument("--data-dir", default="data", help="Redis AOF and logs go here (default: ./data)")
     return parser
 
 

@@ -49,13 +49,19 @@ def test_flags_given_override_the_config_file(config_file: Path) -> None:
     assert config_of("--config", str(config_file), "--controller-port", "9200")[:2] == ("0.0.0.0", 9200)
 
 
-def test_help_states_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_states_every_options_default(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = _parser("kvbus up")
+    options = [action for action in parser._actions if action.dest != "help"]
+    assert options and all("(default: " in (action.help or "") for action in options)
     with pytest.raises(SystemExit):
-        _parser("kvbus up").parse_args(["--help"])
+        parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default: controller_host from the config, 127.0.0.1" in text
-    assert "default: controller_port from the config, 9000" in text
-    assert "(8000)" in text
+    assert (
+        "--controller-port CONTROLLER_PORT controller HTTP port (default: controller_port from the config, 9000)"
+        in text
+    )
+    assert "--engine-port ENGINE_PORT reference engine HTTP port (default: 8000)" in text
 
 
 def test_a_bad_port_flag_stops_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
