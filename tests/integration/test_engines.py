@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+import kvbus
 from tests.conftest import MODEL, SEED_TEXT, SEED_TOKENS, Processes, free_port, wait_for, write_config
 from tests.kvbus.port_holder import port_held
 
@@ -105,6 +106,10 @@ def test_seed_curl_flow_verbatim_against_kvbus_up(up: Any) -> None:
     assert f"started redis-server on port {redis_port}" in banner
     assert engine in banner and controller in banner
     assert (tmp_path / "data" / "redis").is_dir()
+    config = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
+    for part in ("redis", "controller", "engine"):
+        first = (tmp_path / "data" / "logs" / f"{part}.log").read_text().splitlines()[0]
+        assert first.startswith("----- ") and f"kvbus {kvbus.__version__} starts {part}, config {config} -" in first
 
     completion = post(
         f"{engine}/v1/completions",

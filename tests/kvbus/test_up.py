@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import kvbus
 from kvbus import up
 from kvbus.up import Stack, StartFailed, _parser, _Part, main, resolve
 from tests.kvbus.port_holder import port_held
@@ -88,3 +90,17 @@ def test_a_part_is_not_ready_while_its_port_answers_from_another_process(
         child.kill()
         child.wait(10)
     assert said == []
+
+
+def test_each_run_starts_each_log_with_the_version_the_config_and_the_time(tmp_path: Path, config_file: Path) -> None:
+    args = _parser("kvbus up").parse_args(["--config", str(config_file), "--data-dir", str(tmp_path)])
+    stack = Stack(resolve(args), args, lambda line: None)
+    (tmp_path / "logs").mkdir()
+    for run in ("first", "second"):
+        stack._spawn("echo", ["/bin/echo", f"{run} run"], python=False)
+        assert stack.parts[-1].process.wait(10) == 0
+    lines = (tmp_path / "logs" / "echo.log").read_text().splitlines()
+    header = rf"----- \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d kvbus {kvbus.__version__} starts echo, config "
+    header += re.escape(str(config_file)) + " -----"
+    assert len(lines) == 4 and re.fullmatch(header, lines[0]) and re.fullmatch(header, lines[2]), lines
+    assert lines[1::2] == ["first run", "second run"]
