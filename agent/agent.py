@@ -157,6 +157,9 @@ class Agent:
                 {b.location: b for b in self.backends},
                 after_store=self.index.flush,
                 timeout_s=self.config.command_timeout,
+                tickets=self._redis,
+                instance_id=self.instance_id,
+                worker_id=self.worker_id,
             )
         except OSError as exc:
             log.error(

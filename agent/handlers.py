@@ -87,7 +87,8 @@ class CommandHandlers:
         entries, tensors = source.export(command.tokens)
         if not entries:
             return self._answer(command, detail="nothing of that is held here")
-        peer_url = command.peers.get(str(self._worker))
+        worker = str(self._worker)
+        peer_url = command.peers.get(worker)
         if peer_url is None:
             target = self._backends.get(command.dest_location)
             if target is None:
@@ -96,7 +97,15 @@ class CommandHandlers:
         else:
             try:
                 arrived = set(
-                    peer.send(peer_url, self._space, command.dest_location, entries, tensors, self._transfer_timeout_s)
+                    peer.send(
+                        peer_url,
+                        command.tickets.get(worker, ""),
+                        self._space,
+                        command.dest_location,
+                        entries,
+                        tensors,
+                        self._transfer_timeout_s,
+                    )
                 )
             except peer.TransferFailed as exc:
                 return self._answer(command, ResultStatus.ERROR, detail=f"{exc}; the source keeps its chunks")

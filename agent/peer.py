@@ -1,12 +1,19 @@
 """Chunks from one agent to another over TCP, for /move between instances.
 
-The receiving agent listens on `p2p_host:p2p_init_ports[worker_id]`. A transfer is one
-connection: an offer (hash space, destination location, each chunk's index entry), then
-each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, bytes and
-checksum as chunk_format.py makes them for the disk backend's files, then the receiver's reply. The
-receiver stores nothing until every chunk has arrived and matched its checksum, and the
-sender drops its copies only after that reply: a transfer cut midway, by either side dying,
-leaves the source as it was and the destination without partial data.
+The receiving agent listens on `p2p_host:p2p_init_ports[worker_id]` and takes chunks only with a ticket:
+proof that a controller asked for the transfer (controller/tickets.py), without which anyone who reached
+the port could put KV of their choosing into this instance and have lookups send prompts to it.
+
+A transfer is one connection, in three steps, the receiver answering each before the sender goes on:
+1. The ticket's token. The receiver redeems it, reading and deleting its Redis record in one step, so a
+   ticket serves once. A sender without a valid one is refused and logged before anything else is read.
+2. The offer: hash space, destination location, each chunk's index entry. It must fit the ticket (the
+   location, the tokens it names) and this worker (the space, the location).
+3. Each chunk as a header (dtype, shape, size, SHA-256 checksum) and its raw bytes, bytes and checksum
+   as chunk_format.py makes them for the disk backend's files; the receiver answers with what it stored.
+The receiver stores nothing until every chunk has arrived and matched its checksum, and the sender drops
+its copies only after that answer: a transfer cut midway, by either side dying, leaves the source as it
+was and the destination without partial data.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
+import redis
 import torch
 
 from kvbus.agent import chunk_format
 from kvbus.agent.backends.base import IndexEntry, StorageBackend
+from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
+from kvbus.shared.messages import TICKET_BYTES
+from kvbus.shared.records import MoveTicket
 
 log = logging.getLogger("kvbus.agent.peer")
 
@@ -46,6 +57,8 @@ class ChunkHeader(msgspec.Struct, frozen=True):
 
 
 class Reply(msgspec.Struct, frozen=True):
+    """The receiver's answer to each step: an error ends the transfer; after the chunks, what it stored."""
+
     stored: list[str] = msgspec.field(default_factory=list)  # keys of the chunks the receiver now holds
     error: str = ""
 
@@ -56,18 +69,26 @@ class TransferFailed(Exception):
 
 def send(
     peer_url: str,
+    ticket: str,
     space: HashSpace,
     location: str,
     entries: Sequence[IndexEntry],
     tensors: Sequence[torch.Tensor],
     timeout_s: float,
 ) -> list[str]:
-    """Hand these chunks to the agent at `peer_url`; returns the keys of those it now holds."""
+    """Hand these chunks to the agent at `peer_url`, showing it `ticket` (the token, in hex, the command
+    carries); returns the keys of those it now holds."""
+    token = _token(ticket)
+    if token is None:
+        raise TransferFailed(f"the command carries no ticket for {peer_url}, which takes chunks only with one")
     host, _, port = peer_url.rpartition(":")
     offer = Offer(space.name, location, [(entry.key, entry.num_tokens, entry.is_head) for entry in entries])
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
+            conn.sendall(token)
+            _go_ahead(conn, peer_url)
             _send_frame(conn, msgspec.msgpack.encode(offer))
+            _go_ahead(conn, peer_url)
             for tensor in tensors:
                 payload = chunk_format.payload_of(tensor)
                 header = ChunkHeader(
@@ -78,16 +99,29 @@ def send(
                 )
                 _send_frame(conn, msgspec.msgpack.encode(header))
                 conn.sendall(payload)
-            reply = msgspec.msgpack.decode(_recv_frame(conn), type=Reply)
+            return _go_ahead(conn, peer_url).stored
     except (OSError, ValueError, msgspec.DecodeError) as exc:
         raise TransferFailed(f"transfer to {peer_url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _token(ticket: str) -> bytes | None:
+    try:
+        token = bytes.fromhex(ticket)
+    except ValueError:
+        return None
+    return token if len(token) == TICKET_BYTES else None
+
+
+def _go_ahead(conn: socket.socket, peer_url: str) -> Reply:
+    """The receiver's answer to the step just sent; TransferFailed if it refused."""
+    reply = msgspec.msgpack.decode(_recv_frame(conn), type=Reply)
     if reply.error:
         raise TransferFailed(f"{peer_url} refused the chunks: {reply.error}")
-    return reply.stored
+    return reply
 
 
 class PeerServer:
-    """Receives chunks for this worker's backends; one thread per connection."""
+    """Receives chunks for this worker's backends, from senders with a ticket; one thread per connection."""
 
     def __init__(
         self,
@@ -97,17 +131,24 @@ class PeerServer:
         backends: Mapping[str, StorageBackend],
         after_store: Callable[[], None],
         timeout_s: float,
+        *,
+        tickets: redis.Redis,
+        instance_id: str,
+        worker_id: int,
     ) -> None:
         receiver = self
 
         class _Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                receiver._serve(self.request)
+                receiver._serve(self.request, self.client_address)
 
         self.space = space
         self._backends = backends
         self._after_store = after_store
         self._timeout_s = timeout_s
+        self._tickets = tickets
+        self._instance = instance_id
+        self._worker = worker_id
         self._server = socketserver.ThreadingTCPServer((host, port), _Handler, bind_and_activate=False)
         self._server.daemon_threads = True
         self._server.allow_reuse_address = True
@@ -129,20 +170,61 @@ class PeerServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, sender: tuple[str, int]) -> None:
         conn.settimeout(self._timeout_s)
         try:
-            reply = self._receive(conn)
-        except (OSError, ValueError, msgspec.DecodeError) as exc:
-            log.warning("dropped an incoming transfer: %s", exc)
+            reply = self._receive(conn, f"{sender[0]}:{sender[1]}")
+        except (OSError, ValueError, msgspec.DecodeError, redis.RedisError) as exc:
+            log.warning("dropped an incoming transfer from %s:%d: %s", *sender[:2], exc)
             return
         try:
             _send_frame(conn, msgspec.msgpack.encode(reply))
         except OSError as exc:
             log.warning("could not confirm a transfer (%s); the sender keeps its chunks", exc)
 
-    def _receive(self, conn: socket.socket) -> Reply:
+    def _receive(self, conn: socket.socket, sender: str) -> Reply:
+        ticket = self._redeem(bytes(_recv_exact(conn, TICKET_BYTES)))
+        if ticket is None:
+            return _refused(sender, "it shows no valid ticket (none was issued, or it was used or has expired)")
+        _send_frame(conn, _GO_AHEAD)
         offer = msgspec.msgpack.decode(_recv_frame(conn), type=Offer)
+        refusal = self._refusal(ticket, offer)
+        if refusal:
+            return _refused(f"{sender} ({ticket.source_instance} worker {ticket.source_worker})", refusal)
+        _send_frame(conn, _GO_AHEAD)
+        tensors, damaged = self._read_chunks(conn, offer)
+        if damaged:
+            return Reply(error=f"{damaged} chunks arrived damaged (checksum mismatch); nothing was stored")
+        stored = self._backends[offer.location].adopt([IndexEntry(*entry) for entry in offer.entries], tensors)
+        self._after_store()  # index the chunks before the sender hears they arrived
+        log.info(
+            "received %d chunks from %s worker %d, kept %d, into %s",
+            len(tensors),
+            ticket.source_instance,
+            ticket.source_worker,
+            len(stored),
+            offer.location,
+        )
+        return Reply(stored=stored)
+
+    def _refusal(self, ticket: MoveTicket, offer: Offer) -> str:
+        """Why this worker cannot take `offer` under `ticket`; empty if it can."""
+        if (ticket.worker_id, ticket.location) != (self._worker, offer.location):
+            return (
+                f"the ticket is for {ticket.location} of worker {ticket.worker_id}, "
+                f"not {offer.location} of worker {self._worker}"
+            )
+        if offer.space != self.space.name:
+            return f"chunks of {offer.space} cannot be stored by an agent of {self.space.name}"
+        if offer.location not in self._backends:
+            return f"this worker has no {offer.location}"
+        offered = sum(num_tokens for _, num_tokens, _ in offer.entries)
+        if ticket.max_tokens and offered > ticket.max_tokens:
+            return f"{offered} tokens offered where the ticket allows {ticket.max_tokens}"
+        return ""
+
+    def _read_chunks(self, conn: socket.socket, offer: Offer) -> tuple[list[torch.Tensor], int]:
+        """The offered chunks that arrived intact, and how many arrived damaged."""
         tensors = []
         damaged = 0
         # Every chunk is read, even after a damaged one, so that the sender is never cut off mid-send.
@@ -155,17 +237,24 @@ class PeerServer:
                 damaged += 1
             else:
                 tensors.append(chunk_format.tensor_from(payload, header.dtype, header.shape))
-        if damaged:
-            return Reply(error=f"{damaged} chunks arrived damaged (checksum mismatch); nothing was stored")
-        if offer.space != self.space.name:
-            return Reply(error=f"chunks of {offer.space} cannot be stored by an agent of {self.space.name}")
-        backend = self._backends.get(offer.location)
-        if backend is None:
-            return Reply(error=f"this worker has no {offer.location}")
-        stored = backend.adopt([IndexEntry(*entry) for entry in offer.entries], tensors)
-        self._after_store()  # index the chunks before the sender hears they arrived
-        log.info("received %d chunks, kept %d, into %s", len(tensors), len(stored), offer.location)
-        return Reply(stored=stored)
+        return tensors, damaged
+
+    def _redeem(self, token: bytes) -> MoveTicket | None:
+        """The ticket `token` is the token of, deleted as it is read, so that it serves one transfer only."""
+        key = keys.ticket(self._instance, token)
+        pipe = self._tickets.pipeline(transaction=True)
+        pipe.hgetall(key)
+        pipe.delete(key)
+        fields, _ = pipe.execute()
+        return MoveTicket.decode(fields) if fields else None
+
+
+_GO_AHEAD = msgspec.msgpack.encode(Reply())
+
+
+def _refused(sender: str, reason: str) -> Reply:
+    log.warning("refused a transfer from %s: %s", sender, reason)
+    return Reply(error=reason)
 
 
 def _send_frame(conn: socket.socket, data: bytes) -> None:

@@ -40,9 +40,11 @@ from kvbus.controller.schemas import (
     parse,
     refusal,
 )
+from kvbus.controller.tickets import issue_tickets
 from kvbus.controller.validation import Invalid, validate_query_int
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.messages import CommandKind
+from kvbus.shared.records import MoveTicket
 
 log = logging.getLogger("kvbus.controller")
 
@@ -137,21 +139,26 @@ async def move(request: Request) -> Response:
     _check_tokens(request, body.tokens)
     check_move(body)
     (source, source_location), (dest, dest_location) = body.old_position, body.new_position
-    peers = await _peers(request, source, dest) if dest != source else {}
+    tokens = body.tokens or []
+    peers, tickets = await _peers(request, source, dest, dest_location, len(tokens)) if dest != source else ({}, {})
     return await _command(
         request,
         source,
         CommandKind.MOVE,
         location=source_location,
-        tokens=body.tokens or [],
+        tokens=tokens,
         dest_location=dest_location,
         peers=peers,
+        tickets=tickets,
         should_copy=bool(body.should_copy),
     )
 
 
-async def _peers(request: Request, source: str, dest: str) -> dict[str, str]:
-    """Each source worker's destination peer endpoint: chunks move rank to rank."""
+async def _peers(
+    request: Request, source: str, dest: str, dest_location: str, max_tokens: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each source worker's destination peer endpoint (chunks move rank to rank), and the token of the
+    ticket that gets its chunks in, written just before the command goes out."""
     snapshot = await fleet.read(request.app.state.redis, backlogs=False)
     sending, receiving = registry.instance(snapshot, source), registry.instance(snapshot, dest)
     if len(sending.workers) != len(receiving.workers):
@@ -159,7 +166,8 @@ async def _peers(request: Request, source: str, dest: str) -> dict[str, str]:
             f"{source!r} has {len(sending.workers)} workers and {dest!r} {len(receiving.workers)}: "
             "chunks move rank to rank, so both need the same number"
         )
-    peers = {}
+    peers: dict[str, str] = {}
+    grants: dict[str, MoveTicket] = {}
     for sender, receiver in zip(sending.workers, receiving.workers, strict=True):
         if not receiver.record.peer_init_url:
             raise Refused(
@@ -167,7 +175,15 @@ async def _peers(request: Request, source: str, dest: str) -> dict[str, str]:
                 "p2p_init_ports in its config"
             )
         peers[str(sender.worker_id)] = receiver.record.peer_init_url
-    return peers
+        grants[str(sender.worker_id)] = MoveTicket(
+            source_instance=source,
+            source_worker=sender.worker_id,
+            worker_id=receiver.worker_id,
+            location=dest_location,
+            max_tokens=max_tokens,
+        )
+    bus: CommandBus = request.app.state.bus
+    return peers, await issue_tickets(request.app.state.redis, dest, grants, ttl_ms=int(bus.timeout_s * 1000))
 
 
 async def health(request: Request) -> Response:

@@ -6,6 +6,8 @@ and its index share one Redis Cluster slot. docs/redis-keys.md shows how to insp
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "kvbus"
 
 # Global keys.
@@ -122,3 +124,10 @@ def lmcache_probe(instance_id: str, worker_id: int) -> str:
     """STRING with a TTL: which controller checks, by a health message, that an LMCache worker that sends
     no heartbeats is still alive."""
     return f"{_instance(instance_id)}:lmcache:{worker_id}:probe"
+
+
+def ticket(instance_id: str, token: bytes) -> str:
+    """HASH with a TTL: what the ticket whose token is `token` lets a /move's source rank send into the
+    instance (records.MoveTicket). Named by the token's SHA-256, so that reading the key names, say with
+    SCAN, gives no one a ticket to show."""
+    return f"{_instance(instance_id)}:ticket:{hashlib.sha256(token).hexdigest()}"

@@ -28,6 +28,10 @@ class ResultStatus(StrEnum):
     REFUSED = "refused"  # the request cannot be done there (say, compress on disk); nothing was done
 
 
+# A ticket's token: random bytes, as many as a SHA-256 digest, so that guessing one is hopeless.
+TICKET_BYTES = 32
+
+
 class Command(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str
     kind: CommandKind
@@ -40,6 +44,9 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     # worker (host:port), absent when they stay within the instance.
     dest_location: str = ""
     peers: dict[str, str] = msgspec.field(default_factory=dict)  # worker id (as text) -> host:port
+    # The token (hex) of the ticket each source worker shows its peer, which takes chunks only with one
+    # (controller/tickets.py); absent with `peers`.
+    tickets: dict[str, str] = msgspec.field(default_factory=dict)  # worker id (as text) -> token
     should_copy: bool = False
 
 

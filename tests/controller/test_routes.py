@@ -7,19 +7,26 @@ use this module's instance, prompt and helpers.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import torch
 from starlette.testclient import TestClient
 
+from kvbus.agent import peer
 from kvbus.agent.agent import Agent
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.codecs import scale_dims
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller import routes
+from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
+from kvbus.shared.flat_fields import decode
+from kvbus.shared.messages import TICKET_BYTES, Command, CommandKind
 from tests.conftest import MODEL, free_port
 
 INSTANCE = "tp-instance"
@@ -244,6 +251,34 @@ def test_a_move_between_instances_carries_the_chunks_and_reindexes_them(
     assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"] == {"dst": ["LocalCPUBackend", 600]}
     assert all(torch.equal(a, b) for a, b in zip(before, dest.tiers.retrieve(PROMPT), strict=True))
     assert post(client, "/check_finish", {"event_id": moved["event_id"]})["status"] == "finished"
+
+
+def test_chunks_sent_to_a_peer_without_the_controller_are_refused_and_change_no_lookup(
+    client: TestClient, pair: tuple[Agent, Agent]
+) -> None:
+    source, dest = pair
+    url = dest.registration.address.peer_init_url
+    assert url is not None
+    poison = list(range(5000, 5300))
+
+    def send(ticket: str) -> None:
+        kv = synthetic_kv(dest.space, poison)
+        chunks = [IndexEntry(c.key, c.num_tokens, c.start == 0) for c in dest.space.chunks(poison)]
+        with pytest.raises(peer.TransferFailed, match="no valid ticket"):
+            peer.send(url, ticket, dest.space, "LocalCPUBackend", chunks, kv, 5)
+
+    send(secrets.token_hex(TICKET_BYTES))
+    assert post(client, "/lookup", {"tokens": poison})["layout_info"] == {}
+    assert len(dest.backends[0]) == 0
+    # A ticket read off the command stream is spent by the move it came with.
+    assert move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT[:256], copy=True)["num_tokens"]
+    with redis.Redis.from_url(source.config.redis_url) as client_redis:
+        (_, fields), *_ = client_redis.xrevrange(keys.commands("src"), count=1)
+    sent = decode(Command, fields)
+    assert sent.kind == CommandKind.MOVE and sent.tickets.keys() == {"0"}
+    send(sent.tickets["0"])
+    assert post(client, "/lookup", {"tokens": poison})["layout_info"] == {}
+    assert post(client, "/lookup", {"tokens": PROMPT})["layout_info"]["dst"] == ["LocalCPUBackend", 256]
 
 
 def test_a_move_within_an_instance_goes_to_its_disk(client: TestClient, pair: tuple[Agent, Agent]) -> None:

@@ -19,10 +19,18 @@ def test_every_per_instance_key_shares_the_instance_slot() -> None:
         keys.index(instance, 1, Location.CPU),
         keys.heads(instance, 1, Location.DISK),
         keys.done(instance, 0, "Clear1"),
+        keys.ticket(instance, bytes(32)),
     ]
     assert all(k.startswith("kvbus:{inst-42}:") for k in per_instance)
     assert {key_slot(k.encode()) for k in per_instance} == {key_slot(b"inst-42")}
     assert key_slot(keys.commands("inst-43").encode()) != key_slot(b"inst-42")
+
+
+def test_a_ticket_key_names_its_token_only_by_digest() -> None:
+    token = bytes(range(32))
+    key = keys.ticket("inst-42", token)
+    assert token.hex() not in key and key != keys.ticket("inst-42", bytes(32))
+    assert keys.ticket("inst-43", token) != key
 
 
 def test_global_keys_are_prefixed() -> None:

@@ -20,6 +20,7 @@ from kvbus.shared.records import (
     JournaledResult,
     LifecycleEntry,
     LifecycleKind,
+    MoveTicket,
     RecordedResult,
     ResultsOpened,
     WorkerRecord,
@@ -105,6 +106,15 @@ def _stored_fields(kind: type[msgspec.Struct]) -> set[str]:
     if kind is CommandRecord:  # results are stored one field per worker
         return (set(field_names(kind)) - {"results"}) | {CommandRecord.result_field(0).rstrip("0")}
     return set(field_names(kind))
+
+
+def test_a_move_ticket_round_trips_and_leaves_an_unbounded_token_count_out() -> None:
+    ticket = MoveTicket(source_instance="src", source_worker=1, worker_id=1, location="LocalCPUBackend")
+    fields = ticket.encode()
+    assert fields == {"source_instance": "src", "source_worker": "1", "worker_id": "1", "location": "LocalCPUBackend"}
+    assert MoveTicket.decode({k.encode(): v.encode() for k, v in fields.items()}) == ticket
+    with pytest.raises(DecodeError, match="MoveTicket"):
+        MoveTicket.decode({"source_instance": "src"})
 
 
 @pytest.mark.parametrize("key", sorted(REDIS_VALUES))
