@@ -22,9 +22,9 @@ import redis.asyncio
 from kvbus.controller.errors import REDIS_DOWN, AgentTimeout, UnknownInstance
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError, encode
-from kvbus.shared.messages import Command, CommandKind, Result
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
-from kvbus.shared.records import CommandRecord, JournaledCommand, ResultsOpened, decode_result
+from kvbus.shared.records import CommandRecord, JournaledCommand, RecordedResult, ResultsOpened, decode_result
 from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.controller.bus")
@@ -35,21 +35,35 @@ _TTL_REFRESH_S = 10
 
 
 # One atomic step: find the instance's workers, write the command record for /check_finish, send
-# the command, journal it. No workers or no stream means the instance is unknown: nothing is written.
-# KEYS: the workers set, the command record, the command stream, the journal. ARGV: the record's
-# retention (ms), the stream's MINID, the journal's MAXLEN, the record's and the journal entry's
-# fields (JSON lists), the names of the record's entry id and workers fields, the command's fields.
+# the command, journal it; answers the workers, after SENT or DOWN. No workers or no stream means the
+# instance is unknown: nothing is written. No heartbeat (the alive key expired) means no worker reads
+# the stream: the command is not sent, since it would run whenever the instance came back, long after
+# anyone waited for it; its record says so, each worker's result `expired` (ARGV[9], a recorded result).
+# KEYS: the workers set, the command record, the command stream, the journal, the alive key. ARGV: the
+# record's retention (ms), the stream's MINID, the journal's MAXLEN, the record's and the journal
+# entry's fields (JSON lists), the names of the record's entry id and workers fields, the prefix of its
+# result fields, the result of a worker that was never sent the command, the command's fields.
 _SEND = """
 local workers = redis.call('SMEMBERS', KEYS[1])
-if #workers == 0 then return false end
-local entry = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', ARGV[2], '*', unpack(ARGV, 8))
-if not entry then return false end
+if #workers == 0 or redis.call('EXISTS', KEYS[3]) == 0 then return false end
+local entry
+local alive = redis.call('EXISTS', KEYS[5]) == 1
+if alive then
+  entry = redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 10))
+else
+  local now = redis.call('TIME')  -- what the entry id would have been: the record's deadline counts from it
+  entry = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000)) .. '-0'
+  for _, worker in ipairs(workers) do
+    redis.call('HSET', KEYS[2], ARGV[8] .. worker, ARGV[9])
+  end
+end
 redis.call('HSET', KEYS[2], ARGV[6], entry, ARGV[7], '[' .. table.concat(workers, ',') .. ']',
            unpack(cjson.decode(ARGV[4])))
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(cjson.decode(ARGV[5])))
-return workers
+return {alive and 'sent' or 'down', unpack(workers)}
 """
+NOT_SENT = "not sent: the instance had no heartbeat"  # the recorded detail of each worker of an unsent command
 
 
 def _flat(fields: Mapping[Any, Any]) -> list[str]:
@@ -138,12 +152,13 @@ class CommandBus:
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
-            workers = await self._send(
+            reply = await self._send(
                 keys=[
                     keys.workers(instance_id),
                     keys.command_record(event_id),
                     keys.commands(instance_id),
                     keys.JOURNAL,
+                    keys.alive(instance_id),
                 ],
                 args=[
                     self.event_retention_ms,
@@ -152,13 +167,22 @@ class CommandBus:
                     json.dumps(_flat(CommandRecord.sent(command, instance_id))),
                     json.dumps(_flat(JournaledCommand.of(command, instance_id))),
                     *CommandRecord.SCRIPT_FIELDS,
+                    CommandRecord.RESULT_PREFIX,
+                    CommandRecord.result_value(RecordedResult(status=ResultStatus.EXPIRED, detail=NOT_SENT)),
                     *_flat(encode(command)),
                 ],
             )
-            if not workers:
+            if not reply:
                 raise UnknownInstance(
                     f"unknown instance_id {instance_id!r}: no agent has registered it "
                     "(check enable_controller and redis_url in the engine's config)"
+                )
+            state, *workers = reply
+            if state == "down":
+                raise AgentTimeout(
+                    f"the command was not sent: {instance_id!r} (workers {', '.join(workers)}) has no heartbeat, "
+                    "so its engine is down or cannot reach Redis; it is not queued to run when the instance returns",
+                    event_id=event_id,
                 )
             waiter.expect({int(w) for w in workers})
             await asyncio.wait_for(asyncio.shield(waiter.done), self.timeout_s)

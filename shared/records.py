@@ -130,6 +130,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
     results: dict[int, RecordedResult] = msgspec.field(default_factory=dict)
 
     SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("entry_id", "workers")
+    RESULT_PREFIX: ClassVar[str] = "result:"  # then the worker id: where each worker's result goes
 
     @staticmethod
     def sent(command: Command, instance_id: str) -> Fields:
@@ -144,11 +145,11 @@ class CommandRecord(msgspec.Struct, kw_only=True):
 
     @staticmethod
     def result_field(worker_id: int) -> str:
-        return f"result:{worker_id}"
+        return f"{CommandRecord.RESULT_PREFIX}{worker_id}"
 
     @staticmethod
-    def result_value(result: Result) -> str:
-        return msgspec.json.encode(RecordedResult.of(result)).decode()
+    def result_value(result: Result | RecordedResult) -> str:
+        return msgspec.json.encode(result if isinstance(result, RecordedResult) else RecordedResult.of(result)).decode()
 
     @property
     def deadline_ms(self) -> int:
@@ -157,7 +158,7 @@ class CommandRecord(msgspec.Struct, kw_only=True):
     @classmethod
     def decode(cls, fields: dict[Any, Any]) -> CommandRecord:
         text = {_text(k): _text(v) for k, v in fields.items()}
-        prefix = cls.result_field(0)[:-1]
+        prefix = cls.RESULT_PREFIX
         try:
             results = {
                 int(name[len(prefix) :]): msgspec.json.decode(value, type=RecordedResult)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +15,7 @@ from starlette.testclient import TestClient
 
 from kvbus.agent.agent import Agent
 from kvbus.controller import event_ids
-from kvbus.controller.bus import RESULTS_TTL_S, CommandBus, Outcome
+from kvbus.controller.bus import NOT_SENT, RESULTS_TTL_S, CommandBus, Outcome
 from kvbus.controller.errors import AgentTimeout, UnknownInstance
 from kvbus.controller.event_ids import Operation
 from kvbus.shared import keys, redis_conn
@@ -123,18 +124,10 @@ def test_the_outcome_waits_for_every_worker_and_lists_them_in_order(redis_url: s
     }
 
 
-@pytest.mark.parametrize(
-    ("heartbeat", "why"),
-    [
-        (True, "its heartbeat is fresh, so it is alive but busy or stuck"),
-        (False, "it has no heartbeat: its engine is down or cannot reach Redis"),
-    ],
-    ids=["fresh-heartbeat", "no-heartbeat"],
-)
 def test_a_silent_worker_times_out_named_with_the_state_of_its_heartbeat(
-    redis_url: str, real_redis: redis.Redis, heartbeat: bool, why: str
+    redis_url: str, real_redis: redis.Redis
 ) -> None:
-    enlist(real_redis, INSTANCE, 0, 1, heartbeat=heartbeat)
+    enlist(real_redis, INSTANCE, 0, 1)
     event_id = event_ids.new(Operation.CLEAR)
 
     async def scenario() -> Outcome:
@@ -146,8 +139,62 @@ def test_a_silent_worker_times_out_named_with_the_state_of_its_heartbeat(
     with pytest.raises(AgentTimeout) as raised:
         asyncio.run(scenario())
     # Worker 0's answer arrived, and still the outcome waited for worker 1.
-    assert raised.value.detail == f"worker 1 of {INSTANCE!r} did not answer within 0.5 s (workers [0] answered); {why}"
+    assert raised.value.detail == (
+        f"worker 1 of {INSTANCE!r} did not answer within 0.5 s (workers [0] answered); "
+        "its heartbeat is fresh, so it is alive but busy or stuck"
+    )
     assert raised.value.context == {"event_id": event_id}
+
+
+def test_a_command_to_an_instance_without_heartbeat_is_refused_at_once_and_never_queued(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    """It waited the whole command_timeout for a 504 that said the instance had no heartbeat, and the command
+    stayed on the stream, to run whenever the instance came back."""
+    enlist(real_redis, INSTANCE, 0, 1, heartbeat=False)
+    event_id = event_ids.new(Operation.CLEAR)
+
+    async def send() -> Outcome:
+        async with command_bus(redis_url, timeout_s=5) as bus:
+            return await bus.request(INSTANCE, CommandKind.CLEAR, event_id, location=LOCATION)
+
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout) as raised:
+        asyncio.run(send())
+    assert time.monotonic() - started < 1.0  # the bus's own start and stop included; the timeout is 5 s
+    assert raised.value.detail == (
+        f"the command was not sent: {INSTANCE!r} (workers 0, 1) has no heartbeat, so its engine is down or "
+        "cannot reach Redis; it is not queued to run when the instance returns"
+    )
+    assert raised.value.context == {"event_id": event_id}
+    assert real_redis.xlen(keys.commands(INSTANCE)) == 0
+    # /check_finish knows it: each worker's outcome is expired, saying why.
+    record = CommandRecord.decode(real_redis.hgetall(keys.command_record(event_id)))
+    assert record.workers == [0, 1] and record.kind == CommandKind.CLEAR
+    unsent = RecordedResult(status=ResultStatus.EXPIRED, detail=NOT_SENT)
+    assert record.results == {0: unsent, 1: unsent}
+    [(_, journaled)] = real_redis.xrange(keys.JOURNAL)
+    assert decode_journal(journaled) == JournaledCommand(
+        event_id=event_id, instance_id=INSTANCE, kind=CommandKind.CLEAR, location=LOCATION
+    )
+
+
+def test_a_command_to_a_lapsed_instance_is_504_at_once_and_check_finish_says_expired(
+    client: TestClient, redis_url: str
+) -> None:
+    hold(redis_url, "lapsed", SEED_TOKENS, alive=False)  # registered and holding, its heartbeat expired
+    redis.Redis.from_url(redis_url).xgroup_create(keys.commands("lapsed"), "worker-0", mkstream=True)
+    started = time.monotonic()
+    body = post(client, "/clear", {"instance_id": "lapsed", "location": LOCATION}, status=504)
+    assert time.monotonic() - started < 0.25  # command_timeout is 0.5 s here
+    assert body["error"] == "agent_timeout" and "has no heartbeat" in body["detail"]
+    assert post(client, "/check_finish", {"event_id": body["event_id"]}) == {
+        "event_id": body["event_id"],
+        "status": "expired",
+        "kind": "clear",
+        "instance_id": "lapsed",
+        "workers": {"0": {"status": "expired", "num_tokens": 0, "error_code": 0, "detail": NOT_SENT}},
+    }
 
 
 def test_the_command_record_and_the_journal_entry_go_out_with_the_command(
