@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None, prog: str = "kvbus agent") -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 
+    log.info(
+        "agent starting as %s worker %d (%s)", config.lmcache_instance_id, args.worker_id, logs.run_facts(args.config)
+    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

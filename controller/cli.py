@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int
     except PortError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    log.info("controller listening on http://%s", where(config.controller_host, config.controller_port))
+    address = where(config.controller_host, config.controller_port)
+    log.info("controller listening on http://%s (%s)", address, logs.run_facts(args.config))
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None, prog: str = "kvbus engine") -> int:
     except PortError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    log.info("engine listening on http://%s as %s", where(args.host, args.port), config.lmcache_instance_id)
+    address = where(args.host, args.port)
+    log.info(
+        "engine listening on http://%s as %s (%s)", address, config.lmcache_instance_id, logs.run_facts(args.config)
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config, args.model, seed=args.seed),

@@ -28,17 +28,9 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
-from kvbus import __version__
+from kvbus.logs import run_facts
 from kvbus.ports import PortError, check_free, listened_by
-from kvbus.shared.config import (
-    CONFIG_FILE_ENV,
-    DEFAULT_MODEL,
-    ENV_PREFIX,
-    ConfigError,
-    KVBusConfig,
-    check_devices,
-    load,
-)
+from kvbus.shared.config import DEFAULT_MODEL, ENV_PREFIX, ConfigError, KVBusConfig, check_devices, load
 from kvbus.shared.redis_conn import redacted
 
 _START_TIMEOUT_S = 120.0
@@ -111,10 +103,6 @@ class Stack:
             ],
         )
         self._wait_http("engine", host, self.args.engine_port, "/health")
-
-    def _config_name(self) -> str:
-        path = self.args.config or os.environ.get(CONFIG_FILE_ENV)
-        return str(Path(path).resolve()) if path else "none (built-in defaults)"
 
     def _config_flag(self) -> list[str]:
         return ["--config", str(Path(self.args.config).resolve())] if self.args.config else []
@@ -215,7 +203,7 @@ class Stack:
         with log_path.open("ab") as log_file:
             # Logs are appended run after run: this line marks where each run starts.
             started = datetime.now().astimezone().isoformat(timespec="seconds")
-            header = f"----- {started} kvbus {__version__} starts {name}, config {self._config_name()} -----\n"
+            header = f"----- {started} {name} starts: {run_facts(self.args.config)} -----\n"
             log_file.write(header.encode())
             log_file.flush()  # before the part's own output, which goes to the same file
             process = subprocess.Popen(

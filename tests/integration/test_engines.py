@@ -109,7 +109,7 @@ def test_seed_curl_flow_verbatim_against_kvbus_up(up: Any) -> None:
     config = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
     for part in ("redis", "controller", "engine"):
         first = (tmp_path / "data" / "logs" / f"{part}.log").read_text().splitlines()[0]
-        assert first.startswith("----- ") and f"kvbus {kvbus.__version__} starts {part}, config {config} -" in first
+        assert first.startswith("----- ") and f"{part} starts: kvbus {kvbus.__version__}, config {config} -" in first
 
     completion = post(
         f"{engine}/v1/completions",

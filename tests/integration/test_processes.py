@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import redis
 import torch
 
+import kvbus
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import decode
 from kvbus.shared.messages import Result
@@ -191,6 +193,18 @@ def test_an_agent_stopped_by_sigterm_deregisters(procs: Processes, redis_url: st
     response = clear(base)
     assert response.status_code == 404 and response.json()["error"] == "unknown_instance"
     assert "agent lmcache_default_instance worker 0 stopped" in procs.log(f"agent-{INSTANCE}.log")
+
+
+def test_the_first_line_a_process_logs_names_the_version_and_the_config(procs: Processes, redis_url: str) -> None:
+    _, base = procs.controller(redis_url)
+    procs.agent(redis_url, INSTANCE)
+    first = procs.log(f"controller-{base.rsplit(':', 1)[1]}.log").splitlines()[0]
+    assert first.endswith(
+        f"controller listening on {base} (kvbus {kvbus.__version__}, config none (built-in defaults))"
+    )
+    first = procs.log(f"agent-{INSTANCE}.log").splitlines()[0]
+    assert first.endswith(f"(kvbus {kvbus.__version__}, config {procs.tmp / (INSTANCE + '.yaml')})"), first
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO kvbus.agent: agent starting as ", first), first
 
 
 def test_the_seed_controller_command_line_works(tmp_path: Path, redis_url: str) -> None:

@@ -100,7 +100,7 @@ def test_each_run_starts_each_log_with_the_version_the_config_and_the_time(tmp_p
         stack._spawn("echo", ["/bin/echo", f"{run} run"], python=False)
         assert stack.parts[-1].process.wait(10) == 0
     lines = (tmp_path / "logs" / "echo.log").read_text().splitlines()
-    header = rf"----- \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d kvbus {kvbus.__version__} starts echo, config "
+    header = rf"----- \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d echo starts: kvbus {kvbus.__version__}, config "
     header += re.escape(str(config_file)) + " -----"
     assert len(lines) == 4 and re.fullmatch(header, lines[0]) and re.fullmatch(header, lines[2]), lines
     assert lines[1::2] == ["first run", "second run"]
