@@ -150,6 +150,7 @@ class _Sampler:
         if self.params.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.params.top_p
+            keep[0] = True  # as in vLLM; the comparison alone keeps nothing for a top_p float32 rounds to 0
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

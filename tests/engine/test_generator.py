@@ -118,8 +118,8 @@ def test_temperature_zero_and_a_tiny_top_p_both_pick_the_most_likely_token(gener
     greedy = complete(generator, SEED_TOKENS, max_tokens=8).token_ids
     assert complete(generator, SEED_TOKENS, max_tokens=8, seed=3).token_ids == greedy
     # The nucleus always keeps the most likely token, so a tiny top_p leaves nothing else to sample.
-    for seed in (1, 2):
-        nucleus = complete(generator, SEED_TOKENS, max_tokens=8, temperature=1.0, top_p=1e-6, seed=seed)
+    for seed, top_p in ((1, 1e-6), (2, 1e-6), (1, 1e-320)):  # 1e-320 is 0 in float32, and still keeps one
+        nucleus = complete(generator, SEED_TOKENS, max_tokens=8, temperature=1.0, top_p=top_p, seed=seed)
         assert nucleus.token_ids == greedy
 
 
