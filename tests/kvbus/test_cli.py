@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbus.cli import main
+from kvbus.cli import run
 
 COMMANDS = ("up", "controller", "engine", "agent")
 
@@ -30,7 +30,7 @@ def test_help_lists_every_command_with_a_line_on_what_it_does() -> None:
 def test_no_command_or_an_unknown_one_exits_2_listing_the_commands(
     capsys: pytest.CaptureFixture[str], argv: list[str], first: str
 ) -> None:
-    assert main(argv) == 2
+    assert run(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(first)
     assert all(f"\n  {name} " in err for name in COMMANDS)
