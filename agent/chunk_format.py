@@ -4,8 +4,8 @@ as the disk backend keeps it in a file and as the peer transfer sends it.
 A chunk file is `MAGIC | SHA-256 digest | u32 header length | header (JSON) | padding | payload`, the
 payload being the tensor's raw bytes starting at a 64-byte boundary. The digest covers everything after
 itself, so a torn or rotted file is caught on read, never returned. Nothing is unpickled: the header is
-JSON and the dtype is looked up by name among torch's dtypes. A peer transfer sends the same payload
-under a header of its own (peer.py), checked by the same checksum.
+JSON and the dtype is looked up by name among torch's dtypes. A peer transfer sends the same payload,
+described by dtype and shape in its offer (peer.py) and followed by the same checksum.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import BinaryIO, NamedTuple
 import torch
 
 MAGIC = b"KVBUSCK1"
-_DIGEST_BYTES = 32
+DIGEST_BYTES = 32
 _LENGTH = struct.Struct("<I")
-_PREFIX_BYTES = len(MAGIC) + _DIGEST_BYTES + _LENGTH.size
+_PREFIX_BYTES = len(MAGIC) + DIGEST_BYTES + _LENGTH.size
 _ALIGN = 64  # the payload's offset in the file, so a dtype's natural alignment always holds
 _MAX_HEADER_BYTES = 64 * 1024  # a header is ~200 bytes; a bigger length field means a damaged file
 
@@ -54,10 +54,20 @@ def dtype_named(name: str) -> torch.dtype:
     return dtype
 
 
+# More elements than any tensor holds: a shape past it is refused before its product can grow without
+# bound (a header or offer is read before the bytes it describes, and may come from a damaged file).
+_MAX_ELEMENTS = 1 << 62
+
+
 def payload_bytes(dtype: str, shape: Sequence[int]) -> int:
+    """The bytes a `dtype` tensor of `shape` holds; ChunkFormatError for an unknown dtype or an impossible shape."""
     count = 1
     for size in shape:
+        if not 0 <= size <= _MAX_ELEMENTS:
+            raise ChunkFormatError(f"impossible dimension {size}")
         count *= size
+        if count > _MAX_ELEMENTS:
+            raise ChunkFormatError(f"a shape of more than {_MAX_ELEMENTS} elements")
     return count * dtype_named(dtype).itemsize
 
 
@@ -155,8 +165,8 @@ def read_start(handle: io.BufferedIOBase) -> FileStart:
     prefix = handle.read(_PREFIX_BYTES)
     if len(prefix) < _PREFIX_BYTES or not prefix.startswith(MAGIC):
         raise ChunkFormatError("not a kvbus chunk file")
-    digest = prefix[len(MAGIC) : len(MAGIC) + _DIGEST_BYTES]
-    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC) + _DIGEST_BYTES)
+    digest = prefix[len(MAGIC) : len(MAGIC) + DIGEST_BYTES]
+    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC) + DIGEST_BYTES)
     if length > _MAX_HEADER_BYTES:
         raise ChunkFormatError(f"header length {length} is implausible")
     raw = handle.read(length)

@@ -7,13 +7,17 @@ import asyncio
 import logging
 import secrets
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import fakeredis.aioredis
+import msgspec
 import pytest
 import torch
 
@@ -214,3 +218,134 @@ def test_a_move_command_without_a_ticket_keeps_the_source(receiver: Receiver) ->
     assert source.contains(PROMPT) == 600 and len(receiver.backend) == 0
     moved = handlers(move_command(receiver.server.address[1], {"0": receiver.ticket()}))
     assert moved.status == ResultStatus.OK and moved.num_tokens == 600 and receiver.backend.contains(PROMPT) == 600
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, where the receiver's threads run."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def connect(server: peer.PeerServer) -> socket.socket:
+    conn = socket.create_connection(server.address, timeout=5)
+    conn.settimeout(5)
+    return conn
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def answer(conn: socket.socket) -> peer.Reply:
+    (length,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+    return msgspec.msgpack.decode(conn.recv(length, socket.MSG_WAITALL), type=peer.Reply)
+
+
+GIB = 1 << 30
+HUGE = peer.OfferedChunk(SPACE.chunks(PROMPT)[0].key, 256, True, "uint8", [2 * GIB])  # a 2 GiB chunk
+
+
+def test_a_strangers_2_gib_header_allocates_nothing(receiver: Receiver) -> None:
+    # The issue's message: an offer and a chunk header declaring 2 GiB, framed as transfers were before
+    # tickets (about 200 bytes), that made the receiver allocate the declared size before any payload came.
+    offer = msgspec.msgpack.encode({"space": SPACE.name, "location": CPU, "entries": [[HUGE.key, 256, True]]})
+    header = msgspec.msgpack.encode({"dtype": "uint8", "shape": [2 * GIB], "nbytes": 2 * GIB, "checksum": "0" * 64})
+    before = rss_bytes()
+    with connect(receiver.server) as conn:
+        conn.sendall(frame(offer) + frame(header))
+        assert "no valid ticket" in answer(conn).error
+    assert rss_bytes() - before < 50 << 20
+    assert len(receiver.backend) == 0 and receiver.flushes == []
+
+
+def test_an_offer_past_what_the_location_holds_is_refused_before_its_data(receiver: Receiver) -> None:
+    with connect(receiver.server) as conn:
+        conn.sendall(bytes.fromhex(receiver.ticket()))
+        assert answer(conn) == peer.Reply()
+        conn.sendall(frame(msgspec.msgpack.encode(peer.Offer(SPACE.name, CPU, [HUGE]))))
+        assert answer(conn).error == f"{2 * GIB} bytes of chunks offered where {CPU} holds {GIB}"
+
+
+def test_a_declared_size_costs_memory_only_as_its_bytes_arrive() -> None:
+    backend = LocalCPUBackend(SPACE, 4 * GIB)  # room for the 2 GiB chunk: the offer is accepted
+    redis = fakeredis.FakeServer()
+    server = peer.PeerServer(
+        "127.0.0.1",
+        0,
+        SPACE,
+        {CPU: backend},
+        after_store=lambda: None,
+        timeout_s=5,
+        tickets=fakeredis.FakeRedis(server=redis, decode_responses=True),
+        instance_id=INSTANCE,
+        worker_id=0,
+    )
+    server.start()
+    try:
+        ticket = Receiver(server, backend, [], redis).ticket()
+        before = rss_bytes()
+        with connect(server) as conn:
+            conn.sendall(bytes.fromhex(ticket))
+            assert answer(conn) == peer.Reply()
+            conn.sendall(frame(msgspec.msgpack.encode(peer.Offer(SPACE.name, CPU, [HUGE]))))
+            assert answer(conn) == peer.Reply()
+            conn.sendall(bytes(1 << 20))  # 1 MiB of the 2 GiB, then the sender stalls
+            time.sleep(0.3)
+            grown = rss_bytes() - before
+        assert grown < 50 << 20, f"RSS grew {grown / (1 << 20):.1f} MiB"
+        assert len(backend) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("chunk", "reason"),
+    [
+        (peer.OfferedChunk("k", 257, True, "float32", [4]), "a chunk here holds 1 to 256 tokens"),
+        (peer.OfferedChunk("k", 0, True, "float32", [4]), "a chunk here holds 1 to 256 tokens"),
+        (peer.OfferedChunk("k", 1, True, "float32", [-4]), "impossible dimension -4"),
+        (peer.OfferedChunk("k", 1, True, "float32", [1 << 40] * 3), "a shape of more than"),
+        (peer.OfferedChunk("k", 1, True, "pickle", [4]), "unknown dtype 'pickle'"),
+    ],
+)
+def test_an_offer_of_impossible_chunks_is_refused(receiver: Receiver, chunk: peer.OfferedChunk, reason: str) -> None:
+    with connect(receiver.server) as conn:
+        conn.sendall(bytes.fromhex(receiver.ticket()))
+        assert answer(conn) == peer.Reply()
+        conn.sendall(frame(msgspec.msgpack.encode(peer.Offer(SPACE.name, CPU, [chunk]))))
+        assert reason in answer(conn).error
+
+
+def test_connections_are_limited_and_time_out() -> None:
+    server = peer.PeerServer(
+        "127.0.0.1",
+        0,
+        SPACE,
+        {},
+        after_store=lambda: None,
+        timeout_s=0.5,
+        tickets=fakeredis.FakeRedis(decode_responses=True),
+        instance_id=INSTANCE,
+        worker_id=0,
+    )
+    server.start()
+    try:
+        assert server.address[0] == "127.0.0.1"  # where it was told to listen, and nowhere wider
+        held = [connect(server) for _ in range(peer._MAX_TRANSFERS)]
+        time.sleep(0.1)
+        with connect(server) as extra:
+            assert extra.recv(1) == b""  # closed at once: every slot is taken
+        # A sender that trickles its ticket is cut off at the deadline all the same.
+        held[0].sendall(b"x")
+        time.sleep(0.3)
+        held[0].sendall(b"x")
+        started = time.monotonic()
+        for conn in held:
+            assert conn.recv(1) == b""
+            conn.close()
+        assert time.monotonic() - started < 0.5
+        with connect(server) as again:  # the slots are free again
+            again.sendall(bytes(TICKET_BYTES))
+            assert "no valid ticket" in answer(again).error
+    finally:
+        server.stop()

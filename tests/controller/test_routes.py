@@ -258,7 +258,8 @@ def test_chunks_sent_to_a_peer_without_the_controller_are_refused_and_change_no_
 ) -> None:
     source, dest = pair
     url = dest.registration.address.peer_init_url
-    assert url is not None
+    assert url is not None and dest.peer is not None
+    assert dest.peer.address == ("127.0.0.1", int(url.rpartition(":")[2]))  # p2p_host, and nowhere wider
     poison = list(range(5000, 5300))
 
     def send(ticket: str) -> None:
