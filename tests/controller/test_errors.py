@@ -30,7 +30,7 @@ def test_unknown_paths_and_methods_answer_json(client: TestClient) -> None:
     response = client.get("/clear")
     assert response.status_code == 405 and response.json()["error"] == "http"
     assert response.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the path takes
-    assert client.delete("/controller/workers").headers["allow"] == "GET, HEAD"
+    assert set(client.delete("/controller/workers").headers["allow"].split(", ")) == {"GET", "HEAD"}  # a set
 
 
 def test_an_unexpected_failure_is_a_json_500_naming_it(config: KVBusConfig, monkeypatch: pytest.MonkeyPatch) -> None:
