@@ -258,6 +258,23 @@ def test_a_taken_port_stops_a_server_before_it_says_ready_in_one_line_naming_the
     )
 
 
+def test_a_taken_lmcache_port_stops_the_controller_in_one_line_naming_the_holder(redis_url: str) -> None:
+    with port_held() as (reply, holder):
+        ports = f'{{"pull": {free_port()}, "reply": {reply}}}'
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvbus", "controller", "--port", str(free_port()), "--monitor-ports", ports],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "LMCACHE_REDIS_URL": redis_url},
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(
+        f"kvbus controller: LMCache reply port 127.0.0.1:{reply} is already in use by pid {holder} ("
+    )
+
+
 @pytest.mark.parametrize("command", [["controller"], ["agent"]])
 def test_bad_config_exits_nonzero_with_one_line(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "bad.yaml"
