@@ -54,7 +54,11 @@ def create_app(config: KVBusConfig) -> Starlette:
         redis_client = redis_conn.connect_async(config.redis_url)
         reader_client = redis_conn.connect_async(config.redis_url, blocking=True)
         bus = CommandBus(
-            redis_client, reader_client, timeout_s=config.command_timeout, event_retention_s=config.event_retention
+            redis_client,
+            reader_client,
+            timeout_s=config.command_timeout,
+            event_retention_s=config.event_retention,
+            event_retention_count=config.event_retention_count,
         )
         app.state.config = config
         app.state.redis = redis_client

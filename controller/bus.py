@@ -34,35 +34,51 @@ RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after t
 _TTL_REFRESH_S = 10
 
 
-# One atomic step: find the instance's workers, write the command record for /check_finish, send
-# the command, journal it; answers the workers, after SENT or DOWN. No workers or no stream means the
+# One atomic step: find the instance's workers, write the command record for /check_finish, send the
+# command, journal it; answers 'sent' or 'down', then the workers. No workers or no stream means the
 # instance is unknown: nothing is written. No heartbeat (the alive key expired) means no worker reads
 # the stream: the command is not sent, since it would run whenever the instance came back, long after
-# anyone waited for it; its record says so, each worker's result `expired` (ARGV[9], a recorded result).
-# KEYS: the workers set, the command record, the command stream, the journal, the alive key. ARGV: the
-# record's retention (ms), the stream's MINID, the journal's MAXLEN, the record's and the journal
-# entry's fields (JSON lists), the names of the record's entry id and workers fields, the prefix of its
-# result fields, the result of a worker that was never sent the command, the command's fields.
+# anyone waited for it; its record says so, each worker's result `expired` (`not_sent`).
+# Records are kept for event_retention (their TTL) and at most event_retention_count of them: the
+# list of their ids drops the oldest past the count (at most TRIM_STEP a send, which bounds the
+# script's work when the count is lowered) and, a few a send, the ids of records that expired, so it
+# holds about the live records only. Each send adds one id.
+# KEYS: the workers set, the command record, the command stream, the journal, the alive key, the list
+# of kept records. ARGV[1]: the settings (JSON, below, in `_settings`); ARGV[2...]: the command's fields.
 _SEND = """
+local s = cjson.decode(ARGV[1])
 local workers = redis.call('SMEMBERS', KEYS[1])
 if #workers == 0 or redis.call('EXISTS', KEYS[3]) == 0 then return false end
-local entry
 local alive = redis.call('EXISTS', KEYS[5]) == 1
+local sent_ms
 if alive then
-  entry = redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 10))
+  local entry = redis.call('XADD', KEYS[3], 'MINID', '~', s.minid, '*', unpack(ARGV, 2))
+  sent_ms = tonumber(string.match(entry, '^%d+'))
 else
-  local now = redis.call('TIME')  -- what the entry id would have been: the record's deadline counts from it
-  entry = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000)) .. '-0'
+  local now = redis.call('TIME')  -- what the entry id would have been: the deadline counts from it
+  sent_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   for _, worker in ipairs(workers) do
-    redis.call('HSET', KEYS[2], ARGV[8] .. worker, ARGV[9])
+    redis.call('HSET', KEYS[2], worker, s.not_sent)  -- CommandRecord.result_field
   end
 end
-redis.call('HSET', KEYS[2], ARGV[6], entry, ARGV[7], '[' .. table.concat(workers, ',') .. ']',
-           unpack(cjson.decode(ARGV[4])))
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(cjson.decode(ARGV[5])))
+redis.call('HSET', KEYS[2], s.deadline_field, string.format('%.0f', sent_ms + s.timeout_ms),
+           s.workers_field, '[' .. table.concat(workers, ',') .. ']', unpack(s.record))
+redis.call('PEXPIRE', KEYS[2], s.retention_ms)
+local kept = redis.call('RPUSH', KEYS[6], s.event_id)
+if kept > s.keep then
+  local oldest = redis.call('LPOP', KEYS[6], math.min(kept - s.keep, s.trim_step))
+  for i = 1, #oldest do oldest[i] = s.record_prefix .. oldest[i] end
+  redis.call('UNLINK', unpack(oldest))
+end
+for _ = 1, 2 do
+  local head = redis.call('LINDEX', KEYS[6], 0)
+  if redis.call('EXISTS', s.record_prefix .. head) == 1 then break end
+  redis.call('LPOP', KEYS[6])
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', s.journal_maxlen, '*', unpack(s.journal))
 return {alive and 'sent' or 'down', unpack(workers)}
 """
+TRIM_STEP = 100
 NOT_SENT = "not sent: the instance had no heartbeat"  # the recorded detail of each worker of an unsent command
 
 
@@ -106,11 +122,13 @@ class CommandBus:
         *,
         timeout_s: float,
         event_retention_s: float = 3600.0,
+        event_retention_count: int = 100_000,
     ) -> None:
         self._redis = client
         self._reader = reader
         self.timeout_s = timeout_s
         self.event_retention_ms = int(event_retention_s * 1000)
+        self.event_retention_count = event_retention_count
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
         self._send = client.register_script(_SEND)
@@ -159,18 +177,9 @@ class CommandBus:
                     keys.commands(instance_id),
                     keys.JOURNAL,
                     keys.alive(instance_id),
+                    keys.COMMAND_RECORDS,
                 ],
-                args=[
-                    self.event_retention_ms,
-                    int(time.time() * 1000) - COMMAND_RETENTION_MS,
-                    keys.JOURNAL_MAXLEN,
-                    json.dumps(_flat(CommandRecord.sent(command, instance_id))),
-                    json.dumps(_flat(JournaledCommand.of(command, instance_id))),
-                    *CommandRecord.SCRIPT_FIELDS,
-                    CommandRecord.RESULT_PREFIX,
-                    CommandRecord.result_value(RecordedResult(status=ResultStatus.EXPIRED, detail=NOT_SENT)),
-                    *_flat(encode(command)),
-                ],
+                args=[json.dumps(self._settings(command, instance_id)), *_flat(encode(command))],
             )
             if not reply:
                 raise UnknownInstance(
@@ -191,6 +200,25 @@ class CommandBus:
         finally:
             self._pending.pop(event_id, None)
         return Outcome(event_id, instance_id, dict(sorted(waiter.results.items())))
+
+    def _settings(self, command: Command, instance_id: str) -> dict[str, Any]:
+        """What the send script needs beside the command itself; numbers Redis reads go as text."""
+        deadline_field, workers_field = CommandRecord.SCRIPT_FIELDS
+        return {
+            "event_id": command.event_id,
+            "minid": str(int(time.time() * 1000) - COMMAND_RETENTION_MS),
+            "timeout_ms": command.timeout_ms,
+            "record": _flat(CommandRecord.sent(command, instance_id)),
+            "deadline_field": deadline_field,
+            "workers_field": workers_field,
+            "not_sent": CommandRecord.result_value(RecordedResult(status=ResultStatus.EXPIRED, detail=NOT_SENT)),
+            "retention_ms": str(self.event_retention_ms),
+            "keep": self.event_retention_count,
+            "trim_step": TRIM_STEP,
+            "record_prefix": keys.command_record(""),
+            "journal": _flat(JournaledCommand.of(command, instance_id)),
+            "journal_maxlen": str(keys.JOURNAL_MAXLEN),
+        }
 
     async def _silence(self, instance_id: str, waiter: _Waiter) -> str:
         silent = sorted((waiter.expected or set()) - waiter.results.keys())

@@ -14,6 +14,7 @@ from kvbus.controller import event_ids
 from kvbus.controller.answers import CheckFinishAnswer, CommandStatus, WorkerOutcome
 from kvbus.controller.errors import UnknownEvent
 from kvbus.shared import keys
+from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.messages import Result, ResultStatus
 from kvbus.shared.records import CommandRecord, RecordedResult
 
@@ -27,13 +28,28 @@ async def check(client: redis.asyncio.Redis, event_id: str) -> CheckFinishAnswer
     pipe.hgetall(keys.command_record(event_id))
     pipe.time()
     fields, (seconds, micros) = await pipe.execute()
-    if fields:
-        return describe(event_id, CommandRecord.decode(fields), seconds * 1000 + micros // 1000)
+    record = read(fields)
+    if record is not None:
+        return describe(event_id, record, seconds * 1000 + micros // 1000)
     if event_ids.answered_in_request(event_id):
         return CheckFinishAnswer(event_id=event_id, status=CommandStatus.FINISHED)
     raise UnknownEvent(
-        f"no event {event_id!r}: it was never created, or it is older than event_retention", event_id=event_id
+        f"no event {event_id!r}: it was never created, or it is older than event_retention or than the "
+        "newest event_retention_count commands",
+        event_id=event_id,
     )
+
+
+def read(fields: dict[str, str]) -> CommandRecord | None:
+    """The record in a command record's fields, or None when there is none to tell of.
+
+    A worker that answers after its record expired or was trimmed writes its result alone (replies.py
+    gives that stub the retention, so it does not leak): the command is past retention all the same.
+    """
+    try:
+        return CommandRecord.decode(fields) if fields else None
+    except DecodeError:
+        return None
 
 
 def describe(event_id: str, record: CommandRecord, now_ms: int) -> CheckFinishAnswer:

@@ -33,7 +33,6 @@ from kvbus.controller.metrics import Metrics
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.records import (
-    CommandRecord,
     JournaledCommand,
     JournaledResult,
     JournalEntry,
@@ -151,11 +150,12 @@ def _command(
     now_ms: int,
 ) -> RecentCommand:
     status: str
-    if fields:
-        described = command_records.describe(command.event_id, CommandRecord.decode(fields), now_ms)
+    record = command_records.read(fields)
+    if record is not None:
+        described = command_records.describe(command.event_id, record, now_ms)
         status, workers = str(described.status), described.workers or {}
     else:
-        # Past event_retention /check_finish no longer knows the event; the journal still has its results.
+        # Past retention /check_finish no longer knows the event; the journal still has its results.
         status, workers = "unknown", journaled.get(command.event_id, {})
     # What the command's answer said: the smallest count of the workers that did it, as /clear answers.
     answered = [w.num_tokens for w in workers.values() if w.status == "ok" and isinstance(w.num_tokens, int)]

@@ -202,6 +202,9 @@ class KVBusConfig:
     )
     controller_host: str = _spec(_text, "127.0.0.1", "controller bind address (HTTP and LMCache's sockets)")
     controller_port: int = _spec(_port, 9000, "controller HTTP port")
+    event_retention_count: int = _spec(
+        _positive_int, 100_000, "most command records /check_finish remembers; past it the oldest go first"
+    )
 
     def __post_init__(self) -> None:
         if self.heartbeat_ttl <= self.heartbeat_interval:

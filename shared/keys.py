@@ -19,6 +19,9 @@ LIFECYCLE_MAXLEN = 10_000
 REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
 JOURNAL = f"{PREFIX}:journal"  # STREAM of every command sent and every result returned, capped
 JOURNAL_MAXLEN = 100_000
+# LIST of the event ids of the command records kept, oldest first: the send script drops the oldest
+# records past event_retention_count, and ids whose record already expired (event_retention).
+COMMAND_RECORDS = f"{PREFIX}:commands"
 
 
 def head(location: str, first_chunk: str) -> str:

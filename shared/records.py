@@ -97,8 +97,13 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
         return decode(cls, fields)
 
 
-class RecordedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One worker's result inside a command record: what /check_finish reports, and nothing the record already holds."""
+class RecordedResult(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One worker's result inside a command record: what /check_finish reports, and nothing the record already holds.
+
+    Kept as a JSON array without its trailing defaults (`["ok",12]`, `["ok"]` for no tokens;
+    `CommandRecord.result_value`): a record lives as long as event_retention, and field names would be
+    most of its bytes.
+    """
 
     status: ResultStatus
     num_tokens: int = 0
@@ -112,62 +117,58 @@ class RecordedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         )
 
 
-class CommandRecord(msgspec.Struct, kw_only=True):
-    """`kvbus:command:<event_id>`: a command as its controller sent it, and each worker's result once it answers.
+_RESULT_DEFAULTS = [field.default for field in msgspec.structs.fields(RecordedResult)]
 
-    The controller writes it in the same script step that sends the command; `entry_id` (the
-    command's stream entry, Redis server time) and `workers` (who must answer) are only known
-    inside that script, which fills them in under the names `SCRIPT_FIELDS` gives it. Each
-    worker adds its result under `result_field(worker_id)`.
+
+class CommandRecord(msgspec.Struct, kw_only=True):
+    """`kvbus:command:<event_id>`: what /check_finish tells of a command, and nothing more: what it was, who
+    must answer by when, and each worker's result once it answers.
+
+    The controller writes it in the same script step that sends the command; `deadline_ms` (the
+    command's stream entry id, Redis server time, plus its timeout) and `workers` (who must answer)
+    are only known inside that script, which fills them in under the names `SCRIPT_FIELDS` gives it.
+    Each worker adds its result under `result_field(worker_id)`. The journal keeps the rest (location,
+    method, token count).
     """
 
     kind: CommandKind
     instance_id: str
-    location: str = ""
-    timeout_ms: int
-    entry_id: str
+    deadline_ms: int
     workers: list[int]
     results: dict[int, RecordedResult] = msgspec.field(default_factory=dict)
 
-    SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("entry_id", "workers")
-    RESULT_PREFIX: ClassVar[str] = "result:"  # then the worker id: where each worker's result goes
+    SCRIPT_FIELDS: ClassVar[tuple[str, str]] = ("deadline_ms", "workers")
 
     @staticmethod
     def sent(command: Command, instance_id: str) -> Fields:
         """The fields the controller writes with the command, before the script adds `SCRIPT_FIELDS`."""
-        return encode_some(
-            CommandRecord,
-            kind=command.kind,
-            instance_id=instance_id,
-            location=command.location,
-            timeout_ms=command.timeout_ms,
-        )
+        return encode_some(CommandRecord, kind=command.kind, instance_id=instance_id)
 
     @staticmethod
     def result_field(worker_id: int) -> str:
-        return f"{CommandRecord.RESULT_PREFIX}{worker_id}"
+        """Where a worker's result goes: under its id alone, since a field name costs its bytes in every record."""
+        return str(worker_id)
 
     @staticmethod
     def result_value(result: Result | RecordedResult) -> str:
-        return msgspec.json.encode(result if isinstance(result, RecordedResult) else RecordedResult.of(result)).decode()
-
-    @property
-    def deadline_ms(self) -> int:
-        return int(self.entry_id.split("-", 1)[0]) + self.timeout_ms
+        recorded = result if isinstance(result, RecordedResult) else RecordedResult.of(result)
+        items = msgspec.to_builtins(recorded)  # a list, in field order: RecordedResult is array_like
+        while len(items) > 1 and items[-1] == _RESULT_DEFAULTS[len(items) - 1]:
+            items.pop()  # decoding fills trailing fields left out with their defaults
+        return msgspec.json.encode(items).decode()
 
     @classmethod
     def decode(cls, fields: dict[Any, Any]) -> CommandRecord:
         text = {_text(k): _text(v) for k, v in fields.items()}
-        prefix = cls.RESULT_PREFIX
         try:
             results = {
-                int(name[len(prefix) :]): msgspec.json.decode(value, type=RecordedResult)
+                int(name): msgspec.json.decode(value, type=RecordedResult)
                 for name, value in text.items()
-                if name.startswith(prefix)
+                if _is_worker_id(name)
             }
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise DecodeError(f"not a valid CommandRecord result: {exc}") from exc
-        sent = {name: value for name, value in text.items() if not name.startswith(prefix)}
+        sent = {name: value for name, value in text.items() if not _is_worker_id(name)}
         return msgspec.structs.replace(decode(cls, sent), results=results)
 
 
@@ -303,6 +304,10 @@ def encode_stats(stats: dict[str, BackendStats]) -> str:
     return json.dumps(msgspec.to_builtins(stats), separators=(",", ":"))
 
 
+def _is_worker_id(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -332,6 +337,7 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:info": (InstanceInfo,),
     "kvbus:{<inst>}:lmcache:<worker_id>": (LMCacheSync,),
     "kvbus:command:<event_id>": (CommandRecord,),
+    "kvbus:commands": "the event ids of the command records kept, oldest first",
     "kvbus:journal": (JournaledCommand, JournaledResult),
     "kvbus:lifecycle": (LifecycleEntry,),
     "kvbus:{<inst>}:cmd": (Command,),

@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from kvbus.agent.agent import Agent
 from kvbus.controller import command_records, event_ids
 from kvbus.controller.answers import CheckFinishAnswer, CommandStatus, WorkerOutcome
+from kvbus.controller.app import create_app
 from kvbus.controller.errors import UnknownEvent
 from kvbus.controller.event_ids import Operation
 from kvbus.shared import keys, redis_conn
@@ -20,8 +21,9 @@ from kvbus.shared.config import KVBusConfig
 from kvbus.shared.flat_fields import encode
 from kvbus.shared.messages import CommandKind, Result, ResultStatus
 from kvbus.shared.records import CommandRecord, RecordedResult
-from tests.conftest import SEED_TOKENS, wait_for
-from tests.controller.test_routes import BASE, CPU, INSTANCE, post
+from tests.conftest import MODEL, SEED_TOKENS, wait_for
+from tests.controller.conftest import CheckedClient
+from tests.controller.test_routes import BASE, CPU, INSTANCE, post, store
 
 SENT_MS = 1_700_000_000_000  # the command's stream entry id, in Redis server time
 TIMEOUT_MS = 500
@@ -39,9 +41,7 @@ def record(*answers: tuple[int, ResultStatus], workers: tuple[int, ...] = (0, 1)
     return CommandRecord(
         kind=CommandKind.CLEAR,
         instance_id=INSTANCE,
-        location="LocalCPUBackend",
-        timeout_ms=TIMEOUT_MS,
-        entry_id=f"{SENT_MS}-3",
+        deadline_ms=SENT_MS + TIMEOUT_MS,
         workers=list(workers),
         results={worker: RecordedResult(status=status, num_tokens=10) for worker, status in answers},
     )
@@ -141,7 +141,7 @@ def test_lookups_and_queries_are_finished_by_their_id_alone(redis_url: str, oper
     ids=["command-never-sent", "lookup-shaped", "no-operation"],
 )
 def test_an_id_with_no_record_that_no_lookup_or_query_made_is_unknown(redis_url: str, event_id: str) -> None:
-    with pytest.raises(UnknownEvent, match="never created, or it is older than event_retention") as raised:
+    with pytest.raises(UnknownEvent, match="never created, or it is older than event_retention or") as raised:
         _check(redis_url, event_id)
     assert raised.value.context == {"event_id": event_id}
 
@@ -152,14 +152,7 @@ def test_an_id_with_no_record_that_no_lookup_or_query_made_is_unknown(redis_url:
 def test_check_reads_the_record_as_of_redis_time(
     redis_url: str, real_redis: redis.Redis, entry_ms: int, status: CommandStatus
 ) -> None:
-    sent = CommandRecord(
-        kind=CommandKind.PIN,
-        instance_id=INSTANCE,
-        location="LocalCPUBackend",
-        timeout_ms=TIMEOUT_MS,
-        entry_id=f"{entry_ms}-0",
-        workers=[0, 1],
-    )
+    sent = CommandRecord(kind=CommandKind.PIN, instance_id=INSTANCE, deadline_ms=entry_ms + TIMEOUT_MS, workers=[0, 1])
     real_redis.hset(keys.command_record(EVENT), mapping=encode(sent))
     answered = Result(event_id=EVENT, instance_id=INSTANCE, worker_id=1, status=ResultStatus.OK, num_tokens=3)
     # As the agent writes its result: one field per worker.
@@ -208,3 +201,63 @@ def test_every_command_gives_504_on_a_silent_agent_then_check_finish_expires(
         timeout=10,
         what="the event to expire",
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_command_record_costs_at_most_250_bytes(redis_url: str, real_redis: redis.Redis, workers: int) -> None:
+    """Records lived an hour at about 300 B (360 B with two ranks): they held the location, the timeout,
+    the stream entry id and each result as a JSON object with its field names."""
+    config = BASE.with_overrides(redis_url=redis_url, lmcache_instance_id="lmcache_default_instance")
+    agents = [Agent(config, model=MODEL, worker_id=rank) for rank in range(workers)]
+    for running in agents:
+        running.start()
+    try:
+        with CheckedClient(create_app(config)) as client:
+            for running in agents:
+                store(running, SEED_TOKENS)
+            answer = post(client, "/clear", {"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"})
+            assert answer["num_tokens"] == 12
+            assert post(client, "/check_finish", {"event_id": answer["event_id"]})["status"] == "finished"
+    finally:
+        for running in agents:
+            running.stop()
+    key = keys.command_record(answer["event_id"])
+    assert set(real_redis.hkeys(key)) == {"kind", "instance_id", "deadline_ms", "workers", *map(str, range(workers))}
+    assert real_redis.memory_usage(key, samples=0) <= 250
+
+
+def test_retention_is_bounded_by_count_the_oldest_records_going_first(
+    redis_url: str, real_redis: redis.Redis, agent: Agent
+) -> None:
+    config = BASE.with_overrides(redis_url=redis_url, event_retention_count=5)
+    with CheckedClient(create_app(config)) as client:
+        sent = [post(client, "/clear", CPU)["event_id"] for _ in range(8)]
+        for event_id in sent[:3]:
+            gone = post(client, "/check_finish", {"event_id": event_id}, status=404)
+            assert "event_retention_count" in gone["detail"]
+        for event_id in sent[3:]:
+            assert post(client, "/check_finish", {"event_id": event_id})["status"] == "finished"
+    assert real_redis.lrange(keys.COMMAND_RECORDS, 0, -1) == sent[3:]
+    assert sorted(real_redis.scan_iter(keys.command_record("*"))) == sorted(map(keys.command_record, sent[3:]))
+
+
+def test_the_ids_of_records_that_expired_leave_the_list_as_new_commands_come(
+    redis_url: str, real_redis: redis.Redis, agent: Agent
+) -> None:
+    config = BASE.with_overrides(redis_url=redis_url, event_retention=0.3)
+    with CheckedClient(create_app(config)) as client:
+        for _ in range(4):
+            post(client, "/clear", CPU)
+        wait_for(lambda: not any(real_redis.scan_iter(keys.command_record("*"))), what="the records to expire")
+        newer = [post(client, "/clear", CPU)["event_id"] for _ in range(2)]  # each drops up to two expired ids
+    assert real_redis.lrange(keys.COMMAND_RECORDS, 0, -1) == newer
+
+
+def test_a_result_written_after_its_record_was_dropped_is_an_unknown_event_not_a_500(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    answered = Result(event_id=EVENT, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=3)
+    # What replies.py leaves when the record it answers into is gone: the result alone, with a TTL.
+    real_redis.hset(keys.command_record(EVENT), CommandRecord.result_field(0), CommandRecord.result_value(answered))
+    with pytest.raises(UnknownEvent):
+        _check(redis_url, EVENT)

@@ -64,17 +64,34 @@ def test_a_command_record_gathers_the_sent_fields_and_each_workers_result() -> N
     done = Result(event_id="Clear1", instance_id="i", worker_id=1, status=ResultStatus.OK, num_tokens=12)
     fields = {
         **CommandRecord.sent(command, "i"),
-        CommandRecord.SCRIPT_FIELDS[0]: "1700000000000-0",
+        CommandRecord.SCRIPT_FIELDS[0]: "1700000005000",
         CommandRecord.SCRIPT_FIELDS[1]: "[0,1]",
         CommandRecord.result_field(1): CommandRecord.result_value(done),
     }
+    # What /check_finish needs and no more: the location and timeout are the journal's.
+    assert fields.keys() == {"kind", "instance_id", "deadline_ms", "workers", "1"}
     record = CommandRecord.decode(fields)
-    assert (record.kind, record.instance_id, record.location, record.workers) == (CommandKind.CLEAR, "i", "L", [0, 1])
+    assert (record.kind, record.instance_id, record.workers) == (CommandKind.CLEAR, "i", [0, 1])
     assert record.results == {1: RecordedResult(status=ResultStatus.OK, num_tokens=12)}
-    assert fields[CommandRecord.result_field(1)] == '{"status":"ok","num_tokens":12}'
     assert record.deadline_ms == 1700000000000 + 5000
     with pytest.raises(DecodeError):
         CommandRecord.decode({**fields, CommandRecord.result_field(0): "{not json"})
+
+
+@pytest.mark.parametrize(
+    ("result", "stored"),
+    [
+        (RecordedResult(status=ResultStatus.OK, num_tokens=12), '["ok",12]'),
+        (RecordedResult(status=ResultStatus.OK), '["ok"]'),
+        (RecordedResult(status=ResultStatus.OK, error_code=-1), '["ok",0,-1]'),
+        (RecordedResult(status=ResultStatus.ERROR, detail="OSError: x"), '["error",0,0,"OSError: x"]'),
+    ],
+)
+def test_a_recorded_result_is_an_array_without_its_trailing_defaults(result: RecordedResult, stored: str) -> None:
+    assert CommandRecord.result_value(result) == stored
+    assert CommandRecord.decode(
+        {"kind": "clear", "instance_id": "i", "deadline_ms": "1", "workers": "[0]", "0": stored}
+    ).results == {0: result}
 
 
 def test_journal_entries_say_which_they_are_and_carry_a_token_count_not_the_tokens() -> None:
@@ -103,8 +120,8 @@ def _row(doc: str, key: str) -> str:
 
 
 def _stored_fields(kind: type[msgspec.Struct]) -> set[str]:
-    if kind is CommandRecord:  # results are stored one field per worker
-        return (set(field_names(kind)) - {"results"}) | {CommandRecord.result_field(0).rstrip("0")}
+    if kind is CommandRecord:  # results are stored one field per worker, under its id
+        return set(field_names(kind)) - {"results"}
     return set(field_names(kind))
 
 
