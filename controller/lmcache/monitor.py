@@ -49,21 +49,31 @@ class Monitor:
     ports: MonitorPorts
 
     def __post_init__(self) -> None:
-        self._context = zmq.asyncio.Context.instance()
+        self._context = zmq.asyncio.Context()
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.received = {"pull": 0, "reply": 0, "heartbeat": 0}  # messages, per socket, since start
 
     def bind(self) -> None:
-        """Bind every socket now, so a taken port fails the controller's start with its name."""
-        pull = self._bind(zmq.PULL, self.ports.pull, "pull")
-        reply = self._bind(zmq.ROUTER, self.ports.reply, "reply")
+        """Bind every socket now, so a taken port fails the controller's start with its name.
+
+        On a failure every socket made so far is closed and the context ended: ZMQ's own threads
+        would otherwise keep a controller that failed to start alive.
+        """
+        try:
+            pull = self._bind(zmq.PULL, self.ports.pull, "pull")
+            reply = self._bind(zmq.ROUTER, self.ports.reply, "reply")
+            heartbeat = (
+                self._bind(zmq.ROUTER, self.ports.heartbeat, "heartbeat") if self.ports.heartbeat is not None else None
+            )
+        except OSError:
+            self._close()
+            raise
         self._tasks = [
             asyncio.create_task(self._serve_pull(pull), name="lmcache-pull"),
             asyncio.create_task(self._serve_router(reply, self._on_reply, "reply"), name="lmcache-reply"),
         ]
-        if self.ports.heartbeat is not None:
-            heartbeat = self._bind(zmq.ROUTER, self.ports.heartbeat, "heartbeat")
+        if heartbeat is not None:
             self._tasks.append(
                 asyncio.create_task(self._serve_router(heartbeat, self._on_heartbeat, "heartbeat"), name="lmcache-hb")
             )
@@ -73,8 +83,13 @@ class Monitor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close()
+
+    def _close(self) -> None:
         for sock in self._sockets:
             sock.close(linger=0)
+        self._sockets = []
+        self._context.term()
 
     def _bind(self, kind: int, port: int, name: str) -> zmq.asyncio.Socket:
         sock = self._context.socket(kind)

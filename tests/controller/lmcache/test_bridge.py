@@ -283,3 +283,25 @@ def test_the_hash_space_follows_the_engines_seed_unless_told_outright() -> None:
     assert hash_space(base.with_overrides(lmcache_hash_seed=7), environ={}).none_hash == vllm_none_hash(7)
     told = base.with_overrides(lmcache_none_hash=0)
     assert hash_space(told, environ={"PYTHONHASHSEED": "123"}).none_hash == 0
+
+
+def test_a_taken_monitor_port_fails_the_start_naming_it_and_leaves_nothing_bound(redis_url: str) -> None:
+    import socket
+
+    from kvbus.controller.app import create_app
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    pull = free_port()
+    ports = {"pull": pull, "reply": taken.getsockname()[1]}
+    try:
+        with (
+            pytest.raises(OSError, match="reply socket"),
+            TestClient(create_app(KVBusConfig(redis_url=redis_url, controller_monitor_ports=ports))),
+        ):
+            pass
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", pull))  # the pull port it had bound is free again
+    finally:
+        taken.close()
