@@ -104,6 +104,12 @@ class IndexWriter:
         self._thread: threading.Thread | None = None
         self._overflowed = False
         self._resync_needed: list[Location] = []
+        # Ops are numbered as queued; a flush that succeeds has written every op numbered up to the
+        # count it took its ops at. `written_within` waits on these.
+        self._queued_count = 0
+        self._written_count = 0
+        self._written = threading.Condition()
+        self._late_since = 0  # the target of the last wait that ran out; no waiting until it is written
 
     # IndexListener: called by backends under their lock, so ops land in the order they happened.
     def admitted(self, location: Location, entry: IndexEntry) -> None:
@@ -124,6 +130,7 @@ class IndexWriter:
                 # Whatever is queued for this location is superseded, but for hints left to withdraw.
                 self._ops = deque(o for o in self._ops if o.location != op.location or o.kind == "forget")
             self._ops.append(op)
+            self._queued_count += 1
             queued = len(self._ops)
             if queued > MAX_QUEUED_OPS:
                 self._overflow()
@@ -154,14 +161,36 @@ class IndexWriter:
         with self._send_lock:
             with self._ops_lock:
                 ops, self._ops = list(self._ops), deque()
-            if not ops:
-                return
-            try:
-                self._write(ops)
-            except redis.RedisError:
-                with self._ops_lock:
-                    self._ops.extendleft(reversed(ops))
-                raise
+                upto = self._queued_count
+            if ops:
+                try:
+                    self._write(ops)
+                except redis.RedisError:
+                    with self._ops_lock:
+                        self._ops.extendleft(reversed(ops))
+                    raise
+            with self._written:
+                self._written_count = max(self._written_count, upto)
+                self._written.notify_all()
+
+    def written_within(self, timeout_s: float) -> bool:
+        """Have the background thread write every op queued so far now, and wait for it up to `timeout_s`.
+
+        For a caller on a request path (vLLM's forward), which wants the index current but must not
+        wait on a stalled Redis: False when the wait runs out, the ops staying queued. After that,
+        calls answer False at once until the thread has caught up, so a stall costs one wait, not
+        one per request.
+        """
+        with self._ops_lock:
+            target = self._queued_count
+        with self._written:
+            if self._written_count < self._late_since:
+                return False
+            self._wake.set()
+            if self._written.wait_for(lambda: self._written_count >= target, timeout_s):
+                return True
+            self._late_since = target
+            return False
 
     def drain(self) -> None:
         """Flush until nothing is queued, the head hints a clear leaves for later included."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -11,9 +15,10 @@ import redis
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.index_writer import IndexWriter
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
+from tests.conftest import RedisServer, free_port, wait_for
 
 from .test_backends import kv
 
@@ -142,8 +147,6 @@ def test_the_background_thread_flushes_by_itself(client: redis.Redis) -> None:
     try:
         prompt = list(range(8))
         backend.store(prompt, kv(prompt))
-        from tests.conftest import wait_for
-
         wait_for(lambda: client.hlen(keys.index(INSTANCE, 0, CPU)) == 2, timeout=5, what="background flush")
     finally:
         writer.stop()
@@ -254,3 +257,34 @@ def test_a_purge_drops_only_this_rank_s_keys(client: redis.Redis) -> None:
     assert client.exists(keys.index(INSTANCE, 1, CPU), keys.heads(INSTANCE, 1, CPU)) == 0
     assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 2
     assert client.smembers(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == {MEMBER}
+
+
+def test_written_within_waits_for_the_thread_and_on_a_stalled_redis_only_once(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    assert server.process is not None
+    client = redis_conn.connect(server.url)
+    backend, writer = make(client)
+    writer.start()
+    try:
+        first, second, third = list(range(8)), list(range(100, 108)), list(range(200, 208))
+        backend.store(first, kv(first))
+        assert writer.written_within(1.0)
+        assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 2  # current as soon as it returns
+        os.kill(server.process.pid, signal.SIGSTOP)
+        backend.store(second, kv(second))
+        started = time.monotonic()
+        assert not writer.written_within(0.3)
+        assert 0.3 <= time.monotonic() - started < 0.8
+        backend.store(third, kv(third))
+        started = time.monotonic()
+        assert not writer.written_within(0.3)  # still behind: no second wait
+        assert time.monotonic() - started < 0.05
+        os.kill(server.process.pid, signal.SIGCONT)
+        wait_for(lambda: writer.written_within(0.3), timeout=5, what="the writer to catch up")
+        assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 6
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        writer.stop()
+        client.close()
+        server.kill()

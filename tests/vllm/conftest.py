@@ -19,6 +19,7 @@ class Stack:
     vllm: VLLMServer
     controller: str
     redis: redis.Redis
+    redis_server: RedisServer  # to stall (SIGSTOP) in a test
 
     def lookup(self, tokens: list[int]) -> dict[str, object]:
         response = httpx.post(f"{self.controller}/lookup", json={"tokens": tokens}, timeout=10)
@@ -49,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         _, controller = processes.controller(server.url)
         model = build_model(workdir / "model")
         with vllm_server(model, server.url, free_port(), workdir / "vllm.log") as vllm:
-            yield Stack(vllm, controller, client)
+            yield Stack(vllm, controller, client, server)
     finally:
         client.close()
         processes.stop_all()

@@ -7,7 +7,10 @@ equal those of a full recompute.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from typing import Any
 
 import pytest
@@ -91,3 +94,30 @@ def test_a_chunk_gone_between_lookup_and_load_is_recomputed(stack: Stack) -> Non
     assert cached == 0
     assert raced == cold
     assert run(stack, tokens) == (512, cold)  # the recompute was saved as usual
+
+
+def test_a_stalled_redis_costs_a_request_at_most_the_scheduler_reads_bound(stack: Stack) -> None:
+    """The scheduler asks Redis for each new request's hits on vLLM's engine loop: with Redis stopped
+    (connections open, nothing answering), that ask gives up after 0.5 s and counts a miss, rather than
+    holding every request for the agent client's 3 x 5 s. Last in the module: Redis is stalled for a while."""
+    pid = stack.redis_server.process.pid if stack.redis_server.process is not None else None
+    assert pid is not None
+    started = time.monotonic()
+    run(stack, prompt(5, 300))
+    normal = time.monotonic() - started
+    tokens = prompt(6, 300)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        cached, cold = run(stack, tokens)
+        stalled = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert cached == 0 and stalled < normal + 1.5, f"{stalled:.1f} s with Redis stalled, {normal:.1f} s before"
+    # The worker's agent kept the prompt and indexes it now; the scheduler asks again after its 5 s backoff.
+    deadline = time.monotonic() + 10
+    while stack.lookup(tokens) != {INSTANCE: [CPU, 300]}:
+        assert time.monotonic() < deadline, "the prompt stored during the stall never reached the index"
+        time.sleep(0.1)
+    time.sleep(5)
+    assert run(stack, tokens) == (256, cold)
