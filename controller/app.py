@@ -14,6 +14,7 @@ from starlette.middleware import Middleware
 
 from kvbus.controller import dashboard, metrics
 from kvbus.controller.bus import CommandBus
+from kvbus.controller.deadlines import Deadlines
 from kvbus.controller.errors import EXCEPTION_HANDLERS, credentials_problem
 from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.controller.lookup import PrefixIndex
@@ -57,6 +58,7 @@ def create_app(config: KVBusConfig) -> Starlette:
             redis_client,
             reader_client,
             timeout_s=config.command_timeout,
+            redis_timeout_s=config.redis_timeout,
             event_retention_s=config.event_retention,
             event_retention_count=config.event_retention_count,
         )
@@ -89,7 +91,10 @@ def create_app(config: KVBusConfig) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *metrics.ROUTES, *dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(metrics.MetricsMiddleware, metrics=own_metrics)],
+        middleware=[
+            Middleware(metrics.MetricsMiddleware, metrics=own_metrics),
+            Middleware(Deadlines, redis_timeout_s=config.redis_timeout, command_timeout_s=config.command_timeout),
+        ],
         lifespan=lifespan,
     )
     app.state.metrics = own_metrics

@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio
 
-from kvbus.controller.errors import REDIS_DOWN, AgentTimeout, UnknownInstance
+from kvbus.controller.errors import REDIS_DOWN, AgentTimeout, UnknownInstance, redis_stalled
 from kvbus.shared import keys
 from kvbus.shared.flat_fields import DecodeError, encode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
@@ -31,6 +31,9 @@ log = logging.getLogger("kvbus.controller.bus")
 
 COMMAND_RETENTION_MS = 10 * 60 * 1000  # older commands have no waiter left; trimmed on XADD
 RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after this
+# How long a 504 may wait to say whether the silent instance still heartbeats: a healthy Redis answers
+# in well under a millisecond, and a stalled one must not hold the answer.
+SILENCE_S = 0.25
 _TTL_REFRESH_S = 10
 
 
@@ -121,12 +124,14 @@ class CommandBus:
         reader: redis.asyncio.Redis,
         *,
         timeout_s: float,
+        redis_timeout_s: float = 1.0,
         event_retention_s: float = 3600.0,
         event_retention_count: int = 100_000,
     ) -> None:
         self._redis = client
         self._reader = reader
         self.timeout_s = timeout_s
+        self.redis_timeout_s = redis_timeout_s
         self.event_retention_ms = int(event_retention_s * 1000)
         self.event_retention_count = event_retention_count
         self.controller_id = uuid.uuid4().hex[:12]
@@ -161,26 +166,19 @@ class CommandBus:
     async def request(self, instance_id: str, kind: CommandKind, event_id: str, **fields: Any) -> Outcome:
         """Send a command to every worker of `instance_id` and wait for all their results.
 
-        Raises UnknownInstance, or AgentTimeout naming the silent workers. The results may
-        still carry errors or refusals: what they mean depends on the command.
+        Raises UnknownInstance, AgentTimeout naming the silent workers (within `timeout_s` and
+        SILENCE_S), or BusUnavailable when Redis does not take the command within `redis_timeout_s`.
+        The results may still carry errors or refusals: what they mean depends on the command.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         command = Command(
             event_id=event_id, kind=kind, reply_to=self.results_key, timeout_ms=int(self.timeout_s * 1000), **fields
         )
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
-            reply = await self._send(
-                keys=[
-                    keys.workers(instance_id),
-                    keys.command_record(event_id),
-                    keys.commands(instance_id),
-                    keys.JOURNAL,
-                    keys.alive(instance_id),
-                    keys.COMMAND_RECORDS,
-                ],
-                args=[json.dumps(self._settings(command, instance_id)), *_flat(encode(command))],
-            )
+            reply = await self._deliver(command, instance_id)
             if not reply:
                 raise UnknownInstance(
                     f"unknown instance_id {instance_id!r}: no agent has registered it "
@@ -194,12 +192,33 @@ class CommandBus:
                     event_id=event_id,
                 )
             waiter.expect({int(w) for w in workers})
-            await asyncio.wait_for(asyncio.shield(waiter.done), self.timeout_s)
+            await asyncio.wait_for(asyncio.shield(waiter.done), max(0.0, deadline - loop.time()))
         except TimeoutError:
             raise AgentTimeout(await self._silence(instance_id, waiter), event_id=event_id) from None
         finally:
             self._pending.pop(event_id, None)
         return Outcome(event_id, instance_id, dict(sorted(waiter.results.items())))
+
+    async def _deliver(self, command: Command, instance_id: str) -> list[str] | None:
+        """The send script's answer, or BusUnavailable after `redis_timeout_s`: the command may have reached Redis
+        all the same (its bytes were written), so the 503 carries the event id /check_finish knows it by."""
+        try:
+            async with asyncio.timeout(self.redis_timeout_s):
+                reply = await self._send(
+                    keys=[
+                        keys.workers(instance_id),
+                        keys.command_record(command.event_id),
+                        keys.commands(instance_id),
+                        keys.JOURNAL,
+                        keys.alive(instance_id),
+                        keys.COMMAND_RECORDS,
+                    ],
+                    args=[json.dumps(self._settings(command, instance_id)), *_flat(encode(command))],
+                )
+        except TimeoutError:
+            then = "; the command may still reach the instance once Redis answers: /check_finish tells"
+            raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None
+        return cast(list[str] | None, reply)
 
     def _settings(self, command: Command, instance_id: str) -> dict[str, Any]:
         """What the send script needs beside the command itself; numbers Redis reads go as text."""
@@ -228,8 +247,9 @@ class CommandBus:
             f"{self.timeout_s:g} s{answered}"
         )
         try:
-            alive = await self._redis.exists(keys.alive(instance_id))
-        except redis.RedisError:
+            async with asyncio.timeout(SILENCE_S):
+                alive = await self._redis.exists(keys.alive(instance_id))
+        except (redis.RedisError, TimeoutError):
             return f"{waited}, and Redis became unreachable meanwhile"
         if alive:
             return f"{waited}; its heartbeat is fresh, so it is alive but busy or stuck"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import msgspec
@@ -125,6 +125,15 @@ class AgentTimeout(APIError):
     code = "agent_timeout"
 
 
+def redis_stalled(seconds: float, then: str = "", **context: Any) -> BusUnavailable:
+    """The 503 for Redis work that did not finish within `seconds`: the server stalled, overloaded or unreachable."""
+    return BusUnavailable(
+        f"Redis did not answer within {seconds:g} s (stalled, overloaded or unreachable); the controller "
+        f"reconnects by itself, retry shortly{then}",
+        **context,
+    )
+
+
 def credentials_problem(exc: BaseException, redis_url: str) -> str | None:
     """What to fix when `exc` is Redis refusing redis_url's credentials or their rights; None for other failures.
 
@@ -159,11 +168,16 @@ def _body(
         return Response(json.dumps(msgspec.to_builtins(answer)), status, headers, media_type="application/json")
 
 
+def response(exc: APIError) -> Response:
+    """An error's answer, for code outside the routes (middleware), where no exception handler runs."""
+    return _body(exc.status_code, exc.code, exc.detail, **exc.context)
+
+
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     if exc.status_code >= 500:
         log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
-    return _body(exc.status_code, exc.code, exc.detail, **exc.context)
+    return response(exc)
 
 
 async def redis_error(request: Request, exc: Exception) -> Response:
@@ -191,7 +205,8 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
     return _body(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
 
-EXCEPTION_HANDLERS = {
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+EXCEPTION_HANDLERS: dict[Any, Handler] = {
     APIError: api_error,
     **dict.fromkeys(REDIS_DOWN, redis_error),
     HTTPException: http_error,

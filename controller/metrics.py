@@ -8,6 +8,7 @@ each scrape, so any replica reports the same and nothing goes stale between scra
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -36,13 +37,17 @@ from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.shared.messages import CommandKind
 
 # Each command is served at the path of its kind's name (/clear, /pin, ...).
-_COMMAND_PATHS = {f"/{kind}": str(kind) for kind in CommandKind}
+COMMAND_PATHS = {f"/{kind}": str(kind) for kind in CommandKind}
 # What became of a command the bus carried; other errors (bad request, unknown instance) never reached it.
 _OUTCOMES = {AgentTimeout.code: "timeout", AgentFailed.code: "failed", Refused.code: "refused"}
 OUTCOMES = ("ok", *_OUTCOMES.values())
 _UNMATCHED = "<unmatched>"  # one label for every path no route serves, so scanners cannot grow the series
 # Lookups answer in ms; commands wait up to command_timeout (5 s by default) for agents.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+# What leaves a scrape without the fleet: Redis down, or stalled past the scrape's bound.
+_NO_FLEET: tuple[type[Exception], ...] = (*REDIS_DOWN, TimeoutError)
 
 
 class _LookupAnswer(msgspec.Struct):
@@ -88,7 +93,7 @@ class Metrics:
             registry=self.registry,
         )
         # Series that exist from the start make rate() and ratios correct from the first increment.
-        for kind in _COMMAND_PATHS.values():
+        for kind in COMMAND_PATHS.values():
             for outcome in OUTCOMES:
                 self.commands.labels(kind, outcome)
         for result in ("hit", "miss"):
@@ -103,7 +108,7 @@ class Metrics:
             except msgspec.DecodeError:
                 return  # not the answer shape this counts; the request itself is counted above
             self.lookups.labels("hit" if hit else "miss").inc()
-        elif (kind := _COMMAND_PATHS.get(path)) is not None:
+        elif (kind := COMMAND_PATHS.get(path)) is not None:
             outcome = "ok" if status == 200 else _OUTCOMES.get(_error_code(body))
             if outcome is not None:
                 self.commands.labels(kind, outcome).inc()
@@ -134,7 +139,7 @@ def _error_code(body: bytes) -> str:
 
 
 def _wants_body(path: str, status: int) -> bool:
-    return (path == "/lookup" and status == 200) or (path in _COMMAND_PATHS and status != 200)
+    return (path == "/lookup" and status == 200) or (path in COMMAND_PATHS and status != 200)
 
 
 class MetricsMiddleware:
@@ -266,8 +271,10 @@ async def metrics(request: Request) -> Response:
     own: Metrics = request.app.state.metrics
     snapshot: fleet.Fleet | None
     try:
-        snapshot = await fleet.read(request.app.state.redis)
-    except REDIS_DOWN:
+        # Half the request's budget (deadlines.py), so that a scrape of a stalled Redis still answers.
+        async with asyncio.timeout(request.app.state.config.redis_timeout / 2):
+            snapshot = await fleet.read(request.app.state.redis)
+    except _NO_FLEET:
         snapshot = None  # this process's own counters still tell something; kvbus_redis_up says why the rest is gone
     scrape = CollectorRegistry()
     scrape.register(_FleetCollector(snapshot, request.app.state.config.heartbeat_ttl))

@@ -205,6 +205,9 @@ class KVBusConfig:
     event_retention_count: int = _spec(
         _positive_int, 100_000, "most command records /check_finish remembers; past it the oldest go first"
     )
+    redis_timeout: float = _spec(
+        _positive, 1.0, "seconds a controller request waits on Redis (a lookup, a query, a command's send) before a 503"
+    )
 
     def __post_init__(self) -> None:
         if self.heartbeat_ttl <= self.heartbeat_interval:

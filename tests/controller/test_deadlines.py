@@ -1,0 +1,219 @@
+"""Every request ends within its deadline however Redis behaves (deadlines.py, bus.py): a stalled Redis
+(stopped with SIGSTOP, so that connections open and nothing answers) gives a 503 within `redis_timeout`
+for lookups and queries and within `command_timeout` for commands, and everything works again as soon as
+Redis does. Before, each request waited out three 5 s socket timeouts: 15 s for its 503."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from kvbus.controller.app import create_app
+from kvbus.shared import redis_conn
+from tests.conftest import SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
+from tests.controller.conftest import CheckedClient
+from tests.controller.test_lookup import BASE, hold
+
+REDIS_TIMEOUT_S = 1.0
+COMMAND_TIMEOUT_S = 2.0
+STALL_S = 20.0
+SLACK_S = 0.5  # what a request may take past its deadline: scheduling, the 503 itself, a busy box
+CLEAR = {"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, since it is stopped for a while."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    if server.process is not None:
+        os.kill(server.process.pid, signal.SIGCONT)  # a failed test must not leave it stopped
+    server.kill()
+
+
+def stop(server: RedisServer) -> None:
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+
+
+def resume(server: RedisServer) -> None:
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGCONT)
+
+
+def test_a_call_cancelled_midway_leaves_no_half_read_connection_in_the_pool(own_redis: RedisServer) -> None:
+    """What makes cancelling safe: the connection that waited is dropped, so the next call cannot read the
+    answer meant for the cancelled one."""
+    redis.Redis(port=own_redis.port).mset({"a": "answer for a", "b": "answer for b"})
+
+    async def scenario() -> list[str | None]:
+        client = redis_conn.connect_async(own_redis.url)
+        try:
+            await client.ping()  # one pooled connection, which the cancelled call then takes
+            stop(own_redis)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await client.get("a")
+            resume(own_redis)  # Redis now answers the cancelled GET, on a connection nobody reads any more
+            return [await client.get("b") for _ in range(3)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == ["answer for b"] * 3
+
+
+@dataclass
+class Timed:
+    path: str
+    started: float
+    seconds: float
+    status: int
+    error: str = ""
+
+
+class Load:
+    """Lookups, clears and health checks, each in a loop of its own against a controller, every answer timed."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.answers: list[Timed] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        requests: list[tuple[str, Callable[[httpx.Client], httpx.Response]]] = [
+            ("/lookup", lambda c: c.post("/lookup", json={"tokens": SEED_TOKENS})),
+            ("/clear", lambda c: c.post("/clear", json=CLEAR)),
+            ("/healthz", lambda c: c.get("/healthz")),
+        ]
+        self._threads = [threading.Thread(target=self._loop, args=r, daemon=True) for r in requests]
+
+    def _loop(self, path: str, call: Callable[[httpx.Client], httpx.Response]) -> None:
+        with httpx.Client(base_url=self.base, timeout=60) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                response = call(client)
+                error = response.json().get("error", "") if response.status_code != 200 else ""
+                with self._lock:
+                    self.answers.append(Timed(path, started, time.monotonic() - started, response.status_code, error))
+                time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(70)
+
+
+def test_a_stalled_redis_gives_503s_within_each_deadline_and_everything_recovers_within_a_second(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    procs = Processes(tmp_path)
+    try:
+        procs.agent(own_redis.url)
+        config = write_config(
+            tmp_path / "controller.yaml",
+            redis_url=own_redis.url,
+            command_timeout=COMMAND_TIMEOUT_S,
+            redis_timeout=REDIS_TIMEOUT_S,
+        )
+        port = free_port()
+        procs._spawn(["controller", "--port", str(port), "--config", str(config)], "controller.log")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, what="controller /healthz")
+        deadline = {"/lookup": REDIS_TIMEOUT_S, "/healthz": REDIS_TIMEOUT_S, "/clear": COMMAND_TIMEOUT_S}
+        with Load(base) as load:
+            time.sleep(2)
+            stop(own_redis)
+            stopped = time.monotonic()
+            time.sleep(STALL_S)
+            resume(own_redis)
+            resumed = time.monotonic()
+            time.sleep(4)
+        answers = load.answers
+        late = [a for a in answers if a.seconds > deadline[a.path] + SLACK_S]
+        assert not late, late[:10]
+        during = [a for a in answers if stopped + 0.1 < a.started and a.started + a.seconds < resumed]
+        assert {a.path for a in during} == set(deadline), "every kind of request ran during the stall"
+        assert all(a.status == 503 and a.error == "redis_unavailable" for a in during), during[:10]
+        # Every request that started a second after Redis came back was answered in full.
+        after = [a for a in answers if a.started > resumed + 1.0]
+        assert {a.path for a in after} == set(deadline) and all(a.status == 200 for a in after), [
+            a for a in after if a.status != 200
+        ][:10]
+        slowest = {path: max(a.seconds for a in during if a.path == path) for path in deadline}
+        print(f"slowest answer during the stall, by path: {slowest}; {len(answers)} answers in all")
+    finally:
+        procs.stop_all()
+
+
+def test_each_endpoint_answers_a_stalled_redis_within_its_deadline_and_says_what_it_can(
+    own_redis: RedisServer,
+) -> None:
+    hold(own_redis.url, "keeper", SEED_TOKENS)
+    config = BASE.with_overrides(redis_url=own_redis.url, redis_timeout=0.5, command_timeout=1.0)
+    clear = {"instance_id": "keeper", "location": "LocalCPUBackend"}
+    with CheckedClient(create_app(config)) as client:
+        stop(own_redis)
+        try:
+            timed = {}
+            for name, call in {
+                "clear": lambda: client.post("/clear", json=clear),
+                "lookup": lambda: client.post("/lookup", json={"tokens": SEED_TOKENS}),
+                "check_finish": lambda: client.post("/check_finish", json={"event_id": "Clear-x"}),
+                "key-stats": lambda: client.get("/controller/key-stats"),
+                "dashboard": lambda: client.get("/dashboard.json"),
+                "healthz": lambda: client.get("/healthz"),
+                "metrics": lambda: client.get("/metrics"),
+            }.items():
+                started = time.monotonic()
+                timed[name] = (call(), time.monotonic() - started)
+        finally:
+            resume(own_redis)
+        for name, (response, seconds) in timed.items():
+            assert seconds < 0.5 + SLACK_S, (name, seconds)
+            if name == "metrics":  # a scrape still answers, with what this process knows
+                assert response.status_code == 200 and "kvbus_redis_up 0.0" in response.text
+            else:
+                assert response.status_code == 503 and response.json()["error"] == "redis_unavailable", name
+                assert "did not answer within 0.5 s" in response.json()["detail"], name
+        stalled_clear = timed["clear"][0].json()
+        assert stalled_clear["event_id"].startswith("Clear") and "/check_finish" in stalled_clear["detail"]
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/lookup", json={"tokens": SEED_TOKENS}).json()["layout_info"] == {
+            "keeper": ["LocalCPUBackend", 12]
+        }
+
+
+def test_the_bus_waits_for_a_command_s_answer_only_until_its_deadline_from_the_request_s_start(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 504 names the silent workers within command_timeout and the heartbeat check, even when that check
+    cannot reach Redis."""
+    hold(redis_url, "keeper", SEED_TOKENS)
+    redis.Redis.from_url(redis_url).xgroup_create("kvbus:{keeper}:cmd", "worker-0", mkstream=True)
+    app = create_app(BASE.with_overrides(redis_url=redis_url, command_timeout=1.0))
+    with CheckedClient(app) as client:
+
+        async def never(*args: object) -> None:
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(app.state.redis, "exists", never)
+        started = time.monotonic()
+        response = client.post("/clear", json={"instance_id": "keeper", "location": "LocalCPUBackend"})
+        seconds = time.monotonic() - started
+    assert response.status_code == 504 and "Redis became unreachable meanwhile" in response.json()["detail"]
+    assert 1.0 <= seconds < 1.0 + SLACK_S
