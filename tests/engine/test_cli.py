@@ -95,7 +95,7 @@ def refusal(argv: list[str], capsys: pytest.CaptureFixture[str], launch: Launch)
     [
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--port", "0"], "--port 0 is not a TCP port"),
-        (["--redis-url", "http://cache:6379"], "redis_url='http://cache:6379' in the command line"),
+        (["--redis-url", "http://cache:6379"], "redis_url=http://cache:6379 in the command line"),
         (["--instance-id", "a b"], "lmcache_instance_id='a b' in the command line"),
     ],
 )
