@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from kvbus.shared.redis_conn import redacted
+
 log = logging.getLogger("kvbus.config")
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
@@ -96,9 +98,14 @@ def _text(value: Any) -> str:
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,255}")
 
 
+def valid_instance_id(text: str) -> bool:
+    """Whether `text` may name an instance that registers (kvbus agents and LMCache workers alike)."""
+    return bool(_INSTANCE_ID.fullmatch(text)) and text not in (".", "..")
+
+
 def _instance_id(value: Any) -> str:
     text = _text(value)
-    if not _INSTANCE_ID.fullmatch(text) or text in (".", ".."):
+    if not valid_instance_id(text):
         raise ValueError("expected 1-255 characters of A-Z, a-z, 0-9 and . _ : @ - (not '.' or '..')")
     return text
 
@@ -208,6 +215,16 @@ class KVBusConfig:
     redis_timeout: float = _spec(
         _positive, 1.0, "seconds a controller request waits on Redis (a lookup, a query, a command's send) before a 503"
     )
+    # A secret: out of repr, and errors show it as <hidden> (_shown). The controller also reads it from
+    # KVBUS_API_TOKEN, so that it need be in no file and on no command line.
+    api_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "parse": _optional_text,
+            "doc": "bearer token every controller endpoint but /healthz and the dashboard page requires; unset: none",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.heartbeat_ttl <= self.heartbeat_interval:
@@ -256,7 +273,14 @@ def _parse(key: str, value: Any, source: str) -> Any:
     try:
         return _SPECS[key].metadata["parse"](value)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{key}={value!r} in {source}: {exc}") from None
+        raise ConfigError(f"{key}={_shown(key, value)} in {source}: {exc}") from None
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value as an error shows it: never a secret, so never the API token or redis_url's password."""
+    if key == "api_token":
+        return "<hidden>"
+    return redacted(str(value)) if key == "redis_url" else repr(value)
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> KVBusConfig:

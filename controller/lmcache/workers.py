@@ -22,6 +22,7 @@ import redis.asyncio
 
 from kvbus.controller.lmcache import wire
 from kvbus.shared import deregistration, keys
+from kvbus.shared.config import valid_instance_id
 from kvbus.shared.flat_fields import DecodeError, encode_some
 from kvbus.shared.hashing import LMCacheHashSpace
 from kvbus.shared.locations import FASTEST_FIRST, KNOWN, Location
@@ -79,6 +80,9 @@ class LMCacheWorkers:
     async def register(self, message: wire.RegisterMsg | wire.HeartbeatMsg) -> wire.RegisterRetMsg:
         """A worker that (re)starts holds nothing yet: its rank's index and op numbers start empty."""
         instance, worker = message.instance_id, message.worker_id
+        if not valid_instance_id(instance):
+            # The one rule every registering instance follows; the worker is told nothing and times out.
+            raise wire.WireError(f"instance id {instance!r} breaks kvbus's rule for instance ids; not registered")
         now = time.time()
         record = WorkerRecord(
             instance_id=instance,

@@ -305,3 +305,24 @@ def test_a_taken_monitor_port_fails_the_start_naming_it_and_leaves_nothing_bound
             again.bind(("127.0.0.1", pull))  # the pull port it had bound is free again
     finally:
         taken.close()
+
+
+def test_an_lmcache_worker_with_an_id_no_instance_may_have_is_not_registered(
+    config: KVBusConfig, client: TestClient, real_redis: redis.Redis
+) -> None:
+    import zmq
+
+    fake = FakeLMCacheWorker("../<b>", 0, *_ports(config), free_port())
+    try:
+        with pytest.raises(zmq.Again):  # no answer: the controller logged and skipped it
+            fake._dealer.setsockopt(zmq.RCVTIMEO, 1000)
+            fake.register()
+        assert not real_redis.sismember(keys.INSTANCES, "../<b>")
+    finally:
+        fake.close()
+
+
+def _ports(config: KVBusConfig) -> tuple[int, int]:
+    ports = config.controller_monitor_ports
+    assert ports is not None
+    return ports["pull"], ports["reply"]
