@@ -16,6 +16,7 @@ from kvbus.controller import dashboard, metrics
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.deadlines import Deadlines
 from kvbus.controller.errors import EXCEPTION_HANDLERS, credentials_problem
+from kvbus.controller.guard import Guard
 from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.controller.lookup import PrefixIndex
 from kvbus.controller.reaper import Reaper
@@ -74,6 +75,10 @@ def create_app(config: KVBusConfig) -> Starlette:
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None
         log.info("controller %s ready; results on %s", bus.controller_id, bus.results_key)
+        if config.api_token is None:
+            log.info("no API token set: anyone who reaches this port may use the API (set KVBUS_API_TOKEN)")
+        else:
+            log.info("API token set: every endpoint but /healthz and the dashboard page requires it")
         try:
             yield
         finally:
@@ -93,6 +98,7 @@ def create_app(config: KVBusConfig) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
             Middleware(metrics.MetricsMiddleware, metrics=own_metrics),
+            Middleware(Guard, token=config.api_token),
             Middleware(Deadlines, redis_timeout_s=config.redis_timeout, command_timeout_s=config.command_timeout),
         ],
         lifespan=lifespan,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import msgspec
@@ -17,6 +18,8 @@ from kvbus.ports import PortError, check_free, listen, where
 from kvbus.shared.config import ConfigError, load
 
 log = logging.getLogger("kvbus.controller")
+
+API_TOKEN_ENV = "KVBUS_API_TOKEN"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None, prog: str = "lmcache_controller") -> int
             "redis_url": args.redis_url,
             "command_timeout": args.command_timeout,
             "controller_monitor_ports": monitor_ports,
+            # The API token comes from the environment, never from a flag: a command line is public
+            # (ps, /proc), and this name needs no LMCACHE_ prefix nor a file.
+            "api_token": os.environ.get(API_TOKEN_ENV) or None,
         }.items()
         if value is not None
     }

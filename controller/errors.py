@@ -36,6 +36,7 @@ REDIS_DOWN: tuple[type[redis.RedisError], ...] = (
 class APIError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
+    headers: ClassVar[Mapping[str, str]] = {}  # what the answer carries beside its body
 
     def __init__(self, detail: str | list[ValidationIssue], **context: Any) -> None:
         super().__init__(detail if isinstance(detail, str) else detail[0].msg)
@@ -58,7 +59,7 @@ class BodyTooDeep(APIError):
 
 
 class MalformedBody(APIError):
-    """The body as a whole: not JSON, empty, not an object, or not sent as application/json."""
+    """The body as a whole: not JSON, empty, or not an object."""
 
     status_code = 422
     code = "malformed_body"
@@ -69,6 +70,29 @@ class InvalidField(APIError):
 
     status_code = 422
     code = "invalid_field"
+
+
+class Unauthorized(APIError):
+    """No bearer token, or not this controller's, where one is set (guard.py)."""
+
+    status_code = 401
+    code = "unauthorized"
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": 'Bearer realm="kvbus"'}
+
+
+class CrossOrigin(APIError):
+    """A browser request from a page of another origin to an endpoint that takes a body (guard.py)."""
+
+    status_code = 403
+    code = "cross_origin"
+
+
+class UnsupportedMediaType(APIError):
+    """A body not sent as JSON: a web page can send text/plain or a form to any origin without asking first."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class BodyTooLarge(APIError):
@@ -170,7 +194,7 @@ def _body(
 
 def response(exc: APIError) -> Response:
     """An error's answer, for code outside the routes (middleware), where no exception handler runs."""
-    return _body(exc.status_code, exc.code, exc.detail, **exc.context)
+    return _body(exc.status_code, exc.code, exc.detail, exc.headers, **exc.context)
 
 
 async def api_error(request: Request, exc: Exception) -> Response:

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from kvbus import __version__
-from kvbus.controller import answers, errors, schemas
+from kvbus.controller import answers, errors, guard, schemas
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class _Endpoint:
 
 
 _BODY_ERRORS = (
+    errors.CrossOrigin,
+    errors.UnsupportedMediaType,
     errors.UndecodableBody,
     errors.BodyTooDeep,
     errors.MalformedBody,
@@ -171,7 +173,17 @@ def spec() -> dict[str, Any]:
             "description": "LMCache's controller API over a Redis stream bus",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The controller's API token, when one is set (KVBUS_API_TOKEN or the yaml key "
+                    "api_token); without one, no token is needed",
+                }
+            },
+        },
     }
 
 
@@ -193,9 +205,12 @@ def _operation(endpoint: _Endpoint, schema_of: dict[Any, dict[str, Any]]) -> dic
             "required": True,
             "content": {"application/json": {"schema": schema_of[endpoint.body]}},
         }
+    if endpoint.path not in guard.PUBLIC:
+        operation["security"] = [{"bearer": []}, {}]  # {}: none, when the controller has no token set
     error_schema = {"application/json": {"schema": schema_of[answers.ErrorAnswer]}}
     redis_errors = () if endpoint.answers_without_redis else (errors.BusUnavailable, errors.RedisAuthFailed)
-    for error in (*endpoint.errors, *redis_errors):
+    token_errors = () if endpoint.path in guard.PUBLIC else (errors.Unauthorized,)
+    for error in (*token_errors, *endpoint.errors, *redis_errors):
         described = operation["responses"].setdefault(
             str(error.status_code), {"description": "", "content": error_schema}
         )

@@ -69,16 +69,10 @@ def issue(kind: str, loc: Loc, msg: str, value: Any, **ctx: Any) -> ValidationIs
     return ValidationIssue(type=kind, loc=list(loc), msg=msg, input=value, ctx=ctx or UNSET)
 
 
-def read_body(body: bytes, content_type: str | None) -> Any:
-    """The body as FastAPI hands it to validation: JSON when sent as JSON, else the raw text.
-
-    FastAPI parses JSON only for `application/json` and `application/*+json` (and, since its
-    strict_content_type default, not at all without a Content-Type). An empty body is None.
-    """
+def read_body(body: bytes) -> Any:
+    """A JSON body as FastAPI hands it to validation; an empty body is None."""
     if not body:
         return None
-    if not is_json(content_type):
-        return body.decode("utf-8", "replace")  # FastAPI passes the bytes, which its errors show as text
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:
@@ -88,6 +82,7 @@ def read_body(body: bytes, content_type: str | None) -> Any:
 
 
 def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this type as JSON: `application/json` and `application/*+json`."""
     if not content_type:
         return False
     message = email.message.Message()

@@ -9,6 +9,28 @@ const SPACING_FACTOR = 10;
 let interval = REFRESH_MS;
 const OUTCOMES = ["ok", "timeout", "failed", "refused"];
 let lastGood = null; // when the last refresh succeeded, in ms
+// With an API token set, the page is public but its data is not. The token is asked for on the page, or
+// given in the address as #token=… (a fragment never reaches a server, its logs or a Referer), and kept
+// in this tab's sessionStorage only, sent as a bearer header: no cookie, so no other site can use it.
+const TOKEN_KEY = "kvbus-api-token";
+
+function takeTokenFromAddress() {
+  const match = /^#token=(.+)$/.exec(location.hash);
+  if (match) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function askForToken(asked) {
+  document.getElementById("token-form").hidden = !asked;
+  document.body.dataset.state = asked ? "token-required" : "live";
+}
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -199,7 +221,12 @@ function showConnection(error) {
 async function refresh() {
   const started = performance.now();
   try {
-    const response = await fetch("dashboard.json", { cache: "no-store" });
+    const response = await fetch("dashboard.json", { cache: "no-store", headers: authHeaders() });
+    askForToken(response.status === 401);
+    if (response.status === 401) {
+      const sent = sessionStorage.getItem(TOKEN_KEY) !== null;
+      throw new Error(sent ? "the API token given is not this controller's" : "token required");
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
     lastGood = Date.now();
@@ -213,4 +240,13 @@ async function refresh() {
   }
 }
 
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault(); // kept in the page: the token goes to sessionStorage, never into a URL
+  const input = document.getElementById("token-input");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  askForToken(false);
+});
+
+takeTokenFromAddress();
 refresh();

@@ -35,6 +35,23 @@ def test_every_route_is_documented_with_its_errors(spec: dict[str, Any], redis_u
                 assert ref.removeprefix("#/components/schemas/") in spec["components"]["schemas"]
 
 
+def test_the_token_and_the_browser_refusals_are_documented(spec: dict[str, Any]) -> None:
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            public = path in ("/healthz", "/")
+            assert ("401" in op["responses"]) != public and ("security" in op) != public, (path, method)
+            if not public:
+                assert op["security"] == [{"bearer": []}, {}]  # the token, or none when none is set
+            if method == "post":
+                assert "cross_origin" in op["responses"]["403"]["description"], path
+                assert "unsupported_media_type" in op["responses"]["415"]["description"], path
+
+
 def test_request_schemas_are_the_validating_structs(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     assert schemas["ClearRequest"]["required"] == ["instance_id", "location"]

@@ -195,9 +195,9 @@ def test_parse_names_the_field_or_says_the_body_is_malformed() -> None:
     with pytest.raises(InvalidField) as nested:
         parse(b'{"old_position": ["a", 5], "new_position": ["b", "LocalCPUBackend"]}', JSON, MoveRequest)
     assert nested.value.context == {"field": "old_position[1]"}
-    for body, content_type in ((b"[]", JSON), (b"{", JSON), (b"", JSON), (b'{"instance_id": "i"}', "text/plain")):
+    for body in (b"[]", b"{", b""):
         with pytest.raises(MalformedBody):
-            parse(body, content_type, ClearRequest)
+            parse(body, JSON, ClearRequest)
     with pytest.raises(UndecodableBody, match="There was an error parsing the body"):
         parse(b"\xff\xfe\xff", JSON, ClearRequest)
 
