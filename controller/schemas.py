@@ -29,6 +29,12 @@ from kvbus.controller.errors import (
 )
 from kvbus.shared import compression
 
+# What a command's token ids may be: they travel to LMCache workers as msgpack ints (LMCache's own
+# controller fails to encode others and answers 500). A lookup takes any integer: it never leaves.
+WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**64 - 1
+# The bound is check_wire_tokens', in FastAPI's 422 shape; the annotation documents it in the schema.
+CommandToken = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": WIRE_INT_MIN, "maximum": WIRE_INT_MAX})]
+
 
 class LookupRequest(msgspec.Struct):
     tokens: list[int]  # empty: a miss, as in LMCache
@@ -42,7 +48,7 @@ class ClearRequest(msgspec.Struct):
 class PinRequest(msgspec.Struct):
     instance_id: str
     location: str
-    tokens: list[int]
+    tokens: list[CommandToken]
 
 
 # Any string passes decoding, so that an unknown method is check_method's 400 naming the known ones
@@ -54,13 +60,13 @@ class CompressRequest(msgspec.Struct):
     instance_id: str
     method: CompressionMethod
     location: str
-    tokens: list[int] | None = msgspec.field(default_factory=list)  # empty or null: every chunk at `location`
+    tokens: list[CommandToken] | None = msgspec.field(default_factory=list)  # empty or null: every chunk there
 
 
 class MoveRequest(msgspec.Struct):
     old_position: tuple[str, str]  # (instance_id, location)
     new_position: tuple[str, str]
-    tokens: list[int] | None = msgspec.field(default_factory=list)  # empty or null: every chunk at the old position
+    tokens: list[CommandToken] | None = msgspec.field(default_factory=list)  # empty or null: all at the old position
     should_copy: bool | None = False
 
 
@@ -171,11 +177,6 @@ def check_token_count(tokens: list[int] | None, limit: int) -> None:
             "too_long", ("body", "tokens"), msg, tokens, field_type="List", max_length=limit, actual_length=len(tokens)
         )
         raise InvalidField([detail], field="tokens")
-
-
-# What a command's token ids may be: they travel to LMCache workers as msgpack ints (LMCache's own
-# controller fails to encode others and answers 500). A lookup takes any integer: it never leaves.
-WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**64 - 1
 
 
 def check_wire_tokens(tokens: list[int] | None) -> None:

@@ -216,9 +216,10 @@ def _list(value: Any, kind: mi.Type, loc: Loc, issues: list[ValidationIssue]) ->
     if not isinstance(value, list):
         issues.append(issue("list_type", loc, "Input should be a valid list", value))
         return _BAD
-    if isinstance(kind.item_type, mi.IntType):  # token lists are long: the common case without a call per item
+    item_type = kind.item_type.type if isinstance(kind.item_type, mi.Metadata) else kind.item_type
+    if isinstance(item_type, mi.IntType):  # token lists are long: the common case without a call per item
         return _int_list(value, loc, issues)
-    return [_check(item, kind.item_type, (*loc, n), issues) for n, item in enumerate(value)]
+    return [_check(item, item_type, (*loc, n), issues) for n, item in enumerate(value)]
 
 
 def _int_list(value: list[Any], loc: Loc, issues: list[ValidationIssue]) -> list[Any]:
