@@ -74,7 +74,12 @@ def create_app(config: KVBusConfig) -> Starlette:
         await bridge.start()
         reaper = Reaper(redis_client, reap_after_s=config.reap_after)
         reaping = asyncio.create_task(reaper.run(), name="kvbus-reaper") if config.reap_after > 0 else None
-        log.info("controller %s ready; results on %s", bus.controller_id, bus.results_key)
+        log.info(
+            "controller %s ready on Redis at %s; results on %s",
+            bus.controller_id,
+            redis_conn.redacted(config.redis_url),
+            bus.results_key,
+        )
         if config.api_token is None:
             log.info("no API token set: anyone who reaches this port may use the API (set KVBUS_API_TOKEN)")
         else:
