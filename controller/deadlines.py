@@ -6,7 +6,8 @@ waits where they can say more (bus.py: a command's send, its answer, the check o
 metrics.py: the fleet read of a scrape); this middleware is the bound over the whole request, and
 the answer when nothing inside said anything sooner: a 503 once the budget is spent. Lookups,
 queries and every other request get `redis_timeout`; commands `command_timeout`, plus the bus's
-short check of the instance's heartbeat that names why a 504 happened.
+short check of the instance's heartbeat that names why a 504 happened. The budget counts from the
+moment the request's body has arrived: a client's slow upload is no Redis stall.
 
 Cancelling a request midway through a Redis call is safe: redis-py's asyncio connection
 disconnects when a read or write is interrupted (any BaseException, CancelledError included), so
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvbus.controller.bus import SILENCE_S
@@ -25,6 +27,11 @@ from kvbus.controller.errors import redis_stalled, response
 from kvbus.controller.metrics import COMMAND_PATHS
 
 log = logging.getLogger("kvbus.controller")
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = Headers(scope=scope)
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 class Deadlines:
@@ -45,17 +52,24 @@ class Deadlines:
             await self.app(scope, receive, send)
             return
         budget = self.budget_s(scope["path"])
+        loop = asyncio.get_running_loop()
+        timeout = asyncio.timeout_at(None if _has_body(scope) else loop.time() + budget)
         started = False
+
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body") and timeout.when() is None:
+                timeout.reschedule(loop.time() + budget)  # the whole body is in: the request's own work begins
+            return message
 
         async def sending(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        timeout = asyncio.timeout(budget)
         try:
             async with timeout:
-                await self.app(scope, receive, sending)
+                await self.app(scope, receiving, sending)
         except TimeoutError:
             if not timeout.expired() or started:
                 raise  # not this deadline's, or too late to answer anything else

@@ -17,8 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from kvbus.controller.app import create_app
+from kvbus.controller.deadlines import Deadlines
 from kvbus.shared import redis_conn
 from tests.conftest import SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
 from tests.controller.conftest import CheckedClient
@@ -217,3 +220,48 @@ def test_the_bus_waits_for_a_command_s_answer_only_until_its_deadline_from_the_r
         seconds = time.monotonic() - started
     assert response.status_code == 504 and "Redis became unreachable meanwhile" in response.json()["detail"]
     assert 1.0 <= seconds < 1.0 + SLACK_S
+
+
+def _request(app_wait_s: float, upload: list[bytes], gap_s: float) -> tuple[int, float, float]:
+    """Drive Deadlines (0.3 s for a lookup) around an app that reads the body, then waits `app_wait_s` as if on
+    Redis; the body arrives in `upload`'s pieces, `gap_s` apart. Answers the status, when the body was in,
+    and when the answer came, from the start."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await asyncio.sleep(app_wait_s)
+        await Response(b"{}", media_type="application/json")(scope, receive, send)
+
+    async def scenario() -> tuple[int, float, float]:
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        pieces = list(upload)
+        body_in = 0.0
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            nonlocal body_in
+            await asyncio.sleep(gap_s)
+            piece = pieces.pop(0)
+            if not pieces:
+                body_in = loop.time() - begun
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        headers = [(b"content-length", str(sum(map(len, upload))).encode())]
+        scope = {"type": "http", "method": "POST", "path": "/lookup", "headers": headers}
+        await Deadlines(app, redis_timeout_s=0.3, command_timeout_s=1.0)(scope, receive, send)
+        return sent[0]["status"], body_in, loop.time() - begun
+
+    return asyncio.run(scenario())
+
+
+def test_the_deadline_counts_from_the_body_s_arrival_so_a_slow_upload_is_no_stall() -> None:
+    status, body_in, answered = _request(app_wait_s=0.1, upload=[b"{"] * 5 + [b"}"], gap_s=0.15)
+    assert status == 200 and body_in > 0.8  # three times the budget to upload, and still answered
+    status, body_in, answered = _request(app_wait_s=5.0, upload=[b"{}"], gap_s=0.0)
+    assert status == 503 and 0.3 <= answered - body_in < 0.3 + SLACK_S
