@@ -233,8 +233,10 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
-def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
-    """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200; `url` is its base URL."""
+def controller(redis_url: str, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Proc]:
+    """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200; `url` is its base URL.
+
+    `env` adds to its environment (an API token, say)."""
     port = free_port()
     log = workdir / f"controller-{port}.log"
     with log.open("ab") as out:
@@ -253,7 +255,7 @@ def controller(redis_url: str, workdir: Path) -> Iterator[Proc]:
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env={**_env(), **(env or {})},
         )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -14,7 +14,18 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import clear, clear_cost, commands, engine_prefill, ingest, lmcache_workers, lookup, memory, vllm_prefill
+from bench import (
+    clear,
+    clear_cost,
+    commands,
+    engine_prefill,
+    guard_cost,
+    ingest,
+    lmcache_workers,
+    lookup,
+    memory,
+    vllm_prefill,
+)
 from bench._harness import Figure, busy_fraction, cpu_jiffies, print_table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
@@ -27,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "engine_prefill": engine_prefill.run,
     "vllm_prefill": vllm_prefill.run,
     "lmcache_workers": lmcache_workers.run,
+    "guard_cost": guard_cost.run,
 }
 
 
