@@ -12,7 +12,6 @@ does not know with a 400.
 
 from __future__ import annotations
 
-import itertools
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -27,7 +26,7 @@ from kvbus.controller.errors import (
     UnknownMethod,
     UnsupportedMediaType,
 )
-from kvbus.shared import compression
+from kvbus.shared import compression, json_depth
 
 # What a command's token ids may be: they travel to LMCache workers as msgpack ints (LMCache's own
 # controller fails to encode others and answers 500). A lookup takes any integer: it never leaves.
@@ -106,8 +105,6 @@ Body = TypeVar(
 # fields clients send and kvbus ignores, far below the ~1000 levels at which msgspec's and json's parsers
 # recurse out of Python's stack (a RecursionError, so a 500).
 MAX_DEPTH = 64
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")  # +1 and -1 as signed bytes
 
 
 def parse(body: bytes, content_type: str | None, kind: type[Body]) -> Body:
@@ -136,21 +133,12 @@ def parse(body: bytes, content_type: str | None, kind: type[Body]) -> Body:
 
 
 def check_depth(body: bytes) -> None:
-    """Refuse a body nested deeper than MAX_DEPTH, by a scan of its bytes before any parser recurses into it.
+    """Refuse a body nested deeper than MAX_DEPTH, before any parser recurses into it.
 
-    Brackets inside strings do not count. Escaped backslashes go first, then escaped quotes (in that
-    order `\\\\\\"` is a backslash and a quote), so every quote left opens or closes a string and the
-    even pieces between quotes are outside strings. Each step is one C loop over the body (a body with
-    too few brackets to be that deep anywhere skips them all), so the 16 MiB limit bounds the cost.
     FastAPI answers such a body "There was an error parsing the body"; this says what is wrong with it.
     """
-    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
-        return
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(unescaped.split(b'"')[::2])
-    steps = memoryview(outside.translate(_DEPTH_STEPS, _NOT_BRACKETS)).cast("b")
-    depth = max(itertools.accumulate(steps), default=0)
-    if depth > MAX_DEPTH:
+    depth = json_depth.deeper_than(body, MAX_DEPTH)
+    if depth is not None:
         raise BodyTooDeep(f"request body is nested {depth} levels deep; at most {MAX_DEPTH} are accepted")
 
 
