@@ -234,3 +234,14 @@ def test_the_dashboard_asks_for_the_token_and_shows_the_fleet_with_it(redis_url:
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_the_seeds_flow_works_with_a_token_as_lmcache_clients_send_it(locked: TestClient, agent: Agent) -> None:
+    store(agent, SEED_TOKENS)
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    lookup = locked.post("/lookup", json={"tokens": SEED_TOKENS}, headers=bearer)
+    assert lookup.status_code == 200 and lookup.json()["layout_info"] == {INSTANCE: [CPU["location"], 12]}
+    cleared = locked.post("/clear", json=CPU, headers=bearer)
+    assert cleared.status_code == 200 and cleared.json()["num_tokens"] == 12
+    assert locked.post("/lookup", json={"tokens": SEED_TOKENS}, headers=bearer).json()["layout_info"] == {}
+    assert locked.post("/lookup", json={"tokens": SEED_TOKENS}).status_code == 401
