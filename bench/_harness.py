@@ -160,7 +160,7 @@ def _wait(
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
     """SIGTERM the process by pid, SIGKILL it if it lingers."""
     if proc.poll() is None:
         proc.terminate()
@@ -219,7 +219,7 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
         try:
             _wait(probe.ping, proc, f"redis-server on port {port}", log)
         except (RuntimeError, TimeoutError):
-            _stop(proc)
+            stop(proc)
             if attempt == 2:
                 raise
             continue
@@ -228,7 +228,7 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
         try:
             yield Proc(proc, f"redis://127.0.0.1:{port}/0")
         finally:
-            _stop(proc)
+            stop(proc)
         return
 
 
@@ -262,7 +262,7 @@ def controller(redis_url: str, workdir: Path, env: dict[str, str] | None = None)
         _wait(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, proc, "controller", log)
         yield Proc(proc, base)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -328,7 +328,7 @@ def agents(
     finally:
         client.close()
         for _, proc, _ in started:
-            _stop(proc)
+            stop(proc)
 
 
 @contextlib.contextmanager
@@ -379,7 +379,7 @@ def engine(redis_url: str, instance_id: str, workdir: Path) -> Iterator[Proc]:
         _wait(lambda: httpx.get(f"{base}/health", timeout=1).status_code == 200, proc, "engine", log, timeout=120)
         yield Proc(proc, base)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ from bench._harness import (
     percentile,
     random_prompt,
     redis_server,
+    stop,
     workdir,
 )
 from kvbus.agent.backends.base import IndexEntry
@@ -132,7 +133,7 @@ def _lmcache_controller(redis_url: str, tmp: Path) -> Iterator[tuple[Proc, _Port
             time.sleep(0.05)
         yield Proc(proc, base), ports
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -153,19 +154,9 @@ def _answer_pool(sockets: int) -> Iterator[tuple[Proc, list[int]]]:
     finally:
         if proc.stdin is not None:
             proc.stdin.close()  # the pool answers until its stdin closes
-        _stop(proc)
+        stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
-
-
-def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # ---------------------------------------------------------------- the LMCache fleet

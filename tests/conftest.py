@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,11 +77,31 @@ class RedisServer:
         wait_for(client.ping, what=f"redis-server on {self.port}")
         client.close()
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers on them, as on a stalled Redis."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+
+@pytest.fixture
+def stallable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, since the test stalls it; never left stopped after the test."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    if server.process is not None:
+        server.resume()
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,9 @@ Redis does. Before, each request waited out three 5 s socket timeouts: 15 s for 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,41 +32,20 @@ SLACK_S = 0.5  # what a request may take past its deadline: scheduling, the 503 
 CLEAR = {"instance_id": "lmcache_default_instance", "location": "LocalCPUBackend"}
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, since it is stopped for a while."""
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    yield server
-    if server.process is not None:
-        os.kill(server.process.pid, signal.SIGCONT)  # a failed test must not leave it stopped
-    server.kill()
-
-
-def stop(server: RedisServer) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-
-
-def resume(server: RedisServer) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGCONT)
-
-
-def test_a_call_cancelled_midway_leaves_no_half_read_connection_in_the_pool(own_redis: RedisServer) -> None:
+def test_a_call_cancelled_midway_leaves_no_half_read_connection_in_the_pool(stallable_redis: RedisServer) -> None:
     """What makes cancelling safe: the connection that waited is dropped, so the next call cannot read the
     answer meant for the cancelled one."""
-    redis.Redis(port=own_redis.port).mset({"a": "answer for a", "b": "answer for b"})
+    redis.Redis(port=stallable_redis.port).mset({"a": "answer for a", "b": "answer for b"})
 
     async def scenario() -> list[str | None]:
-        client = redis_conn.connect_async(own_redis.url)
+        client = redis_conn.connect_async(stallable_redis.url)
         try:
             await client.ping()  # one pooled connection, which the cancelled call then takes
-            stop(own_redis)
+            stallable_redis.pause()
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     await client.get("a")
-            resume(own_redis)  # Redis now answers the cancelled GET, on a connection nobody reads any more
+            stallable_redis.resume()  # Redis now answers the cancelled GET, on a connection nobody reads any more
             return [await client.get("b") for _ in range(3)]
         finally:
             await client.aclose()
@@ -122,14 +99,14 @@ class Load:
 
 
 def test_a_stalled_redis_gives_503s_within_each_deadline_and_everything_recovers_within_a_second(
-    own_redis: RedisServer, tmp_path: Path
+    stallable_redis: RedisServer, tmp_path: Path
 ) -> None:
     procs = Processes(tmp_path)
     try:
-        procs.agent(own_redis.url)
+        procs.agent(stallable_redis.url)
         config = write_config(
             tmp_path / "controller.yaml",
-            redis_url=own_redis.url,
+            redis_url=stallable_redis.url,
             command_timeout=COMMAND_TIMEOUT_S,
             redis_timeout=REDIS_TIMEOUT_S,
         )
@@ -140,10 +117,10 @@ def test_a_stalled_redis_gives_503s_within_each_deadline_and_everything_recovers
         deadline = {"/lookup": REDIS_TIMEOUT_S, "/healthz": REDIS_TIMEOUT_S, "/clear": COMMAND_TIMEOUT_S}
         with Load(base) as load:
             time.sleep(2)
-            stop(own_redis)
+            stallable_redis.pause()
             stopped = time.monotonic()
             time.sleep(STALL_S)
-            resume(own_redis)
+            stallable_redis.resume()
             resumed = time.monotonic()
             time.sleep(4)
         answers = load.answers
@@ -164,13 +141,13 @@ def test_a_stalled_redis_gives_503s_within_each_deadline_and_everything_recovers
 
 
 def test_each_endpoint_answers_a_stalled_redis_within_its_deadline_and_says_what_it_can(
-    own_redis: RedisServer,
+    stallable_redis: RedisServer,
 ) -> None:
-    hold(own_redis.url, "keeper", SEED_TOKENS)
-    config = BASE.with_overrides(redis_url=own_redis.url, redis_timeout=0.5, command_timeout=1.0)
+    hold(stallable_redis.url, "keeper", SEED_TOKENS)
+    config = BASE.with_overrides(redis_url=stallable_redis.url, redis_timeout=0.5, command_timeout=1.0)
     clear = {"instance_id": "keeper", "location": "LocalCPUBackend"}
     with CheckedClient(create_app(config)) as client:
-        stop(own_redis)
+        stallable_redis.pause()
         try:
             timed = {}
             for name, call in {
@@ -185,7 +162,7 @@ def test_each_endpoint_answers_a_stalled_redis_within_its_deadline_and_says_what
                 started = time.monotonic()
                 timed[name] = (call(), time.monotonic() - started)
         finally:
-            resume(own_redis)
+            stallable_redis.resume()
         for name, (response, seconds) in timed.items():
             assert seconds < 0.5 + SLACK_S, (name, seconds)
             if name == "metrics":  # a scrape still answers, with what this process knows

@@ -8,11 +8,8 @@ connections but never answers, the case that costs a caller its full socket time
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +21,7 @@ from kvbus.engine.model import ModelShape, TinyLlama
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.locations import Location
-from tests.conftest import MODEL, RedisServer, free_port
+from tests.conftest import MODEL, RedisServer
 from tests.engine.conftest import SHAPE
 
 INSTANCE = "engine-stalled"
@@ -34,24 +31,14 @@ PROMPTS = [list(range(1000 + 300 * i, 1300 + 300 * i)) for i in range(40)]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    yield server
-    if server.process is not None:
-        os.kill(server.process.pid, signal.SIGCONT)  # a failed test must not leave it stopped
-    server.kill()
-
-
-@pytest.fixture
-def client(server: RedisServer, model: TinyLlama, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(stallable_redis: RedisServer, model: TinyLlama, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     def built(shape: ModelShape, seed: int) -> TinyLlama:
         assert (shape, seed) == (SHAPE, 0)
         return model
 
     monkeypatch.setattr(app, "build_model", built)
     config = KVBusConfig(
-        enable_controller=True, redis_url=server.url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.1
+        enable_controller=True, redis_url=stallable_redis.url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.1
     )
     with TestClient(app.create_app(config, MODEL, shape=SHAPE)) as test_client:
         yield test_client
@@ -70,13 +57,12 @@ def index_entries(server: RedisServer) -> int:
 
 
 def test_completions_go_on_while_redis_is_stalled_and_are_indexed_once_it_answers(
-    client: TestClient, server: RedisServer
+    client: TestClient, stallable_redis: RedisServer
 ) -> None:
-    assert server.process is not None
     normal = max(timed_completion(client, prompt)[0] for prompt in PROMPTS[:3])
-    assert index_entries(server) == 6
+    assert index_entries(stallable_redis) == 6
 
-    os.kill(server.process.pid, signal.SIGSTOP)
+    stallable_redis.pause()
     stalled_at = time.monotonic()
     served = 3
     while time.monotonic() - stalled_at < STALL_S:
@@ -89,9 +75,9 @@ def test_completions_go_on_while_redis_is_stalled_and_are_indexed_once_it_answer
         assert client.get("/health").status_code == 200
         served += 1
 
-    os.kill(server.process.pid, signal.SIGCONT)
+    stallable_redis.resume()
     resumed_at = time.monotonic()
-    while index_entries(server) < 2 * served:
+    while index_entries(stallable_redis) < 2 * served:
         assert time.monotonic() - resumed_at < 1.0, "the stalled stores did not reach the index within 1 s"
         time.sleep(0.02)
-    assert index_entries(server) == 2 * served
+    assert index_entries(stallable_redis) == 2 * served
