@@ -22,7 +22,7 @@ from typing import cast
 
 import redis
 
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, Result, ResultStatus
 from kvbus.shared.outage import Outage
@@ -40,7 +40,7 @@ Entry = tuple[str, dict[str, str] | None]
 class CommandConsumer:
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis_conn.Client,
         *,
         instance_id: str,
         worker_id: int,

@@ -16,7 +16,7 @@ import time
 import redis
 
 from kvbus.agent.paged_blocks import Layout
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.locations import Location
 from kvbus.shared.records import WorkerRecord
@@ -27,7 +27,7 @@ log = logging.getLogger("kvbus.agent.index_reader")
 class IndexReader:
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis_conn.Client,
         instance_id: str,
         *,
         worker_id: int,

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import redis
 
 from kvbus.agent.backends.base import IndexEntry
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
 from kvbus.shared.outage import Outage
 
@@ -89,7 +89,7 @@ class IndexWriter:
     """The IndexListener of every backend of one agent (one rank of an instance)."""
 
     def __init__(
-        self, client: redis.Redis, instance_id: str, worker_id: int, *, flush_interval_s: float = 0.005
+        self, client: redis_conn.Client, instance_id: str, worker_id: int, *, flush_interval_s: float = 0.005
     ) -> None:
         self._redis = client
         self._instance = instance_id
@@ -236,7 +236,7 @@ class IndexWriter:
         if forget:
             self._wake.set()
 
-    def _add_commands(self, pipe: redis.client.Pipeline, location: Location, delta: _LocationDelta) -> None:
+    def _add_commands(self, pipe: redis_conn.Pipeline, location: Location, delta: _LocationDelta) -> None:
         index_key = keys.index(self._instance, self._worker, location)
         heads_key = keys.heads(self._instance, self._worker, location)
         items = list(delta.admit.items())

@@ -40,7 +40,7 @@ import torch
 
 from kvbus.agent import chunk_format
 from kvbus.agent.backends.base import IndexEntry, StorageBackend
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.messages import TICKET_BYTES
 from kvbus.shared.records import MoveTicket
@@ -184,7 +184,7 @@ class PeerServer:
         after_store: Callable[[], None],
         timeout_s: float,
         *,
-        tickets: redis.Redis,
+        tickets: redis_conn.Client,
         instance_id: str,
         worker_id: int,
     ) -> None:

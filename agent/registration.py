@@ -13,9 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
-
-from kvbus.shared import deregistration, keys
+from kvbus.shared import deregistration, keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
@@ -36,7 +34,7 @@ class WorkerAddress:
 class Registration:
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis_conn.Client,
         *,
         instance_id: str,
         worker_id: int,

@@ -29,7 +29,7 @@ log = logging.getLogger("kvbus.controller")
 PROBE_TIMEOUT_S = 2.0  # start-up's check of Redis: long enough for a cold connection, short enough to not delay
 
 
-async def _probe(client: redis.asyncio.Redis, redis_url: str) -> None:
+async def _probe(client: redis_conn.AsyncClient, redis_url: str) -> None:
     """Say at start-up what is wrong with Redis, if anything: the controller starts all the same and serves
     503s until Redis answers, but a wrong password never fixes itself, so the log names the setting."""
     try:
@@ -53,8 +53,8 @@ def create_app(config: KVBusConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis_client = redis_conn.connect_async(config.redis_url)
-        reader_client = redis_conn.connect_async(config.redis_url, blocking=True)
+        redis_client = await redis_conn.connect_async(config.redis_url)
+        reader_client = await redis_conn.connect_async(config.redis_url, blocking=True)
         bus = CommandBus(
             redis_client,
             reader_client,

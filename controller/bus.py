@@ -20,7 +20,7 @@ import redis
 import redis.asyncio
 
 from kvbus.controller.errors import REDIS_DOWN, AgentTimeout, UnknownInstance, redis_stalled
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, encode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
@@ -120,8 +120,8 @@ class _Waiter:
 class CommandBus:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
-        reader: redis.asyncio.Redis,
+        client: redis_conn.AsyncClient,
+        reader: redis_conn.AsyncClient,
         *,
         timeout_s: float,
         redis_timeout_s: float = 1.0,

@@ -8,12 +8,10 @@ are not stored: `event_ids` tells them apart by their id.
 
 from __future__ import annotations
 
-import redis.asyncio
-
 from kvbus.controller import event_ids
 from kvbus.controller.answers import CheckFinishAnswer, CommandStatus, WorkerOutcome
 from kvbus.controller.errors import UnknownEvent
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.messages import Result, ResultStatus
 from kvbus.shared.records import CommandRecord, RecordedResult
@@ -23,7 +21,7 @@ from kvbus.shared.records import CommandRecord, RecordedResult
 _LATE_GRACE_MS = 2000
 
 
-async def check(client: redis.asyncio.Redis, event_id: str) -> CheckFinishAnswer:
+async def check(client: redis_conn.AsyncClient, event_id: str) -> CheckFinishAnswer:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.command_record(event_id))
     pipe.time()

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Iterable
 from importlib import resources
 
-import redis.asyncio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
@@ -30,7 +29,7 @@ from kvbus.controller.answers import (
 )
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.metrics import Metrics
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.records import (
     JournaledCommand,
@@ -59,7 +58,7 @@ async def page(request: Request) -> HTMLResponse:
 
 
 async def dashboard_json(request: Request) -> Response:
-    client: redis.asyncio.Redis = request.app.state.redis
+    client: redis_conn.AsyncClient = request.app.state.redis
     metrics: Metrics = request.app.state.metrics
     bus: CommandBus = request.app.state.bus
     snapshot, (commands, lifecycle) = await asyncio.gather(fleet.read(client), _recent(client))
@@ -105,7 +104,7 @@ def _worker(worker: fleet.Worker, ttl_s: float) -> DashboardWorker:
     )
 
 
-async def _recent(client: redis.asyncio.Redis) -> tuple[list[RecentCommand], list[LifecycleView]]:
+async def _recent(client: redis_conn.AsyncClient) -> tuple[list[RecentCommand], list[LifecycleView]]:
     pipe = client.pipeline(transaction=False)
     pipe.xrevrange(keys.JOURNAL, count=JOURNAL_WINDOW)
     pipe.xrevrange(keys.LIFECYCLE, count=AGENT_EVENTS)

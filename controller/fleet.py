@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio
-
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.records import LMCacheSync, WorkerRecord
 
@@ -82,7 +80,7 @@ class Fleet:
         return next((i for i in self.instances if i.instance_id == instance_id), None)
 
 
-async def read(client: redis.asyncio.Redis, only: str | None = None, *, backlogs: bool = True) -> Fleet:
+async def read(client: redis_conn.AsyncClient, only: str | None = None, *, backlogs: bool = True) -> Fleet:
     """The registered instances (or just `only`, if registered), with their workers and, if asked, backlogs."""
     pipe = client.pipeline(transaction=False)
     pipe.smembers(keys.INSTANCES)
@@ -117,7 +115,7 @@ class _Group:
         return self.pending + self.undelivered
 
 
-async def _read_instances(client: redis.asyncio.Redis, ids: list[str], backlogs: bool) -> list[_InstanceState]:
+async def _read_instances(client: redis_conn.AsyncClient, ids: list[str], backlogs: bool) -> list[_InstanceState]:
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         pipe.smembers(keys.workers(instance_id))
@@ -158,7 +156,7 @@ class _WorkerRead:
 
 
 async def _read_workers(
-    client: redis.asyncio.Redis, states: list[_InstanceState], locations: list[str]
+    client: redis_conn.AsyncClient, states: list[_InstanceState], locations: list[str]
 ) -> dict[tuple[str, int], _WorkerRead]:
     pipe = client.pipeline(transaction=False)
     asked_oldest: list[bool] = []
@@ -182,7 +180,7 @@ async def _read_workers(
     return reads
 
 
-def _ask_oldest(pipe: redis.asyncio.client.Pipeline, state: _InstanceState, worker_id: int) -> bool:
+def _ask_oldest(pipe: redis_conn.AsyncPipeline, state: _InstanceState, worker_id: int) -> bool:
     """Queue the read of the worker's oldest unacked command, if it has any; True if queued."""
     group = (state.groups or {}).get(keys.command_group(worker_id))
     if group is None or not group.unacked:

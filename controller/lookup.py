@@ -23,9 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import redis.asyncio
-
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import Chunk, LMCacheHashSpace, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
 
@@ -113,7 +111,7 @@ class _Scope:
 
 
 class PrefixIndex:
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis_conn.AsyncClient) -> None:
         self._redis = client
         self._scope = _Scope()
         self._walk = client.register_script(_WALK)
@@ -186,7 +184,7 @@ class _Chain(NamedTuple):
         return [keys.space_instances(self.space)]
 
 
-def _read_heads(pipe: redis.asyncio.client.Pipeline, chains: list[_Chain], locations: tuple[Location, ...]) -> None:
+def _read_heads(pipe: redis_conn.AsyncPipeline, chains: list[_Chain], locations: tuple[Location, ...]) -> None:
     for chain in chains:
         for key in chain.candidate_sets(locations):
             pipe.smembers(key)

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio
 
 from kvbus.controller import fleet
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import FASTEST_FIRST, Location
 from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind
 
@@ -39,7 +39,7 @@ return 1
 
 
 class Reaper:
-    def __init__(self, client: redis.asyncio.Redis, *, reap_after_s: float) -> None:
+    def __init__(self, client: redis_conn.AsyncClient, *, reap_after_s: float) -> None:
         self._redis = client
         self._reap_after = reap_after_s
         self._interval = max(1.0, min(30.0, reap_after_s / 4))

@@ -13,15 +13,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 
-import redis.asyncio
-
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.messages import TICKET_BYTES
 from kvbus.shared.records import MoveTicket
 
 
 async def issue_tickets(
-    client: redis.asyncio.Redis, dest_instance: str, grants: Mapping[str, MoveTicket], ttl_ms: int
+    client: redis_conn.AsyncClient, dest_instance: str, grants: Mapping[str, MoveTicket], ttl_ms: int
 ) -> dict[str, str]:
     """Write a ticket into `dest_instance` for each source worker (the keys of `grants`) allowing what its
     grant says; returns each worker's token, in hex, for the command to carry."""

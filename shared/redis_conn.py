@@ -1,4 +1,9 @@
-"""Redis client settings both sides use: short timeouts and few retries, so failures surface fast.
+"""Redis clients both sides use: one Redis or a Redis Cluster, short timeouts and few retries.
+
+`redis_url` names one node (`redis://[user:password@]host:port/0`, `rediss://` for TLS) or a
+list of a cluster's seed nodes (`redis://[user:password@]host1:port1,host2:port2/0`). A single
+node is asked whether it runs in cluster mode (`INFO cluster`), so a URL naming any node of a
+cluster gives a cluster client that discovers the rest; a list of seeds always does.
 
 redis-py 8 retries 10 times with a 5 s socket timeout by default; a request would then hang
 for a minute while Redis is down. Blocking readers get a socket timeout longer than their BLOCK.
@@ -7,13 +12,19 @@ A client that a request waits on (the vLLM scheduler's index reads) gets a far s
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+import logging
+from collections.abc import Callable
+from typing import Literal, TypeAlias, TypedDict
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
+import redis.cluster
 import redis.retry
 from redis.backoff import ExponentialWithJitterBackoff
+
+log = logging.getLogger("kvbus.redis")
 
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
@@ -21,6 +32,13 @@ BLOCK_MS = 1000  # XREAD/XREADGROUP BLOCK; kept well under the reader's socket t
 # A healthy Redis answers in well under a millisecond; a request waits at most about this (one try)
 # on a stalled one, and a slow answer only costs a cache miss.
 REQUEST_PATH_TIMEOUT_S = 0.5
+# How long finding out whether the URL names a cluster may take, when Redis does not answer.
+DETECT_TIMEOUT_S = 1.0
+
+Client: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
+AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
+Pipeline: TypeAlias = "redis.client.Pipeline | redis.cluster.ClusterPipeline"
+AsyncPipeline: TypeAlias = "redis.asyncio.client.Pipeline | redis.asyncio.cluster.ClusterPipeline"
 
 
 class _Options(TypedDict):
@@ -48,21 +66,107 @@ def _options(blocking: bool, request_path: bool = False) -> _Options:
     }
 
 
-def connect(url: str, *, blocking: bool = False, request_path: bool = False) -> redis.Redis:
+def seed_urls(url: str) -> list[str]:
+    """One URL per node that `url` names: `redis://pw@h1:1,h2:2/0` gives `redis://pw@h1:1/0` and `redis://pw@h2:2/0`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return [url]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    credentials, at, hosts = netloc.rpartition("@")
+    return [f"{scheme}://{credentials}{at}{host}{tail}" for host in hosts.split(",") if host]
+
+
+# Per URL, whether it names a cluster, once a node has said so: every client of a process asks once.
+_modes: dict[str, bool] = {}
+
+
+def _decided(url: str) -> bool | None:
+    if url in _modes:
+        return _modes[url]
+    if len(seed_urls(url)) > 1:
+        return True
+    return None
+
+
+def _undecided(url: str, exc: redis.RedisError) -> bool:
+    log.warning(
+        "could not ask %s whether it runs Redis Cluster (%s); using it as a single node. For a cluster that "
+        "may be down when kvbus starts, list two or more of its nodes in redis_url (host1:port1,host2:port2)",
+        redacted(url),
+        exc,
+    )
+    return False
+
+
+def is_cluster(url: str) -> bool:
+    """Whether `url` names a Redis Cluster (asks its node, once per process, within DETECT_TIMEOUT_S)."""
+    decided = _decided(url)
+    if decided is not None:
+        return decided
+    probe = redis.Redis.from_url(url, socket_connect_timeout=DETECT_TIMEOUT_S, socket_timeout=DETECT_TIMEOUT_S)
+    try:
+        _modes[url] = bool(probe.info("cluster").get("cluster_enabled"))
+    except redis.RedisError as exc:
+        return _undecided(url, exc)
+    finally:
+        probe.close()
+    return _modes[url]
+
+
+async def is_cluster_async(url: str) -> bool:
+    """`is_cluster` without blocking the event loop."""
+    decided = _decided(url)
+    if decided is not None:
+        return decided
+    probe = redis.asyncio.Redis.from_url(url, socket_connect_timeout=DETECT_TIMEOUT_S, socket_timeout=DETECT_TIMEOUT_S)
+    try:
+        _modes[url] = bool((await probe.info("cluster")).get("cluster_enabled"))
+    except redis.RedisError as exc:
+        return _undecided(url, exc)
+    finally:
+        await probe.aclose()
+    return _modes[url]
+
+
+# redis-py's sync ClusterNode is unannotated; this names what it takes.
+_SyncNode: Callable[..., redis.cluster.ClusterNode] = redis.cluster.ClusterNode
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """The host and port of a one-node URL; a port left out is 6379."""
+    netloc = url.partition("://")[2].split("/")[0].split("?")[0].rpartition("@")[2]
+    host, colon, port = netloc.rpartition(":")
+    if not colon or "]" in port:
+        return netloc.strip("[]") or "127.0.0.1", 6379
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def connect(url: str, *, blocking: bool = False, request_path: bool = False) -> Client:
     """A sync client, for agent threads that must not touch the engine's event loop.
 
     `request_path`: for a caller a request waits on, which would rather miss than wait; each call
     is tried once, with REQUEST_PATH_TIMEOUT_S to connect and to read, instead of up to 3 x 5 s.
     """
     retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 0 if request_path else 2)
-    return redis.Redis.from_url(url, retry=retry, **_options(blocking, request_path))
+    options = _options(blocking, request_path)
+    if is_cluster(url):
+        first, *others = seed_urls(url)
+        nodes = [_SyncNode(*_host_port(u)) for u in others] or None
+        return redis.cluster.RedisCluster.from_url(first, retry=retry, startup_nodes=nodes, **options)
+    return redis.Redis.from_url(url, retry=retry, **options)
 
 
-def connect_async(url: str, *, blocking: bool = False) -> redis.asyncio.Redis:
+async def connect_async(url: str, *, blocking: bool = False) -> AsyncClient:
     """An asyncio client, for the controller."""
     # The asyncio client needs the asyncio Retry: given the sync one it silently never retries.
     retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
-    return redis.asyncio.Redis.from_url(url, retry=retry, **_options(blocking))
+    options = _options(blocking)
+    if await is_cluster_async(url):
+        first, *others = seed_urls(url)
+        nodes = [redis.asyncio.cluster.ClusterNode(*_host_port(u)) for u in others] or None
+        return redis.asyncio.cluster.RedisCluster.from_url(first, retry=retry, startup_nodes=nodes, **options)
+    return redis.asyncio.Redis.from_url(url, retry=retry, **options)
 
 
 def redacted(url: str) -> str:

@@ -6,10 +6,7 @@ result on the stream of the controller that waits.
 
 from __future__ import annotations
 
-import redis.asyncio.client
-import redis.client
-
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import encode
 from kvbus.shared.messages import Command, Result
 from kvbus.shared.records import CommandRecord, JournaledResult
@@ -26,7 +23,7 @@ def deadline_ms(entry_id: str, command: Command) -> int:
 
 
 def queue_reply(
-    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline,
+    pipe: redis_conn.Pipeline | redis_conn.AsyncPipeline,
     command: Command,
     result: Result,
     *,

@@ -7,8 +7,6 @@ import asyncio
 import logging
 import os
 
-import redis.asyncio
-
 from kvbus.controller.lmcache.monitor import Monitor, MonitorPorts
 from kvbus.controller.lmcache.relay import Relay
 from kvbus.controller.lmcache.workers import LMCacheWorkers
@@ -32,18 +30,18 @@ def hash_space(config: KVBusConfig, environ: dict[str, str] | None = None) -> LM
 
 
 class Bridge:
-    def __init__(self, client: redis.asyncio.Redis, config: KVBusConfig, *, controller_id: str) -> None:
+    def __init__(self, client: redis_conn.AsyncClient, config: KVBusConfig, *, controller_id: str) -> None:
         self._redis = client
         self._config = config
         self._controller_id = controller_id
-        self._reader: redis.asyncio.Redis | None = None
+        self._reader: redis_conn.AsyncClient | None = None
         self._relay: Relay | None = None
         self._relaying: asyncio.Task[None] | None = None
         self._monitor: Monitor | None = None
 
     async def start(self) -> None:
         config = self._config
-        self._reader = redis_conn.connect_async(config.redis_url, blocking=True)
+        self._reader = await redis_conn.connect_async(config.redis_url, blocking=True)
         self._relay = Relay(
             self._redis,
             self._reader,

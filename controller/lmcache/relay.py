@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 
 from kvbus.controller.lmcache import wire
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
@@ -64,8 +64,8 @@ class _Worker:
 class Relay:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
-        reader: redis.asyncio.Redis,
+        client: redis_conn.AsyncClient,
+        reader: redis_conn.AsyncClient,
         *,
         consumer: str,
         heartbeat_interval_s: float,

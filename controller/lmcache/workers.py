@@ -21,7 +21,7 @@ import redis
 import redis.asyncio
 
 from kvbus.controller.lmcache import wire
-from kvbus.shared import deregistration, keys
+from kvbus.shared import deregistration, keys, redis_conn
 from kvbus.shared.config import valid_instance_id
 from kvbus.shared.flat_fields import DecodeError, encode_some
 from kvbus.shared.hashing import LMCacheHashSpace
@@ -67,7 +67,7 @@ return 0
 
 class LMCacheWorkers:
     def __init__(
-        self, client: redis.asyncio.Redis, space: LMCacheHashSpace, *, heartbeat_ttl_s: float, heartbeat_url: str
+        self, client: redis_conn.AsyncClient, space: LMCacheHashSpace, *, heartbeat_ttl_s: float, heartbeat_url: str
     ) -> None:
         self._redis = client
         self.space = space
