@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fakeredis
@@ -49,6 +50,7 @@ class RedisServer:
     port: int
     workdir: Path
     appendonly: bool = False
+    cluster: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,6 +74,10 @@ class RedisServer:
             "--dir",
             str(self.workdir),
         ]
+        if self.cluster:
+            # A short node timeout: a killed master's replica takes over in about 2 s, not 15.
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            args += ["--cluster-node-timeout", "1000"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         wait_for(client.ping, what=f"redis-server on {self.port}")
@@ -112,18 +118,136 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.kill()
 
 
+def cluster_ports(count: int) -> list[int]:
+    """`count` free loopback ports below 55000 whose cluster bus ports (+10000) are free as well."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(20000, 45000)
+        if port in ports:
+            continue
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of the tests' own: `masters` masters with one replica each, on free loopback ports."""
+
+    workdir: Path
+    masters: int = 3
+    nodes: dict[int, RedisServer] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """Any one node names the cluster: kvbus finds the rest."""
+        return f"redis://127.0.0.1:{next(iter(self.nodes))}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        for port in cluster_ports(self.masters * 2):
+            node = RedisServer(port, self.workdir / str(port), cluster=True)
+            node.workdir.mkdir(parents=True, exist_ok=True)
+            node.start()
+            self.nodes[port] = node
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.nodes)]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        wait_for(self.healthy, timeout=30, what="the cluster to cover every slot")
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster.from_url(self.url, decode_responses=True)
+
+    def healthy(self) -> bool:
+        """Every live node sees every slot served and knows `masters` masters with a replica each."""
+        for node in self.live():
+            with redis.Redis(port=node.port, decode_responses=True, socket_timeout=1) as client:
+                info = client.cluster("info")
+                if info["cluster_state"] != "ok" or int(info["cluster_size"]) != self.masters:
+                    return False
+        return True
+
+    def live(self) -> list[RedisServer]:
+        return [node for node in self.nodes.values() if node.process is not None]
+
+    def master_ports(self) -> list[int]:
+        """The ports of the nodes serving slots now, as the first live node sees them."""
+        with redis.Redis(port=self.live()[0].port, decode_responses=True, socket_timeout=1) as client:
+            lines = client.execute_command("CLUSTER", "NODES").splitlines()
+        return sorted(
+            int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            for line in lines
+            if "master" in line.split()[2] and "fail" not in line.split()[2] and len(line.split()) > 8
+        )
+
+    def flush(self) -> None:
+        for port in self.master_ports():
+            with redis.Redis(port=port, socket_timeout=2) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One 3-master cluster with a replica per master, shared by the session (tests flush it)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A real, empty Redis for this test."""
-    client = redis.Redis.from_url(redis_server.url)
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The shared cluster, empty. A test that kills or moves nodes starts a cluster of its own."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `REDIS_BACKENDS = ("single", "cluster")` runs each of its tests on one Redis
+    and on a Redis Cluster: one suite for both deployments."""
+    backends = getattr(metafunc.module, "REDIS_BACKENDS", None)
+    if backends and "redis_backend" in metafunc.fixturenames:
+        metafunc.parametrize("redis_backend", backends, indirect=True)
+
+
+@pytest.fixture
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(redis_backend: str, request: pytest.FixtureRequest) -> str:
+    """A real, empty Redis for this test: one node, or the shared cluster in a module run on both."""
+    if redis_backend == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url)
     client.flushall()
     client.close()
-    return redis_server.url
+    return server.url
 
 
 @pytest.fixture
-def real_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def real_redis(redis_url: str, redis_backend: str) -> Iterator[redis.Redis | redis.RedisCluster]:
+    factory = redis.RedisCluster if redis_backend == "cluster" else redis.Redis
+    client = factory.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
 
