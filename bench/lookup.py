@@ -71,7 +71,7 @@ def _populate(client: redis.Redis, rng: torch.Generator, numbers: range, prompt:
 
 async def _in_process(redis_url: str, tokens: list[int], samples: int) -> list[float]:
     """PrefixIndex.lookup called in this process: the index's part of a lookup, without HTTP, JSON or uvicorn."""
-    client = redis_conn.connect_async(redis_url)
+    client = await redis_conn.connect_async(redis_url)
     index = PrefixIndex(client)
     latencies = []
     try:

@@ -37,49 +37,54 @@ SILENCE_S = 0.25
 _TTL_REFRESH_S = 10
 
 
-# One atomic step: find the instance's workers, write the command record for /check_finish, send the
-# command, journal it; answers 'sent' or 'down', then the workers. No workers or no stream means the
-# instance is unknown: nothing is written. No heartbeat (the alive key expired) means no worker reads
-# the stream: the command is not sent, since it would run whenever the instance came back, long after
-# anyone waited for it; its record says so, each worker's result `expired` (`not_sent`).
-# Records are kept for event_retention (their TTL) and at most event_retention_count of them: the
-# list of their ids drops the oldest past the count (at most TRIM_STEP a send, which bounds the
-# script's work when the count is lowered) and, a few a send, the ids of records that expired, so it
-# holds about the live records only. Each send adds one id.
-# KEYS: the workers set, the command record, the command stream, the journal, the alive key, the list
-# of kept records. ARGV[1]: the settings (JSON, below, in `_settings`); ARGV[2...]: the command's fields.
+# Two steps, each atomic in one Redis Cluster slot: the instance's (its workers, heartbeat and command
+# stream share its hash tag) and its record's (a shard of records with its list of ids).
+#
+# The send: find the instance's workers and send the command; answers 'sent' or 'down', the entry's
+# time, then the workers. No workers or no stream means the instance is unknown: nothing is written. No
+# heartbeat (the alive key expired) means no worker reads the stream: the command is not sent, since it
+# would run whenever the instance came back, long after anyone waited for it.
+# KEYS: the workers set, the command stream, the alive key. ARGV[1]: the MINID the stream is trimmed
+# to; ARGV[2...]: the command's fields.
 _SEND = """
-local s = cjson.decode(ARGV[1])
 local workers = redis.call('SMEMBERS', KEYS[1])
-if #workers == 0 or redis.call('EXISTS', KEYS[3]) == 0 then return false end
-local alive = redis.call('EXISTS', KEYS[5]) == 1
-local sent_ms
-if alive then
-  local entry = redis.call('XADD', KEYS[3], 'MINID', '~', s.minid, '*', unpack(ARGV, 2))
-  sent_ms = tonumber(string.match(entry, '^%d+'))
-else
+if #workers == 0 or redis.call('EXISTS', KEYS[2]) == 0 then return false end
+if redis.call('EXISTS', KEYS[3]) == 0 then
   local now = redis.call('TIME')  -- what the entry id would have been: the deadline counts from it
-  sent_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  for _, worker in ipairs(workers) do
-    redis.call('HSET', KEYS[2], worker, s.not_sent)  -- CommandRecord.result_field
+  return {'down', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), unpack(workers)}
+end
+local entry = redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], '*', unpack(ARGV, 2))
+return {'sent', tonumber(string.match(entry, '^%d+')), unpack(workers)}
+"""
+
+# The record, for /check_finish: written while the workers run the command (their results go into the
+# same hash, other fields), each unsent command's workers marked `expired` (`not_sent`). Records are kept
+# for event_retention (their TTL) and at most `keep` of them per shard: the shard's list of ids drops the
+# oldest past it (at most TRIM_STEP a send, which bounds the script's work when the count is lowered)
+# and, a few a send, the ids of records that expired, so it holds about the live records only.
+# KEYS: the record, the shard's list of ids. ARGV[1]: the settings (JSON, below, in `_settings`).
+_RECORD = """
+local s = cjson.decode(ARGV[1])
+if not s.sent then
+  for _, worker in ipairs(s.workers) do
+    redis.call('HSET', KEYS[1], worker, s.not_sent)  -- CommandRecord.result_field
   end
 end
-redis.call('HSET', KEYS[2], s.deadline_field, string.format('%.0f', sent_ms + s.timeout_ms),
-           s.workers_field, '[' .. table.concat(workers, ',') .. ']', unpack(s.record))
-redis.call('PEXPIRE', KEYS[2], s.retention_ms)
-local kept = redis.call('RPUSH', KEYS[6], s.event_id)
+redis.call('HSET', KEYS[1], s.deadline_field, s.deadline_ms,
+           s.workers_field, '[' .. table.concat(s.workers, ',') .. ']', unpack(s.record))
+redis.call('PEXPIRE', KEYS[1], s.retention_ms)
+local kept = redis.call('RPUSH', KEYS[2], s.event_id)
 if kept > s.keep then
-  local oldest = redis.call('LPOP', KEYS[6], math.min(kept - s.keep, s.trim_step))
+  local oldest = redis.call('LPOP', KEYS[2], math.min(kept - s.keep, s.trim_step))
   for i = 1, #oldest do oldest[i] = s.record_prefix .. oldest[i] end
   redis.call('UNLINK', unpack(oldest))
 end
 for _ = 1, 2 do
-  local head = redis.call('LINDEX', KEYS[6], 0)
+  local head = redis.call('LINDEX', KEYS[2], 0)
   if redis.call('EXISTS', s.record_prefix .. head) == 1 then break end
-  redis.call('LPOP', KEYS[6])
+  redis.call('LPOP', KEYS[2])
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', s.journal_maxlen, '*', unpack(s.journal))
-return {alive and 'sent' or 'down', unpack(workers)}
+return 1
 """
 TRIM_STEP = 100
 NOT_SENT = "not sent: the instance had no heartbeat"  # the recorded detail of each worker of an unsent command
@@ -87,6 +92,21 @@ NOT_SENT = "not sent: the instance had no heartbeat"  # the recorded detail of e
 
 def _flat(fields: Mapping[Any, Any]) -> list[str]:
     return [str(v) for kv in fields.items() for v in kv]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    delivered: bool  # False: the instance had no heartbeat, and the command was not sent
+    at_ms: int  # Redis server time of the send, which the command's deadline counts from
+    workers: list[int]
+
+
+def _not_sent(instance_id: str, sent: _Sent, event_id: str) -> AgentTimeout:
+    return AgentTimeout(
+        f"the command was not sent: {instance_id!r} (workers {', '.join(map(str, sent.workers))}) has no heartbeat, "
+        "so its engine is down or cannot reach Redis; it is not queued to run when the instance returns",
+        event_id=event_id,
+    )
 
 
 @dataclass
@@ -137,6 +157,7 @@ class CommandBus:
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
         self._send = client.register_script(_SEND)
+        self._record = client.register_script(_RECORD)
         self._pending: dict[str, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -178,65 +199,83 @@ class CommandBus:
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
-            reply = await self._deliver(command, instance_id)
-            if not reply:
-                raise UnknownInstance(
-                    f"unknown instance_id {instance_id!r}: no agent has registered it "
-                    "(check enable_controller and redis_url in the engine's config)"
-                )
-            state, *workers = reply
-            if state == "down":
-                raise AgentTimeout(
-                    f"the command was not sent: {instance_id!r} (workers {', '.join(workers)}) has no heartbeat, "
-                    "so its engine is down or cannot reach Redis; it is not queued to run when the instance returns",
-                    event_id=event_id,
-                )
-            waiter.expect({int(w) for w in workers})
-            await asyncio.wait_for(asyncio.shield(waiter.done), max(0.0, deadline - loop.time()))
+            sent = await self._deliver(command, instance_id)
+            # The record is written while the workers run the command, so it costs the answer no time.
+            recording = asyncio.ensure_future(self._write_record(command, instance_id, sent))
+            try:
+                if not sent.delivered:
+                    raise _not_sent(instance_id, sent, event_id)
+                waiter.expect(set(sent.workers))
+                await asyncio.wait_for(asyncio.shield(waiter.done), max(0.0, deadline - loop.time()))
+            finally:
+                await recording
         except TimeoutError:
             raise AgentTimeout(await self._silence(instance_id, waiter), event_id=event_id) from None
         finally:
             self._pending.pop(event_id, None)
         return Outcome(event_id, instance_id, dict(sorted(waiter.results.items())))
 
-    async def _deliver(self, command: Command, instance_id: str) -> list[str] | None:
-        """The send script's answer, or BusUnavailable after `redis_timeout_s`: the command may have reached Redis
-        all the same (its bytes were written), so the 503 carries the event id /check_finish knows it by."""
+    async def _deliver(self, command: Command, instance_id: str) -> _Sent:
+        """Put the command on the instance's stream, unless the instance is unknown (UnknownInstance) or has no
+        heartbeat (not sent). BusUnavailable after `redis_timeout_s`: the command may have reached Redis all
+        the same (its bytes were written), so the 503 carries the event id /check_finish knows it by."""
+        minid = str(int(time.time() * 1000) - COMMAND_RETENTION_MS)
         try:
             async with asyncio.timeout(self.redis_timeout_s):
                 reply = await self._send(
-                    keys=[
-                        keys.workers(instance_id),
-                        keys.command_record(command.event_id),
-                        keys.commands(instance_id),
-                        keys.JOURNAL,
-                        keys.alive(instance_id),
-                        keys.COMMAND_RECORDS,
-                    ],
-                    args=[json.dumps(self._settings(command, instance_id)), *_flat(encode(command))],
+                    keys=[keys.workers(instance_id), keys.commands(instance_id), keys.alive(instance_id)],
+                    args=[minid, *_flat(encode(command))],
                 )
         except TimeoutError:
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None
-        return cast(list[str] | None, reply)
+        if not reply:
+            raise UnknownInstance(
+                f"unknown instance_id {instance_id!r}: no agent has registered it "
+                "(check enable_controller and redis_url in the engine's config)"
+            )
+        state, sent_ms, *workers = cast(list[Any], reply)
+        return _Sent(state == "sent", int(sent_ms), sorted(int(w) for w in workers))
 
-    def _settings(self, command: Command, instance_id: str) -> dict[str, Any]:
-        """What the send script needs beside the command itself; numbers Redis reads go as text."""
+    async def _write_record(self, command: Command, instance_id: str, sent: _Sent) -> None:
+        """Write the command's record and journal entry, within `redis_timeout_s`. A failure costs only
+        /check_finish its answer for this command (a 404), never the command: it is logged, not raised."""
+        shard = keys.command_shard(command.event_id)
+        journal = JournaledCommand.of(command, instance_id)
+        try:
+            async with asyncio.timeout(self.redis_timeout_s):
+                await asyncio.gather(
+                    self._record(
+                        keys=[keys.command_record(command.event_id), keys.command_records(shard)],
+                        args=[json.dumps(self._settings(command, instance_id, sent))],
+                    ),
+                    self._redis.xadd(
+                        keys.JOURNAL,
+                        journal,
+                        maxlen=keys.JOURNAL_MAXLEN,
+                        approximate=True,
+                    ),
+                )
+        except (redis.RedisError, TimeoutError) as exc:
+            log.warning("no record of %s for /check_finish: %s", command.event_id, exc or "Redis did not answer")
+
+    def _settings(self, command: Command, instance_id: str, sent: _Sent) -> dict[str, Any]:
+        """What the record script needs; numbers Redis reads go as text."""
         deadline_field, workers_field = CommandRecord.SCRIPT_FIELDS
+        shard = keys.command_shard(command.event_id)
         return {
             "event_id": command.event_id,
-            "minid": str(int(time.time() * 1000) - COMMAND_RETENTION_MS),
-            "timeout_ms": command.timeout_ms,
+            "sent": sent.delivered,
+            "workers": [str(w) for w in sent.workers],
+            "deadline_ms": str(sent.at_ms + command.timeout_ms),
             "record": _flat(CommandRecord.sent(command, instance_id)),
             "deadline_field": deadline_field,
             "workers_field": workers_field,
             "not_sent": CommandRecord.result_value(RecordedResult(status=ResultStatus.EXPIRED, detail=NOT_SENT)),
             "retention_ms": str(self.event_retention_ms),
-            "keep": self.event_retention_count,
+            "keep": -(-self.event_retention_count // keys.COMMAND_SHARDS),
             "trim_step": TRIM_STEP,
-            "record_prefix": keys.command_record(""),
-            "journal": _flat(JournaledCommand.of(command, instance_id)),
-            "journal_maxlen": str(keys.JOURNAL_MAXLEN),
+            "record_prefix": keys.command_record_prefix(shard),
         }
 
     async def _silence(self, instance_id: str, waiter: _Waiter) -> str:

@@ -7,6 +7,7 @@ and its index share one Redis Cluster slot. docs/redis-keys.md shows how to insp
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 PREFIX = "kvbus"
 
@@ -19,9 +20,9 @@ LIFECYCLE_MAXLEN = 10_000
 REAPER_LOCK = f"{PREFIX}:reaper"  # STRING with a TTL: the controller replica reaping this round
 JOURNAL = f"{PREFIX}:journal"  # STREAM of every command sent and every result returned, capped
 JOURNAL_MAXLEN = 100_000
-# LIST of the event ids of the command records kept, oldest first: the send script drops the oldest
-# records past event_retention_count, and ids whose record already expired (event_retention).
-COMMAND_RECORDS = f"{PREFIX}:commands"
+# Command records are spread over this many shards, each its own hash tag, so that no one slot takes
+# every command's writes on a cluster; each shard keeps its share of event_retention_count.
+COMMAND_SHARDS = 16
 
 
 def head(location: str, first_chunk: str) -> str:
@@ -46,9 +47,30 @@ def head_holder(member: str) -> tuple[str, int] | None:
     return instance_id, int(worker)
 
 
+def command_shard(event_id: str) -> int:
+    """The shard of `event_id`'s record: a stable hash of the id, the same in every process."""
+    return zlib.crc32(event_id.encode()) % COMMAND_SHARDS
+
+
+def _commands_tag(shard: int) -> str:
+    return f"{PREFIX}:{{commands:{shard}}}"
+
+
 def command_record(event_id: str) -> str:
     """HASH with a TTL: what /check_finish reads about one command (records.CommandRecord)."""
-    return f"{PREFIX}:command:{event_id}"
+    return f"{_commands_tag(command_shard(event_id))}:command:{event_id}"
+
+
+def command_records(shard: int) -> str:
+    """LIST of the event ids of the command records one shard keeps, oldest first: the controller drops
+    the oldest records past the shard's share of event_retention_count, and ids whose record already
+    expired (event_retention)."""
+    return f"{_commands_tag(shard)}:ids"
+
+
+def command_record_prefix(shard: int) -> str:
+    """What `command_record` puts before the event id, for every id of `shard`."""
+    return f"{_commands_tag(shard)}:command:"
 
 
 def results(controller_id: str) -> str:

@@ -120,7 +120,7 @@ def test_a_worker_outcome_carries_its_code_and_reason() -> None:
 
 def _check(url: str, event_id: str) -> CheckFinishAnswer:
     async def once() -> CheckFinishAnswer:
-        client = redis_conn.connect_async(url)
+        client = await redis_conn.connect_async(url)
         try:
             return await command_records.check(client, event_id)
         finally:
@@ -226,19 +226,33 @@ def test_a_command_record_costs_at_most_250_bytes(redis_url: str, real_redis: re
     assert real_redis.memory_usage(key, samples=0) <= 250
 
 
-def test_retention_is_bounded_by_count_the_oldest_records_going_first(
+def _by_shard(event_ids: list[str]) -> dict[int, list[str]]:
+    shards: dict[int, list[str]] = {}
+    for event_id in event_ids:
+        shards.setdefault(keys.command_shard(event_id), []).append(event_id)
+    return shards
+
+
+def test_retention_is_bounded_by_count_the_oldest_records_of_each_shard_going_first(
     redis_url: str, real_redis: redis.Redis, agent: Agent
 ) -> None:
-    config = BASE.with_overrides(redis_url=redis_url, event_retention_count=5)
+    """Records are spread over COMMAND_SHARDS shards (so no one cluster slot takes every command), each
+    keeping its share of event_retention_count: here 2 a shard."""
+    config = BASE.with_overrides(redis_url=redis_url, event_retention_count=2 * keys.COMMAND_SHARDS)
     with CheckedClient(create_app(config)) as client:
-        sent = [post(client, "/clear", CPU)["event_id"] for _ in range(8)]
-        for event_id in sent[:3]:
-            gone = post(client, "/check_finish", {"event_id": event_id}, status=404)
-            assert "event_retention_count" in gone["detail"]
-        for event_id in sent[3:]:
-            assert post(client, "/check_finish", {"event_id": event_id})["status"] == "finished"
-    assert real_redis.lrange(keys.COMMAND_RECORDS, 0, -1) == sent[3:]
-    assert sorted(real_redis.scan_iter(keys.command_record("*"))) == sorted(map(keys.command_record, sent[3:]))
+        sent = [post(client, "/clear", CPU)["event_id"] for _ in range(3 * keys.COMMAND_SHARDS)]
+        shards = _by_shard(sent)
+        kept = [event_id for ids in shards.values() for event_id in ids[-2:]]
+        for event_id in sent:
+            if event_id in kept:
+                assert post(client, "/check_finish", {"event_id": event_id})["status"] == "finished"
+            else:
+                gone = post(client, "/check_finish", {"event_id": event_id}, status=404)
+                assert "event_retention_count" in gone["detail"]
+    assert any(len(ids) > 2 for ids in shards.values())  # some shard dropped records
+    for shard, ids in shards.items():
+        assert real_redis.lrange(keys.command_records(shard), 0, -1) == ids[-2:]
+    assert sorted(real_redis.scan_iter("kvbus:*:command:*")) == sorted(map(keys.command_record, kept))
 
 
 def test_the_ids_of_records_that_expired_leave_the_list_as_new_commands_come(
@@ -246,11 +260,17 @@ def test_the_ids_of_records_that_expired_leave_the_list_as_new_commands_come(
 ) -> None:
     config = BASE.with_overrides(redis_url=redis_url, event_retention=0.3)
     with CheckedClient(create_app(config)) as client:
-        for _ in range(4):
-            post(client, "/clear", CPU)
-        wait_for(lambda: not any(real_redis.scan_iter(keys.command_record("*"))), what="the records to expire")
-        newer = [post(client, "/clear", CPU)["event_id"] for _ in range(2)]  # each drops up to two expired ids
-    assert real_redis.lrange(keys.COMMAND_RECORDS, 0, -1) == newer
+        old = _by_shard([post(client, "/clear", CPU)["event_id"] for _ in range(4)])
+        wait_for(lambda: not any(real_redis.scan_iter("*:command:*")), what="the records to expire")
+        # Each send drops up to two expired ids of its own shard: send until every shard had its chance.
+        newer: dict[int, list[str]] = {}
+        for _ in range(50 * keys.COMMAND_SHARDS):
+            if all(2 * len(newer.get(shard, [])) >= len(ids) for shard, ids in old.items()):
+                break
+            event_id = post(client, "/clear", CPU)["event_id"]
+            newer.setdefault(keys.command_shard(event_id), []).append(event_id)
+    for shard in old:
+        assert real_redis.lrange(keys.command_records(shard), 0, -1) == newer[shard]
 
 
 def test_a_result_written_after_its_record_was_dropped_is_an_unknown_event_not_a_500(

@@ -38,7 +38,7 @@ def test_a_call_cancelled_midway_leaves_no_half_read_connection_in_the_pool(stal
     redis.Redis(port=stallable_redis.port).mset({"a": "answer for a", "b": "answer for b"})
 
     async def scenario() -> list[str | None]:
-        client = redis_conn.connect_async(stallable_redis.url)
+        client = await redis_conn.connect_async(stallable_redis.url)
         try:
             await client.ping()  # one pooled connection, which the cancelled call then takes
             stallable_redis.pause()

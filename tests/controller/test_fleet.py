@@ -32,7 +32,7 @@ def config(redis_url: str) -> KVBusConfig:
 
 def read(url: str, only: str | None = None, *, backlogs: bool = True) -> Fleet:
     async def once() -> Fleet:
-        client = redis_conn.connect_async(url)
+        client = await redis_conn.connect_async(url)
         try:
             return await fleet.read(client, only, backlogs=backlogs)
         finally:

@@ -156,7 +156,7 @@ def test_a_prefix_spread_over_locations_counts_whole_and_names_the_last_chunks_p
 
 
 async def _lookups(url: str, *prompts: list[int]) -> list[list[Match]]:
-    client = redis_conn.connect_async(url)
+    client = await redis_conn.connect_async(url)
     try:
         index = PrefixIndex(client)
         return [await index.lookup(prompt) for prompt in prompts]
@@ -199,7 +199,7 @@ def test_the_scope_guessed_from_the_last_lookup_is_checked_and_replaced_when_it_
     hold(redis_url, "llama", PROMPT)
 
     async def scenario() -> list[tuple[int, set[Match]]]:
-        client = redis_conn.connect_async(redis_url)
+        client = await redis_conn.connect_async(redis_url)
         pipelines: list[object] = []
         original = client.pipeline
 

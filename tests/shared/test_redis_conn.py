@@ -38,7 +38,7 @@ def test_async_pipelines_survive_a_redis_restart(tmp_path: Path) -> None:
     server = RedisServer(free_port(), tmp_path)
 
     async def scenario() -> list[object]:
-        client = redis_conn.connect_async(server.url)
+        client = await redis_conn.connect_async(server.url)
         await asyncio.gather(*(client.ping() for _ in range(3)))  # several pooled connections
         server.kill()
         server.start()
