@@ -223,11 +223,13 @@ class IndexWriter:
         for location in locations:
             heads_key = keys.heads(self._instance, self._worker, location)
             pipe.smembers(heads_key)
-            pipe.unlink(keys.index(self._instance, self._worker, location), heads_key)
+            # One key an UNLINK: a cluster pipeline takes no multi-key UNLINK, even within one slot.
+            pipe.unlink(keys.index(self._instance, self._worker, location))
+            pipe.unlink(heads_key)
         replies = pipe.execute()
         forget = [
             _Op("forget", location, heads=frozenset(old) - deltas[location].heads_added)
-            for location, old in zip(locations, replies[::2], strict=True)
+            for location, old in zip(locations, replies[::3], strict=True)
             if old
         ]
         # Ahead of every op queued since: they happened after this clear.

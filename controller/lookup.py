@@ -5,11 +5,10 @@ candidate instances (the `head` sets, whose members name the ranks holding it); 
 are read. Each rank (worker) of an instance has its own index, and a tensor-parallel engine
 can load no chunk that one of its ranks lacks, so each candidate is credited with the
 contiguous prefix that every registered rank holds, each chunk at any of its locations.
-Instances without a heartbeat are skipped. That walk runs inside Redis, one script call per hash space: when a shared
-system prompt makes every instance a candidate, 1000 candidates cost ~8 ms instead of the
-~170 ms that one HMGET per candidate costs in redis-py. (A script may only touch keys of
-one Redis node; kvbus talks to a single Redis today, and its per-instance keys are
-hash-tagged so that a cluster version can group candidates by slot.)
+Instances without a heartbeat are skipped. That walk runs inside Redis, one script call per hash space
+and Redis node (a single Redis is one node; on a cluster the candidates are grouped by the node serving
+their slot, and the nodes walk at once), never a round trip per candidate: a shared system prompt makes
+every instance of a fleet a candidate.
 
 Two round trips in the usual case: the fleet's hash spaces and locations rarely change,
 so the head sets for the last ones seen are read speculatively alongside them.
@@ -28,66 +27,98 @@ from kvbus.shared.hashing import Chunk, LMCacheHashSpace, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
+_EACH_AT_ONCE = 16  # candidates walked one by one while slots move, at most this many at a time
 
-# KEYS: per candidate, its alive key, its workers set, then for each rank its head hints name
-# (the hinted ranks), that rank's index key at each location, fastest first.
-# ARGV: the number of locations L, the number of chunks n, the chain's n chunk keys in order,
-# then per candidate the number of hinted ranks and their worker ids, in the order of KEYS.
-# Every registered rank (SMEMBERS of the workers set) must hold each chunk, at any location: a
-# registered rank that no hint names lacks the first chunk, so the candidate matches nothing, and a
-# hinted rank that is not registered is ignored. Returns per candidate: chunks matched contiguously
-# from the first by every registered rank, and the 1-based location of the last one (0 when none
-# matched, the candidate is not alive or has no registered rank). When the ranks hold the last
-# matched chunk at different locations, the slowest rank's is reported (each rank's fastest):
-# a tensor-parallel load waits for its slowest rank.
-_WALK = """
+# KEYS: none (the walk builds each candidate's keys from its id), or one candidate's alive key when a
+# call walks that candidate alone, for the cluster's routing to follow it.
+# ARGV: the number of locations L, the number of chunks n, the chain's n chunk keys in order, the key
+# parts (keys.script_key_parts), the L locations fastest first, then the candidates in one string, a line
+# each: the instance id, a tab, and the worker ids its hints name, comma-separated (one string, because
+# redis-py spends microseconds on each argument and a shared prefix makes every instance a candidate).
+# Every registered rank (the workers set) must hold each chunk, at any location: a registered rank that
+# no hint names lacks the first chunk, so the candidate matches nothing, and a hinted rank that is not
+# registered is ignored. Returns per candidate: chunks matched contiguously from the first by every
+# registered rank, and the 1-based location of the last one (0 when none matched, the candidate is not
+# alive or has no registered rank). When the ranks hold the last matched chunk at different locations,
+# the slowest rank's is reported (each rank's fastest): a tensor-parallel load waits for its slowest rank.
+# HMGETs read many chunks at once: a call per chunk cost ~9 ms per 1000 candidates. The flags let one
+# call walk the candidates of many slots on one Redis Cluster node, and run on a replica.
+_WALK = """#!lua flags=no-writes,allow-cross-slot-keys
 local locations, chunks = tonumber(ARGV[1]), tonumber(ARGV[2])
+local head, alive_, workers_, index_ = ARGV[chunks + 3], ARGV[chunks + 4], ARGV[chunks + 5], ARGV[chunks + 6]
+local places = {}
+for l = 1, locations do places[l] = ARGV[chunks + 6 + l] end
+-- Candidates of one prompt usually hold as much of it as each other (a shared system prompt): each rank
+-- reads first as many chunks as the last rank matched, and one more, then the rest only if it has them all.
+local guess = chunks
 
-local function walk(bases)
-  local matched, last = 0, 0
-  for i = 1, chunks do
-    local slowest = 0
-    for _, base in ipairs(bases) do
-      local found = 0
-      for l = 1, locations do
-        if redis.call('HEXISTS', KEYS[base + l], ARGV[i + 2]) == 1 then found = l break end
-      end
-      if found == 0 then return matched, last end
-      if found > slowest then slowest = found end
+-- Where each of chunks `first`..`last` is, fastest first, into `where`.
+local function locate(base, first, last, where)
+  for l = locations, 1, -1 do
+    local found = redis.call('HMGET', base .. places[l], unpack(ARGV, 2 + first, 2 + last))
+    for i = first, last do
+      if found[i - first + 1] then where[i] = l end
     end
-    matched, last = i, slowest
   end
-  return matched, last
 end
 
-local function ranks(k, hinted, a, registered)
-  if hinted == 1 then  -- the usual case: one rank named, which must be the only one registered
-    if #registered == 1 and registered[1] == ARGV[a + 1] then return {k + 1} end
+-- The contiguous chunks one rank holds, up to `limit`, and where each is.
+local function held(base, limit)
+  local where, read = {}, math.min(limit, guess + 1)
+  locate(base, 1, read, where)
+  local matched = 0
+  while matched < read and where[matched + 1] do matched = matched + 1 end
+  if matched == read and read < limit then
+    locate(base, read + 1, limit, where)
+    while matched < limit and where[matched + 1] do matched = matched + 1 end
+  end
+  return matched, where
+end
+
+local function walk(bases)
+  local matched, wheres = chunks, {}
+  for r, base in ipairs(bases) do
+    local rank_matched, where = held(base, matched)
+    matched, wheres[r] = rank_matched, where
+    if matched == 0 then return 0, 0 end
+  end
+  guess = matched
+  local slowest = 0
+  for _, where in ipairs(wheres) do
+    if where[matched] > slowest then slowest = where[matched] end
+  end
+  return matched, slowest
+end
+
+-- Each registered rank's index key prefix (the location follows), or none when one lacks a hint.
+local function ranks(id, hinted)
+  local workers = head .. id .. workers_
+  local prefix = head .. id .. index_
+  if not string.find(hinted, ',', 1, true) then  -- the usual case: one rank, which must be the only one
+    if redis.call('SCARD', workers) == 1 and redis.call('SISMEMBER', workers, hinted) == 1 then
+      return {prefix .. hinted .. ':'}
+    end
     return {}
   end
-  local base = {}
-  for r = 1, hinted do base[ARGV[a + r]] = k + 1 + (r - 1) * locations end
+  local named = {}
+  for worker in string.gmatch(hinted, '[^,]+') do named[worker] = true end
   local bases = {}
-  for _, worker in ipairs(registered) do
-    if base[worker] == nil then return {} end
-    bases[#bases + 1] = base[worker]
+  for _, worker in ipairs(redis.call('SMEMBERS', workers)) do
+    if not named[worker] then return {} end
+    bases[#bases + 1] = prefix .. worker .. ':'
   end
   return bases
 end
 
 local out = {}
-local k, a = 1, chunks + 3
-while k <= #KEYS do
-  local hinted = tonumber(ARGV[a])
+for id, hinted in string.gmatch(ARGV[chunks + 7 + locations], '([^\\t\\n]+)\\t([^\\n]+)') do
   local matched, last = 0, 0
-  if redis.call('EXISTS', KEYS[k]) == 1 then
-    local bases = ranks(k, hinted, a, redis.call('SMEMBERS', KEYS[k + 1]))
+  if redis.call('EXISTS', head .. id .. alive_) == 1 then
+    local bases = ranks(id, hinted)
     if #bases > 0 then matched, last = walk(bases) end
   end
   out[#out + 1] = matched
   out[#out + 1] = last
-  k = k + 2 + hinted * locations
-  a = a + 1 + hinted
 end
 return out
 """
@@ -148,20 +179,51 @@ class PrefixIndex:
         return scope, chains, await pipe.execute()
 
     async def _walk_chain(self, scope: _Scope, chain: _Chain, holders: list[_Holder]) -> list[Match]:
-        walk_keys: list[str] = []
-        rank_args: list[int] = []
-        for instance_id, ranks in holders:
-            walk_keys += (keys.alive(instance_id), keys.workers(instance_id))
-            walk_keys += (keys.index(instance_id, rank, loc) for rank in ranks for loc in scope.locations)
-            rank_args += (len(ranks), *ranks)
-        walked = await self._walk(
-            keys=walk_keys, args=[len(scope.locations), len(chain.chunks), *(c.key for c in chain.chunks), *rank_args]
-        )
+        chain_args: list[str | int] = [
+            len(scope.locations),
+            len(chain.chunks),
+            *(c.key for c in chain.chunks),
+            *keys.script_key_parts(),
+            *scope.locations,
+        ]
+        walked = await self._walk_by_node(chain_args, holders)
         return [
             Match(instance_id, scope.locations[last - 1], chain.chunks[matched - 1].end)
-            for (instance_id, _), matched, last in zip(holders, walked[::2], walked[1::2], strict=True)
+            for (instance_id, _), (matched, last) in zip(holders, walked, strict=True)
             if matched
         ]
+
+    async def _walk_by_node(self, chain_args: list[str | int], holders: list[_Holder]) -> list[tuple[int, int]]:
+        """Each candidate's (matched, location): one script call per Redis node, the nodes read at once.
+
+        On a cluster whose slots are moving (a failover, a resharding) a node may no longer hold some
+        candidate's keys, and its call fails: those candidates are walked again one by one, through
+        the client's own routing, which follows MOVED and ASK."""
+        groups = redis_conn.by_node(self._redis, [keys.alive(instance_id) for instance_id, _ in holders])
+        calls = [self._walk_group(node, chain_args, [holders[i] for i in members]) for node, members in groups]
+        results: dict[int, tuple[int, int]] = {}
+        for (node, members), walked in zip(groups, await asyncio.gather(*calls, return_exceptions=True), strict=True):
+            if isinstance(walked, BaseException):
+                if node is None or not redis_conn.slot_moved(walked):
+                    raise walked
+                walked = await self._walk_each(chain_args, [holders[i] for i in members])
+            results.update(zip(members, walked, strict=True))
+        return [results[i] for i in range(len(holders))]
+
+    async def _walk_group(
+        self, node: redis_conn.Node | None, chain_args: list[str | int], holders: list[_Holder]
+    ) -> list[tuple[int, int]]:
+        reply = await redis_conn.run_script(self._redis, self._walk, [], [*chain_args, _packed(holders)], node)
+        return list(zip(reply[::2], reply[1::2], strict=True))
+
+    async def _walk_each(self, chain_args: list[str | int], holders: list[_Holder]) -> list[tuple[int, int]]:
+        walked = []
+        for start in range(0, len(holders), _EACH_AT_ONCE):
+            batch = holders[start : start + _EACH_AT_ONCE]
+            walked += await asyncio.gather(
+                *(self._walk(keys=[keys.alive(h[0])], args=[*chain_args, _packed([h])]) for h in batch)
+            )
+        return [(int(reply[0]), int(reply[1])) for reply in walked]
 
     @staticmethod
     async def _hash(tokens: Sequence[int], spaces: tuple[str, ...]) -> list[_Chain]:
@@ -193,6 +255,11 @@ def _read_heads(pipe: redis_conn.AsyncPipeline, chains: list[_Chain], locations:
 # A candidate instance and the ranks the head sets name for it, at any location (a plain tuple: a
 # worst-case lookup builds one per instance of the fleet).
 _Holder = tuple[str, tuple[int, ...]]
+
+
+def _packed(holders: list[_Holder]) -> str:
+    """The walk script's candidates argument: a line per candidate, its id, a tab, its hinted ranks."""
+    return "\n".join(f"{instance_id}\t{','.join(map(str, ranks))}" for instance_id, ranks in holders)
 
 
 def _candidates(

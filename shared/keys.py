@@ -118,6 +118,13 @@ def index(instance_id: str, worker_id: int, location: str) -> str:
     return f"{_instance(instance_id)}:idx:{worker_id}:{location}"
 
 
+def script_key_parts() -> tuple[str, str, str, str]:
+    """For a script that builds many instances' keys from their ids (lookup's walk): with parts `head, alive_,
+    workers_, index_`, `head..id..alive_` is alive(id), `head..id..workers_` is workers(id) and
+    `head..id..index_..worker..':'..location` is index(id, worker, location)."""
+    return f"{PREFIX}:{{", "}:alive", "}:workers", "}:idx:"
+
+
 def heads(instance_id: str, worker_id: int, location: str) -> str:
     """SET of the first-chunk keys one rank holds at `location`: its members of head() to withdraw on clear."""
     return f"{_instance(instance_id)}:heads:{worker_id}:{location}"

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal, TypeAlias, TypedDict
+from typing import Any, Literal, TypeAlias, TypedDict
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.cluster
+import redis.commands.core
 import redis.retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -39,6 +40,7 @@ Client: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
 AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
 Pipeline: TypeAlias = "redis.client.Pipeline | redis.cluster.ClusterPipeline"
 AsyncPipeline: TypeAlias = "redis.asyncio.client.Pipeline | redis.asyncio.cluster.ClusterPipeline"
+Node: TypeAlias = "redis.asyncio.cluster.ClusterNode"
 
 
 class _Options(TypedDict):
@@ -167,6 +169,45 @@ async def connect_async(url: str, *, blocking: bool = False) -> AsyncClient:
         nodes = [redis.asyncio.cluster.ClusterNode(*_host_port(u)) for u in others] or None
         return redis.asyncio.cluster.RedisCluster.from_url(first, retry=retry, startup_nodes=nodes, **options)
     return redis.asyncio.Redis.from_url(url, retry=retry, **options)
+
+
+def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, list[int]]]:
+    """The positions of `keys` grouped by the node that serves each one's slot now; one group (no node)
+    on a single Redis. For work over many instances that one call per node can do."""
+    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return [(None, list(range(len(keys))))]
+    groups: dict[str, tuple[Node, list[int]]] = {}
+    for position, key in enumerate(keys):
+        node = client.get_node_from_key(key)
+        if node is None:
+            raise redis.exceptions.ClusterDownError(f"no node serves the slot of {key!r}")
+        groups.setdefault(node.name, (node, []))[1].append(position)
+    return list(groups.values())
+
+
+async def run_script(
+    client: AsyncClient,
+    script: redis.commands.core.AsyncScript,
+    keys: list[str],
+    args: list[str | int],
+    node: Node | None,
+) -> Any:
+    """Run `script` on `node` (on a single Redis, on it), its keys spanning that node's slots: a script
+    flagged `allow-cross-slot-keys` may touch any key the node serves. Loads the script where it is missing."""
+    if node is None or not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return await script(keys=keys, args=args)
+    try:
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+    except redis.exceptions.NoScriptError:
+        await client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+
+
+def slot_moved(exc: BaseException) -> bool:
+    """Whether `exc` says a cluster node no longer serves (all) the keys it was sent: its slots moved."""
+    if isinstance(exc, (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and "non local key" in str(exc)
 
 
 def redacted(url: str) -> str:

@@ -26,6 +26,26 @@ def test_every_per_instance_key_shares_the_instance_slot() -> None:
     assert key_slot(keys.commands("inst-43").encode()) != key_slot(b"inst-42")
 
 
+def test_script_key_parts_spell_the_keys_the_functions_spell() -> None:
+    head, alive, workers, index = keys.script_key_parts()
+    for instance_id in ("lmcache_default_instance", "a.b:c@d-e_f"):
+        assert head + instance_id + alive == keys.alive(instance_id)
+        assert head + instance_id + workers == keys.workers(instance_id)
+        assert head + instance_id + index + "3:LocalDiskBackend" == keys.index(instance_id, 3, "LocalDiskBackend")
+
+
+def test_command_records_spread_over_shards_each_in_one_slot() -> None:
+    event_ids = [f"Clear{n}" for n in range(200)]
+    shards = {keys.command_shard(event_id) for event_id in event_ids}
+    assert shards == set(range(keys.COMMAND_SHARDS))
+    for event_id in event_ids:
+        shard = keys.command_shard(event_id)
+        assert key_slot(keys.command_record(event_id).encode()) == key_slot(keys.command_records(shard).encode())
+        assert keys.command_record(event_id) == keys.command_record_prefix(shard) + event_id
+    slots = {key_slot(keys.command_records(shard).encode()) for shard in range(keys.COMMAND_SHARDS)}
+    assert len(slots) == keys.COMMAND_SHARDS
+
+
 def test_a_ticket_key_names_its_token_only_by_digest() -> None:
     token = bytes(range(32))
     key = keys.ticket("inst-42", token)
