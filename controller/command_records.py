@@ -8,6 +8,9 @@ are not stored: `event_ids` tells them apart by their id.
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 from kvbus.controller import event_ids
 from kvbus.controller.answers import CheckFinishAnswer, CommandStatus, WorkerOutcome
 from kvbus.controller.errors import UnknownEvent
@@ -22,13 +25,10 @@ _LATE_GRACE_MS = 2000
 
 
 async def check(client: redis_conn.AsyncClient, event_id: str) -> CheckFinishAnswer:
-    pipe = client.pipeline(transaction=False)
-    pipe.hgetall(keys.command_record(event_id))
-    pipe.time()
-    fields, (seconds, micros) = await pipe.execute()
-    record = read(fields)
+    fields, now_ms = await asyncio.gather(client.hgetall(keys.command_record(event_id)), redis_conn.server_ms(client))
+    record = read(cast(dict[str, str], fields))  # the client decodes replies
     if record is not None:
-        return describe(event_id, record, seconds * 1000 + micros // 1000)
+        return describe(event_id, record, now_ms)
     if event_ids.answered_in_request(event_id):
         return CheckFinishAnswer(event_id=event_id, status=CommandStatus.FINISHED)
     raise UnknownEvent(

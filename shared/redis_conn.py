@@ -171,6 +171,12 @@ async def connect_async(url: str, *, blocking: bool = False) -> AsyncClient:
     return redis.asyncio.Redis.from_url(url, retry=retry, **options)
 
 
+async def server_ms(client: AsyncClient) -> int:
+    """Redis's clock, in ms, which commands' deadlines count in. Its own call: a cluster pipeline takes no TIME."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, list[int]]]:
     """The positions of `keys` grouped by the node that serves each one's slot now; one group (no node)
     on a single Redis. For work over many instances that one call per node can do."""
