@@ -127,10 +127,8 @@ class Registration:
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
         beat = WorkerRecord.heartbeat(time.time(), self._stats() if self._stats is not None else None)
         pipe.hset(keys.worker(self._instance, self._worker), mapping=beat)
-        pipe.time()
-        before = time.time()
-        _, known, _, server_time = pipe.execute()
-        self._set_clock(server_time, before, time.time())
+        _, known, _ = pipe.execute()
+        self._sync_clock()  # a call of its own: a cluster pipeline takes no TIME
         return bool(known == 2)
 
     def deregister(self) -> bool:

@@ -108,9 +108,7 @@ async def _recent(client: redis_conn.AsyncClient) -> tuple[list[RecentCommand], 
     pipe = client.pipeline(transaction=False)
     pipe.xrevrange(keys.JOURNAL, count=JOURNAL_WINDOW)
     pipe.xrevrange(keys.LIFECYCLE, count=AGENT_EVENTS)
-    pipe.time()
-    journal, lifecycle, (seconds, micros) = await pipe.execute()
-    now_ms = seconds * 1000 + micros // 1000
+    (journal, lifecycle), now_ms = await asyncio.gather(pipe.execute(), redis_conn.server_ms(client))
     entries = [(entry_id, entry) for entry_id, fields in journal if (entry := _journal_entry(fields)) is not None]
     sent = [(entry_id, e) for entry_id, e in entries if isinstance(e, JournaledCommand)][:RECENT_COMMANDS]
     pipe = client.pipeline(transaction=False)

@@ -9,6 +9,7 @@ Redis server time, which also stamps the command stream's entry ids.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,9 +86,7 @@ async def read(client: redis_conn.AsyncClient, only: str | None = None, *, backl
     pipe = client.pipeline(transaction=False)
     pipe.smembers(keys.INSTANCES)
     pipe.smembers(keys.LOCATIONS)
-    pipe.time()
-    registered, known_locations, (seconds, micros) = await pipe.execute()
-    now_ms = seconds * 1000 + micros // 1000
+    (registered, known_locations), now_ms = await asyncio.gather(pipe.execute(), redis_conn.server_ms(client))
     ids = sorted(registered) if only is None else [only] if only in registered else []
     locations = sorted(known_locations)
     states = await _read_instances(client, ids, backlogs)
