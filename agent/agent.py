@@ -19,7 +19,7 @@ from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.peer import PeerServer
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.agent.tiers import TieredStore
-from kvbus.shared import redis_conn
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.outage import Outage
@@ -180,10 +180,16 @@ class Agent:
     def _heartbeat_loop(self) -> None:
         # Heartbeats keep their own cadence during an outage: the next one is the retry.
         outage = Outage(log, "heartbeat to Redis", backoff_s=self.config.heartbeat_interval)
+        serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
         while not self._stop.wait(self.config.heartbeat_interval):
             try:
                 if not self.registration.heartbeat():
                     self._reregister("Redis no longer knows this instance (restarted or flushed)")
+                now_serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
+                if now_serving != serving:
+                    # A replica that took over may lack the master's last writes (replication is asynchronous).
+                    self._reregister(f"its slot moved from {serving} to {now_serving} (a failover or a resharding)")
+                    serving = now_serving
                 lost = self.index.take_resync_request()
                 if lost:
                     self._reregister(f"index writes for {', '.join(lost)} were dropped while Redis was away")

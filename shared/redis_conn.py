@@ -135,6 +135,12 @@ async def is_cluster_async(url: str) -> bool:
 _SyncNode: Callable[..., redis.cluster.ClusterNode] = redis.cluster.ClusterNode
 
 
+# redis-py's sync cluster client leaves this unannotated too.
+_sync_node_of: Callable[[redis.cluster.RedisCluster, str], redis.cluster.ClusterNode | None] = (
+    redis.cluster.RedisCluster.get_node_from_key
+)
+
+
 def _host_port(url: str) -> tuple[str, int]:
     """The host and port of a one-node URL; a port left out is 6379."""
     netloc = url.partition("://")[2].split("/")[0].split("?")[0].rpartition("@")[2]
@@ -175,6 +181,14 @@ async def server_ms(client: AsyncClient) -> int:
     """Redis's clock, in ms, which commands' deadlines count in. Its own call: a cluster pipeline takes no TIME."""
     seconds, micros = await client.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def serving_node(client: Client, key: str) -> str | None:
+    """The address of the cluster node `client` sends `key` to now; None on a single Redis."""
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return None
+    node = _sync_node_of(client, key)
+    return None if node is None else str(node.name)
 
 
 def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, list[int]]]:
