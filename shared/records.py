@@ -6,7 +6,7 @@ spelled once, here, and `redis-cli` shows it readable. `REDIS_VALUES` maps every
 holds; a test checks docs/redis-keys.md against it.
 
 Two words are kept apart: a *command record* is what /check_finish reads about one command
-(`kvbus:command:<event_id>`), and a *lifecycle entry* is an agent registering, leaving, resyncing
+(`kvbus:{commands:<shard>}:command:<event_id>`), and a *lifecycle entry* is an agent registering, leaving, resyncing
 or being reaped (`kvbus:lifecycle`).
 """
 
@@ -336,8 +336,8 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:worker:<worker_id>": (WorkerRecord, BackendStats),
     "kvbus:{<inst>}:info": (InstanceInfo,),
     "kvbus:{<inst>}:lmcache:<worker_id>": (LMCacheSync,),
-    "kvbus:command:<event_id>": (CommandRecord,),
-    "kvbus:commands": "the event ids of the command records kept, oldest first",
+    "kvbus:{commands:<shard>}:command:<event_id>": (CommandRecord,),
+    "kvbus:{commands:<shard>}:ids": "the event ids of the shard's command records kept, oldest first",
     "kvbus:journal": (JournaledCommand, JournaledResult),
     "kvbus:lifecycle": (LifecycleEntry,),
     "kvbus:{<inst>}:cmd": (Command,),
