@@ -31,7 +31,7 @@ import redis
 from kvbus.logs import run_facts
 from kvbus.ports import PortError, check_free, listened_by
 from kvbus.shared.config import DEFAULT_MODEL, ENV_PREFIX, ConfigError, KVBusConfig, check_devices, load
-from kvbus.shared.redis_conn import redacted
+from kvbus.shared.redis_conn import redacted, seed_urls
 
 _START_TIMEOUT_S = 120.0
 _PR_SET_PDEATHSIG = 1
@@ -112,6 +112,11 @@ class Stack:
         url = self.config.redis_url
         if _pings(url):
             return None
+        if len(seed_urls(url)) > 1:
+            raise StartFailed(
+                f"no node of the Redis Cluster at {redacted(url)} answers, and kvbus up starts a single Redis, "
+                "never a cluster; start the cluster, or point redis_url (or --redis-url) at one Redis"
+            )
         if urlsplit(url).hostname not in _LOCAL_HOSTS:
             raise StartFailed(
                 f"no Redis answers at {redacted(url)}, and kvbus up starts one only on this "
@@ -295,11 +300,15 @@ def _address_of_peers(config: KVBusConfig) -> tuple[str, int] | None:
 
 
 def _pings(url: str) -> bool:
-    try:
-        with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
+    """Whether a Redis answers at `url`; for a list of cluster seeds (host1:port1,host2:port2), any one of them."""
+    for node in seed_urls(url):
+        try:
+            with redis.Redis.from_url(node, socket_timeout=1, socket_connect_timeout=1) as client:
+                if client.ping():
+                    return True
+        except redis.RedisError:
+            continue
+    return False
 
 
 def _http_ok(url: str) -> bool:

@@ -191,6 +191,30 @@ class RedisClusterServers:
             if "master" in line.split()[2] and "fail" not in line.split()[2] and len(line.split()) > 8
         )
 
+    def master_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot now, as the first live node sees it."""
+        slot = redis.crc.key_slot(key.encode())
+        with redis.Redis(port=self.live()[0].port, decode_responses=True, socket_timeout=1) as client:
+            lines = client.execute_command("CLUSTER", "NODES").splitlines()
+        for fields in (line.split() for line in lines):
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for served in fields[8:]:
+                low, _, high = served.partition("-")
+                if not served.startswith("[") and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
+
+    def kill_master(self, port: int, timeout: float = 30) -> None:
+        """kill -9 the master on `port`; returns once its replica took over its slots (every live node says so)."""
+        owned = self.master_ports()
+        self.nodes[port].kill()
+        wait_for(
+            lambda: self.healthy() and port not in self.master_ports() and len(self.master_ports()) == len(owned),
+            timeout=timeout,
+            what=f"a replica to take over from the master on {port}",
+        )
+
     def flush(self) -> None:
         for port in self.master_ports():
             with redis.Redis(port=port, socket_timeout=2) as client:
@@ -316,8 +340,9 @@ class Processes:
             self.tmp / f"{instance_id}.yaml", redis_url=redis_url, lmcache_instance_id=instance_id, **(config or {})
         )
         proc = self._spawn(["agent", "--config", str(path), *extra], f"agent-{instance_id}.log")
-        client = redis.Redis.from_url(redis_url)
-        from kvbus.shared import keys
+        from kvbus.shared import keys, redis_conn
+
+        client = redis_conn.connect(redis_url)  # a cluster client where redis_url names a cluster
 
         wait_for(
             lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id)),
