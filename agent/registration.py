@@ -145,8 +145,7 @@ class Registration:
                 keys.heads(self._instance, self._worker, location),
             )
         ]
-        script_keys, args = deregistration.script_args(self._instance, self._worker, own=rank_keys)
-        last = bool(self._redis.eval(deregistration.SCRIPT, len(script_keys), *script_keys, *args))
+        last = deregistration.deregister(self._redis, self._instance, self._worker, own=rank_keys)
         self.lifecycle(LifecycleKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))
         return last
 

@@ -74,7 +74,6 @@ class LMCacheWorkers:
         self._ttl_ms = int(heartbeat_ttl_s * 1000)
         self._heartbeat_url = heartbeat_url  # empty: no heartbeat socket, so workers never heartbeat
         self._apply_sha = hashlib.sha1(_APPLY.encode()).hexdigest()
-        self._deregister = client.register_script(deregistration.SCRIPT)
         self._unknown_locations: set[str] = set()
 
     async def register(self, message: wire.RegisterMsg | wire.HeartbeatMsg) -> wire.RegisterRetMsg:
@@ -155,10 +154,13 @@ class LMCacheWorkers:
     async def deregister(self, message: wire.DeRegisterMsg) -> None:
         instance, worker = message.instance_id, message.worker_id
         own = [keys.lmcache_sync(instance, worker), *(keys.index(instance, worker, loc) for loc in FASTEST_FIRST)]
-        script_keys, args = deregistration.script_args(
-            instance, worker, own=own, memberships=[keys.space_instances(self.space.name), keys.LMCACHE_WORKERS]
+        last = await deregistration.deregister_async(
+            self._redis,
+            instance,
+            worker,
+            own=own,
+            memberships=[keys.space_instances(self.space.name), keys.LMCACHE_WORKERS],
         )
-        last = await self._deregister(keys=script_keys, args=args)
         log.info("LMCache worker %s/%d deregistered%s", instance, worker, ", the last of its instance" if last else "")
 
     async def apply(self, batches: list[wire.BatchedKVOperationMsg]) -> None:
