@@ -19,21 +19,18 @@ import redis
 import redis.asyncio
 
 from kvbus.controller import fleet
-from kvbus.shared import keys, redis_conn
+from kvbus.shared import deregistration, keys, redis_conn
 from kvbus.shared.locations import FASTEST_FIRST, Location
 from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind
 
 log = logging.getLogger("kvbus.controller.reaper")
 
-# KEYS: 1 the instance's alive key, 2 the instance set, 3..n+2 the instance's keys to delete (every
-# rank's index and heads keys among them), then the global head sets to withdraw its ranks from.
-# ARGV: 1 the instance id, 2 n, then for each head set, in order, the rank's member to remove.
+# KEYS: 1 the instance's alive key, then the instance's keys to delete (every rank's index and heads
+# keys among them): all in the instance's slot, as a script on Redis Cluster must be. The fleet-wide
+# sets are withdrawn from afterwards (see `deregistration`, whose order and race this shares).
 _REAP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[2])
-for i = n + 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[i - n]) end
-redis.call('UNLINK', unpack(KEYS, 3, n + 2))
-redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('UNLINK', unpack(KEYS, 2))
 return 1
 """
 
@@ -77,13 +74,10 @@ class Reaper:
 
     async def _reap(self, instance: fleet.Instance, silence: float) -> bool:
         instance_id = instance.instance_id
-        owned, hints = await self._keys_of(instance)
-        done = await self._script(
-            keys=[keys.alive(instance_id), keys.INSTANCES, *owned, *(key for key, _ in hints)],
-            args=[instance_id, len(owned), *(member for _, member in hints)],
-        )
-        if not done:
+        owned, memberships = await self._keys_of(instance)
+        if not await self._script(keys=[keys.alive(instance_id), *owned], args=[]):
             return False
+        await deregistration.leave_sets_async(self._redis, instance_id, memberships, last=True)
         entry = LifecycleEntry(
             kind=LifecycleKind.REAPED, instance_id=instance_id, worker_id=-1, detail=f"no heartbeat for {silence:.0f} s"
         )
@@ -92,9 +86,9 @@ class Reaper:
         log.warning("reaped instance %s: no heartbeat for %.0f s", instance_id, silence)
         return True
 
-    async def _keys_of(self, instance: fleet.Instance) -> tuple[list[str], list[tuple[str, str]]]:
-        """The instance's own keys, every rank's index and heads keys among them, and the (head set,
-        member) pairs that withdraw each rank's hints."""
+    async def _keys_of(self, instance: fleet.Instance) -> tuple[list[str], list[tuple[str, int]]]:
+        """The instance's own keys, every rank's index and heads keys among them, and the (set, rank)
+        pairs that withdraw each rank's head hints and LMCache memberships."""
         instance_id = instance.instance_id
         # Every rank that may have keys: the registered ones, including any whose worker hash the read skipped.
         registered = await self._redis.smembers(keys.workers(instance_id))
@@ -108,8 +102,8 @@ class Reaper:
         owned = _owned(instance_id, ranks, places)
         # An LMCache worker's rank is also a candidate of its hash space and a member of the relay's set.
         sets = [keys.LMCACHE_WORKERS, *([keys.space_instances(space)] if space else [])]
-        listed = [(key, keys.head_member(instance_id, rank)) for key in sets for rank in ranks]
-        return owned, [*_hints(instance_id, places, heads), *listed]
+        listed = [(key, rank) for key in sets for rank in ranks]
+        return owned, [*_hints(places, heads), *listed]
 
 
 def _owned(instance_id: str, ranks: list[int], places: list[tuple[int, Location]]) -> list[str]:
@@ -121,10 +115,8 @@ def _owned(instance_id: str, ranks: list[int], places: list[tuple[int, Location]
     return [keys.info(instance_id), keys.workers(instance_id), keys.commands(instance_id), *per_rank, *per_place]
 
 
-def _hints(instance_id: str, places: list[tuple[int, Location]], heads: list[set[str]]) -> list[tuple[str, str]]:
-    """(head set, member) for each first chunk a rank holds at a location: what withdraws that rank's hint."""
+def _hints(places: list[tuple[int, Location]], heads: list[set[str]]) -> list[tuple[str, int]]:
+    """(head set, rank) for each first chunk a rank holds at a location: what withdraws that rank's hint."""
     return [
-        (keys.head(location, head), keys.head_member(instance_id, rank))
-        for (rank, location), held in zip(places, heads, strict=True)
-        for head in held
+        (keys.head(location, head), rank) for (rank, location), held in zip(places, heads, strict=True) for head in held
     ]

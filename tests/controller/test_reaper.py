@@ -6,17 +6,42 @@ import asyncio
 
 import redis
 
+from kvbus.agent.backends.cpu import LocalCPUBackend
+from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.registration import Registration, WorkerAddress
+from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller.reaper import Reaper
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
 from kvbus.shared.records import LifecycleEntry, LifecycleKind
 from tests.conftest import SEED_TOKENS
-from tests.controller.test_lookup import PROMPT, SPACE, hold
+from tests.controller.test_lookup import PROMPT, SPACE
+from tests.shared.test_deregistration import on_distinct_masters
+
+REDIS_BACKENDS = ("single", "cluster")
+
+
+def hold(url: str, instance_id: str, prompt: list[int], *, worker_id: int = 0) -> None:
+    """Rank `worker_id` of an instance, registered and holding `prompt`, through a client for either deployment."""
+    client = redis_conn.connect(url)
+    Registration(
+        client,
+        instance_id=instance_id,
+        worker_id=worker_id,
+        space=SPACE,
+        locations=[Location.CPU],
+        address=WorkerAddress("127.0.0.1", None, None),
+        ttl_s=60,
+    ).register()
+    writer = IndexWriter(client, instance_id, worker_id)
+    LocalCPUBackend(SPACE, 1 << 30, writer).store(prompt, synthetic_kv(SPACE, prompt))
+    writer.flush()
+    client.close()
 
 
 def reap(url: str, reap_after_s: float) -> list[str]:
     async def once() -> list[str]:
-        client = redis_conn.connect_async(url)
+        client = await redis_conn.connect_async(url)
         try:
             return await Reaper(client, reap_after_s=reap_after_s).reap_once()
         finally:
@@ -74,7 +99,7 @@ def test_a_heartbeat_arriving_before_the_script_saves_the_instance(redis_url: st
     silence(real_redis, "back", 700)
 
     async def race() -> list[str]:
-        client = redis_conn.connect_async(redis_url)
+        client = await redis_conn.connect_async(redis_url)
         reaper = Reaper(client, reap_after_s=600)
         original = reaper._script
 
@@ -91,3 +116,17 @@ def test_a_heartbeat_arriving_before_the_script_saves_the_instance(redis_url: st
     assert asyncio.run(race()) == []
     assert real_redis.sismember(keys.INSTANCES, "back")
     assert real_redis.hlen(keys.index("back", 0, Location.CPU)) == 1
+
+
+def test_silent_instances_on_different_masters_are_each_reaped_whole(redis_url: str, real_redis: redis.Redis) -> None:
+    silent, live = on_distinct_masters(real_redis, 3), "peer"
+    for instance_id in [*silent, live]:
+        hold(redis_url, instance_id, PROMPT)
+    for instance_id in silent:
+        silence(real_redis, instance_id, 700)
+    head = keys.head(Location.CPU, SPACE.chunks(PROMPT)[0].key)
+    assert sorted(reap(redis_url, 600)) == sorted(silent)
+    assert real_redis.smembers(keys.INSTANCES) == {live}
+    assert real_redis.smembers(head) == {keys.head_member(live, 0)}
+    for instance_id in silent:
+        assert list(real_redis.scan_iter(f"kvbus:{{{instance_id}}}:*")) == []
