@@ -25,8 +25,10 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import zmq
 import zmq.asyncio
+from redis.crc import key_slot
 
 from kvbus.controller.lmcache import wire
 from kvbus.shared import keys, redis_conn
@@ -48,6 +50,9 @@ _MAX_SOCKETS = 65_536
 # Commands a replica took and never acked (it died) are taken over after this long: by then they
 # are past their deadline, so they are answered expired, which clears them from the bus's backlog.
 _RECLAIM_EVERY_S = 10.0
+# How long an empty polled read waits before the next, at first and at most (see `Relay._read_once`).
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.05
 
 
 @dataclass
@@ -92,6 +97,7 @@ class Relay:
         self._probing = False
         self._members_cache: dict[int, list[str]] = {}
         self._members_read = 0.0
+        self._poll_s = _POLL_MIN_S
         self._closing = False
 
     async def run(self) -> None:
@@ -141,27 +147,67 @@ class Relay:
         return by_worker
 
     async def _read_once(self, members: dict[int, list[str]]) -> None:
+        """One read of every worker's commands: blocking where one call covers them all, polled otherwise.
+
+        A read names one consumer group, so one worker id; on Redis Cluster it names the streams of one
+        hash slot only, and every instance has a slot of its own. Where that leaves more than one read,
+        they go out non-blocking in one pipeline (one round trip per node, all nodes at once), and an
+        empty round waits _POLL_MIN_S, doubling to _POLL_MAX_S while nothing comes: a command that
+        arrives when the workers have been idle waits up to _POLL_MAX_S longer than a blocking read
+        would have. Blocking reads side by side would hold a connection each, one per LMCache worker,
+        past the pool's size in a large fleet.
+        """
         if not members:
             await asyncio.sleep(_MEMBERS_REFRESH_S)
             return
-        # One id's streams in one blocking read; other ids wait at most the block time for their turn.
-        block_ms = max(1, min(BLOCK_MS, int(_MEMBERS_REFRESH_S * 1000) // len(members)))
-        for worker_id, instances in sorted(members.items()):
-            of_stream = {keys.commands(instance): instance for instance in sorted(instances)}
-            streams: dict[Any, Any] = dict.fromkeys(of_stream, ">")
-            try:
-                reply = await self._reader.xreadgroup(
-                    keys.command_group(worker_id), self._consumer, streams, count=_READ_COUNT, block=block_ms
+        reads = _reads(self._reader, members)
+        if len(reads) == 1:
+            replies = [await self._blocking_read(*reads[0])]
+        else:
+            pipe = self._reader.pipeline(transaction=False)
+            for worker_id, streams in reads:
+                pipe.xreadgroup(
+                    keys.command_group(worker_id), self._consumer, dict.fromkeys(streams, ">"), count=_READ_COUNT
                 )
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._repair_groups(worker_id, instances)
-                continue
-            for stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str] | None]]]], reply or []):
-                instance = of_stream[stream]
-                for entry_id, fields in entries:
-                    self._spawn(self._carry(instance, worker_id, entry_id, fields))
+            replies = await pipe.execute(raise_on_error=False)
+        received = 0
+        for (worker_id, streams), reply in zip(reads, replies, strict=True):
+            received += await self._take(worker_id, streams, reply)
+        if len(reads) > 1:
+            await self._poll_wait(received)
+
+    async def _blocking_read(self, worker_id: int, streams: dict[str, str]) -> Any:
+        try:
+            return await self._reader.xreadgroup(
+                keys.command_group(worker_id),
+                self._consumer,
+                dict.fromkeys(streams, ">"),
+                count=_READ_COUNT,
+                block=BLOCK_MS,
+            )
+        except redis.ResponseError as exc:
+            return exc
+
+    async def _take(self, worker_id: int, streams: dict[str, str], reply: Any) -> int:
+        """Carry each command a read returned; returns how many. A stream or group that vanished is repaired."""
+        if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
+            await self._repair_groups(worker_id, list(streams.values()))
+            return 0
+        if isinstance(reply, Exception):
+            raise reply
+        taken = 0
+        for stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str] | None]]]], reply or []):
+            for entry_id, fields in entries:
+                self._spawn(self._carry(streams[stream], worker_id, entry_id, fields))
+                taken += 1
+        return taken
+
+    async def _poll_wait(self, received: int) -> None:
+        if received:
+            self._poll_s = _POLL_MIN_S
+            return
+        await asyncio.sleep(self._poll_s)
+        self._poll_s = min(self._poll_s * 2, _POLL_MAX_S)
 
     async def _probe_pass(self, members: dict[int, list[str]]) -> None:
         self._probing = True
@@ -363,6 +409,18 @@ class Relay:
             pipe.hset(keys.worker(instance, worker_id), mapping=WorkerRecord.heartbeat(time.time(), None))
             async with self._slots:
                 await pipe.execute()
+
+
+def _reads(client: redis_conn.AsyncClient, members: dict[int, list[str]]) -> list[tuple[int, dict[str, str]]]:
+    """(worker id, stream -> instance) for each read that covers `members`' command streams: one per
+    worker id on a single Redis, one per worker id and hash slot on a cluster."""
+    cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
+    groups: dict[tuple[int, int], dict[str, str]] = {}
+    for worker_id, instances in sorted(members.items()):
+        for instance in sorted(instances):
+            stream = keys.commands(instance)
+            groups.setdefault((worker_id, key_slot(stream.encode()) if cluster else 0), {})[stream] = instance
+    return [(worker_id, streams) for (worker_id, _), streams in groups.items()]
 
 
 def _message(worker_id: int, command: Command) -> wire.ToWorker | str:

@@ -19,9 +19,12 @@ from kvbus.shared.records import LMCacheSync, WorkerProtocol, WorkerRecord
 from tests.conftest import SEED_TOKENS, free_port, wait_for
 from tests.controller.conftest import CheckedClient
 from tests.controller.lmcache.fake_worker import FakeLMCacheWorker
+from tests.shared.test_deregistration import on_distinct_masters
 
 CPU = "LocalCPUBackend"
 PROMPT = list(range(1000, 1600))  # 256 + 256 + 88 tokens
+
+REDIS_BACKENDS = ("single", "cluster")
 
 
 @pytest.fixture
@@ -326,3 +329,24 @@ def _ports(config: KVBusConfig) -> tuple[int, int]:
     ports = config.controller_monitor_ports
     assert ports is not None
     return ports["pull"], ports["reply"]
+
+
+def test_lmcache_workers_of_instances_on_different_masters_each_get_their_commands(
+    config: KVBusConfig, client: TestClient, real_redis: redis.Redis
+) -> None:
+    # Each instance's stream is in a slot of its own: on a cluster, one read cannot name them together.
+    ids = on_distinct_masters(real_redis, 3)
+    fakes = [make_worker(config, instance_id) for instance_id in ids]
+    try:
+        for fake in fakes:
+            fake.register()
+            fake.store(SEED_TOKENS)
+        wait_for(lambda: all(index_size(real_redis, i) == 1 for i in ids), what="each instance's chunk")
+        for fake, instance_id in zip(fakes, ids, strict=True):
+            cleared = client.post("/clear", json={"instance_id": instance_id, "location": CPU})
+            assert cleared.status_code == 200, cleared.text
+            assert cleared.json()["num_tokens"] == 12
+            assert isinstance(fake.received[-1], wire.ClearWorkerMsg)
+    finally:
+        for fake in fakes:
+            fake.close()
