@@ -19,7 +19,9 @@ import pytest
 import redis
 
 from kvbus.shared import keys
-from tests.conftest import RedisClusterServers, wait_for
+from tests.conftest import Processes, RedisClusterServers, wait_for
+
+CPU = "LocalCPUBackend"
 
 # Longer than any controller deadline (command_timeout, redis_timeout): a client timeout is a hang.
 CLIENT_TIMEOUT_S = 20.0
@@ -187,3 +189,46 @@ def command_events(outcomes: list[Outcome]) -> list[tuple[Outcome, str]]:
         for o in outcomes
         if o.path != "/lookup" and o.answer is not None and "event_id" in o.answer
     ]
+
+
+def prompts(n: int) -> tuple[list[int], list[int]]:
+    """Instance n's two prompts: one it pins (600 tokens, 3 chunks), one that clears free (300 tokens, 2 chunks)."""
+    return list(range(20_000 + 1000 * n, 20_600 + 1000 * n)), list(range(60_000 + 1000 * n, 60_300 + 1000 * n))
+
+
+def busy_fleet(procs: Processes, url: str, base: str, ids: list[str]) -> dict[str, tuple[list[int], list[int]]]:
+    """An agent process for each of `ids`, holding its two prompts, the first pinned; what each holds."""
+    held = {instance_id: prompts(n) for n, instance_id in enumerate(ids)}
+    for instance_id, (pinned, loose) in held.items():
+        procs.agent(url, instance_id, *(f"--preload-tokens={','.join(map(str, p))}" for p in (pinned, loose)))
+    for instance_id, (pinned, loose) in held.items():
+        wait_for(lambda i=instance_id, p=loose: i in lookup(base, p), what=f"{instance_id}'s preloaded prompts")
+        target = {"instance_id": instance_id, "location": CPU}
+        assert post(base, "/pin", {**target, "tokens": pinned})["num_tokens"] == 600
+    return held
+
+
+def mixed_requests(held: dict[str, tuple[list[int], list[int]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Lookups of both prompts of each instance, and a clear of each (which frees its loose prompt only)."""
+    requests: list[tuple[str, dict[str, Any]]] = []
+    for instance_id, (pinned, loose) in held.items():
+        requests += [("/lookup", {"tokens": pinned}), ("/lookup", {"tokens": loose})]
+        requests.append(("/clear", {"instance_id": instance_id, "location": CPU}))
+    return requests
+
+
+def check_index(base: str, held: dict[str, tuple[list[int], list[int]]]) -> bool:
+    """Whether the index is what the fleet holds now: each pinned prompt whole at its instance, no loose one."""
+    return all(
+        lookup(base, pinned) == {instance_id: [CPU, 600]} and lookup(base, loose) == {}
+        for instance_id, (pinned, loose) in held.items()
+    )
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    by_status: dict[str, int] = {}
+    for o in outcomes:
+        name = f"{o.path} {o.status}"
+        by_status[name] = by_status.get(name, 0) + 1
+    slowest = max(o.elapsed for o in outcomes)
+    return f"{len(outcomes)} requests {dict(sorted(by_status.items()))}, slowest {slowest:.2f} s"
