@@ -30,7 +30,7 @@ import yaml
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.registration import Registration, WorkerAddress
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 
@@ -232,6 +232,91 @@ def redis_server(workdir: Path) -> Iterator[Proc]:
         return
 
 
+@dataclass
+class Cluster:
+    """A Redis Cluster of our own: `url` names one node (kvbus finds the rest); `nodes` maps port to process."""
+
+    url: str
+    nodes: dict[int, subprocess.Popen[bytes]]
+
+    def masters(self) -> list[int]:
+        """The ports of the nodes that serve slots now."""
+        with redis.Redis(port=next(iter(self.nodes)), decode_responses=True, socket_timeout=2) as client:
+            lines = client.execute_command("CLUSTER", "NODES").splitlines()
+        # A master's line ends with its slot ranges; a replica's, or a master that lost its slots, does not.
+        return sorted(
+            int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            for line in lines
+            if "master" in line.split()[2] and len(line.split()) > 8
+        )
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """`count` free loopback ports below 55000 whose cluster bus ports (+10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port >= 55_000 or port in ports:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def _cluster_ok(ports: Sequence[int], masters: int) -> bool:
+    for port in ports:
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=1) as client:
+            info = client.cluster("info")
+            if info["cluster_state"] != "ok" or int(info["cluster_size"]) != masters:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def redis_cluster(workdir: Path, masters: int = 3) -> Iterator[Cluster]:
+    """A Redis Cluster of `masters` masters with one replica each, on free loopback ports, without persistence;
+    every node is stopped by pid afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH")
+    nodes: dict[int, subprocess.Popen[bytes]] = {}
+    try:
+        for port in _cluster_ports(masters * 2):
+            node_dir = workdir / f"cluster-{port}"
+            node_dir.mkdir()
+            with (node_dir / "redis.log").open("ab") as out:
+                nodes[port] = subprocess.Popen(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+                    + ["--cluster-config-file", "nodes.conf", "--dir", str(node_dir), "--save", "", "--appendonly"]
+                    + ["no", "--daemonize", "no"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        for port, proc in nodes.items():
+            probe = redis.Redis(port=port, socket_connect_timeout=0.5)
+            try:
+                _wait(probe.ping, proc, f"cluster node on port {port}", None)
+            finally:
+                probe.close()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes)]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        first = next(iter(nodes.values()))
+        _wait(lambda: _cluster_ok(list(nodes), masters), first, "the cluster to cover every slot", None)
+        yield Cluster(f"redis://127.0.0.1:{next(iter(nodes))}/0", nodes)
+    finally:
+        for proc in nodes.values():
+            stop(proc)
+
+
 @contextlib.contextmanager
 def controller(redis_url: str, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Proc]:
     """`python -m kvbus controller` on a free port, ready once GET /healthz answers 200; `url` is its base URL.
@@ -277,7 +362,7 @@ def agents(
     """One `python -m kvbus agent` process per instance id, started together and each ready once it is
     alive and reads its command stream. `extra_config(instance_id)` adds config keys; `args` go to each."""
     started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-    client = redis.Redis.from_url(redis_url)
+    client = redis_conn.connect(redis_url)  # a cluster client on a cluster: each key is asked of its node
     try:
         for instance_id in instance_ids:
             config = workdir / f"{instance_id}.yaml"
@@ -422,17 +507,21 @@ def unrelated_entries(rng: torch.Generator, num_chunks: int) -> list[IndexEntry]
     ]
 
 
-def register(client: redis.Redis, instance_id: str, worker_id: int = 0) -> None:
-    """Register rank `worker_id` of `instance_id` as its agent would, for an instance whose index we write ourselves."""
-    Registration(
+def register(client: redis.Redis, instance_id: str, worker_id: int = 0, *, ttl_s: float = 5.0) -> Registration:
+    """Register rank `worker_id` of `instance_id` as its agent would, for an instance whose index we write ourselves.
+
+    `ttl_s`: how long its alive key lasts, as the agent's heartbeat_ttl; its `heartbeat()` beats as the agent does."""
+    registration = Registration(
         client,
         instance_id=instance_id,
         worker_id=worker_id,
         space=SPACE,
         locations=[CPU],
         address=WorkerAddress("127.0.0.1", None, None),
-        ttl_s=5.0,
-    ).register()
+        ttl_s=ttl_s,
+    )
+    registration.register()
+    return registration
 
 
 def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry], worker_id: int = 0) -> None:

@@ -21,29 +21,35 @@ INSTANCE = "bench-ingest"
 TARGET_RATE = 100_000.0
 
 
-def run(quick: bool) -> list[Figure]:
-    total = 100_000 if quick else 200_000
+def measure(redis_url: str, total: int, instance_id: str = INSTANCE) -> float:
+    """Seconds one IndexWriter takes to index `total` admissions on the Redis (or Redis Cluster) at `redis_url`."""
     admitted = unrelated_entries(torch.Generator().manual_seed(2), total)
-    with workdir() as tmp, redis_server(tmp) as server:
-        client = redis_conn.connect(server.url)
+    client = redis_conn.connect(redis_url)
+    try:
+        register(client, instance_id)
+        writer = IndexWriter(client, instance_id, 0)
+        writer.start()
         try:
-            register(client, INSTANCE)
-            writer = IndexWriter(client, INSTANCE, 0)
-            writer.start()
-            try:
-                note(f"ingest: {total} admissions")
-                started = time.perf_counter()
-                for entry in admitted:
-                    writer.admitted(CPU, entry)
-                writer.flush()
-                elapsed = time.perf_counter() - started
-            finally:
-                writer.stop()
-            indexed = client.hlen(keys.index(INSTANCE, 0, CPU))
+            note(f"ingest: {total} admissions")
+            started = time.perf_counter()
+            for entry in admitted:
+                writer.admitted(CPU, entry)
+            writer.flush()
+            elapsed = time.perf_counter() - started
         finally:
-            client.close()
+            writer.stop()
+        indexed = client.hlen(keys.index(instance_id, 0, CPU))
+    finally:
+        client.close()
     if indexed != total:
         raise RuntimeError(f"the index holds {indexed} chunks after {total} admissions")
+    return elapsed
+
+
+def run(quick: bool) -> list[Figure]:
+    total = 100_000 if quick else 200_000
+    with workdir() as tmp, redis_server(tmp) as server:
+        elapsed = measure(server.url, total)
     rate = total / elapsed
     return [
         Figure(
