@@ -15,8 +15,10 @@ import traceback
 from collections.abc import Callable
 
 from bench import (
+    capacity,
     clear,
     clear_cost,
+    cluster,
     commands,
     engine_prefill,
     guard_cost,
@@ -24,6 +26,7 @@ from bench import (
     lmcache_workers,
     lookup,
     memory,
+    scrape,
     vllm_prefill,
 )
 from bench._harness import Figure, busy_fraction, cpu_jiffies, print_table, write_json
@@ -39,6 +42,9 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "vllm_prefill": vllm_prefill.run,
     "lmcache_workers": lmcache_workers.run,
     "guard_cost": guard_cost.run,
+    "cluster": cluster.run,
+    "capacity": capacity.run,
+    "scrape": scrape.run,
 }
 
 
