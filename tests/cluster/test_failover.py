@@ -73,6 +73,8 @@ def test_a_master_killed_under_load_loses_no_answer_and_recovers(
         f"the promotion); {summary(outcomes)}"
     )
     check_answered(outcomes)
+    # The promoted replica may lack its master's last writes: the victim's agent re-published what it holds.
+    assert f"re-registered {victim_id} and re-published" in procs.log(f"agent-{victim_id}.log")
     wait_for(lambda: check_index(base, held), timeout=10, what="the index to be what the fleet holds")
 
     # Every command's outcome can be told once its deadline (2 s) and the grace after it (2 s) passed.

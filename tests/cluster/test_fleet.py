@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,12 @@ class Fleet:
         return agent
 
     def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
+        """Each agent waits up to a blocking read (1 s) for its command thread: they stop side by side."""
+        stopping = [threading.Thread(target=agent.stop) for agent in self.agents]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join(30)
 
 
 @pytest.fixture
