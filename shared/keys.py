@@ -73,6 +73,21 @@ def command_record_prefix(shard: int) -> str:
     return f"{_commands_tag(shard)}:command:"
 
 
+# Each worker's heartbeat summary (records.FleetEntry) is one field of one of this many hashes, picked by
+# its instance id: a scrape reads them all at once, and no one key or cluster slot holds the whole fleet.
+FLEET_SHARDS = 32
+
+
+def fleet_shard(instance_id: str) -> str:
+    """HASH `<worker_id>:<instance_id>` -> records.FleetEntry, for the instances whose ids hash to it."""
+    return f"{PREFIX}:fleet:{zlib.crc32(instance_id.encode()) % FLEET_SHARDS}"
+
+
+def fleet_shards() -> list[str]:
+    """Every fleet_shard key: what /metrics and the dashboard read."""
+    return [f"{PREFIX}:fleet:{shard}" for shard in range(FLEET_SHARDS)]
+
+
 def results(controller_id: str) -> str:
     """STREAM of agent results for one controller process."""
     return f"{PREFIX}:ctl:{controller_id}:results"

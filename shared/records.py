@@ -261,6 +261,31 @@ class LMCacheSync(msgspec.Struct, kw_only=True):
         return decode(cls, fields)
 
 
+class FleetEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One field of `kvbus:fleet:<shard>`, named `<worker_id>:<instance_id>`: what /metrics and the dashboard
+    show of a worker, rewritten whole at each of its heartbeats (an agent's own, or the controller's for an
+    LMCache worker), so that a scrape reads the fleet from a few hashes instead of every worker's keys.
+
+    Stored as one JSON object, defaults left out. The worker's registration stays the truth: worker and
+    key-count queries read that, and this entry is at most one heartbeat behind it.
+    """
+
+    last_heartbeat_time: float  # as the worker record has it
+    protocol: WorkerProtocol = WorkerProtocol.KVBUS
+    ip: str = ""
+    hostname: str = ""
+    pid: int | None = None
+    stats: dict[str, BackendStats] | None = None  # the worker record's stats
+    index: dict[str, int] = msgspec.field(default_factory=dict)  # location -> chunks in the rank's index (HLEN)
+    unacked: int | None = None  # commands on the stream this worker has not acked; None without its group
+    # Redis ms (an entry id's) of the oldest of those, so a reader ages it by its own clock; 0 when none.
+    oldest_unacked_ms: int = 0
+    lmcache: LMCacheSync | None = None  # an LMCache worker's op numbering and full-sync state
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+
 class LifecycleKind(StrEnum):
     REGISTERED = "registered"
     DEREGISTERED = "deregistered"
@@ -346,4 +371,5 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
     "kvbus:{<inst>}:idx:<worker_id>:<location>": "chunk key -> tokens in that chunk",
     "kvbus:{<inst>}:ticket:<digest>": (MoveTicket,),
+    "kvbus:fleet:<shard>": (FleetEntry,),
 }
