@@ -13,11 +13,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvbus.shared import deregistration, keys, redis_conn
+from kvbus.shared import deregistration, fleet_entry, keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from kvbus.shared.records import BackendStats, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
+from kvbus.shared.records import (
+    BackendStats,
+    FleetEntry,
+    InstanceInfo,
+    LifecycleEntry,
+    LifecycleKind,
+    WorkerRecord,
+)
 
 log = logging.getLogger("kvbus.agent.registration")
 
@@ -121,15 +128,46 @@ class Registration:
             )
 
     def heartbeat(self) -> bool:
-        """Refresh liveness; False when Redis no longer knows this instance (it restarted, or was flushed)."""
+        """Refresh liveness and this worker's fleet entry; False when Redis no longer knows this instance (it
+        restarted, or was flushed): the entry then waits for the registration that follows."""
+        now = time.time()
+        stats = self._stats() if self._stats is not None else None
+        locations = [str(location) for location in self._locations]
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
-        beat = WorkerRecord.heartbeat(time.time(), self._stats() if self._stats is not None else None)
-        pipe.hset(keys.worker(self._instance, self._worker), mapping=beat)
-        _, known, _ = pipe.execute()
+        pipe.hset(keys.worker(self._instance, self._worker), mapping=WorkerRecord.heartbeat(now, stats))
+        fleet_entry.queue_reads(pipe, self._instance, self._worker, locations)
+        # Only the backlog reads may fail (no group yet); an error of the heartbeat's own writes is raised.
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies[:3]:
+            if isinstance(reply, Exception):
+                raise reply
+        known = replies[1] == 2
+        if known:
+            self._publish(now, stats, fleet_entry.found(iter(replies[3:]), self._worker, locations))
         self._sync_clock()  # a call of its own: a cluster pipeline takes no TIME
-        return bool(known == 2)
+        return known
+
+    def _publish(self, now: float, stats: StatsByLocation | None, found: fleet_entry.Found) -> None:
+        """Write the entry /metrics and the dashboard read: a field of a fleet-wide hash, in another slot."""
+        oldest = found.oldest_unacked_ms
+        if found.after is not None:
+            pipe = self._redis.pipeline(transaction=False)
+            fleet_entry.queue_first_after(pipe, self._instance, found.after)
+            oldest = fleet_entry.first_ms(pipe.execute()[0])
+        entry = FleetEntry(
+            last_heartbeat_time=now,
+            ip=self.address.host,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            stats=stats,
+            index=found.index,
+            unacked=found.unacked,
+            oldest_unacked_ms=oldest,
+        )
+        field = keys.head_member(self._instance, self._worker)
+        self._redis.hset(keys.fleet_shard(self._instance), field, entry.encode())
 
     def deregister(self) -> bool:
         """Remove this worker and its index; the instance goes with its last worker. True if this was the last.

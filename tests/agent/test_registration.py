@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+import os
 import time
 
 import fakeredis
+import msgspec
 import pytest
 
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from kvbus.shared.records import InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
+from kvbus.shared.records import FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
 
 INSTANCE = "inst-r"
 
@@ -47,6 +49,22 @@ def test_heartbeat_notices_when_redis_forgot_the_instance(fake_redis: fakeredis.
     fake_redis.flushall()
     assert registration.heartbeat() is False
     assert fake_redis.exists(keys.alive(INSTANCE)) == 1
+    # No fleet entry for a registration Redis lost: the one that follows brings it back.
+    assert fake_redis.hgetall(keys.fleet_shard(INSTANCE)) == {}
+
+
+def test_heartbeat_leaves_the_workers_fleet_entry(fake_redis: fakeredis.FakeRedis) -> None:
+    registration = make(fake_redis)
+    registration.register()
+    fake_redis.hset(keys.index(INSTANCE, 0, "LocalCPUBackend"), mapping={"a" * 32: "256", "b" * 32: "256"})
+    fake_redis.xgroup_create(keys.commands(INSTANCE), keys.command_group(0), id="0", mkstream=True)
+    fake_redis.xadd(keys.commands(INSTANCE), {"n": "1"})
+    before = time.time()
+    assert registration.heartbeat() is True
+    entry = msgspec.json.decode(fake_redis.hget(keys.fleet_shard(INSTANCE), f"0:{INSTANCE}"), type=FleetEntry)
+    assert entry.last_heartbeat_time >= before and entry.ip == "10.0.0.7" and entry.pid == os.getpid()
+    assert entry.index == {"LocalCPUBackend": 2}
+    assert entry.unacked == 1 and entry.oldest_unacked_ms > 0  # not read yet: its entry id's time
 
 
 def test_deregister_removes_the_instance(fake_redis: fakeredis.FakeRedis) -> None:
