@@ -1,8 +1,9 @@
 """`GET /`: a live dashboard, a static page that polls `GET /dashboard.json`.
 
-The JSON is read from Redis on every call, like the worker queries: the fleet (fleet.py), the
-newest commands from the journal with /check_finish's status for each, and the newest agent
-lifecycle events. Lookup and command counts are this controller process's own, since start.
+The JSON is read from Redis on every call: the fleet as its workers' last heartbeats left it
+(fleet.read_entries, as /metrics reads it: at most one heartbeat old, and 32 keys whatever the
+fleet's size), the newest commands from the journal with /check_finish's status for each, and the
+newest agent lifecycle events. Lookup and command counts are this controller process's own, since start.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kvbus.controller.answers import (
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.metrics import Metrics
 from kvbus.shared import keys, redis_conn
+from kvbus.shared.config import KVBusConfig
 from kvbus.shared.flat_fields import DecodeError
 from kvbus.shared.records import (
     JournaledCommand,
@@ -61,9 +63,12 @@ async def dashboard_json(request: Request) -> Response:
     client: redis_conn.AsyncClient = request.app.state.redis
     metrics: Metrics = request.app.state.metrics
     bus: CommandBus = request.app.state.bus
-    snapshot, (commands, lifecycle) = await asyncio.gather(fleet.read(client), _recent(client))
+    config: KVBusConfig = request.app.state.config
+    ttl_s = config.heartbeat_ttl
+    snapshot, (commands, lifecycle) = await asyncio.gather(
+        fleet.read_entries(client, heartbeat_ttl_s=ttl_s, reap_after_s=config.reap_after), _recent(client)
+    )
     hits, misses = metrics.lookup_counts()
-    ttl_s: float = request.app.state.config.heartbeat_ttl
     answer = DashboardAnswer(
         controller_id=bus.controller_id,
         now=snapshot.now_s,

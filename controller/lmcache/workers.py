@@ -20,6 +20,7 @@ import time
 import redis
 import redis.asyncio
 
+from kvbus.controller import fleet
 from kvbus.controller.lmcache import wire
 from kvbus.shared import deregistration, keys, redis_conn
 from kvbus.shared.config import valid_instance_id
@@ -132,6 +133,7 @@ class LMCacheWorkers:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await fleet.publish(self._redis, [(instance, worker)])  # what /metrics and the dashboard show of it
         log.info("LMCache worker %s/%d registered from %s:%d", instance, worker, message.ip, message.port)
         return wire.RegisterRetMsg(extra_config={"heartbeat_url": self._heartbeat_url} if self._heartbeat_url else {})
 
@@ -149,6 +151,7 @@ class LMCacheWorkers:
         pipe.set(keys.alive(instance), worker, px=self._ttl_ms)
         pipe.hset(keys.worker(instance, worker), mapping=WorkerRecord.heartbeat(time.time(), None))
         await pipe.execute()
+        await fleet.publish(self._redis, [(instance, worker)])
         return wire.HeartbeatRetMsg(commands=[wire.FullSyncCommand(reason=resync)] if resync else [])
 
     async def deregister(self, message: wire.DeRegisterMsg) -> None:

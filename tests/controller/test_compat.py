@@ -263,6 +263,8 @@ def test_lmcache_s_metric_names_are_served_beside_kvbus_s(
 ) -> None:
     fleet.start()
     fleet.store_all()
+    for agent in fleet.agents.values():
+        agent.registration.heartbeat()  # /metrics shows the fleet as of each worker's last heartbeat
     families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
     recorded = BY_NAME["metrics"]["metric_names"]
     # prometheus_client's parser drops a counter's _total; the recording kept the names as written.

@@ -3,7 +3,8 @@ request counts per route, command outcomes, lookup hits and misses, index sizes,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,7 @@ from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller.app import create_app
 from kvbus.shared import keys
 from kvbus.shared.config import KVBusConfig
-from kvbus.shared.records import WorkerRecord
-from tests.conftest import MODEL, free_port, wait_for
+from tests.conftest import MODEL, free_port
 
 INSTANCE = "metrics-instance"
 PROMPT = list(range(1000, 1600))  # chunks of 256, 256 and 88 tokens
@@ -59,19 +59,23 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def wait_for_scrape(client: TestClient, shows: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until a scrape `shows` what was waited for; each scrape is counted, at most one a heartbeat."""
+    deadline = time.monotonic() + 10
+    while not shows(samples := scrape(client)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no scrape showed {what}")
+        time.sleep(BASE.heartbeat_interval)
+    return samples
+
+
 def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient, agent: Agent) -> None:
     for tokens in (PROMPT, PROMPT[:300], [7, 8, 9]):
         assert client.post("/lookup", json={"tokens": tokens}).status_code == 200
     assert client.post("/lookup", json={"tokens": "x"}).status_code == 422
-    wait_for(
-        lambda: (
-            (WorkerRecord.decode(agent._redis.hgetall(keys.worker(INSTANCE, 0))).stats or {})["LocalCPUBackend"].chunks
-            == 3
-        ),
-        what="a heartbeat with the agent's stats",
-    )
-    before = scrape(client)
     worker = {"instance_id": INSTANCE, "worker_id": "0", "location": "LocalCPUBackend"}
+    # The fleet's series are as of each worker's last heartbeat (every 0.1 s here).
+    before = wait_for_scrape(client, lambda s: value(s, "kvbus_worker_chunks", **worker) == 3, "the stored chunks")
     assert value(before, "kvbus_index_chunks", **worker) == 3
     assert value(before, "kvbus_worker_chunks", **worker) == 3
     assert value(before, "kvbus_worker_bytes", **worker) == 600 * KV_BYTES_PER_TOKEN
@@ -88,6 +92,7 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     assert client.post("/clear", json={**CPU, "instance_id": "ghost"}).status_code == 404
     assert client.post("/clear", json={"instance_id": INSTANCE}).status_code == 422
     assert client.get("/no/such/page").status_code == 404
+    shown = wait_for_scrape(client, lambda s: value(s, "kvbus_index_chunks", **worker) == 0, "the clear's heartbeat")
     after = scrape(client)
     lookup = {"method": "POST", "path": "/lookup"}
     assert value(after, "kvbus_http_requests_total", **lookup, status="200") == 3
@@ -96,12 +101,13 @@ def test_requests_lookups_commands_and_the_index_are_counted(client: TestClient,
     for status in ("200", "404", "422"):
         assert value(after, "kvbus_http_requests_total", method="POST", path="/clear", status=status) == 1
     assert value(after, "kvbus_http_requests_total", method="GET", path="<unmatched>", status="404") == 1
-    assert value(after, "kvbus_http_requests_total", method="GET", path="/metrics", status="200") == 1
+    scrapes = value(after, "kvbus_http_requests_total", method="GET", path="/metrics", status="200")
+    assert scrapes == (value(shown, "kvbus_http_requests_total", method="GET", path="/metrics", status="200") or 0) + 1
     assert value(after, "kvbus_lookups_total", result="hit") == 2
     assert value(after, "kvbus_lookups_total", result="miss") == 1
     assert value(after, "kvbus_commands_total", kind="clear", outcome="ok") == 1
     assert value(after, "kvbus_commands_total", kind="clear", outcome="timeout") == 0
-    assert value(after, "kvbus_index_chunks", **worker) == 0
+    assert value(after, "kvbus_worker_chunks", **worker) == 0
 
 
 def test_a_silent_agent_shows_as_bus_lag_read_or_not(
@@ -111,6 +117,8 @@ def test_a_silent_agent_shows_as_bus_lag_read_or_not(
     silent.registration.register()
     silent.consumer.ensure_group()
     assert client.post("/clear", json=CPU).status_code == 504
+    # Its command thread is stuck, its heartbeat thread is not: each beat brings the backlog to the scrape.
+    silent.registration.heartbeat()
     unread = scrape(client)
     labels = {"instance_id": INSTANCE, "worker_id": "0"}
     assert value(unread, "kvbus_bus_unacked_commands", **labels) == 1
@@ -120,6 +128,7 @@ def test_a_silent_agent_shows_as_bus_lag_read_or_not(
     # Read but never acked (an agent stuck on it): now pending, and as old.
     group = keys.command_group(0)
     real_redis.xreadgroup(group, group, {keys.commands(INSTANCE): ">"}, count=1)
+    silent.registration.heartbeat()
     pending = scrape(client)
     assert value(pending, "kvbus_bus_unacked_commands", **labels) == 1
     assert (value(pending, "kvbus_bus_lag_seconds", **labels) or 0) >= (

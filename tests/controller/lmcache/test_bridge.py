@@ -264,6 +264,7 @@ def test_lmcaches_own_gauges_count_this_processs_messages_and_the_fleets_gaps(
     wait_for(
         lambda: LMCacheSync.decode(real_redis.hgetall(keys.lmcache_sync("lmc-a", 0))).gaps == 1, what="the gap noted"
     )
+    worker.heartbeat()  # /metrics shows the fleet as of each worker's last heartbeat
     text = client.get("/metrics").text
     values = {
         line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
