@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import redis
 
 from kvbus.shared import keys
-from kvbus.shared.records import BackendStats, LifecycleEntry, LifecycleKind, WorkerRecord
+from kvbus.shared.records import BackendStats, FleetEntry, LifecycleEntry, LifecycleKind, WorkerRecord
 from tests.conftest import Processes, wait_for
 
 PLAIN = "dash-a"
@@ -122,7 +123,8 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def register_by_hand(client: redis.Redis, instance_id: str) -> None:
-    """An instance's registration, heartbeat and lifecycle entry as Redis would hold them, with no agent behind."""
+    """An instance's registration, heartbeat (with its fleet entry) and lifecycle entry as Redis would hold them,
+    with no agent behind."""
     now = time.time()
     record = WorkerRecord(instance_id=instance_id, worker_id=0, ip="127.0.0.1", registration_time=now)
     pipe = client.pipeline()
@@ -130,13 +132,17 @@ def register_by_hand(client: redis.Redis, instance_id: str) -> None:
     pipe.sadd(keys.workers(instance_id), 0)
     pipe.hset(keys.worker(instance_id, 0), mapping={**record.encode(), **WorkerRecord.heartbeat(now, None)})
     pipe.set(keys.alive(instance_id), 0, px=120_000)
+    beat = FleetEntry(last_heartbeat_time=now, ip="127.0.0.1")
+    pipe.hset(keys.fleet_shard(instance_id), keys.head_member(instance_id, 0), beat.encode())
     entry = LifecycleEntry(kind=LifecycleKind.REGISTERED, instance_id=instance_id, worker_id=0)
     pipe.xadd(keys.LIFECYCLE, entry.encode())
     pipe.execute()
 
 
 def stats(client: redis.Redis, instance_id: str) -> dict[str, BackendStats]:
-    return WorkerRecord.decode(client.hgetall(keys.worker(instance_id, 0))).stats or {}
+    """What the worker's last fleet entry says it holds: what the dashboard shows."""
+    value = client.hget(keys.fleet_shard(instance_id), keys.head_member(instance_id, 0))
+    return (msgspec.json.decode(value, type=FleetEntry).stats if value else None) or {}
 
 
 @pytest.mark.skipif(
