@@ -29,8 +29,8 @@ from kvbus.shared.locations import FASTEST_FIRST, Location
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
 _EACH_AT_ONCE = 16  # candidates walked one by one while slots move, at most this many at a time
 
-# KEYS: none (the walk builds each candidate's keys from its id), or one candidate's alive key when a
-# call walks that candidate alone, for the cluster's routing to follow it.
+# KEYS: none (the walk builds each candidate's keys from its id), or every key of the one candidate a
+# call walks alone, for the cluster's routing to follow it while its slot moves.
 # ARGV: the number of locations L, the number of chunks n, the chain's n chunk keys in order, the key
 # parts (keys.script_key_parts), the L locations fastest first, then the candidates in one string, a line
 # each: the instance id, a tab, and the worker ids its hints name, comma-separated (one string, because
@@ -186,14 +186,16 @@ class PrefixIndex:
             *keys.script_key_parts(),
             *scope.locations,
         ]
-        walked = await self._walk_by_node(chain_args, holders)
+        walked = await self._walk_by_node(chain_args, holders, scope.locations)
         return [
             Match(instance_id, scope.locations[last - 1], chain.chunks[matched - 1].end)
             for (instance_id, _), (matched, last) in zip(holders, walked, strict=True)
             if matched
         ]
 
-    async def _walk_by_node(self, chain_args: list[str | int], holders: list[_Holder]) -> list[tuple[int, int]]:
+    async def _walk_by_node(
+        self, chain_args: list[str | int], holders: list[_Holder], locations: tuple[Location, ...]
+    ) -> list[tuple[int, int]]:
         """Each candidate's (matched, location): one script call per Redis node, the nodes read at once.
 
         On a cluster whose slots are moving (a failover, a resharding) a node may no longer hold some
@@ -206,7 +208,7 @@ class PrefixIndex:
             if isinstance(walked, BaseException):
                 if node is None or not redis_conn.slot_moved(walked):
                     raise walked
-                walked = await self._walk_each(chain_args, [holders[i] for i in members])
+                walked = await self._walk_each(chain_args, [holders[i] for i in members], locations)
             results.update(zip(members, walked, strict=True))
         return [results[i] for i in range(len(holders))]
 
@@ -216,12 +218,14 @@ class PrefixIndex:
         reply = await redis_conn.run_script(self._redis, self._walk, [], [*chain_args, _packed(holders)], node)
         return list(zip(reply[::2], reply[1::2], strict=True))
 
-    async def _walk_each(self, chain_args: list[str | int], holders: list[_Holder]) -> list[tuple[int, int]]:
+    async def _walk_each(
+        self, chain_args: list[str | int], holders: list[_Holder], locations: tuple[Location, ...]
+    ) -> list[tuple[int, int]]:
         walked = []
         for start in range(0, len(holders), _EACH_AT_ONCE):
             batch = holders[start : start + _EACH_AT_ONCE]
             walked += await asyncio.gather(
-                *(self._walk(keys=[keys.alive(h[0])], args=[*chain_args, _packed([h])]) for h in batch)
+                *(self._walk(keys=_candidate_keys(h, locations), args=[*chain_args, _packed([h])]) for h in batch)
             )
         return [(int(reply[0]), int(reply[1])) for reply in walked]
 
@@ -255,6 +259,14 @@ def _read_heads(pipe: redis_conn.AsyncPipeline, chains: list[_Chain], locations:
 # A candidate instance and the ranks the head sets name for it, at any location (a plain tuple: a
 # worst-case lookup builds one per instance of the fleet).
 _Holder = tuple[str, tuple[int, ...]]
+
+
+def _candidate_keys(holder: _Holder, locations: tuple[Location, ...]) -> list[str]:
+    """Every key the walk reads for one candidate, declared so that a cluster node whose slot is moving
+    redirects the call (ASK) or has it retried (TRYAGAIN) instead of failing it."""
+    instance_id, ranks = holder
+    indexes = [keys.index(instance_id, rank, location) for rank in ranks for location in locations]
+    return [keys.alive(instance_id), keys.workers(instance_id), *indexes]
 
 
 def _packed(holders: list[_Holder]) -> str:

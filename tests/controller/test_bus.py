@@ -34,6 +34,9 @@ from tests.conftest import MODEL, SEED_TOKENS, wait_for
 from tests.controller.test_lookup import hold
 from tests.controller.test_routes import BASE, INSTANCE, PROMPT, post, store
 
+# One suite for both deployments: each test runs on one Redis and on a 3-master Redis Cluster.
+REDIS_BACKENDS = ("single", "cluster")
+
 LOCATION = "LocalCPUBackend"
 
 
@@ -183,7 +186,7 @@ def test_a_command_to_a_lapsed_instance_is_504_at_once_and_check_finish_says_exp
     client: TestClient, redis_url: str
 ) -> None:
     hold(redis_url, "lapsed", SEED_TOKENS, alive=False)  # registered and holding, its heartbeat expired
-    redis.Redis.from_url(redis_url).xgroup_create(keys.commands("lapsed"), "worker-0", mkstream=True)
+    redis_conn.connect(redis_url).xgroup_create(keys.commands("lapsed"), "worker-0", mkstream=True)
     started = time.monotonic()
     body = post(client, "/clear", {"instance_id": "lapsed", "location": LOCATION}, status=504)
     assert time.monotonic() - started < 0.25  # command_timeout is 0.5 s here
@@ -332,7 +335,7 @@ def test_a_silent_rank_gives_504_naming_it_and_check_finish_tells_the_outcome_la
 
 def test_commands_and_results_are_journaled(client: TestClient, ranks: list[Agent], redis_url: str) -> None:
     event_id = post(client, "/clear", {"instance_id": INSTANCE, "location": "LocalCPUBackend"})["event_id"]
-    journal = redis.Redis.from_url(redis_url, decode_responses=True).xrange(keys.JOURNAL)
+    journal = redis_conn.connect(redis_url).xrange(keys.JOURNAL)
     mine = [fields for _, fields in journal if fields.get("event_id") == event_id]
     # The command is journaled while its workers run it: its entry may come before or after their results.
     [command] = [f for f in mine if f["type"] == "command"]
@@ -367,7 +370,7 @@ def test_clear_of_a_silent_instance_is_504_with_the_event_id(
     redis_url: str,
 ) -> None:
     hold(redis_url, "silent", SEED_TOKENS)
-    redis.Redis.from_url(redis_url).xgroup_create(keys.commands("silent"), "worker-0", mkstream=True)
+    redis_conn.connect(redis_url).xgroup_create(keys.commands("silent"), "worker-0", mkstream=True)
     response = client.post("/clear", json={"instance_id": "silent", "location": "LocalCPUBackend"})
     assert response.status_code == 504
     body = response.json()

@@ -25,6 +25,9 @@ from tests.conftest import MODEL, SEED_TOKENS, wait_for
 from tests.controller.conftest import CheckedClient
 from tests.controller.test_routes import BASE, CPU, INSTANCE, post, store
 
+# One suite for both deployments: each test runs on one Redis and on a 3-master Redis Cluster.
+REDIS_BACKENDS = ("single", "cluster")
+
 SENT_MS = 1_700_000_000_000  # the command's stream entry id, in Redis server time
 TIMEOUT_MS = 500
 GIVEN_UP_MS = SENT_MS + TIMEOUT_MS + 2000  # answers.py: unanswered 2 s past the deadline is expired
@@ -204,9 +207,12 @@ def test_every_command_gives_504_on_a_silent_agent_then_check_finish_expires(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_command_record_costs_at_most_250_bytes(redis_url: str, real_redis: redis.Redis, workers: int) -> None:
+def test_a_command_record_costs_at_most_250_bytes(
+    redis_url: str, real_redis: redis.Redis, workers: int, redis_backend: str
+) -> None:
     """Records lived an hour at about 300 B (360 B with two ranks): they held the location, the timeout,
-    the stream entry id and each result as a JSON object with its field names."""
+    the stream entry id and each result as a JSON object with its field names. A cluster node keeps
+    some bookkeeping of its own per key, which MEMORY USAGE counts."""
     config = BASE.with_overrides(redis_url=redis_url, lmcache_instance_id="lmcache_default_instance")
     agents = [Agent(config, model=MODEL, worker_id=rank) for rank in range(workers)]
     for running in agents:
@@ -223,7 +229,7 @@ def test_a_command_record_costs_at_most_250_bytes(redis_url: str, real_redis: re
             running.stop()
     key = keys.command_record(answer["event_id"])
     assert set(real_redis.hkeys(key)) == {"kind", "instance_id", "deadline_ms", "workers", *map(str, range(workers))}
-    assert real_redis.memory_usage(key, samples=0) <= 250
+    assert real_redis.memory_usage(key, samples=0) <= (250 if redis_backend == "single" else 280)
 
 
 def _by_shard(event_ids: list[str]) -> dict[int, list[str]]:

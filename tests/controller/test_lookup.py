@@ -28,6 +28,9 @@ from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import FASTEST_FIRST, Location
 from tests.conftest import MODEL, SEED_TOKENS
 
+# One suite for both deployments: each test runs on one Redis and on a 3-master Redis Cluster.
+REDIS_BACKENDS = ("single", "cluster")
+
 BASE = KVBusConfig(
     enable_controller=True, command_timeout=0.5, heartbeat_interval=0.1, heartbeat_ttl=30, max_lookup_tokens=4096
 )
@@ -50,7 +53,7 @@ def hold(
     worker_id: int = 0,
 ) -> LocalCPUBackend:
     """Rank `worker_id` of an instance, holding `prompts`, registered and indexed, with no consumer thread."""
-    redis_client = redis.Redis.from_url(url, decode_responses=True)
+    redis_client = redis_conn.connect(url)
     Registration(
         redis_client,
         instance_id=instance_id,
@@ -75,7 +78,7 @@ def place(
 ) -> None:
     """Rank `worker_id` of an instance, whose index has chunk n of `tokens` at each location of `places[n]`, and
     no backend behind it."""
-    redis_client = redis.Redis.from_url(url, decode_responses=True)
+    redis_client = redis_conn.connect(url)
     Registration(
         redis_client,
         instance_id=instance_id,

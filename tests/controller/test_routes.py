@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import torch
 from starlette.testclient import TestClient
 
@@ -23,11 +22,14 @@ from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.codecs import scale_dims
 from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller import routes
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.flat_fields import decode
 from kvbus.shared.messages import TICKET_BYTES, Command, CommandKind
 from tests.conftest import MODEL, free_port
+
+# One suite for both deployments: each test runs on one Redis and on a 3-master Redis Cluster.
+REDIS_BACKENDS = ("single", "cluster")
 
 INSTANCE = "tp-instance"
 PROMPT = list(range(1000, 1600))  # chunks of 256, 256 and 88
@@ -273,7 +275,7 @@ def test_chunks_sent_to_a_peer_without_the_controller_are_refused_and_change_no_
     assert len(dest.backends[0]) == 0
     # A ticket read off the command stream is spent by the move it came with.
     assert move(client, ("src", "LocalCPUBackend"), ("dst", "LocalCPUBackend"), PROMPT[:256], copy=True)["num_tokens"]
-    with redis.Redis.from_url(source.config.redis_url) as client_redis:
+    with redis_conn.connect(source.config.redis_url) as client_redis:
         (_, fields), *_ = client_redis.xrevrange(keys.commands("src"), count=1)
     sent = decode(Command, fields)
     assert sent.kind == CommandKind.MOVE and sent.tickets.keys() == {"0"}
