@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
-
 from kvbus.agent.backends import StorageBackend, make_backends
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
@@ -115,7 +113,7 @@ class Agent:
                 self.start()
                 outage.succeeded()
                 return True
-            except redis.RedisError as exc:
+            except redis_conn.ERRORS as exc:
                 stop.wait(outage.failed(exc))
         return False
 
@@ -135,7 +133,7 @@ class Agent:
         try:
             self.index.purge([b.location for b in self.backends])
             self.registration.deregister()
-        except redis.RedisError as exc:
+        except redis_conn.ERRORS as exc:
             log.warning(
                 "could not deregister from Redis (%s); lookups skip the instance once its heartbeat "
                 "lapses, and its next start replaces its index entries",
@@ -193,7 +191,7 @@ class Agent:
                 lost = self.index.take_resync_request()
                 if lost:
                     self._reregister(f"index writes for {', '.join(lost)} were dropped while Redis was away")
-            except redis.RedisError as exc:
+            except redis_conn.ERRORS as exc:
                 outage.failed(exc)
                 continue
             outage.succeeded()

@@ -102,7 +102,7 @@ class CommandConsumer:
                 log.warning("command stream %s lost its group (%s); re-registering", self._stream, exc)
                 on_lost_group()
                 need_pending = True
-            except redis.RedisError as exc:
+            except redis_conn.ERRORS as exc:
                 need_pending = True
                 stop.wait(outage.failed(exc))
                 continue

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
-
 from kvbus.agent.paged_blocks import Layout
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError
@@ -52,7 +50,7 @@ class IndexReader:
         pipe.hmget(self._index, chunk_keys)
         try:
             worker, counts = pipe.execute()
-        except redis.RedisError as exc:
+        except redis_conn.ERRORS as exc:
             self._paused_until = time.monotonic() + self._backoff_s
             log.warning("index lookup failed (%s); counting misses for %.0f s", exc, self._backoff_s)
             return 0

@@ -23,8 +23,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import redis
-
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
@@ -165,7 +163,7 @@ class IndexWriter:
             if ops:
                 try:
                     self._write(ops)
-                except redis.RedisError:
+                except redis_conn.ERRORS:
                     with self._ops_lock:
                         self._ops.extendleft(reversed(ops))
                     raise
@@ -275,7 +273,7 @@ class IndexWriter:
             self._wake.clear()
             try:
                 self.flush()
-            except redis.RedisError as exc:
+            except redis_conn.ERRORS as exc:
                 self._stop.wait(outage.failed(exc))
                 continue
             outage.succeeded()

@@ -35,6 +35,7 @@ RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after t
 # in well under a millisecond, and a stalled one must not hold the answer.
 SILENCE_S = 0.25
 _TTL_REFRESH_S = 10
+_FAILED: tuple[type[Exception], ...] = (*redis_conn.ERRORS, TimeoutError)  # a call that did not go through in time
 
 
 # Two steps, each atomic in one Redis Cluster slot: the instance's (its workers, heartbeat and command
@@ -256,7 +257,7 @@ class CommandBus:
                         approximate=True,
                     ),
                 )
-        except (redis.RedisError, TimeoutError) as exc:
+        except _FAILED as exc:
             log.warning("no record of %s for /check_finish: %s", command.event_id, exc or "Redis did not answer")
 
     def _settings(self, command: Command, instance_id: str, sent: _Sent) -> dict[str, Any]:
@@ -288,7 +289,7 @@ class CommandBus:
         try:
             async with asyncio.timeout(SILENCE_S):
                 alive = await self._redis.exists(keys.alive(instance_id))
-        except (redis.RedisError, TimeoutError):
+        except _FAILED:
             return f"{waited}, and Redis became unreachable meanwhile"
         if alive:
             return f"{waited}; its heartbeat is fresh, so it is alive but busy or stuck"

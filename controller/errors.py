@@ -19,17 +19,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kvbus.controller.answers import ErrorAnswer, ValidationIssue, respond
-from kvbus.shared.redis_conn import redacted
+from kvbus.shared.redis_conn import CLUSTER_MOVING, redacted
 
 log = logging.getLogger("kvbus.controller")
 
 
 # Redis failing as a whole, which the controller waits out (a 503 meanwhile): down, stalled, or refusing
 # redis_url's user a command (NoPermissionError, a ResponseError, until an operator fixes the ACL).
-REDIS_DOWN: tuple[type[redis.RedisError], ...] = (
+REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.NoPermissionError,
+    *CLUSTER_MOVING,
 )
 
 
@@ -209,6 +210,14 @@ async def redis_error(request: Request, exc: Exception) -> Response:
     if problem is not None:
         log.error("%s %s -> 503: %s", request.method, request.url.path, problem)
         return _body(503, RedisAuthFailed.code, problem)
+    if isinstance(exc, CLUSTER_MOVING):
+        log.warning("%s %s -> 503: the Redis Cluster is moving a slot (%s)", request.method, request.url.path, exc)
+        return _body(
+            503,
+            BusUnavailable.code,
+            f"the Redis Cluster is failing over or moving a slot this request needs ({type(exc).__name__}: {exc}); "
+            "retry shortly",
+        )
     log.warning("%s %s -> 503: Redis unreachable (%s)", request.method, request.url.path, exc)
     return _body(
         503,

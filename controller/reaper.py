@@ -56,7 +56,7 @@ class Reaper:
             try:
                 if await self._redis.set(keys.REAPER_LOCK, "1", nx=True, ex=max(1, int(self._interval))):
                     await self.reap_once()
-            except redis.RedisError as exc:
+            except redis_conn.ERRORS as exc:
                 log.warning("reaping skipped this round: %s", exc)
 
     async def reap_once(self) -> list[str]:
@@ -78,6 +78,8 @@ class Reaper:
         if not await self._script(keys=[keys.alive(instance_id), *owned], args=[]):
             return False
         await deregistration.leave_sets_async(self._redis, instance_id, memberships, last=True)
+        ranks = {rank for _, rank in memberships}  # every rank is among them: each leaves kvbus:lmcache:workers
+        await self._redis.hdel(keys.fleet_shard(instance_id), *(keys.head_member(instance_id, r) for r in ranks))
         entry = LifecycleEntry(
             kind=LifecycleKind.REAPED, instance_id=instance_id, worker_id=-1, detail=f"no heartbeat for {silence:.0f} s"
         )

@@ -120,6 +120,8 @@ def deregister(
     script_keys, args = script_args(instance_id, worker_id, own=own)
     last = bool(client.eval(SCRIPT, len(script_keys), *script_keys, *args))
     leave_sets(client, instance_id, [(set_key, worker_id) for set_key in memberships], last=last)
+    # The rank's fleet entry is in a fleet shard's slot, not the instance's: it goes in a call of its own.
+    client.hdel(keys.fleet_shard(instance_id), keys.head_member(instance_id, worker_id))
     return last
 
 
@@ -135,4 +137,5 @@ async def deregister_async(
     script_keys, args = script_args(instance_id, worker_id, own=own)
     last = bool(await client.eval(SCRIPT, len(script_keys), *script_keys, *args))
     await leave_sets_async(client, instance_id, [(set_key, worker_id) for set_key in memberships], last=last)
+    await client.hdel(keys.fleet_shard(instance_id), keys.head_member(instance_id, worker_id))
     return last

@@ -42,6 +42,17 @@ Pipeline: TypeAlias = "redis.client.Pipeline | redis.cluster.ClusterPipeline"
 AsyncPipeline: TypeAlias = "redis.asyncio.client.Pipeline | redis.asyncio.cluster.ClusterPipeline"
 Node: TypeAlias = "redis.asyncio.cluster.ClusterNode"
 
+# A cluster failing over or moving slots, which redis-py gave up following: Redis is not there for this
+# call, as when it is down. RedisClusterException (a slot no node serves yet) is not a RedisError.
+CLUSTER_MOVING: tuple[type[Exception], ...] = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.RedisClusterException,
+)
+# Whatever a call to Redis may raise that a loop retries after a pause.
+ERRORS: tuple[type[Exception], ...] = (redis.RedisError, *CLUSTER_MOVING)
+
 
 class _Options(TypedDict):
     socket_connect_timeout: float

@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 from redis.crc import key_slot
 
+from kvbus.controller import fleet
 from kvbus.controller.lmcache import wire
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
@@ -409,6 +410,8 @@ class Relay:
             pipe.hset(keys.worker(instance, worker_id), mapping=WorkerRecord.heartbeat(time.time(), None))
             async with self._slots:
                 await pipe.execute()
+                # The probe stands in for the heartbeat the worker does not send: /metrics reads the entry.
+                await fleet.publish(self._redis, [(instance, worker_id)])
 
 
 def _reads(client: redis_conn.AsyncClient, members: dict[int, list[str]]) -> list[tuple[int, dict[str, str]]]:
