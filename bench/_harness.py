@@ -407,8 +407,10 @@ def agents(
         def ready(instance_id: str) -> Callable[[], object]:
             return lambda: client.exists(keys.alive(instance_id)) and client.xinfo_groups(keys.commands(instance_id))
 
+        # Each agent imports torch (about 2 s of CPU): dozens started at once on a small box take a while.
+        timeout = 30.0 + 2.0 * len(started)
         for instance_id, proc, log in started:
-            _wait(ready(instance_id), proc, f"agent {instance_id}", log)
+            _wait(ready(instance_id), proc, f"agent {instance_id}", log, timeout)
         yield [Proc(proc) for _, proc, _ in started]
     finally:
         client.close()
