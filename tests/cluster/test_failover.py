@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from kvbus.shared import keys
 from tests.cluster.conftest import (
@@ -62,8 +63,14 @@ def test_a_master_killed_under_load_loses_no_answer_and_recovers(
     try:
         wait_for(serves_again, timeout=RECOVERY_BOUND_S, what="lookups and clears of the victim's instance")
     except TimeoutError:
-        load.stop()
-        raise AssertionError(f"last lookup and clear: {seen}\n{procs.log(f'agent-{victim_id}.log')[-3000:]}") from None
+        outcomes = load.stop()
+        controller_log = next(p.name for p in procs.tmp.iterdir() if p.name.startswith("controller-"))
+        with redis.RedisCluster(host="127.0.0.1", port=own_cluster.live()[0].port, decode_responses=True) as client:
+            streams = {key: own_cluster.master_of(key) for key in client.scan_iter("kvbus:ctl:*")}
+        raise AssertionError(
+            f"last lookup and clear: {seen}\nload: {summary(outcomes)}\nresult streams on {streams}, victim {victim}"
+            f"\n{procs.log(f'agent-{victim_id}.log')[-2500:]}\n{procs.log(controller_log)[-2500:]}"
+        ) from None
     recovered = time.monotonic()
     time.sleep(2.0)  # more load on the recovered cluster
     outcomes = load.stop()
