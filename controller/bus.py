@@ -306,7 +306,11 @@ class CommandBus:
                     if not await self._reader.expire(self.results_key, RESULTS_TTL_S):
                         last_id = await self._create_results_stream()
                     next_refresh = time.monotonic() + _TTL_REFRESH_S
-                reply = await self._reader.xread({self.results_key: last_id}, block=BLOCK_MS, count=512)
+                reply = await self._reader.execute_command(
+                    "XREAD",
+                    *("COUNT", 512, "BLOCK", BLOCK_MS, "STREAMS", self.results_key, last_id),
+                    **redis_conn.routed(self._reader, self.results_key),
+                )
             except REDIS_DOWN as exc:
                 if self._closing:
                     return

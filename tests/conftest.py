@@ -149,9 +149,8 @@ class RedisClusterServers:
         return f"redis://127.0.0.1:{next(iter(self.nodes))}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server and redis-cli are not installed (Debian: apt-get install redis-server)")
         for port in cluster_ports(self.masters * 2):
             node = RedisServer(port, self.workdir / str(port), cluster=True)
             node.workdir.mkdir(parents=True, exist_ok=True)
