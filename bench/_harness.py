@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -252,15 +253,17 @@ class Cluster:
 
 
 def _cluster_ports(count: int) -> list[int]:
-    """`count` free loopback ports below 55000 whose cluster bus ports (+10000) are free too."""
+    """`count` free loopback ports whose cluster bus ports (+10000) are free too, both below the kernel's
+    ephemeral range (32768 and up), where any client socket could take one before redis-server binds it."""
     ports: list[int] = []
     while len(ports) < count:
-        port = free_port()
-        if port >= 55_000 or port in ports:
+        port = random.randrange(20_000, 22_768)
+        if port in ports:
             continue
         try:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", port + 10_000))
+            for candidate in (port, port + 10_000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
         except OSError:
             continue
         ports.append(port)

@@ -264,10 +264,11 @@ def test_retention_is_bounded_by_count_the_oldest_records_of_each_shard_going_fi
 def test_the_ids_of_records_that_expired_leave_the_list_as_new_commands_come(
     redis_url: str, real_redis: redis.Redis, agent: Agent
 ) -> None:
-    config = BASE.with_overrides(redis_url=redis_url, event_retention=0.3)
-    with CheckedClient(create_app(config)) as client:
+    with CheckedClient(create_app(BASE.with_overrides(redis_url=redis_url, event_retention=0.3))) as client:
         old = _by_shard([post(client, "/clear", CPU)["event_id"] for _ in range(4)])
         wait_for(lambda: not any(real_redis.scan_iter("*:command:*")), what="the records to expire")
+    # The newer records are kept long, so that none of them expires while the others are sent.
+    with CheckedClient(create_app(BASE.with_overrides(redis_url=redis_url))) as client:
         # Each send drops up to two expired ids of its own shard: send until every shard had its chance.
         newer: dict[int, list[str]] = {}
         for _ in range(50 * keys.COMMAND_SHARDS):

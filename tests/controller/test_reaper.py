@@ -6,37 +6,15 @@ import asyncio
 
 import redis
 
-from kvbus.agent.backends.cpu import LocalCPUBackend
-from kvbus.agent.index_writer import IndexWriter
-from kvbus.agent.registration import Registration, WorkerAddress
-from kvbus.agent.synthetic import synthetic_kv
 from kvbus.controller.reaper import Reaper
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.locations import Location
 from kvbus.shared.records import LifecycleEntry, LifecycleKind
 from tests.conftest import SEED_TOKENS
-from tests.controller.test_lookup import PROMPT, SPACE
+from tests.controller.test_lookup import PROMPT, SPACE, hold
 from tests.shared.test_deregistration import on_distinct_masters
 
 REDIS_BACKENDS = ("single", "cluster")
-
-
-def hold(url: str, instance_id: str, prompt: list[int], *, worker_id: int = 0) -> None:
-    """Rank `worker_id` of an instance, registered and holding `prompt`, through a client for either deployment."""
-    client = redis_conn.connect(url)
-    Registration(
-        client,
-        instance_id=instance_id,
-        worker_id=worker_id,
-        space=SPACE,
-        locations=[Location.CPU],
-        address=WorkerAddress("127.0.0.1", None, None),
-        ttl_s=60,
-    ).register()
-    writer = IndexWriter(client, instance_id, worker_id)
-    LocalCPUBackend(SPACE, 1 << 30, writer).store(prompt, synthetic_kv(SPACE, prompt))
-    writer.flush()
-    client.close()
 
 
 def reap(url: str, reap_after_s: float) -> list[str]:
