@@ -309,7 +309,7 @@ class CommandBus:
                 reply = await self._reader.execute_command(
                     "XREAD",
                     *("COUNT", 512, "BLOCK", BLOCK_MS, "STREAMS", self.results_key, last_id),
-                    **redis_conn.routed(self._reader, self.results_key),
+                    **await redis_conn.routed(self._reader, self.results_key),
                 )
             except REDIS_DOWN as exc:
                 if self._closing:

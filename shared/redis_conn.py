@@ -202,12 +202,13 @@ def serving_node(client: Client, key: str) -> str | None:
     return None if node is None else str(node.name)
 
 
-def routed(client: AsyncClient, key: str) -> dict[str, Any]:
+async def routed(client: AsyncClient, key: str) -> dict[str, Any]:
     """Options that send a command about `key` straight to the node serving it: for XREAD and XREADGROUP,
     whose keys redis-py's cluster client otherwise asks its default node for (COMMAND GETKEYS), a round trip
     each time, and forever to a dead node once a failover took its master away. Nothing on a single Redis."""
     if not isinstance(client, redis.asyncio.cluster.RedisCluster):
         return {}
+    await client.initialize()  # a client that has sent nothing yet knows no slot
     return {"target_nodes": client.get_node_from_key(key)}
 
 

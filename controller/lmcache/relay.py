@@ -115,7 +115,7 @@ class Relay:
                     next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
                     self._spawn(self._reclaim(members))
                 await self._read_once(members)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis_conn.ERRORS as exc:
                 if self._closing:
                     return
                 await asyncio.sleep(outage.failed(exc))
@@ -179,12 +179,12 @@ class Relay:
 
     async def _blocking_read(self, worker_id: int, streams: dict[str, str]) -> Any:
         try:
-            return await self._reader.xreadgroup(
-                keys.command_group(worker_id),
-                self._consumer,
-                dict.fromkeys(streams, ">"),
-                count=_READ_COUNT,
-                block=BLOCK_MS,
+            # Routed by hand, as the bus's result reader is (redis_conn.routed says why).
+            group = keys.command_group(worker_id)
+            return await self._reader.execute_command(
+                *("XREADGROUP", "GROUP", group, self._consumer, "COUNT", _READ_COUNT, "BLOCK", BLOCK_MS),
+                *("STREAMS", *streams, *(">" for _ in streams)),
+                **await redis_conn.routed(self._reader, next(iter(streams))),
             )
         except redis.ResponseError as exc:
             return exc
