@@ -316,6 +316,8 @@ class CommandBus:
                     return
                 next_refresh = 0.0  # Redis may have restarted empty: recreate the stream first
                 await asyncio.sleep(outage.failed(exc))
+                with contextlib.suppress(*REDIS_DOWN):
+                    await redis_conn.heal(self._reader)
                 continue
             outage.succeeded()
             for _, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):

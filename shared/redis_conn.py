@@ -212,6 +212,16 @@ async def routed(client: AsyncClient, key: str) -> dict[str, Any]:
     return {"target_nodes": client.get_node_from_key(key)}
 
 
+async def heal(client: AsyncClient) -> None:
+    """After a failed call, on a cluster: refresh the slot map and point redis-py's commands parser, which
+    finds the keys of commands like XREADGROUP by asking a node, at a node that serves slots now. redis-py
+    leaves it on the node it first chose, so once a failover takes that node away, every such command
+    fails for good. Nothing on a single Redis; raises what the refresh meets while no node answers."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        await client.nodes_manager.initialize()
+        client.commands_parser.node = client.get_default_node()
+
+
 def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, list[int]]]:
     """The positions of `keys` grouped by the node that serves each one's slot now; one group (no node)
     on a single Redis. For work over many instances that one call per node can do."""

@@ -119,6 +119,8 @@ class Relay:
                 if self._closing:
                     return
                 await asyncio.sleep(outage.failed(exc))
+                with contextlib.suppress(*redis_conn.ERRORS):
+                    await redis_conn.heal(self._reader)
                 continue
             outage.succeeded()
 
