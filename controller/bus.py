@@ -248,7 +248,7 @@ class CommandBus:
                 await asyncio.gather(
                     self._record(
                         keys=[keys.command_record(command.event_id), keys.command_records(shard)],
-                        args=[json.dumps(self._settings(command, instance_id, sent))],
+                        args=[json.dumps(self._settings(command, instance_id, sent, shard))],
                     ),
                     self._redis.xadd(
                         keys.JOURNAL,
@@ -260,10 +260,9 @@ class CommandBus:
         except _FAILED as exc:
             log.warning("no record of %s for /check_finish: %s", command.event_id, exc or "Redis did not answer")
 
-    def _settings(self, command: Command, instance_id: str, sent: _Sent) -> dict[str, Any]:
+    def _settings(self, command: Command, instance_id: str, sent: _Sent, shard: int) -> dict[str, Any]:
         """What the record script needs; numbers Redis reads go as text."""
         deadline_field, workers_field = CommandRecord.SCRIPT_FIELDS
-        shard = keys.command_shard(command.event_id)
         return {
             "event_id": command.event_id,
             "sent": sent.delivered,

@@ -256,7 +256,7 @@ async def run_script(
 
 def slot_moved(exc: BaseException) -> bool:
     """Whether `exc` says a cluster node no longer serves (all) the keys it was sent: its slots moved."""
-    if isinstance(exc, (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)):
+    if isinstance(exc, (redis.exceptions.AskError, redis.exceptions.TryAgainError)):  # MOVED is an AskError
         return True
     return isinstance(exc, redis.ResponseError) and "non local key" in str(exc)
 
