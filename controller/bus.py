@@ -243,20 +243,19 @@ class CommandBus:
         /check_finish its answer for this command (a 404), never the command: it is logged, not raised."""
         shard = keys.command_shard(command.event_id)
         journal = JournaledCommand.of(command, instance_id)
+        record_keys = [keys.command_record(command.event_id), keys.command_records(shard)]
+        settings = json.dumps(self._settings(command, instance_id, sent, shard))
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                await asyncio.gather(
-                    self._record(
-                        keys=[keys.command_record(command.event_id), keys.command_records(shard)],
-                        args=[json.dumps(self._settings(command, instance_id, sent, shard))],
-                    ),
-                    self._redis.xadd(
-                        keys.JOURNAL,
-                        journal,
-                        maxlen=keys.JOURNAL_MAXLEN,
-                        approximate=True,
-                    ),
-                )
+                # One round trip on one Redis (a cluster pipeline sends to each node at once).
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.evalsha(self._record.sha, len(record_keys), *record_keys, settings)
+                pipe.xadd(keys.JOURNAL, journal, maxlen=keys.JOURNAL_MAXLEN, approximate=True)
+                recorded, _ = await pipe.execute(raise_on_error=False)
+                if isinstance(recorded, redis.exceptions.NoScriptError):
+                    await self._record(keys=record_keys, args=[settings])  # loads it where Redis lost it
+                elif isinstance(recorded, Exception):
+                    raise recorded
         except _FAILED as exc:
             log.warning("no record of %s for /check_finish: %s", command.event_id, exc or "Redis did not answer")
 
