@@ -4,27 +4,36 @@ Each rank (worker) of an instance has an index of its own (`keys.index(instance,
 and its own members in the global head sets, so a clear or eviction on one rank never hides
 what another rank holds; lookup credits the instance with what every rank holds.
 
-Backends report admissions, evictions and clears in order into one op log; `flush()`
-folds the log into a few batched commands (one HSET of many fields per location, not a
-round trip per chunk). A background thread flushes every few milliseconds; a command
-handler flushes synchronously before it answers, so the index is current when the
-controller's response goes out.
+Backends report admissions, evictions and clears in order; each is folded at once into the net
+change pending for its location (the fields to set, the fields to delete, the head hints to add
+and withdraw), so reporting one costs about a dict store and Redis gets a few batched commands
+per flush (one HSET of many fields, not a round trip per chunk). A command handler flushes
+synchronously before it answers, so the index is current when the controller's response goes
+out. A background thread flushes the rest: it sleeps until something is reported, then waits a
+moment for more to coalesce (less when many are queued or a caller waits), so an idle agent costs
+no CPU and a trickle of admissions still reaches Redis within a few milliseconds.
+
+On a single Redis the commands are encoded here (`shared.resp`) and written to one pooled
+connection at once; a Redis Cluster, whose head sets live in slots all over it, gets redis-py's
+cluster pipeline.
 
 A clear drops the location's index hash at once. The global `head` sets are only hints
 that lookup verifies against that hash, so withdrawing this rank from them (one
-command per prompt) is queued as a `forget` op and done by the next flush.
+command per prompt) is left pending for the next flush.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any
+
+import redis
 
 from kvbus.agent.backends.base import IndexEntry
-from kvbus.shared import keys, redis_conn
+from kvbus.shared import keys, redis_conn, resp
 from kvbus.shared.locations import Location
 from kvbus.shared.outage import Outage
 
@@ -32,19 +41,11 @@ log = logging.getLogger("kvbus.agent.index")
 
 FIELDS_PER_COMMAND = 1000
 MAX_QUEUED_OPS = 1_000_000  # past this, while Redis is away, queueing gives way to a full resync
+# Reported ops that make the background thread flush without waiting out its coalescing delay.
+HURRY_OPS = FIELDS_PER_COMMAND
 
 
-class _Op(NamedTuple):
-    """One change, queued per chunk admitted or evicted: kept as light as a tuple."""
-
-    kind: str  # "admit" | "evict" | "replace" | "forget"
-    location: Location
-    entry: IndexEntry | None = None
-    entries: tuple[IndexEntry, ...] = ()
-    heads: frozenset[str] = frozenset()  # for "forget": head hints to withdraw
-
-
-@dataclass
+@dataclass(slots=True)
 class _LocationDelta:
     """The net effect of a run of ops on one location."""
 
@@ -54,91 +55,133 @@ class _LocationDelta:
     heads_added: set[str] = field(default_factory=set)
     heads_removed: set[str] = field(default_factory=set)
 
-    def apply(self, op: _Op) -> None:
-        if op.kind == "replace":
-            # Everything before is superseded, but hints an earlier clear left to withdraw still must go.
-            self.purge = True
-            self.admit, self.evict, self.heads_added = {}, set(), set()
-            for entry in op.entries:
-                self._admit(entry)
-            return
-        if op.kind == "forget":
-            self.heads_removed |= op.heads - self.heads_added
-            return
-        assert op.entry is not None
-        if op.kind == "admit":
-            self._admit(op.entry)
-        else:
-            self.admit.pop(op.entry.key, None)
-            self.evict.add(op.entry.key)
-            if op.entry.is_head:
-                self.heads_added.discard(op.entry.key)
-                self.heads_removed.add(op.entry.key)
-
-    def _admit(self, entry: IndexEntry) -> None:
-        self.evict.discard(entry.key)
-        self.admit[entry.key] = entry.num_tokens
+    def admitted(self, entry: IndexEntry) -> None:
+        key = entry.key
+        self.admit[key] = entry.num_tokens
+        if self.evict:
+            self.evict.discard(key)
         if entry.is_head:
-            self.heads_removed.discard(entry.key)
-            self.heads_added.add(entry.key)
+            self.heads_removed.discard(key)
+            self.heads_added.add(key)
+
+    def evicted(self, entry: IndexEntry) -> None:
+        self.admit.pop(entry.key, None)
+        self.evict.add(entry.key)
+        if entry.is_head:
+            self.heads_added.discard(entry.key)
+            self.heads_removed.add(entry.key)
+
+    def replaced(self, entries: Iterable[IndexEntry]) -> None:
+        # Everything before is superseded, but hints an earlier clear left to withdraw still must go.
+        self.purge = True
+        self.admit, self.evict, self.heads_added = {}, set(), set()
+        for entry in entries:
+            self.admitted(entry)
+
+    def forget(self, heads: Iterable[str]) -> None:
+        """Withdraw `heads`' hints, as if before every op folded in so far."""
+        self.heads_removed.update(h for h in heads if h not in self.heads_added)
+
+    def then(self, later: _LocationDelta) -> _LocationDelta:
+        """This delta followed by `later`: for ops taken by a flush that failed, put back before those since."""
+        if later.purge:
+            later.forget(self.heads_removed)
+            return later
+        self.admit = {k: n for k, n in self.admit.items() if k not in later.evict}
+        self.admit.update(later.admit)
+        self.evict = (self.evict - later.admit.keys()) | later.evict
+        self.heads_added = (self.heads_added - later.heads_removed) | later.heads_added
+        self.heads_removed = (self.heads_removed - later.heads_added) | later.heads_removed
+        return self
 
 
 class IndexWriter:
     """The IndexListener of every backend of one agent (one rank of an instance)."""
 
     def __init__(
-        self, client: redis_conn.Client, instance_id: str, worker_id: int, *, flush_interval_s: float = 0.005
+        self, client: redis_conn.Client, instance_id: str, worker_id: int, *, coalesce_s: float = 0.001
     ) -> None:
         self._redis = client
         self._instance = instance_id
         self._worker = worker_id
         self._member = keys.head_member(instance_id, worker_id)  # this rank in the global head sets
-        self._interval = flush_interval_s
-        self._ops: deque[_Op] = deque()
+        self._coalesce_s = coalesce_s
+        self._deltas: dict[Location, _LocationDelta] = {}
         self._ops_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # something is pending
+        self._hurry = threading.Event()  # and should not wait out the coalescing delay
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._overflowed = False
         self._resync_needed: list[Location] = []
-        # Ops are numbered as queued; a flush that succeeds has written every op numbered up to the
+        # Ops are numbered as reported; a flush that succeeds has written every op numbered up to the
         # count it took its ops at. `written_within` waits on these.
         self._queued_count = 0
+        self._taken_count = 0  # ops up to this one were taken by a flush; those after are pending
         self._written_count = 0
         self._written = threading.Condition()
         self._late_since = 0  # the target of the last wait that ran out; no waiting until it is written
 
-    # IndexListener: called by backends under their lock, so ops land in the order they happened.
+    # IndexListener: called by backends under their lock, so ops land in the order they happened. One per chunk
+    # an engine computes, so admitted() is the delta's fold written out in line: a call less is a tenth less.
     def admitted(self, location: Location, entry: IndexEntry) -> None:
-        self._enqueue(_Op("admit", location, entry))
+        key, num_tokens, is_head = entry
+        with self._ops_lock:
+            delta = self._deltas.get(location)
+            if delta is None:
+                delta = self._deltas[location] = _LocationDelta()
+            delta.admit[key] = num_tokens
+            if delta.evict:
+                delta.evict.discard(key)
+            if is_head:
+                delta.heads_removed.discard(key)
+                delta.heads_added.add(key)
+            self._queued_count = queued = self._queued_count + 1
+            pending = queued - self._taken_count
+            if pending > MAX_QUEUED_OPS:
+                self._overflow()
+        if pending == 1:
+            self._wake.set()
+        elif pending == HURRY_OPS:
+            self._hurry.set()
 
     def evicted(self, location: Location, entry: IndexEntry) -> None:
-        self._enqueue(_Op("evict", location, entry))
+        with self._ops_lock:
+            delta = self._deltas.get(location)
+            if delta is None:
+                delta = self._deltas[location] = _LocationDelta()
+            delta.evicted(entry)
+            pending = self._counted()
+        self._nudge(pending)
 
     def cleared(self, location: Location) -> None:
-        self._enqueue(_Op("replace", location))
+        self.replaced(location, [])
 
     def replaced(self, location: Location, entries: list[IndexEntry]) -> None:
-        self._enqueue(_Op("replace", location, entries=tuple(entries)))
-
-    def _enqueue(self, op: _Op) -> None:
         with self._ops_lock:
-            if op.kind == "replace":
-                # Whatever is queued for this location is superseded, but for hints left to withdraw.
-                self._ops = deque(o for o in self._ops if o.location != op.location or o.kind == "forget")
-            self._ops.append(op)
-            self._queued_count += 1
-            queued = len(self._ops)
-            if queued > MAX_QUEUED_OPS:
-                self._overflow()
-        if queued == FIELDS_PER_COMMAND:
+            self._deltas.setdefault(location, _LocationDelta()).replaced(entries)
+            pending = self._counted()
+        self._nudge(pending)
+
+    def _counted(self) -> int:
+        """Count one more op (under the ops lock); the number pending. admitted() does the same in line."""
+        self._queued_count += 1
+        pending = self._queued_count - self._taken_count
+        if pending > MAX_QUEUED_OPS:
+            self._overflow()
+        return pending
+
+    def _nudge(self, pending: int) -> None:
+        if pending == 1:
             self._wake.set()
+        elif pending == HURRY_OPS:
+            self._hurry.set()
 
     def _overflow(self) -> None:
-        locations = {o.location for o in self._ops}
-        self._ops.clear()
-        self._resync_needed.extend(locations)
+        self._resync_needed.extend(self._deltas)
+        self._deltas = {}
+        self._taken_count = self._queued_count
         if not self._overflowed:
             log.warning(
                 "index writes queued past %d while Redis is unreachable; "
@@ -155,21 +198,29 @@ class IndexWriter:
             return locations
 
     def flush(self) -> None:
-        """Write every queued op to Redis now. Raises redis.RedisError; the ops then stay queued."""
+        """Write every pending op to Redis now. Raises redis.RedisError; the ops then stay pending."""
         with self._send_lock:
             with self._ops_lock:
-                ops, self._ops = list(self._ops), deque()
-                upto = self._queued_count
-            if ops:
+                deltas, self._deltas = self._deltas, {}
+                upto, taken = self._queued_count, self._queued_count - self._taken_count
+                self._taken_count = upto
+            if deltas:
                 try:
-                    self._write(ops)
+                    self._write(deltas)
                 except redis_conn.ERRORS:
-                    with self._ops_lock:
-                        self._ops.extendleft(reversed(ops))
+                    self._put_back(deltas, taken)
                     raise
             with self._written:
                 self._written_count = max(self._written_count, upto)
                 self._written.notify_all()
+
+    def _put_back(self, deltas: dict[Location, _LocationDelta], taken: int) -> None:
+        with self._ops_lock:
+            for location, later in self._deltas.items():
+                deltas[location] = deltas[location].then(later) if location in deltas else later
+            self._deltas = deltas
+            self._taken_count -= taken
+        self._wake.set()  # whoever flushes next retries them, though nothing new is reported
 
     def written_within(self, timeout_s: float) -> bool:
         """Have the background thread write every op queued so far now, and wait for it up to `timeout_s`.
@@ -184,6 +235,7 @@ class IndexWriter:
         with self._written:
             if self._written_count < self._late_since:
                 return False
+            self._hurry.set()
             self._wake.set()
             if self._written.wait_for(lambda: self._written_count >= target, timeout_s):
                 return True
@@ -191,8 +243,8 @@ class IndexWriter:
             return False
 
     def drain(self) -> None:
-        """Flush until nothing is queued, the head hints a clear leaves for later included."""
-        while self._ops:
+        """Flush until nothing is pending, the head hints a clear leaves for later included."""
+        while self._deltas:
             self.flush()
 
     def purge(self, locations: list[Location]) -> None:
@@ -201,40 +253,75 @@ class IndexWriter:
             self.replaced(location, [])
         self.drain()
 
-    def _write(self, ops: list[_Op]) -> None:
-        deltas: dict[Location, _LocationDelta] = {}
-        for op in ops:
-            delta = deltas.get(op.location)
-            if delta is None:
-                delta = deltas[op.location] = _LocationDelta()
-            delta.apply(op)
-        purged = [loc for loc, delta in deltas.items() if delta.purge]
+    def _write(self, deltas: dict[Location, _LocationDelta]) -> None:
+        if isinstance(self._redis, redis.Redis):
+            self._write_raw(deltas, self._redis)
+        else:
+            self._write_pipelined(deltas)
+
+    def _forget_later(self, location: Location, old: Iterable[str], readmitted: set[str]) -> None:
+        """Leave the withdrawal of a purged location's head hints to the next flush, ahead of every op since."""
+        heads = set(old) - readmitted
+        if not heads:
+            return
+        with self._ops_lock:
+            self._deltas.setdefault(location, _LocationDelta()).forget(heads)
+        self._wake.set()
+
+    def _write_raw(self, deltas: dict[Location, _LocationDelta], client: redis.Redis) -> None:
+        commands: list[bytes] = []
+        replies = 0
+        purged: list[tuple[Location, int]] = []  # and where the reply to its SMEMBERS is
+        for location, delta in deltas.items():
+            index_key = keys.index(self._instance, self._worker, location)
+            heads_key = keys.heads(self._instance, self._worker, location)
+            if delta.purge:
+                purged.append((location, replies))
+                commands += (resp.command("SMEMBERS", heads_key), resp.command("UNLINK", index_key, heads_key))
+                replies += 2
+            for encoded, count in self._encoded(location, index_key, heads_key, delta):
+                commands.append(encoded)
+                replies += count
+        answers = _exchange(client, b"".join(commands), replies)
+        for location, at in purged:
+            self._forget_later(location, answers[at], deltas[location].heads_added)
+
+    def _encoded(
+        self, location: Location, index_key: str, heads_key: str, delta: _LocationDelta
+    ) -> Iterable[tuple[bytes, int]]:
+        """The commands that apply `delta`, encoded, each with the number of replies it gets."""
+        names, values = list(delta.admit), list(delta.admit.values())
+        for start in range(0, len(names), FIELDS_PER_COMMAND):
+            end = start + FIELDS_PER_COMMAND
+            yield resp.hset(index_key, names[start:end], values[start:end]), 1
+        evicted = list(delta.evict)
+        for start in range(0, len(evicted), FIELDS_PER_COMMAND):
+            yield resp.command("HDEL", index_key, *evicted[start : start + FIELDS_PER_COMMAND]), 1
+        if delta.heads_added:
+            yield resp.command("SADD", heads_key, *delta.heads_added), 1
+        if delta.heads_removed:
+            yield resp.command("SREM", heads_key, *delta.heads_removed), 1
+        for name, heads in (("SADD", delta.heads_added), ("SREM", delta.heads_removed)):
+            if heads:
+                yield resp.each(name, [keys.head(location, head) for head in heads], self._member), len(heads)
+
+    def _write_pipelined(self, deltas: dict[Location, _LocationDelta]) -> None:
+        purged = [location for location, delta in deltas.items() if delta.purge]
         if purged:
-            self._purge(purged, deltas)
+            pipe = self._redis.pipeline(transaction=False)
+            for location in purged:
+                heads_key = keys.heads(self._instance, self._worker, location)
+                pipe.smembers(heads_key)
+                # One key an UNLINK: a cluster pipeline takes no multi-key UNLINK, even within one slot.
+                pipe.unlink(keys.index(self._instance, self._worker, location))
+                pipe.unlink(heads_key)
+            answers = pipe.execute()
+            for location, old in zip(purged, answers[::3], strict=True):
+                self._forget_later(location, old, deltas[location].heads_added)
         pipe = self._redis.pipeline(transaction=False)
         for location, delta in deltas.items():
             self._add_commands(pipe, location, delta)
         pipe.execute()
-
-    def _purge(self, locations: list[Location], deltas: dict[Location, _LocationDelta]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for location in locations:
-            heads_key = keys.heads(self._instance, self._worker, location)
-            pipe.smembers(heads_key)
-            # One key an UNLINK: a cluster pipeline takes no multi-key UNLINK, even within one slot.
-            pipe.unlink(keys.index(self._instance, self._worker, location))
-            pipe.unlink(heads_key)
-        replies = pipe.execute()
-        forget = [
-            _Op("forget", location, heads=frozenset(old) - deltas[location].heads_added)
-            for location, old in zip(locations, replies[::3], strict=True)
-            if old
-        ]
-        # Ahead of every op queued since: they happened after this clear.
-        with self._ops_lock:
-            self._ops.extendleft(reversed(forget))
-        if forget:
-            self._wake.set()
 
     def _add_commands(self, pipe: redis_conn.Pipeline, location: Location, delta: _LocationDelta) -> None:
         index_key = keys.index(self._instance, self._worker, location)
@@ -262,18 +349,50 @@ class IndexWriter:
 
     def stop(self) -> None:
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
         outage = Outage(log, "index writes to Redis", backoff_s=0.2, max_backoff_s=2.0)
-        while not self._stop.is_set():
-            self._wake.wait(self._interval)
+        while True:
+            self._wake.wait()  # no timeout: an idle agent's thread costs nothing
+            self._hurry.wait(self._coalesce_s)
+            if self._stop.is_set():
+                return
             self._wake.clear()
+            self._hurry.clear()
             try:
                 self.flush()
             except redis_conn.ERRORS as exc:
                 self._stop.wait(outage.failed(exc))
                 continue
             outage.succeeded()
+
+
+def _exchange(client: redis.Redis, commands: bytes, replies: int) -> list[Any]:
+    """Send `commands` (already encoded) on one pooled connection and read their `replies`; a reply that is an
+    error is raised once every reply is read. Retried as redis-py retries a pipeline: every command the index
+    writer sends is safe to repeat."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+
+    def send() -> list[Any]:
+        connection.send_packed_command([commands])
+        answers = []
+        error: redis.ResponseError | None = None
+        for _ in range(replies):
+            try:
+                answers.append(connection.read_response())
+            except redis.ResponseError as exc:
+                error = error or exc
+                answers.append(exc)
+        if error is not None:
+            raise error
+        return answers
+
+    try:
+        return connection.retry.call_with_retry(send, lambda _: connection.disconnect())
+    finally:
+        pool.release(connection)

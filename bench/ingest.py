@@ -35,6 +35,7 @@ TARGET_RATE = 600_000.0
 IDLE_TARGET = 0.0005  # a core's share
 TRICKLE_TARGET_MS = 5.0
 RUNS = 3
+SMALL_CLEAR, SMALL_CLEARS = 1000, 20  # the clear: an instance holding 1000 chunks
 
 
 @dataclass
@@ -161,12 +162,14 @@ def run(quick: bool) -> list[Figure]:
             late = trickle(client, 30 if quick else 100)
             note("clear")
             clears = [clear(client, admitted) for _ in range(RUNS)]
+            small = [clear(client, admitted[:SMALL_CLEAR]) for _ in range(SMALL_CLEARS)]
         finally:
             client.close()
     rate = statistics.median(total / r.seconds for r in runs)
     cpu_us = statistics.median(r.process_cpu_s for r in runs) / total * 1e6
     redis_us = statistics.median(r.redis_cpu_s for r in runs) / total * 1e6
     purge_ms, forget_ms, forget_wall_ms = (statistics.median(c[i] for c in clears) * 1e3 for i in range(3))
+    small_purge_us, small_forget_us = (statistics.median(c[i] for c in small) * 1e6 for i in range(2))
     return [
         Figure(
             "index ingest",
@@ -207,6 +210,14 @@ def run(quick: bool) -> list[Figure]:
             "-",
             None,
             {"purge_cpu_ms": purge_ms, "forget_cpu_ms": forget_ms, "forget_wall_ms": forget_wall_ms},
+        ),
+        Figure(
+            "clear of 1000 chunks",
+            f"as above, {SMALL_CLEAR} chunks (32 prompts); CPU, median of {SMALL_CLEARS}",
+            f"purge {small_purge_us:.0f} us CPU; withdrawal {small_forget_us:.0f} us CPU",
+            "-",
+            None,
+            {"purge_cpu_us": small_purge_us, "forget_cpu_us": small_forget_us},
         ),
     ]
 
