@@ -1,17 +1,21 @@
-"""The codecs keep what shared.compression promises: int8 within its bound, zlib bit-exact."""
+"""The codecs keep what shared.compression promises: int8 within its bound, zlib and zstd bit-exact."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
 from kvbus.agent import codecs
 from kvbus.agent.refused import Refused
+from kvbus.agent.synthetic import synthetic_kv
 from kvbus.engine.kv_chunks import cut
 from kvbus.engine.model import build_model
 from kvbus.shared import compression
 from kvbus.shared.hashing import HashSpace
 
+LOSSLESS = [name for name, method in compression.METHODS.items() if method.lossless]
 DEVICES = [
     pytest.param(torch.device("cpu"), id="cpu"),
     pytest.param(
@@ -61,16 +65,16 @@ def test_every_catalogued_method_has_a_codec_and_keeps_its_promise() -> None:
 
 def test_lmcache_s_own_method_is_known_but_refused_saying_who_runs_it() -> None:
     assert not compression.method("cachegen").in_kvbus
-    with pytest.raises(Refused, match="cachegen is LMCache's own .* kvbus agents compress with int8, zlib$"):
+    with pytest.raises(Refused, match="cachegen is LMCache's own .* kvbus agents compress with int8, zlib, zstd$"):
         codecs.encode(random_kv(), "cachegen")
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(Refused, match="unknown compression method 'lz77'; known methods: int8, zlib"):
+    with pytest.raises(Refused, match="unknown compression method 'lz77'; known methods: int8, zlib, zstd, cachegen$"):
         codecs.encode(random_kv(), "lz77")
-    with pytest.raises(Refused, match="int8, zlib"):
+    with pytest.raises(Refused, match="int8, zlib, zstd, cachegen$"):
         codecs.known_method("")
-    with pytest.raises(ValueError, match="int8, zlib"):
+    with pytest.raises(ValueError, match="int8, zlib, zstd, cachegen$"):
         compression.method("")
 
 
@@ -133,25 +137,130 @@ def test_int8_refuses_what_it_cannot_represent(tensor: torch.Tensor) -> None:
         codecs.encode(tensor, "int8")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so that equality is bit-exact (nan equals itself, -0.0 differs from 0.0)."""
+    return x.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_the_lossless_methods_are_zlib_and_zstd() -> None:
+    assert LOSSLESS == ["zlib", "zstd"]
+
+
+@pytest.mark.parametrize("method", LOSSLESS)
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.float64,
+        torch.complex64,
+        torch.int64,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
-def test_zlib_is_bit_exact_for_any_dtype(dtype: torch.dtype, device: torch.device) -> None:
+def test_lossless_methods_are_bit_exact_for_any_dtype(method: str, dtype: torch.dtype, device: torch.device) -> None:
     x = (random_kv(layers=2, tokens=32) * 100).to(dtype=dtype, device=device)
-    restored = codecs.encode(x, "zlib").decode()
+    restored = codecs.encode(x, method).decode()
     assert (restored.shape, restored.dtype, restored.device) == (x.shape, x.dtype, x.device)
-    assert torch.equal(
-        restored.view(torch.uint8) if dtype.is_floating_point else restored,
-        x.view(torch.uint8) if dtype.is_floating_point else x,
-    )
+    assert torch.equal(as_bytes(restored), as_bytes(x))
 
 
-def test_zlib_keeps_non_finite_values_scalars_and_strided_views() -> None:
-    special = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40], dtype=torch.float32)
-    assert torch.equal(codecs.encode(special, "zlib").decode().view(torch.int32), special.view(torch.int32))
-    scalar = torch.tensor(2.5, dtype=torch.bfloat16)
-    assert torch.equal(codecs.encode(scalar, "zlib").decode(), scalar)
-    strided = random_kv(torch.bfloat16, layers=2, tokens=8).transpose(1, 3)
-    assert torch.equal(codecs.encode(strided, "zlib").decode(), strided)
+@pytest.mark.parametrize("method", LOSSLESS)
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40], dtype=torch.float32),
+        torch.tensor(2.5, dtype=torch.bfloat16),
+        torch.zeros(0, 3, dtype=torch.float16),
+        torch.randn(1, dtype=torch.float16),
+        torch.randn(7, 13, dtype=torch.bfloat16),
+        torch.randn(3, 5, 11).to(torch.float8_e4m3fn),
+        random_kv(torch.bfloat16, layers=2, tokens=8).transpose(1, 3),
+        random_kv(torch.float16, layers=2, tokens=9)[:, :, 1::2],
+        random_kv(torch.float32, layers=3, tokens=5)[1:, ..., 3:-2],
+        torch.randn(6, 4, dtype=torch.float16).t(),
+        torch.randn(4, 1, dtype=torch.float16).expand(4, 6),
+    ],
+    ids=[
+        "non-finite",
+        "scalar",
+        "empty",
+        "one-value",
+        "odd-size",
+        "fp8-odd-size",
+        "transposed",
+        "strided",
+        "offset-view",
+        "t",
+        "expanded",
+    ],
+)
+def test_lossless_methods_keep_odd_sizes_special_values_and_non_contiguous_views(method: str, x: torch.Tensor) -> None:
+    restored = codecs.encode(x, method).decode()
+    assert (restored.shape, restored.dtype) == (x.shape, x.dtype)
+    assert torch.equal(as_bytes(restored), as_bytes(x))
+
+
+def test_byte_planes_put_each_byte_position_in_a_row_and_back() -> None:
+    x = torch.tensor([0x0102, 0x0304, 0x0506], dtype=torch.int16).view(torch.float16)
+    planes = codecs.byte_planes(x)
+    assert planes.tolist() == [[0x02, 0x04, 0x06], [0x01, 0x03, 0x05]]  # little-endian: low bytes first
+    assert torch.equal(as_bytes(codecs.from_byte_planes(planes, x.shape, x.dtype)), as_bytes(x))
+
+
+def test_zstd_keeps_a_plane_it_cannot_shrink_raw_and_compresses_the_rest() -> None:
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    packed = codecs.encode(noise, "zstd")
+    assert isinstance(packed, codecs.Zstd) and packed.sizes == (4096,) and packed.nbytes == 4096
+    assert torch.equal(packed.payload, noise)
+    # float16 KV: the low bytes are mantissa, nearly random, and stay raw; the high bytes
+    # (sign, exponent, two bits of mantissa) repeat enough to shrink.
+    kv = random_kv(torch.float16)
+    halves = codecs.encode(kv, "zstd")
+    assert isinstance(halves, codecs.Zstd)
+    assert halves.sizes[0] == kv.numel() and halves.sizes[1] < 0.8 * kv.numel()
+    assert halves.nbytes == sum(halves.sizes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zstd_keeps_its_payload_on_the_tensor_s_device(device: torch.device) -> None:
+    x = random_kv(torch.bfloat16, device=device)
+    packed = codecs.encode(x, "zstd")
+    assert isinstance(packed, codecs.Zstd) and packed.payload.device.type == device.type
+    assert torch.equal(packed.decode(), x)
+
+
+def test_zstd_is_smaller_than_zlib_on_the_reference_model_s_kv_and_the_benchmark_s() -> None:
+    space = HashSpace("test/synthetic", 256)
+    chunks = [x.to(dtype) for x in model_kv() for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    chunks += synthetic_kv(space, list(range(512)))  # what the standalone agent holds: randn float16
+    for x in chunks:
+        zstd, zlib = codecs.encode(x, "zstd"), codecs.encode(x, "zlib")
+        assert zstd.nbytes < zlib.nbytes < x.numel() * x.element_size(), x.dtype
+
+
+def test_zstd_encodes_and_decodes_from_many_threads_at_once() -> None:
+    tensors = [random_kv(dtype, layers=2, tokens=64) for dtype in (torch.float16, torch.bfloat16, torch.float32)]
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(20):
+            for x in tensors:
+                if not torch.equal(codecs.encode(x, "zstd").decode(), x):
+                    failures.append(str(x.dtype))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
 
 
 def test_zlib_shrinks_the_reference_model_s_kv() -> None:
