@@ -9,7 +9,7 @@ anything else is encoded argument by argument, as redis-py would.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 
 
 def _bulk(arg: str | int) -> bytes:
@@ -28,16 +28,32 @@ def _lengths(strings: Sequence[str]) -> map[str]:
     return map(prefixes.__getitem__, map(len, strings))
 
 
+# Past this many distinct values, grouping the fields by value costs more than encoding them one by one.
+_GROUPS = 8
+
+
 def hset(key: str, names: Sequence[str], values: Sequence[int]) -> bytes:
     """HSET `key` with the field `names[i]` set to `values[i]` for every i; at least one field."""
-    pieces = {n: f"\r\n${len(str(n))}\r\n{n}\r\n" for n in set(values)}
-    body = "".join(chain.from_iterable(zip(_lengths(names), names, map(pieces.__getitem__, values), strict=True)))
+    distinct = set(values)
+    pieces = {n: f"\r\n${len(str(n))}\r\n{n}\r\n" for n in distinct}
+    lengths = set(map(len, names))
+    if len(lengths) == 1 and len(distinct) <= _GROUPS:
+        # Names of one length (chunk keys of one hash space): each group of one value is a single join.
+        prefix = f"${next(iter(lengths))}\r\n"
+        groups = [(distinct.pop(), names)] if len(distinct) == 1 else _grouped(names, values, distinct)
+        body = "".join(prefix + (pieces[n] + prefix).join(group) + pieces[n] for n, group in groups)
+    else:
+        body = "".join(chain.from_iterable(zip(_lengths(names), names, map(pieces.__getitem__, values), strict=True)))
     if not body.isascii():
         fields: list[str | int] = []
         for name, value in zip(names, values, strict=True):
             fields += (name, value)
         return command("HSET", key, *fields)
     return b"*%d\r\n$4\r\nHSET\r\n%s%s" % (2 + 2 * len(names), _bulk(key), body.encode())
+
+
+def _grouped(names: Sequence[str], values: Sequence[int], distinct: set[int]) -> list[tuple[int, Sequence[str]]]:
+    return [(n, list(compress(names, map(n.__eq__, values)))) for n in distinct]
 
 
 def each(name: str, keys: Sequence[str], arg: str) -> bytes:

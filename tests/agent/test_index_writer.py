@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +289,82 @@ def test_written_within_waits_for_the_thread_and_on_a_stalled_redis_only_once(tm
         writer.stop()
         client.close()
         server.kill()
+
+
+def test_ops_reported_while_a_flush_failed_apply_after_its_ops(fake_server: fakeredis.FakeServer) -> None:
+    client = fakeredis.FakeRedis(server=fake_server, decode_responses=True)
+    backend, writer = make(client)
+    first, second = list(range(8)), list(range(100, 108))
+    backend.store(first, kv(first))
+    fake_server.connected = False
+    with pytest.raises(redis.ConnectionError):
+        writer.flush()
+    head = SPACE.chunks(first)[0].key
+    backend.discard(head)  # after the failed flush: it must not come back when the ops go out
+    backend.store(second, kv(second))
+    fake_server.connected = True
+    writer.flush()
+    expected = {c.key for c in SPACE.chunks(first)[1:] + SPACE.chunks(second)}
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == expected
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {SPACE.chunks(second)[0].key}
+    assert client.exists(keys.head(CPU, head)) == 0
+
+
+def test_a_clear_whose_flush_failed_still_purges_and_keeps_what_came_back(fake_server: fakeredis.FakeServer) -> None:
+    client = fakeredis.FakeRedis(server=fake_server, decode_responses=True)
+    backend, writer = make(client)
+    kept, dropped = list(range(8)), list(range(100, 108))
+    backend.store(kept, kv(kept))
+    backend.store(dropped, kv(dropped))
+    writer.flush()
+    backend.clear()
+    fake_server.connected = False
+    with pytest.raises(redis.ConnectionError):
+        writer.flush()
+    backend.store(kept, kv(kept))  # back before the clear reached Redis
+    fake_server.connected = True
+    writer.drain()
+    kept_head, dropped_head = SPACE.chunks(kept)[0].key, SPACE.chunks(dropped)[0].key
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {c.key for c in SPACE.chunks(kept)}
+    assert client.smembers(keys.heads(INSTANCE, 0, CPU)) == {kept_head}
+    assert client.smembers(keys.head(CPU, kept_head)) == {MEMBER}
+    assert client.exists(keys.head(CPU, dropped_head)) == 0
+
+
+def test_keys_and_ids_beyond_ascii_are_written_as_given(client: redis.Redis) -> None:
+    writer = IndexWriter(client, "instance-é", 0)
+    writer.admitted(CPU, IndexEntry("clé-0", 4, True))
+    writer.admitted(CPU, IndexEntry("a" * 32, 2, False))
+    writer.flush()
+    assert client.hgetall(keys.index("instance-é", 0, CPU)) == {"clé-0": "4", "a" * 32: "2"}
+    assert client.smembers(keys.head(CPU, "clé-0")) == {keys.head_member("instance-é", 0)}
+    writer.purge([CPU])
+    assert client.exists(keys.index("instance-é", 0, CPU), keys.head(CPU, "clé-0")) == 0
+
+
+def test_an_idle_writer_stops_at_once(client: redis.Redis) -> None:
+    _, writer = make(client)
+    writer.start()
+    assert writer.written_within(1.0)
+    writer.stop()
+    assert not any(t.name.startswith(f"kvbus-index-{INSTANCE}") and t.is_alive() for t in threading.enumerate())
+
+
+def test_hints_left_to_withdraw_survive_a_failed_flush_and_a_clear_while_it_was_out(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    backend.clear()
+    writer.flush()  # the index is gone; withdrawing the hint is pending
+
+    def fails_after_a_clear(deltas: object) -> None:
+        backend.clear()  # reported while the flush is out
+        raise redis.ConnectionError("Redis went away")
+
+    writer._write = fails_after_a_clear  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        writer.flush()
+    del writer._write
+    writer.drain()
+    assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
