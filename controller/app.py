@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import redis
 import redis.asyncio
+from redis.commands.core import AsyncScript
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -27,14 +28,19 @@ from kvbus.shared.config import KVBusConfig
 log = logging.getLogger("kvbus.controller")
 
 PROBE_TIMEOUT_S = 2.0  # start-up's check of Redis: long enough for a cold connection, short enough to not delay
+# Connections opened at start-up: a first burst of this many concurrent requests pays no connects. A
+# fresh controller's first 32 concurrent clears took 67-201 ms p50 against 20-40 ms once warm.
+WARM_CONNECTIONS = 32
 
 
-async def _probe(client: redis_conn.AsyncClient, redis_url: str) -> None:
+async def _probe(client: redis_conn.AsyncClient, redis_url: str, scripts: list[AsyncScript]) -> None:
     """Say at start-up what is wrong with Redis, if anything: the controller starts all the same and serves
-    503s until Redis answers, but a wrong password never fixes itself, so the log names the setting."""
+    503s until Redis answers, but a wrong password never fixes itself, so the log names the setting. When
+    Redis answers, open the pool's connections and load the scripts, for the first requests' sake."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await client.ping()
+            await redis_conn.warm(client, WARM_CONNECTIONS, scripts)
     except (redis.RedisError, TimeoutError) as exc:
         problem = credentials_problem(exc, redis_url)
         if problem is not None:
@@ -66,8 +72,8 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.config = config
         app.state.redis = redis_client
         app.state.bus = bus
-        app.state.index = PrefixIndex(redis_client)
-        await _probe(redis_client, config.redis_url)
+        app.state.index = index = PrefixIndex(redis_client)
+        await _probe(redis_client, config.redis_url, [*bus.scripts, *index.scripts])
         await bus.start()
         bridge = Bridge(redis_client, config, controller_id=bus.controller_id)
         app.state.bridge = bridge

@@ -146,6 +146,7 @@ class PrefixIndex:
         self._redis = client
         self._scope = _Scope()
         self._walk = client.register_script(_WALK)
+        self.scripts = [self._walk]
 
     async def lookup(self, tokens: Sequence[int]) -> list[Match]:
         """Every live instance whose registered ranks all hold a prefix of `tokens`, longest first."""

@@ -12,13 +12,15 @@ A client that a request waits on (the vLLM scheduler's index reads) gets a far s
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias, TypedDict
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.connection
 import redis.asyncio.retry
 import redis.cluster
 import redis.commands.core
@@ -252,6 +254,22 @@ async def run_script(
     except redis.exceptions.NoScriptError:
         await client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+
+
+async def warm(client: AsyncClient, connections: int, scripts: list[redis.commands.core.AsyncScript]) -> None:
+    """Open `connections` pooled connections and load `scripts` now, so that a first burst of requests finds
+    them ready rather than paying a connect (and a NOSCRIPT round trip) each. On a cluster, only the scripts:
+    its node connections open as slots are first used."""
+    for script in scripts:
+        await client.script_load(script.script)  # on a cluster, redis-py sends SCRIPT LOAD to every primary
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return
+    pool = client.connection_pool
+    acquire: Callable[[], Awaitable[redis.asyncio.connection.AbstractConnection]] = pool.get_connection
+    opened = await asyncio.gather(*(acquire() for _ in range(connections)), return_exceptions=True)
+    for connection in opened:
+        if not isinstance(connection, BaseException):
+            await pool.release(connection)
 
 
 def slot_moved(exc: BaseException) -> bool:
