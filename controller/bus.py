@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,7 +24,14 @@ from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, encode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
-from kvbus.shared.records import CommandRecord, JournaledCommand, RecordedResult, ResultsOpened, decode_result
+from kvbus.shared.records import (
+    CommandRecord,
+    JournaledCommand,
+    RecordedResult,
+    ResultsOpened,
+    Working,
+    decode_result,
+)
 from kvbus.shared.redis_conn import BLOCK_MS
 
 log = logging.getLogger("kvbus.controller.bus")
@@ -34,6 +41,9 @@ RESULTS_TTL_S = 60  # the result stream of a vanished controller expires after t
 # How long a 504 may wait to say whether the silent instance still heartbeats: a healthy Redis answers
 # in well under a millisecond, and a stalled one must not hold the answer.
 SILENCE_S = 0.25
+# A command whose workers keep saying they are at it (records.Working) is waited for up to this many
+# command_timeouts: a bound on a worker stuck in a loop that still signs.
+LONGEST_COMMAND_TIMEOUTS = 12
 _TTL_REFRESH_S = 10
 _FAILED: tuple[type[Exception], ...] = (*redis_conn.ERRORS, TimeoutError)  # a call that did not go through in time
 
@@ -124,10 +134,14 @@ class _Waiter:
         self.expected: set[int] | None = None
         self.results: dict[int, Result] = {}
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.working_at = 0.0  # the loop time of the newest sign that a worker is still at it
 
     def add(self, result: Result) -> None:
         self.results[result.worker_id] = result
         self._check()
+
+    def working(self) -> None:
+        self.working_at = asyncio.get_running_loop().time()
 
     def expect(self, workers: set[int]) -> None:
         self.expected = workers
@@ -159,6 +173,7 @@ class CommandBus:
         self.results_key = keys.results(self.controller_id)
         self._send = client.register_script(_SEND)
         self._record = client.register_script(_RECORD)
+        self.scripts = [self._send, self._record]
         self._pending: dict[str, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -185,15 +200,25 @@ class CommandBus:
         with contextlib.suppress(redis.RedisError):  # otherwise it expires by itself
             await self._redis.unlink(self.results_key)
 
-    async def request(self, instance_id: str, kind: CommandKind, event_id: str, **fields: Any) -> Outcome:
+    async def request(
+        self,
+        instance_id: str,
+        kind: CommandKind,
+        event_id: str,
+        *,
+        extended: Callable[[float], None] | None = None,
+        **fields: Any,
+    ) -> Outcome:
         """Send a command to every worker of `instance_id` and wait for all their results.
 
         Raises UnknownInstance, AgentTimeout naming the silent workers (within `timeout_s` and
         SILENCE_S), or BusUnavailable when Redis does not take the command within `redis_timeout_s`.
+        A long command's workers sign that they are still working; each sign moves the wait's end to
+        `timeout_s` after it, and `extended` is told the new end (in loop time).
         The results may still carry errors or refusals: what they mean depends on the command.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        started = loop.time()
         command = Command(
             event_id=event_id, kind=kind, reply_to=self.results_key, timeout_ms=int(self.timeout_s * 1000), **fields
         )
@@ -207,14 +232,29 @@ class CommandBus:
                 if not sent.delivered:
                     raise _not_sent(instance_id, sent, event_id)
                 waiter.expect(set(sent.workers))
-                await asyncio.wait_for(asyncio.shield(waiter.done), max(0.0, deadline - loop.time()))
+                await self._await_results(waiter, started, extended)
             finally:
                 await recording
         except TimeoutError:
-            raise AgentTimeout(await self._silence(instance_id, waiter), event_id=event_id) from None
+            raise AgentTimeout(await self._silence(instance_id, waiter, started), event_id=event_id) from None
         finally:
             self._pending.pop(event_id, None)
         return Outcome(event_id, instance_id, dict(sorted(waiter.results.items())))
+
+    async def _await_results(self, waiter: _Waiter, started: float, extended: Callable[[float], None] | None) -> None:
+        """Until every result is in (TimeoutError otherwise): `timeout_s` from the send or from the newest
+        sign of work, and at most LONGEST_COMMAND_TIMEOUTS times `timeout_s` from the send."""
+        loop = asyncio.get_running_loop()
+        longest = started + self.timeout_s * LONGEST_COMMAND_TIMEOUTS
+        told = started + self.timeout_s
+        while not waiter.done.done():
+            deadline = min(max(started, waiter.working_at) + self.timeout_s, longest)
+            if deadline > told and extended is not None:
+                extended(deadline)
+                told = deadline
+            if deadline <= loop.time():
+                raise TimeoutError
+            await asyncio.wait([waiter.done], timeout=deadline - loop.time())
 
     async def _deliver(self, command: Command, instance_id: str) -> _Sent:
         """Put the command on the instance's stream, unless the instance is unknown (UnknownInstance) or has no
@@ -277,13 +317,18 @@ class CommandBus:
             "record_prefix": keys.command_record_prefix(shard),
         }
 
-    async def _silence(self, instance_id: str, waiter: _Waiter) -> str:
+    async def _silence(self, instance_id: str, waiter: _Waiter, started: float) -> str:
         silent = sorted((waiter.expected or set()) - waiter.results.keys())
         answered = f" (workers {sorted(waiter.results)} answered)" if waiter.results else ""
-        waited = (
-            f"worker {', '.join(map(str, silent))} of {instance_id!r} did not answer within "
-            f"{self.timeout_s:g} s{answered}"
-        )
+        if waiter.working_at > started:
+            within = (
+                f"{asyncio.get_running_loop().time() - started:.1f} s: it was still working "
+                f"{waiter.working_at - started:.1f} s in, then fell silent or reached the longest a command "
+                f"may run ({LONGEST_COMMAND_TIMEOUTS} x command_timeout)"
+            )
+        else:
+            within = f"{self.timeout_s:g} s"
+        waited = f"worker {', '.join(map(str, silent))} of {instance_id!r} did not answer within {within}{answered}"
         try:
             async with asyncio.timeout(SILENCE_S):
                 alive = await self._redis.exists(keys.alive(instance_id))
@@ -340,5 +385,9 @@ class CommandBus:
         if result is None:
             return
         waiter = self._pending.get(result.event_id)
-        if waiter is not None:
+        if waiter is None:
+            return
+        if isinstance(result, Working):
+            waiter.working()
+        else:
             waiter.add(result)

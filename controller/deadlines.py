@@ -34,6 +34,18 @@ def _has_body(scope: Scope) -> bool:
     return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
+_TIMEOUT = "kvbus.deadline"  # the scope key of the request's asyncio.Timeout
+
+
+def extend(scope: Scope, until: float) -> None:
+    """Let a command whose workers say they are still at it (bus.request's `extended`) run past the request's
+    budget: to `until` (loop time) and the bus's heartbeat check after it."""
+    timeout: asyncio.Timeout | None = scope.get(_TIMEOUT)
+    when = None if timeout is None else timeout.when()
+    if timeout is not None and when is not None:
+        timeout.reschedule(max(when, until + 2 * SILENCE_S))
+
+
 class Deadlines:
     """Answers 503 for a request still running when its budget is spent."""
 
@@ -54,6 +66,7 @@ class Deadlines:
         budget = self.budget_s(scope["path"])
         loop = asyncio.get_running_loop()
         timeout = asyncio.timeout_at(None if _has_body(scope) else loop.time() + budget)
+        scope[_TIMEOUT] = timeout
         started = False
 
         async def receiving() -> Message:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvbus.controller import command_records, event_ids, fleet, openapi, outcomes, registry
+from kvbus.controller import command_records, deadlines, event_ids, fleet, openapi, outcomes, registry
 from kvbus.controller.answers import (
     HealthzAnswer,
     LookupAnswer,
@@ -121,7 +121,10 @@ async def _command(request: Request, instance_id: str, kind: CommandKind, **fiel
     bus: CommandBus = request.app.state.bus
     event_id = event_ids.new(Operation.of(kind))
     started = time.perf_counter()
-    answer = outcomes.token_count(await bus.request(instance_id, kind, event_id, **fields))
+    outcome = await bus.request(
+        instance_id, kind, event_id, extended=lambda until: deadlines.extend(request.scope, until), **fields
+    )
+    answer = outcomes.token_count(outcome)
     log.info(
         "%s %s %s %s: %d tokens in %.1f ms",
         kind,

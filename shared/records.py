@@ -318,10 +318,27 @@ class ResultsOpened(msgspec.Struct, kw_only=True):
         return encode(self)
 
 
-def decode_result(fields: dict[Any, Any]) -> Result | None:
-    """An entry of a controller's result stream: a worker's result, or None for the opening entry."""
-    if {_text(name) for name in fields} <= set(ResultsOpened.__struct_fields__):
+class Working(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's sign, on the result stream, that it is still running a long command: the controller keeps
+    waiting `command_timeout` from the newest sign (up to a bound), so a command is timed out when its
+    worker goes quiet, not because its work is large or the machine loaded."""
+
+    event_id: str
+    worker_id: int
+    working_ms: int  # how long the worker has run the command so far
+
+    def encode(self) -> Fields:
+        return encode(self)
+
+
+def decode_result(fields: dict[Any, Any]) -> Result | Working | None:
+    """An entry of a controller's result stream: a worker's result, a sign that it is still working on one,
+    or None for the opening entry."""
+    names = {_text(name) for name in fields}
+    if names <= set(ResultsOpened.__struct_fields__):
         return None
+    if names == set(Working.__struct_fields__):
+        return decode(Working, fields)
     return decode(Result, fields)
 
 
@@ -366,7 +383,7 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:journal": (JournaledCommand, JournaledResult),
     "kvbus:lifecycle": (LifecycleEntry,),
     "kvbus:{<inst>}:cmd": (Command,),
-    "kvbus:ctl:<controller_id>:results": (Result, ResultsOpened),
+    "kvbus:ctl:<controller_id>:results": (Result, Working, ResultsOpened),
     "kvbus:{<inst>}:alive": "the id of the worker that heartbeated last",
     "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
     "kvbus:{<inst>}:idx:<worker_id>:<location>": "chunk key -> tokens in that chunk",

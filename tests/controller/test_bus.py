@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ import redis
 from starlette.testclient import TestClient
 
 from kvbus.agent.agent import Agent
+from kvbus.controller import bus as bus_module
 from kvbus.controller import event_ids
 from kvbus.controller.bus import NOT_SENT, RESULTS_TTL_S, CommandBus, Outcome
 from kvbus.controller.errors import AgentTimeout, UnknownInstance
@@ -27,6 +29,7 @@ from kvbus.shared.records import (
     JournaledCommand,
     JournaledResult,
     RecordedResult,
+    Working,
     decode_journal,
     decode_result,
 )
@@ -401,3 +404,111 @@ def test_the_result_stream_exists_once_start_returns(redis_url: str, real_redis:
             return int(real_redis.exists(bus.results_key))
 
     assert asyncio.run(scenario()) == 1
+
+
+async def answer_slowly(url: str, worker_id: int, signs: int, every_s: float, *, then_answer: bool) -> float:
+    """As a worker on a long command: sign that it is still working `signs` times, `every_s` apart, then answer
+    (or fall silent); returns how long it worked."""
+    client = await redis_conn.connect_async(url, blocking=True)
+    group = keys.command_group(worker_id)
+    started = time.monotonic()
+    try:
+        [(_, [(entry_id, fields)])] = await client.xreadgroup(
+            group, group, {keys.commands(INSTANCE): ">"}, count=1, block=5000
+        )
+        command = decode(Command, fields)
+        for _ in range(signs):
+            await asyncio.sleep(every_s)
+            working_ms = int((time.monotonic() - started) * 1000)
+            await client.xadd(
+                command.reply_to,
+                Working(event_id=command.event_id, worker_id=worker_id, working_ms=working_ms).encode(),
+            )
+        if then_answer:
+            result = Result(
+                event_id=command.event_id,
+                instance_id=INSTANCE,
+                worker_id=worker_id,
+                status=ResultStatus.OK,
+                num_tokens=7,
+            )
+            await client.xadd(command.reply_to, encode(result))
+            await client.xack(keys.commands(INSTANCE), group, entry_id)
+        return time.monotonic() - started
+    finally:
+        await client.aclose()
+
+
+def test_a_worker_that_signs_it_is_still_working_is_waited_for_past_the_timeout(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    enlist(real_redis, INSTANCE, 0)
+    extensions: list[float] = []
+
+    async def scenario() -> tuple[Outcome, float]:
+        async with command_bus(redis_url, timeout_s=0.6) as bus:
+            request = asyncio.create_task(
+                bus.request(
+                    INSTANCE, CommandKind.COMPRESS, event_ids.new(Operation.COMPRESS), extended=extensions.append
+                )
+            )
+            worked = await answer_slowly(redis_url, 0, signs=6, every_s=0.3, then_answer=True)
+            return await request, worked
+
+    outcome, worked = asyncio.run(scenario())
+    assert worked > 1.5  # well past the 0.6 s command timeout
+    assert outcome.results[0].status == ResultStatus.OK and outcome.results[0].num_tokens == 7
+    assert extensions == sorted(extensions) and len(extensions) >= 3  # each sign moved the end later
+
+
+def test_a_worker_that_falls_silent_after_signing_times_out_a_timeout_after_its_last_sign(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    enlist(real_redis, INSTANCE, 0)
+
+    async def scenario() -> float:
+        async with command_bus(redis_url, timeout_s=0.5) as bus:
+            started = time.monotonic()
+            signing = asyncio.create_task(answer_slowly(redis_url, 0, signs=3, every_s=0.3, then_answer=False))
+            with pytest.raises(AgentTimeout, match="still working 0.9 s in, then fell silent"):
+                await bus.request(INSTANCE, CommandKind.COMPRESS, event_ids.new(Operation.COMPRESS))
+            await signing
+            return time.monotonic() - started
+
+    waited = asyncio.run(scenario())
+    assert 1.3 < waited < 3.0  # the last sign at ~0.9 s, then the 0.5 s timeout (and the heartbeat check)
+
+
+def test_signs_of_work_never_hold_a_command_past_its_longest_run(
+    redis_url: str, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus_module, "LONGEST_COMMAND_TIMEOUTS", 3)
+    enlist(real_redis, INSTANCE, 0)
+
+    async def scenario() -> float:
+        async with command_bus(redis_url, timeout_s=0.4) as bus:
+            started = time.monotonic()
+            signing = asyncio.create_task(answer_slowly(redis_url, 0, signs=12, every_s=0.2, then_answer=False))
+            with pytest.raises(AgentTimeout, match=r"longest a command may run \(3 x command_timeout\)"):
+                await bus.request(INSTANCE, CommandKind.COMPRESS, event_ids.new(Operation.COMPRESS))
+            signing.cancel()
+            await asyncio.gather(signing, return_exceptions=True)
+            return time.monotonic() - started
+
+    waited = asyncio.run(scenario())
+    assert 1.1 < waited < 2.0  # 3 x 0.4 s, though the worker kept signing to 2.4 s
+
+
+def test_a_long_command_answers_over_http_past_the_request_budget_while_its_worker_signs(
+    client: TestClient, real_redis: redis.Redis, redis_url: str
+) -> None:
+    enlist(real_redis, INSTANCE, 0)
+    worked: list[float] = []
+    worker = threading.Thread(
+        target=lambda: worked.append(asyncio.run(answer_slowly(redis_url, 0, signs=8, every_s=0.25, then_answer=True)))
+    )
+    worker.start()
+    answer = post(client, "/compress", {"instance_id": INSTANCE, "location": LOCATION, "method": "zlib"})
+    worker.join()
+    assert answer["num_tokens"] == 7
+    assert worked[0] > 1.8  # past the 0.5 s command_timeout and the 1 s the request's budget had
