@@ -19,7 +19,9 @@ cluster pipeline.
 
 A clear drops the location's index hash at once. The global `head` sets are only hints
 that lookup verifies against that hash, so withdrawing this rank from them (one
-command per prompt) is left pending for the next flush.
+command per prompt) is left pending for the next flush. A clear of a location that this writer's
+own writes left empty, nothing admitted since, sends nothing: an instance cleared again costs no
+round trip.
 """
 
 from __future__ import annotations
@@ -72,11 +74,15 @@ class _LocationDelta:
             self.heads_removed.add(entry.key)
 
     def replaced(self, entries: Iterable[IndexEntry]) -> None:
-        # Everything before is superseded, but hints an earlier clear left to withdraw still must go.
         self.purge = True
-        self.admit, self.evict, self.heads_added = {}, set(), set()
+        self.dropped()
         for entry in entries:
             self.admitted(entry)
+
+    def dropped(self) -> None:
+        """Forget every admission and eviction folded in so far."""
+        # Hints an earlier clear left to withdraw still must go.
+        self.admit, self.evict, self.heads_added = {}, set(), set()
 
     def forget(self, heads: Iterable[str]) -> None:
         """Withdraw `heads`' hints, as if before every op folded in so far."""
@@ -115,6 +121,10 @@ class IndexWriter:
         self._thread: threading.Thread | None = None
         self._overflowed = False
         self._resync_needed: list[Location] = []
+        # Locations whose index and heads keys this writer's last writes left empty, with nothing admitted
+        # since: a clear of one needs no purge. Only a clear: a republish (replaced()) after a failover or a
+        # Redis restart purges whatever Redis holds, whatever this writer believes.
+        self._clean: set[Location] = set()
         # Ops are numbered as reported; a flush that succeeds has written every op numbered up to the
         # count it took its ops at. `written_within` waits on these.
         self._queued_count = 0
@@ -156,7 +166,14 @@ class IndexWriter:
         self._nudge(pending)
 
     def cleared(self, location: Location) -> None:
-        self.replaced(location, [])
+        with self._ops_lock:
+            delta = self._deltas.setdefault(location, _LocationDelta())
+            if location in self._clean:
+                delta.dropped()  # Redis holds nothing of it: what is pending is all there is to clear
+            else:
+                delta.replaced(())
+            pending = self._counted()
+        self._nudge(pending)
 
     def replaced(self, location: Location, entries: list[IndexEntry]) -> None:
         with self._ops_lock:
@@ -204,12 +221,17 @@ class IndexWriter:
                 deltas, self._deltas = self._deltas, {}
                 upto, taken = self._queued_count, self._queued_count - self._taken_count
                 self._taken_count = upto
+                self._clean.difference_update(location for location, delta in deltas.items() if delta.admit)
             if deltas:
                 try:
                     self._write(deltas)
                 except redis_conn.ERRORS:
                     self._put_back(deltas, taken)
                     raise
+                with self._ops_lock:
+                    self._clean.update(
+                        location for location, delta in deltas.items() if delta.purge and not delta.admit
+                    )
             with self._written:
                 self._written_count = max(self._written_count, upto)
                 self._written.notify_all()
@@ -282,6 +304,8 @@ class IndexWriter:
             for encoded, count in self._encoded(location, index_key, heads_key, delta):
                 commands.append(encoded)
                 replies += count
+        if not commands:
+            return
         answers = _exchange(client, b"".join(commands), replies)
         for location, at in purged:
             self._forget_later(location, answers[at], deltas[location].heads_added)

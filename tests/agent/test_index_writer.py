@@ -368,3 +368,50 @@ def test_hints_left_to_withdraw_survive_a_failed_flush_and_a_clear_while_it_was_
     del writer._write
     writer.drain()
     assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+
+
+def test_a_clear_of_a_location_this_writer_left_empty_costs_redis_nothing(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    backend.clear()
+    writer.drain()
+    client.config_resetstat()
+    backend.clear()
+    writer.flush()
+    backend.store(prompt, kv(prompt))
+    backend.clear()  # before the admissions went out: they never reach Redis
+    writer.drain()
+    assert set(client.info("commandstats")) <= {"cmdstat_config|resetstat", "cmdstat_info"}
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    backend.clear()
+    writer.drain()
+    assert client.exists(keys.index(INSTANCE, 0, CPU), keys.heads(INSTANCE, 0, CPU)) == 0
+    assert client.exists(keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+    client.close()
+
+
+def test_a_republish_purges_what_redis_holds_whatever_the_writer_left(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    backend.clear()
+    writer.flush()
+    client.hset(keys.index(INSTANCE, 0, CPU), "stale", 4)  # e.g. a replica promoted before the purge reached it
+    backend.publish_all()  # what the agent does after a failover
+    writer.flush()
+    assert client.exists(keys.index(INSTANCE, 0, CPU)) == 0
+
+
+def test_a_clear_after_a_republish_of_held_chunks_purges_them(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    backend.clear()
+    writer.flush()
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    backend.publish_all()
+    writer.flush()
+    backend.clear()
+    writer.drain()
+    assert client.exists(keys.index(INSTANCE, 0, CPU), keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
