@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.cluster
 
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.shared import keys, redis_conn, resp
@@ -314,13 +315,7 @@ class IndexWriter:
         self, location: Location, index_key: str, heads_key: str, delta: _LocationDelta
     ) -> Iterable[tuple[bytes, int]]:
         """The commands that apply `delta`, encoded, each with the number of replies it gets."""
-        names, values = list(delta.admit), list(delta.admit.values())
-        for start in range(0, len(names), FIELDS_PER_COMMAND):
-            end = start + FIELDS_PER_COMMAND
-            yield resp.hset(index_key, names[start:end], values[start:end]), 1
-        evicted = list(delta.evict)
-        for start in range(0, len(evicted), FIELDS_PER_COMMAND):
-            yield resp.command("HDEL", index_key, *evicted[start : start + FIELDS_PER_COMMAND]), 1
+        yield from _fields(index_key, delta)
         if delta.heads_added:
             yield resp.command("SADD", heads_key, *delta.heads_added), 1
         if delta.heads_removed:
@@ -342,20 +337,47 @@ class IndexWriter:
             answers = pipe.execute()
             for location, old in zip(purged, answers[::3], strict=True):
                 self._forget_later(location, old, deltas[location].heads_added)
+        fields_sent = self._send_fields_to_node(deltas)
         pipe = self._redis.pipeline(transaction=False)
         for location, delta in deltas.items():
-            self._add_commands(pipe, location, delta)
+            self._add_commands(pipe, location, delta, with_fields=not fields_sent)
         pipe.execute()
 
-    def _add_commands(self, pipe: redis_conn.Pipeline, location: Location, delta: _LocationDelta) -> None:
+    def _send_fields_to_node(self, deltas: dict[Location, _LocationDelta]) -> bool:
+        """On a cluster, write the index fields (most of a flush's bytes), encoded here, straight to the node
+        serving this instance's slot, where every index key of the instance lives. False when that failed
+        (the slot moved or is moving, the node went away): the cluster pipeline then sends them, following
+        redirections and refreshing its slot map as it does. Index fields are safe to write twice."""
+        assert isinstance(self._redis, redis.cluster.RedisCluster)
+        commands: list[bytes] = []
+        replies = 0
+        for location, delta in deltas.items():
+            index_key = keys.index(self._instance, self._worker, location)
+            for encoded, count in _fields(index_key, delta):
+                commands.append(encoded)
+                replies += count
+        if not commands:
+            return True
+        try:
+            node = self._redis.get_node_from_key(index_key)
+            _exchange(self._redis.get_redis_connection(node), b"".join(commands), replies)
+        except redis_conn.ERRORS as exc:
+            log.debug("index fields go by the cluster pipeline this time: %s", exc)
+            return False
+        return True
+
+    def _add_commands(
+        self, pipe: redis_conn.Pipeline, location: Location, delta: _LocationDelta, *, with_fields: bool
+    ) -> None:
         index_key = keys.index(self._instance, self._worker, location)
         heads_key = keys.heads(self._instance, self._worker, location)
-        items = list(delta.admit.items())
-        for start in range(0, len(items), FIELDS_PER_COMMAND):
-            pipe.hset(index_key, mapping=dict(items[start : start + FIELDS_PER_COMMAND]))
-        evicted = list(delta.evict)
-        for start in range(0, len(evicted), FIELDS_PER_COMMAND):
-            pipe.hdel(index_key, *evicted[start : start + FIELDS_PER_COMMAND])
+        if with_fields:
+            items = list(delta.admit.items())
+            for start in range(0, len(items), FIELDS_PER_COMMAND):
+                pipe.hset(index_key, mapping=dict(items[start : start + FIELDS_PER_COMMAND]))
+            evicted = list(delta.evict)
+            for start in range(0, len(evicted), FIELDS_PER_COMMAND):
+                pipe.hdel(index_key, *evicted[start : start + FIELDS_PER_COMMAND])
         if delta.heads_added:
             pipe.sadd(heads_key, *delta.heads_added)
         if delta.heads_removed:
@@ -393,6 +415,17 @@ class IndexWriter:
                 self._stop.wait(outage.failed(exc))
                 continue
             outage.succeeded()
+
+
+def _fields(index_key: str, delta: _LocationDelta) -> Iterable[tuple[bytes, int]]:
+    """The HSETs and HDELs that apply `delta` to the index hash, encoded, each with its one reply."""
+    names, values = list(delta.admit), list(delta.admit.values())
+    for start in range(0, len(names), FIELDS_PER_COMMAND):
+        end = start + FIELDS_PER_COMMAND
+        yield resp.hset(index_key, names[start:end], values[start:end]), 1
+    evicted = list(delta.evict)
+    for start in range(0, len(evicted), FIELDS_PER_COMMAND):
+        yield resp.command("HDEL", index_key, *evicted[start : start + FIELDS_PER_COMMAND]), 1
 
 
 def _exchange(client: redis.Redis, commands: bytes, replies: int) -> list[Any]:

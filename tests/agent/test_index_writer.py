@@ -12,6 +12,7 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
+import redis.cluster
 
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
@@ -415,3 +416,43 @@ def test_a_clear_after_a_republish_of_held_chunks_purges_them(client: redis.Redi
     backend.clear()
     writer.drain()
     assert client.exists(keys.index(INSTANCE, 0, CPU), keys.head(CPU, SPACE.chunks(prompt)[0].key)) == 0
+
+
+def test_on_a_cluster_fields_go_to_the_instance_s_node_or_else_by_the_pipeline(
+    cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvbus.agent import index_writer
+
+    client = redis_conn.connect(cluster_url)
+    assert isinstance(client, redis.cluster.RedisCluster)
+    backend, writer = make(client)
+    sent: list[redis.Redis] = []
+    exchange = index_writer._exchange
+
+    def to_the_node(node: redis.Redis, commands: bytes, replies: int) -> list[object]:
+        sent.append(node)
+        return exchange(node, commands, replies)
+
+    monkeypatch.setattr(index_writer, "_exchange", to_the_node)
+    first, second = list(range(8)), list(range(100, 108))
+    backend.store(first, kv(first))
+    writer.flush()
+    assert sent  # straight to the node, not through the pipeline
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == {c.key: str(c.num_tokens) for c in SPACE.chunks(first)}
+
+    def node_gone(node: redis.Redis, commands: bytes, replies: int) -> list[object]:
+        raise redis.ConnectionError("the node went away")
+
+    monkeypatch.setattr(index_writer, "_exchange", node_gone)
+    backend.discard(SPACE.chunks(first)[1].key)
+    backend.store(second, kv(second))
+    writer.flush()
+    expected = SPACE.chunks(first)[:1] + SPACE.chunks(second)
+    assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == {c.key: str(c.num_tokens) for c in expected}
+    assert client.smembers(keys.head(CPU, SPACE.chunks(second)[0].key)) == {MEMBER}
+    monkeypatch.undo()
+    backend.clear()
+    writer.drain()
+    assert client.exists(keys.index(INSTANCE, 0, CPU)) == 0
+    assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
+    client.close()
