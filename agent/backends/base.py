@@ -160,6 +160,18 @@ class StorageBackend(ABC):
                     self.listener.cleared(self.location)
         return freed
 
+    def holds_detached(self) -> bool:
+        """Whether a clear() detached chunks whose memory is not freed yet (see `release_detached`)."""
+        return False
+
+    def release_detached(self) -> None:
+        """Free the memory of chunks a clear() detached but left to free later, if this backend does so.
+
+        The agent calls it once a clear's answer is out; the backend frees it anyway before it takes
+        new chunks, so a caller that never calls it only holds memory for longer.
+        """
+        return  # a backend that frees at once, as the disk one does, has nothing left to free
+
     def pin(self, tokens: Sequence[int]) -> int:
         """Pin the chunks of the longest held prefix of `tokens`; returns that prefix's tokens (0 if none).
 

@@ -72,8 +72,9 @@ class TensorLRUBackend(StorageBackend):
         self._pinned: dict[str, _Held] = {}
         self._lru_tally = _Tally()
         self._pinned_tally = _Tally()
-        self._reclaimed = threading.Event()
-        self._reclaimed.set()
+        # What clears detached and nobody has freed yet, and who is freeing it (see `release_detached`).
+        self._detached: list[_Chunks] = []
+        self._releasing = threading.Lock()
 
     def _put(self, entry: IndexEntry, tensor: torch.Tensor) -> bool:
         if self._has(entry.key):
@@ -85,7 +86,7 @@ class TensorLRUBackend(StorageBackend):
             log.debug("%s: pinned chunks leave no room for a %d-byte chunk", self.location, size)
             return False
         # Memory a clear released is handed back before more is taken, so the capacity holds.
-        self._reclaimed.wait()
+        self._reclaim()
         copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=self._device, pin_memory=self._pin)
         copy.copy_(tensor)
         held = (entry, copy)
@@ -127,28 +128,38 @@ class TensorLRUBackend(StorageBackend):
         return held[0]
 
     def _clear(self) -> int:
-        """Detach every unpinned chunk at once; their memory goes back on a helper thread.
+        """Detach every unpinned chunk at once; their memory goes back in `release_detached`.
 
-        Dropping 100k tensors one by one takes 70-180 ms; the clear's answer need not wait
-        for that, since nothing can reach the detached chunks any more.
+        Dropping 1000 tensors takes about 1 ms of CPU, 100k of them 70-180 ms; the clear's answer need not
+        wait for that, since nothing can reach the detached chunks any more. They are not dropped on a
+        thread started here either: starting it hands that thread the interpreter lock while the clear
+        is still answering (a 1000-chunk clear took 1.1 ms in its handler for 0.26 ms of work).
         """
         freed = self._lru_tally.tokens
         detached, self._lru = self._lru, OrderedDict()
         self._lru_tally = _Tally()
         if detached:
-            self._reclaimed.clear()
-            threading.Thread(
-                target=self._release, args=(detached,), name=f"kvbus-reclaim-{self.location}", daemon=True
-            ).start()
+            self._detached.append(detached)
         return freed
 
-    def _release(self, detached: _Chunks) -> None:
-        # In slices, yielding the GIL between them, so the clear's answer is not held up behind it.
-        while detached:
-            for _ in range(min(_RELEASE_SLICE, len(detached))):
-                detached.popitem()
-            time.sleep(0)
-        self._reclaimed.set()
+    def holds_detached(self) -> bool:
+        return bool(self._detached)
+
+    def release_detached(self) -> None:
+        """Free what clears detached, in slices that yield the interpreter lock between them; returns once freed."""
+        with self._releasing:
+            while self._detached:  # only this thread, holding `_releasing`, takes from it
+                detached = self._detached.pop()
+                while detached:
+                    for _ in range(min(_RELEASE_SLICE, len(detached))):
+                        detached.popitem()
+                    time.sleep(0)
+
+    def _reclaim(self) -> None:
+        """Return once what clears detached is freed, freeing it here if nobody else is."""
+        # Checked in this order, no chunk can be between the two: a releaser holds `_releasing` before it takes any.
+        if self._detached or self._releasing.locked():
+            self.release_detached()
 
     def _entries(self) -> list[IndexEntry]:
         return [entry for entry, _ in self._lru.values()] + [entry for entry, _ in self._pinned.values()]
@@ -207,7 +218,7 @@ class TensorLRUBackend(StorageBackend):
                 plain = plain.pin_memory()
             with self.lock:
                 if self._get(key) is packed and self._make_room(_nbytes(plain) - packed.nbytes, keep=key):
-                    self._reclaimed.wait()
+                    self._reclaim()
                     self._swap(key, packed, plain)
         return self._tokens_where(keys, lambda data: isinstance(data, torch.Tensor))
 

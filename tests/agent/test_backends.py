@@ -215,6 +215,18 @@ def test_memory_from_a_clear_is_back_before_new_chunks_are_admitted(make: Factor
     assert len(backend) == 1 and backend.used_bytes == CHUNK_BYTES
 
 
+def test_a_clear_leaves_its_chunks_to_free_until_released(make: Factory) -> None:
+    backend = make(1 << 20, Recorder())
+    prompt = list(range(4000))
+    backend.store(prompt, kv(prompt))
+    weak = weakref.ref(backend.retrieve(prompt[:4])[0])
+    assert backend.clear() == 4000
+    assert len(backend) == 0 and backend.used_bytes == 0  # nothing can reach them any more
+    backend.release_detached()
+    assert weak() is None and not backend.holds_detached()
+    backend.release_detached()  # nothing left: a no-op
+
+
 # Pinning: a pinned chunk survives eviction and clear() until unpinned. The memory backends implement
 # pinning and compression; a backend without them refuses (see the end of this file).
 

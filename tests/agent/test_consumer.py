@@ -176,3 +176,33 @@ def test_the_done_record_lives_past_the_deadline_not_forever(fake_redis: fakered
     send(fake_redis, "Clear-ttl", timeout_ms=5000)
     consumer.poll(block_ms=100)
     assert 60 < fake_redis.ttl(keys.done(INSTANCE, 0, "Clear-ttl")) <= 65
+
+
+def test_after_reply_runs_once_the_answer_is_written(fake_redis: fakeredis.FakeRedis) -> None:
+    seen: list[list[Result]] = []
+    consumer = CommandConsumer(
+        fake_redis,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=CountingHandler(),
+        before_reply=lambda: None,
+        now_ms=lambda: int(time.time() * 1000),
+        after_reply=lambda: seen.append(results(fake_redis)),
+    )
+    consumer.ensure_group()
+    fake_redis.xadd(REPLY, {"controller": "ctl-test"})
+    send(fake_redis, "Clear-after")
+    consumer.poll(block_ms=100)
+    assert [[r.event_id for r in batch] for batch in seen] == [["Clear-after"]]
+    assert consumer.poll(block_ms=10) == 0 and len(seen) == 1  # no answer, nothing to do after it
+
+
+def test_a_pending_command_trimmed_away_is_acked_unanswered(fake_redis: fakeredis.FakeRedis) -> None:
+    handler = CountingHandler()
+    consumer = make_consumer(fake_redis, handler)
+    send(fake_redis, "Clear-trimmed")
+    group = keys.command_group(0)
+    fake_redis.xreadgroup(group, group, {keys.commands(INSTANCE): ">"})  # read by a run that then died
+    fake_redis.xtrim(keys.commands(INSTANCE), maxlen=0)
+    assert consumer.drain_pending() == 1
+    assert handler.calls == [] and results(fake_redis) == [] and pending(fake_redis) == 0
