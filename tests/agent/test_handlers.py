@@ -54,7 +54,7 @@ def handlers(tmp_path: Path) -> CommandHandlers:
     [
         (
             command(CommandKind.COMPRESS, method="gzip"),
-            "unknown compression method 'gzip'; known methods: int8, zlib, cachegen",
+            "unknown compression method 'gzip'; known methods: int8, zlib, zstd, cachegen",
         ),
         (
             command(CommandKind.DECOMPRESS, "LocalDiskBackend", method="zlib"),
@@ -68,7 +68,7 @@ def handlers(tmp_path: Path) -> CommandHandlers:
         (
             command(CommandKind.COMPRESS, method="cachegen"),
             "cachegen is LMCache's own compression method, which LMCache workers run and kvbus agents do not "
-            "implement; kvbus agents compress with int8, zlib",
+            "implement; kvbus agents compress with int8, zlib, zstd",
         ),
     ],
     ids=["unknown-method", "decompress-on-disk", "pin-on-disk", "move-nowhere", "lmcache-s-cachegen"],
