@@ -309,7 +309,10 @@ class IndexWriter:
             return
         answers = _exchange(client, b"".join(commands), replies)
         for location, at in purged:
-            self._forget_later(location, answers[at], deltas[location].heads_added)
+            # Even when a later reply is an error: the purge is done, and its hints are known only from here.
+            if not isinstance(answers[at], redis.ResponseError):
+                self._forget_later(location, answers[at], deltas[location].heads_added)
+        _raise_any(answers)
 
     def _encoded(
         self, location: Location, index_key: str, heads_key: str, delta: _LocationDelta
@@ -360,7 +363,7 @@ class IndexWriter:
             return True
         try:
             node = self._redis.get_node_from_key(index_key)
-            _exchange(self._redis.get_redis_connection(node), b"".join(commands), replies)
+            _raise_any(_exchange(self._redis.get_redis_connection(node), b"".join(commands), replies))
         except redis_conn.ERRORS as exc:
             log.debug("index fields go by the cluster pipeline this time: %s", exc)
             return False
@@ -429,27 +432,30 @@ def _fields(index_key: str, delta: _LocationDelta) -> Iterable[tuple[bytes, int]
 
 
 def _exchange(client: redis.Redis, commands: bytes, replies: int) -> list[Any]:
-    """Send `commands` (already encoded) on one pooled connection and read their `replies`; a reply that is an
-    error is raised once every reply is read. Retried as redis-py retries a pipeline: every command the index
-    writer sends is safe to repeat."""
+    """Send `commands` (already encoded) on one pooled connection and read their `replies`, a reply that is an
+    error in its place as a redis.ResponseError. Retried as redis-py retries a pipeline: every command the
+    index writer sends is safe to repeat."""
     pool = client.connection_pool
     connection = pool.get_connection()
 
     def send() -> list[Any]:
         connection.send_packed_command([commands])
-        answers = []
-        error: redis.ResponseError | None = None
+        answers: list[Any] = []
         for _ in range(replies):
             try:
                 answers.append(connection.read_response())
             except redis.ResponseError as exc:
-                error = error or exc
                 answers.append(exc)
-        if error is not None:
-            raise error
         return answers
 
     try:
         return connection.retry.call_with_retry(send, lambda _: connection.disconnect())
     finally:
         pool.release(connection)
+
+
+def _raise_any(answers: list[Any]) -> None:
+    """Raise the first of `answers` that is an error, as a pipeline does."""
+    for answer in answers:
+        if isinstance(answer, redis.ResponseError):
+            raise answer

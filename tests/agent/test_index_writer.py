@@ -456,3 +456,21 @@ def test_on_a_cluster_fields_go_to_the_instance_s_node_or_else_by_the_pipeline(
     assert client.exists(keys.index(INSTANCE, 0, CPU)) == 0
     assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
     client.close()
+
+
+def test_a_purge_whose_flush_failed_later_on_still_withdraws_the_hints(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    first, second = list(range(8)), list(range(100, 108))
+    backend.store(first, kv(first))
+    writer.flush()
+    second_head = keys.head(CPU, SPACE.chunks(second)[0].key)
+    client.set(second_head, "not a set")  # its SADD will fail, after the purge went through
+    backend.clear()
+    backend.store(second, kv(second))
+    with pytest.raises(redis.ResponseError):
+        writer.flush()
+    client.delete(second_head)
+    writer.drain()
+    assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
+    assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {c.key for c in SPACE.chunks(second)}
+    assert client.smembers(second_head) == {MEMBER}
