@@ -4,7 +4,8 @@ For each batch read together: run each command's handler (which detaches buffers
 index changes), flush the index once, then in one write: record each result under a
 `done` key and in the command's event record (which /check_finish reads), XADD it to the
 result stream its command names and to the journal, and XACK the batch. Only then does
-`after_reply` run (the agent frees what the batch cleared), so no answer waits for that.
+`after_reply` run (the agent frees what the batch cleared), so no answer waits for that. On its
+own connection, the thread sends that write together with its read of the next commands.
 On a single Redis the thread reads and answers over one connection of its own, with its commands
 packed by hiredis: a redis-py call or pipeline costs the engine that hosts the agent 30-100 us of
 CPU per round trip in Python bookkeeping alone, several times what the bytes cost. On a cluster,
@@ -62,13 +63,25 @@ class _OwnConnection:
 
     def batch(self, commands: Sequence[Args]) -> list[Any]:
         """Send `commands` in one write and read their replies; raises the first error reply, once all are read."""
+        self.send(commands)
+        return self.read(len(commands))
+
+    def send(self, commands: Sequence[Args]) -> None:
+        """Send `commands` in one write; `read` their replies before anything else is sent."""
         if self._conn is None:
             self._conn = self._pool.get_connection()
-        conn = self._conn
         try:
-            conn.send_packed_command([b"".join([_pack(args) for args in commands])])
-            replies: list[Any] = []
-            for _ in commands:
+            self._conn.send_packed_command([b"".join([_pack(args) for args in commands])])
+        except BaseException:
+            self._conn.disconnect()
+            raise
+
+    def read(self, count: int) -> list[Any]:
+        """The replies of the `count` commands sent last; raises the first error reply, once all are read."""
+        conn = self._conn
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:
@@ -137,13 +150,18 @@ class CommandConsumer:
         """The loop of the consumer thread: pending entries first, then new ones, until `stop`."""
         outage = Outage(log, f"reading command stream {self._stream}", backoff_s=0.5, max_backoff_s=2.0)
         need_pending = True
+        owed: list[Args] = []  # the last batch's answer, sent with the next read (own connection only)
         while not stop.is_set():
             try:
                 if need_pending:
                     self.drain_pending()
                     need_pending = False
-                self.poll()
+                if self._own is None:
+                    self.poll()
+                else:
+                    owed = self._poll_answering(self._own, owed)
             except redis.ResponseError as exc:
+                owed = []  # unacked, so its commands come back with the pending ones, their results remembered
                 # NOGROUP: Redis restarted or was flushed. UNBLOCKED: the stream was deleted (reaped) while read.
                 if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
@@ -151,10 +169,35 @@ class CommandConsumer:
                 on_lost_group()
                 need_pending = True
             except redis_conn.ERRORS as exc:
+                owed = []
                 need_pending = True
                 stop.wait(outage.failed(exc))
                 continue
             outage.succeeded()
+        if owed and self._own is not None:
+            self._send_last(self._own, owed)
+
+    def _poll_answering(self, own: _OwnConnection, owed: list[Args]) -> list[Args]:
+        """Send `owed` and the read of the next commands in one write; returns the answer to those commands.
+
+        An answer goes out as soon as it is ready either way, since the thread reads right after it
+        answers; sharing the write saves the thread a round trip and a wake-up per batch.
+        """
+        own.send([*owed, self._read_args(">", BLOCK_MS)])
+        if owed:
+            self._after_reply()
+        entries = self._entries(own.read(len(owed) + 1)[-1])
+        return self._prepare(entries, redelivered=False) if entries else []
+
+    def _send_last(self, own: _OwnConnection, owed: list[Args]) -> None:
+        try:
+            own.batch(owed)
+        except redis_conn.ERRORS as exc:
+            log.warning(
+                "the last answers of %s were not sent (%s); they are sent again at the next start", self._stream, exc
+            )
+            return
+        self._after_reply()
 
     def _read(self, start: str, block_ms: int | None) -> list[Entry]:
         if self._own is None:
@@ -163,8 +206,11 @@ class CommandConsumer:
             )
             # One stream asked, so one (stream, entries) pair back; decode_responses makes every name text.
             return cast(list[tuple[str, list[Entry]]], reply)[0][1] if reply else []
-        block: tuple[str | int, ...] = () if block_ms is None else ("BLOCK", block_ms)
-        raw = self._own.call(
+        return self._entries(self._own.call(*self._read_args(start, block_ms)))
+
+    def _read_args(self, start: str, block_ms: int | None) -> Args:
+        block: Args = () if block_ms is None else ("BLOCK", block_ms)
+        return (
             "XREADGROUP",
             "GROUP",
             self._group,
@@ -176,6 +222,10 @@ class CommandConsumer:
             self._stream,
             start,
         )
+
+    @staticmethod
+    def _entries(raw: Any) -> list[Entry]:
+        """The entries of an XREADGROUP reply of one stream, as redis-py's client would give them."""
         if not raw:
             return []
         # RESP2 gives [[stream, entries]], RESP3 {stream: entries}; an entry is [id, [name, value, ...]],
@@ -187,7 +237,22 @@ class CommandConsumer:
         ]
 
     def _answer(self, entries: list[Entry], *, redelivered: bool) -> None:
-        """Run each command, then flush the index once and send all results, records and acks in one write."""
+        """Answer `entries` and send the answer at once."""
+        writes = self._prepare(entries, redelivered=redelivered)
+        try:
+            if self._own is not None:
+                self._own.batch(writes)
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                for args in writes:
+                    pipe.execute_command(*args)
+                pipe.execute()
+        finally:
+            self._after_reply()
+
+    def _prepare(self, entries: list[Entry], *, redelivered: bool) -> list[Args]:
+        """Run each command and flush the index once; returns the writes of the answer: every result,
+        record and journal entry, then the XACK of every entry."""
         replies: list[tuple[Command, Result]] = []
         for entry_id, fields in entries:
             command = self._command(entry_id, fields)
@@ -210,17 +275,7 @@ class CommandConsumer:
             for args in reply_commands(command, result, retention_s=self._event_retention_s)
         ]
         writes.append(("XACK", self._stream, self._group, *(entry_id for entry_id, _ in entries)))
-        try:
-            if self._own is not None:
-                self._own.batch(writes)
-            else:
-                pipe = self._redis.pipeline(transaction=False)
-                for args in writes:
-                    pipe.execute_command(*args)
-                pipe.execute()
-        finally:
-            if replies:
-                self._after_reply()
+        return writes
 
     def _command(self, entry_id: str, fields: dict[str, str] | None) -> Command | None:
         if not fields:

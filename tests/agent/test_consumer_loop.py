@@ -1,0 +1,69 @@
+"""The command thread's loop against a real Redis, one node (its own connection, each answer sent with
+the next read) and a cluster (the cluster client): every command answered once, in order, and acked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from kvbus.agent.consumer import CommandConsumer
+from kvbus.shared import keys, redis_conn
+from kvbus.shared.flat_fields import encode
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
+from kvbus.shared.records import decode_result
+
+REDIS_BACKENDS = ("single", "cluster")
+INSTANCE = "inst-loop"
+REPLY = keys.results("ctl-loop")
+
+
+def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_redis: redis.Redis) -> None:
+    calls: list[str] = []
+    after: list[int] = []
+
+    def handler(command: Command) -> Result:
+        calls.append(command.event_id)
+        return Result(
+            event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=7
+        )
+
+    client = redis_conn.connect(redis_url, blocking=True)
+    consumer = CommandConsumer(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=handler,
+        before_reply=lambda: None,
+        now_ms=lambda: int(time.time() * 1000),
+        after_reply=lambda: after.append(1),
+    )
+    consumer.ensure_group()
+    real_redis.xadd(REPLY, {"controller": "ctl-loop"})
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
+    thread.start()
+    try:
+        for n in range(5):
+            command = Command(
+                event_id=f"Clear-{n}", kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=5000, location="cpu"
+            )
+            real_redis.xadd(keys.commands(INSTANCE), encode(command))
+            deadline = time.monotonic() + 5
+            while len(_results(real_redis)) < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert [r.event_id for r in _results(real_redis)] == [f"Clear-{i}" for i in range(n + 1)]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        client.close()
+    assert calls == [f"Clear-{n}" for n in range(5)]
+    assert [r.num_tokens for r in _results(real_redis)] == [7] * 5
+    assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
+    assert len(after) == 5  # once per answer, after it was sent
+    assert real_redis.get(keys.done(INSTANCE, 0, "Clear-4")) == "7"
+
+
+def _results(client: redis.Redis) -> list[Result]:
+    return [result for _, fields in client.xrange(REPLY) if (result := decode_result(fields)) is not None]
