@@ -48,24 +48,25 @@ _TTL_REFRESH_S = 10
 _FAILED: tuple[type[Exception], ...] = (*redis_conn.ERRORS, TimeoutError)  # a call that did not go through in time
 
 
-# Two steps, each atomic in one Redis Cluster slot: the instance's (its workers, heartbeat and command
-# stream share its hash tag) and its record's (a shard of records with its list of ids).
+# The send and the record: on Redis Cluster two steps, each atomic in one slot (the instance's: its
+# workers, heartbeat and command stream share its hash tag; and its record's: a shard of records with its
+# list of ids); on one Redis, one script that does both and journals the command, a round trip less.
 #
 # The send: find the instance's workers and send the command; answers 'sent' or 'down', the entry's
 # time, then the workers. No workers or no stream means the instance is unknown: nothing is written. No
 # heartbeat (the alive key expired) means no worker reads the stream: the command is not sent, since it
 # would run whenever the instance came back, long after anyone waited for it.
-# KEYS: the workers set, the command stream, the alive key. ARGV[1]: the MINID the stream is trimmed
-# to; ARGV[2...]: the command's fields.
-_SEND = """
-local workers = redis.call('SMEMBERS', KEYS[1])
-if #workers == 0 or redis.call('EXISTS', KEYS[2]) == 0 then return false end
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  local now = redis.call('TIME')  -- what the entry id would have been: the deadline counts from it
-  return {'down', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), unpack(workers)}
+_SEND_FUNCTION = """
+local function send(workers_key, stream_key, alive_key, minid, first_field)
+  local workers = redis.call('SMEMBERS', workers_key)
+  if #workers == 0 or redis.call('EXISTS', stream_key) == 0 then return false end
+  if redis.call('EXISTS', alive_key) == 0 then
+    local now = redis.call('TIME')  -- what the entry id would have been: the deadline counts from it
+    return {'down', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), unpack(workers)}
+  end
+  local entry = redis.call('XADD', stream_key, 'MINID', '~', minid, '*', unpack(ARGV, first_field))
+  return {'sent', tonumber(string.match(entry, '^%d+')), unpack(workers)}
 end
-local entry = redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], '*', unpack(ARGV, 2))
-return {'sent', tonumber(string.match(entry, '^%d+')), unpack(workers)}
 """
 
 # The record, for /check_finish: written while the workers run the command (their results go into the
@@ -73,30 +74,53 @@ return {'sent', tonumber(string.match(entry, '^%d+')), unpack(workers)}
 # for event_retention (their TTL) and at most `keep` of them per shard: the shard's list of ids drops the
 # oldest past it (at most TRIM_STEP a send, which bounds the script's work when the count is lowered)
 # and, a few a send, the ids of records that expired, so it holds about the live records only.
-# KEYS: the record, the shard's list of ids. ARGV[1]: the settings (JSON, below, in `_settings`).
-_RECORD = """
-local s = cjson.decode(ARGV[1])
-if not s.sent then
-  for _, worker in ipairs(s.workers) do
-    redis.call('HSET', KEYS[1], worker, s.not_sent)  -- CommandRecord.result_field
+# `s`: the settings (JSON, below, in `_settings`); `sent`: the send's answer.
+_RECORD_FUNCTION = """
+local function record(record_key, ids_key, s, sent)
+  local state, at_ms, workers = sent[1], sent[2], {unpack(sent, 3)}
+  if state ~= 'sent' then
+    for _, worker in ipairs(workers) do
+      redis.call('HSET', record_key, worker, s.not_sent)  -- CommandRecord.result_field
+    end
+  end
+  redis.call('HSET', record_key, s.deadline_field, at_ms + s.timeout_ms,
+             s.workers_field, '[' .. table.concat(workers, ',') .. ']', unpack(s.record))
+  redis.call('PEXPIRE', record_key, s.retention_ms)
+  local kept = redis.call('RPUSH', ids_key, s.event_id)
+  if kept > s.keep then
+    local oldest = redis.call('LPOP', ids_key, math.min(kept - s.keep, s.trim_step))
+    for i = 1, #oldest do oldest[i] = s.record_prefix .. oldest[i] end
+    redis.call('UNLINK', unpack(oldest))
+  end
+  for _ = 1, 2 do
+    local head = redis.call('LINDEX', ids_key, 0)
+    if redis.call('EXISTS', s.record_prefix .. head) == 1 then break end
+    redis.call('LPOP', ids_key)
   end
 end
-redis.call('HSET', KEYS[1], s.deadline_field, s.deadline_ms,
-           s.workers_field, '[' .. table.concat(s.workers, ',') .. ']', unpack(s.record))
-redis.call('PEXPIRE', KEYS[1], s.retention_ms)
-local kept = redis.call('RPUSH', KEYS[2], s.event_id)
-if kept > s.keep then
-  local oldest = redis.call('LPOP', KEYS[2], math.min(kept - s.keep, s.trim_step))
-  for i = 1, #oldest do oldest[i] = s.record_prefix .. oldest[i] end
-  redis.call('UNLINK', unpack(oldest))
-end
-for _ = 1, 2 do
-  local head = redis.call('LINDEX', KEYS[2], 0)
-  if redis.call('EXISTS', s.record_prefix .. head) == 1 then break end
-  redis.call('LPOP', KEYS[2])
-end
-return 1
 """
+
+# KEYS: the workers set, the command stream, the alive key. ARGV[1]: the MINID the stream is trimmed
+# to; ARGV[2...]: the command's fields.
+_SEND = _SEND_FUNCTION + "return send(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 2)"
+
+# KEYS: the record, the shard's list of ids. ARGV[1]: the settings; ARGV[2]: the send's answer (JSON).
+_RECORD = _RECORD_FUNCTION + "record(KEYS[1], KEYS[2], cjson.decode(ARGV[1]), cjson.decode(ARGV[2])) return 1"
+
+# One Redis: KEYS: the send's, the record's, then the journal. ARGV[1]: the settings; ARGV[2]: the MINID;
+# ARGV[3...]: the command's fields.
+_SEND_AND_RECORD = (
+    _SEND_FUNCTION
+    + _RECORD_FUNCTION
+    + """
+local sent = send(KEYS[1], KEYS[2], KEYS[3], ARGV[2], 3)
+if not sent then return false end
+local s = cjson.decode(ARGV[1])
+record(KEYS[4], KEYS[5], s, sent)
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', s.journal_maxlen, '*', unpack(s.journal))
+return sent
+"""
+)
 TRIM_STEP = 100
 NOT_SENT = "not sent: the instance had no heartbeat"  # the recorded detail of each worker of an unsent command
 
@@ -171,9 +195,10 @@ class CommandBus:
         self.event_retention_count = event_retention_count
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
-        self._send = client.register_script(_SEND)
+        self._one_redis = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._send = client.register_script(_SEND_AND_RECORD if self._one_redis else _SEND)
         self._record = client.register_script(_RECORD)
-        self.scripts = [self._send, self._record]
+        self.scripts = [self._send] if self._one_redis else [self._send, self._record]
         self._pending: dict[str, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -225,16 +250,22 @@ class CommandBus:
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
-            sent = await self._deliver(command, instance_id)
-            # The record is written while the workers run the command, so it costs the answer no time.
-            recording = asyncio.ensure_future(self._write_record(command, instance_id, sent))
+            settings = json.dumps(self._settings(command, instance_id))
+            sent = await self._deliver(command, instance_id, settings)
+            # On a cluster the record is written while the workers run the command: it costs the answer no time.
+            recording = (
+                None
+                if self._one_redis
+                else asyncio.ensure_future(self._write_record(command, instance_id, sent, settings))
+            )
             try:
                 if not sent.delivered:
                     raise _not_sent(instance_id, sent, event_id)
                 waiter.expect(set(sent.workers))
                 await self._await_results(waiter, started, extended)
             finally:
-                await recording
+                if recording is not None:
+                    await recording
         except TimeoutError:
             raise AgentTimeout(await self._silence(instance_id, waiter, started), event_id=event_id) from None
         finally:
@@ -256,17 +287,22 @@ class CommandBus:
                 raise TimeoutError
             await asyncio.wait([waiter.done], timeout=deadline - loop.time())
 
-    async def _deliver(self, command: Command, instance_id: str) -> _Sent:
+    async def _deliver(self, command: Command, instance_id: str, settings: str) -> _Sent:
         """Put the command on the instance's stream, unless the instance is unknown (UnknownInstance) or has no
-        heartbeat (not sent). BusUnavailable after `redis_timeout_s`: the command may have reached Redis all
-        the same (its bytes were written), so the 503 carries the event id /check_finish knows it by."""
+        heartbeat (not sent); on one Redis, record and journal it in the same script. BusUnavailable after
+        `redis_timeout_s`: the command may have reached Redis all the same (its bytes were written), so the
+        503 carries the event id /check_finish knows it by."""
         minid = str(int(time.time() * 1000) - COMMAND_RETENTION_MS)
+        send_keys = [keys.workers(instance_id), keys.commands(instance_id), keys.alive(instance_id)]
+        fields = _flat(encode(command))
+        if self._one_redis:
+            send_keys += [*self._record_keys(command), keys.JOURNAL]
+            args = [settings, minid, *fields]
+        else:
+            args = [minid, *fields]
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                reply = await self._send(
-                    keys=[keys.workers(instance_id), keys.commands(instance_id), keys.alive(instance_id)],
-                    args=[minid, *_flat(encode(command))],
-                )
+                reply = await self._send(keys=send_keys, args=args)
         except TimeoutError:
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None
@@ -278,35 +314,38 @@ class CommandBus:
         state, sent_ms, *workers = cast(list[Any], reply)
         return _Sent(state == "sent", int(sent_ms), sorted(int(w) for w in workers))
 
-    async def _write_record(self, command: Command, instance_id: str, sent: _Sent) -> None:
-        """Write the command's record and journal entry, within `redis_timeout_s`. A failure costs only
-        /check_finish its answer for this command (a 404), never the command: it is logged, not raised."""
-        shard = keys.command_shard(command.event_id)
+    @staticmethod
+    def _record_keys(command: Command) -> list[str]:
+        return [keys.command_record(command.event_id), keys.command_records(keys.command_shard(command.event_id))]
+
+    async def _write_record(self, command: Command, instance_id: str, sent: _Sent, settings: str) -> None:
+        """On a cluster: write the command's record and journal entry, within `redis_timeout_s`. A failure costs
+        only /check_finish its answer for this command (a 404), never the command: it is logged, not raised."""
+        record_keys = self._record_keys(command)
+        answer = json.dumps(["sent" if sent.delivered else "down", sent.at_ms, *map(str, sent.workers)])
         journal = JournaledCommand.of(command, instance_id)
-        record_keys = [keys.command_record(command.event_id), keys.command_records(shard)]
-        settings = json.dumps(self._settings(command, instance_id, sent, shard))
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                # One round trip on one Redis (a cluster pipeline sends to each node at once).
+                # One round trip (a cluster pipeline sends to each node at once).
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.evalsha(self._record.sha, len(record_keys), *record_keys, settings)
+                pipe.evalsha(self._record.sha, len(record_keys), *record_keys, settings, answer)
                 pipe.xadd(keys.JOURNAL, journal, maxlen=keys.JOURNAL_MAXLEN, approximate=True)
                 recorded, _ = await pipe.execute(raise_on_error=False)
                 if isinstance(recorded, redis.exceptions.NoScriptError):
-                    await self._record(keys=record_keys, args=[settings])  # loads it where Redis lost it
+                    await self._record(keys=record_keys, args=[settings, answer])  # loads it where Redis lost it
                 elif isinstance(recorded, Exception):
                     raise recorded
         except _FAILED as exc:
             log.warning("no record of %s for /check_finish: %s", command.event_id, exc or "Redis did not answer")
 
-    def _settings(self, command: Command, instance_id: str, sent: _Sent, shard: int) -> dict[str, Any]:
-        """What the record script needs; numbers Redis reads go as text."""
+    def _settings(self, command: Command, instance_id: str) -> dict[str, Any]:
+        """What the record script needs, and the command's journal entry; numbers Redis reads go as text."""
         deadline_field, workers_field = CommandRecord.SCRIPT_FIELDS
         return {
             "event_id": command.event_id,
-            "sent": sent.delivered,
-            "workers": [str(w) for w in sent.workers],
-            "deadline_ms": str(sent.at_ms + command.timeout_ms),
+            "timeout_ms": command.timeout_ms,
+            "journal": _flat(JournaledCommand.of(command, instance_id)),
+            "journal_maxlen": keys.JOURNAL_MAXLEN,
             "record": _flat(CommandRecord.sent(command, instance_id)),
             "deadline_field": deadline_field,
             "workers_field": workers_field,
@@ -314,7 +353,7 @@ class CommandBus:
             "retention_ms": str(self.event_retention_ms),
             "keep": -(-self.event_retention_count // keys.COMMAND_SHARDS),
             "trim_step": TRIM_STEP,
-            "record_prefix": keys.command_record_prefix(shard),
+            "record_prefix": keys.command_record_prefix(keys.command_shard(command.event_id)),
         }
 
     async def _silence(self, instance_id: str, waiter: _Waiter, started: float) -> str:
