@@ -59,7 +59,7 @@ def test_request_schemas_are_the_validating_structs(spec: dict[str, Any]) -> Non
     assert schemas["CompressRequest"]["required"] == ["instance_id", "method", "location"]
     # /compress and /decompress: the methods are listed for clients (an unknown one is still a 400, not a 422)
     method = schemas["CompressRequest"]["properties"]["method"]
-    assert method == {"type": "string", "enum": ["int8", "zlib", "cachegen"]}
+    assert method == {"type": "string", "enum": ["int8", "zlib", "zstd", "cachegen"]}
     compress = spec["paths"]["/compress"]["post"]["responses"]
     assert "unknown_method" in compress["400"]["description"] and "unknown_instance" in compress["404"]["description"]
     assert "agent_timeout" in compress["504"]["description"]
