@@ -23,12 +23,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, cast
 
-import hiredis
 import redis
 
+from kvbus.agent.own_connection import OwnConnection
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, Result, ResultStatus
@@ -42,57 +42,6 @@ _REMEMBERED_RESULTS = 10_000
 
 Handler = Callable[[Command], Result]
 Entry = tuple[str, dict[str, str] | None]
-# hiredis's stub declares a tuple of one argument; it packs any number.
-_pack = cast(Callable[[Args], bytes], hiredis.pack_command)
-
-
-class _OwnConnection:
-    """A connection of a single-node client's pool, taken for good by the one thread that calls this.
-
-    redis-py's Connection still connects, authenticates, checks an idle connection's health and
-    drops a connection that failed (the next call reconnects); what is skipped is the client's and
-    pipeline's per-command work. Errors are raised as the client would raise them.
-    """
-
-    def __init__(self, pool: redis.ConnectionPool) -> None:
-        self._pool = pool
-        self._conn: Any = None  # taken at first use: Redis may be away when the agent is built
-
-    def call(self, *args: str | int) -> Any:
-        return self.batch([args])[0]
-
-    def batch(self, commands: Sequence[Args]) -> list[Any]:
-        """Send `commands` in one write and read their replies; raises the first error reply, once all are read."""
-        self.send(commands)
-        return self.read(len(commands))
-
-    def send(self, commands: Sequence[Args]) -> None:
-        """Send `commands` in one write; `read` their replies before anything else is sent."""
-        if self._conn is None:
-            self._conn = self._pool.get_connection()
-        try:
-            self._conn.send_packed_command([b"".join([_pack(args) for args in commands])])
-        except BaseException:
-            self._conn.disconnect()
-            raise
-
-    def read(self, count: int) -> list[Any]:
-        """The replies of the `count` commands sent last; raises the first error reply, once all are read."""
-        conn = self._conn
-        replies: list[Any] = []
-        try:
-            for _ in range(count):
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            conn.disconnect()  # replies may be left unread: the connection is out of step
-            raise
-        for reply in replies:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-        return replies
 
 
 class CommandConsumer:
@@ -121,7 +70,7 @@ class CommandConsumer:
         self._stream = keys.commands(instance_id)
         self._group = keys.command_group(worker_id)
         self._results: OrderedDict[str, Result] = OrderedDict()
-        self._own = _OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
+        self._own = OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
 
     def ensure_group(self) -> None:
         """Create this worker's group, from the stream's start, so no command sent before it is missed."""
@@ -177,7 +126,7 @@ class CommandConsumer:
         if owed and self._own is not None:
             self._send_last(self._own, owed)
 
-    def _poll_answering(self, own: _OwnConnection, owed: list[Args]) -> list[Args]:
+    def _poll_answering(self, own: OwnConnection, owed: list[Args]) -> list[Args]:
         """Send `owed` and the read of the next commands in one write; returns the answer to those commands.
 
         An answer goes out as soon as it is ready either way, since the thread reads right after it
@@ -189,7 +138,7 @@ class CommandConsumer:
         entries = self._entries(own.read(len(owed) + 1)[-1])
         return self._prepare(entries, redelivered=False) if entries else []
 
-    def _send_last(self, own: _OwnConnection, owed: list[Args]) -> None:
+    def _send_last(self, own: OwnConnection, owed: list[Args]) -> None:
         try:
             own.batch(owed)
         except redis_conn.ERRORS as exc:

@@ -6,6 +6,7 @@ import time
 import fakeredis
 import msgspec
 import pytest
+import redis
 
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
@@ -103,3 +104,30 @@ def test_a_second_live_agent_for_the_same_worker_is_warned_about(
     fake_redis.hset(keys.worker(INSTANCE, 0), mapping=other.encode())
     make(fake_redis).register()
     assert any("already served by pid 1 on elsewhere" in m for m in caplog.messages)
+
+
+def test_the_own_connection_beat_writes_the_fleet_entry_the_client_beat_does(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        own, plain = make(client), make(client)
+        plain._own = None  # the path a cluster client takes
+        own.register()
+        client.hset(keys.index(INSTANCE, 0, "LocalCPUBackend"), mapping={"a" * 32: "256"})
+        stream, group = keys.commands(INSTANCE), keys.command_group(0)
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xadd(stream, {"n": "1"})
+        client.xreadgroup(group, group, {stream: ">"})  # one delivered, unacked
+        client.xadd(stream, {"n": "2"})  # one not read yet
+        entries = []
+        for registration in (own, plain):
+            assert registration.heartbeat() is True
+            raw = client.hget(keys.fleet_shard(INSTANCE), f"0:{INSTANCE}")
+            entries.append(msgspec.structs.replace(msgspec.json.decode(raw, type=FleetEntry), last_heartbeat_time=0))
+        assert entries[0] == entries[1]
+        assert entries[0].index == {"LocalCPUBackend": 1} and entries[0].unacked == 2
+        assert entries[0].oldest_unacked_ms > 0
+        assert abs(own.now_ms() - plain.now_ms()) < 1000  # both read Redis's clock
+        client.delete(stream)  # no group: the backlog reads fail, the beat does not
+        assert own.heartbeat() is True
+    finally:
+        client.close()

@@ -1,0 +1,69 @@
+"""A connection of a single-node client's pool, taken for good by the one agent thread that uses it.
+
+redis-py's client and pipeline cost 30-100 us of CPU per round trip in Python bookkeeping alone,
+several times what the bytes cost, and an agent pays that inside the engine that hosts it. The
+command and heartbeat threads talk to Redis often enough for that to count, so on a single Redis
+each sends its commands packed by hiredis over a connection of its own. redis-py's Connection
+still connects, authenticates, checks an idle connection's health and drops a connection that
+failed (the next call reconnects); what is skipped is the client's and pipeline's per-command work.
+On a cluster, whose keys live on several nodes, those threads use the cluster client instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+import redis
+
+Args = tuple[str | int | bytes, ...]  # a command: its name and arguments
+
+# hiredis's stub declares a tuple of one argument; it packs any number.
+_pack = cast(Callable[[Args], bytes], hiredis.pack_command)
+
+
+class OwnConnection:
+    """Errors are raised as the client would raise them; replies are RESP as decoded by the client's
+    settings, not shaped by redis-py's per-command callbacks."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._conn: Any = None  # taken at first use: Redis may be away when the agent is built
+
+    def call(self, *args: str | int | bytes) -> Any:
+        return self.batch([args])[0]
+
+    def batch(self, commands: Sequence[Args], *, raise_errors: bool = True) -> list[Any]:
+        """Send `commands` in one write and read their replies (see `read`)."""
+        self.send(commands)
+        return self.read(len(commands), raise_errors=raise_errors)
+
+    def send(self, commands: Sequence[Args]) -> None:
+        """Send `commands` in one write; `read` their replies before anything else is sent."""
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        try:
+            self._conn.send_packed_command([b"".join([_pack(args) for args in commands])])
+        except BaseException:
+            self._conn.disconnect()
+            raise
+
+    def read(self, count: int, *, raise_errors: bool = True) -> list[Any]:
+        """The replies of the `count` commands sent last; raises the first error reply, once all are read,
+        or with `raise_errors` false leaves it in its place."""
+        conn = self._conn
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: the connection is out of step
+            raise
+        for reply in replies:
+            if raise_errors and isinstance(reply, redis.ResponseError):
+                raise reply
+        return replies
