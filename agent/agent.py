@@ -18,6 +18,7 @@ from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.peer import PeerServer
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.agent.tiers import TieredStore
+from kvbus.agent.working_signs import WorkingSigns
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.hashing import HashSpace
@@ -62,6 +63,7 @@ class Agent:
             layout=layout,
             stats=lambda: {str(b.location): b.stats() for b in self.backends},
         )
+        self.working = WorkingSigns(self._redis, worker_id)
         self.consumer = CommandConsumer(
             self._blocking,
             instance_id=self.instance_id,
@@ -76,6 +78,7 @@ class Agent:
             before_reply=self.index.flush,
             now_ms=self.registration.now_ms,
             after_reply=self._after_reply,
+            running=self.working.running,
             event_retention_s=config.event_retention,
         )
         self.peer: PeerServer | None = None
@@ -93,6 +96,7 @@ class Agent:
             self.peer = self._listen_for_peers()
         self.index.start()
         self.tiers.start()
+        self.working.start()
         for name, target in (
             ("heartbeat", self._heartbeat_loop),
             ("commands", self._command_loop),
@@ -138,6 +142,7 @@ class Agent:
         self._detached.set()  # wakes the reclaim thread, to end
         for thread in self._threads:
             thread.join(timeout=10)
+        self.working.stop()
         if self.peer is not None:
             self.peer.stop()
         self.tiers.stop()

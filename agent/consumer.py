@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
 import redis
@@ -56,6 +57,7 @@ class CommandConsumer:
         before_reply: Callable[[], None],
         now_ms: Callable[[], int],
         after_reply: Callable[[], None] = lambda: None,
+        running: Callable[[Command], AbstractContextManager[None]] = lambda command: nullcontext(),
         count: int = 32,
         event_retention_s: float = 3600.0,
     ) -> None:
@@ -65,6 +67,7 @@ class CommandConsumer:
         self._handler = handler
         self._before_reply = before_reply
         self._after_reply = after_reply
+        self._running = running  # around each handler call: signs to the controller while a long one runs
         self._now_ms = now_ms
         self._count = count
         self._event_retention_s = max(int(event_retention_s), 1)
@@ -259,7 +262,8 @@ class CommandConsumer:
             return self._result(command, ResultStatus.EXPIRED, detail=f"arrived {late_ms} ms past its deadline")
         started = time.perf_counter()
         try:
-            result = self._handler(command)
+            with self._running(command):
+                result = self._handler(command)
         except Exception as exc:
             log.exception("%s %s failed", command.kind, command.event_id)
             return self._result(command, ResultStatus.ERROR, detail=f"{type(exc).__name__}: {exc}")

@@ -512,3 +512,23 @@ def test_a_long_command_answers_over_http_past_the_request_budget_while_its_work
     worker.join()
     assert answer["num_tokens"] == 7
     assert worked[0] > 1.8  # past the 0.5 s command_timeout and the 1 s the request's budget had
+
+
+def test_a_real_agent_keeps_a_compress_longer_than_the_timeout_alive_until_it_answers(
+    client: TestClient, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store(agent, PROMPT)
+    backend = next(b for b in agent.backends if b.location == LOCATION)
+    compress = backend.compress
+
+    def slow_compress(tokens: list[int], method: str) -> int:
+        time.sleep(1.6)  # three times the module's 0.5 s command_timeout
+        return compress(tokens, method)
+
+    monkeypatch.setattr(backend, "compress", slow_compress)
+    started = time.monotonic()
+    answer = post(client, "/compress", {"instance_id": INSTANCE, "location": LOCATION, "method": "zstd"})
+    assert time.monotonic() - started > 1.6
+    assert answer["num_tokens"] == len(PROMPT)
+    outcome = post(client, "/check_finish", {"event_id": answer["event_id"]})
+    assert outcome["status"] == "finished"
