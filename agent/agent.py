@@ -76,6 +76,7 @@ class Agent:
                 transfer_timeout_s=config.command_timeout,
             ),
             before_reply=self.index.flush,
+            index=self.index,
             now_ms=self.registration.now_ms,
             after_reply=self._after_reply,
             running=self.working.running,

@@ -1,11 +1,14 @@
 """Reads this worker's commands from its instance's stream and answers each exactly once.
 
 For each batch read together: run each command's handler (which detaches buffers and queues
-index changes), flush the index once, then in one write: record each result under a
+index changes), have the index written, then in one write: record each result under a
 `done` key and in the command's event record (which /check_finish reads), XADD it to the
 result stream its command names and to the journal, and XACK the batch. Only then does
 `after_reply` run (the agent frees what the batch cleared), so no answer waits for that. On its
-own connection, the thread sends that write together with its read of the next commands.
+own connection, the thread sends that write together with its read of the next commands, and the
+index's pending writes go in the same write, ahead of the answer: Redis applies them before the
+answer is visible, without a round trip of their own. Elsewhere (a cluster, a drain of pending
+commands) the index is flushed in a round trip of its own before the answer is sent.
 On a single Redis the thread reads and answers over one connection of its own, with its commands
 packed by hiredis: a redis-py call or pipeline costs the engine that hosts the agent 30-100 us of
 CPU per round trip in Python bookkeeping alone, several times what the bytes cost. On a cluster,
@@ -29,6 +32,7 @@ from typing import Any, cast
 
 import redis
 
+from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.own_connection import OwnConnection
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
@@ -60,6 +64,7 @@ class CommandConsumer:
         running: Callable[[Command], AbstractContextManager[None]] = lambda command: nullcontext(),
         count: int = 32,
         event_retention_s: float = 3600.0,
+        index: IndexWriter | None = None,
     ) -> None:
         self._redis = client
         self._instance = instance_id
@@ -75,6 +80,8 @@ class CommandConsumer:
         self._group = keys.command_group(worker_id)
         self._results: OrderedDict[str, Result] = OrderedDict()
         self._own = OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
+        # Whose writes the own connection sends ahead of each answer instead of `before_reply`'s flush.
+        self._index = index if self._own is not None else None
 
     def ensure_group(self) -> None:
         """Create this worker's group, from the stream's start, so no command sent before it is missed."""
@@ -114,6 +121,7 @@ class CommandConsumer:
                 else:
                     owed = self._poll_answering(self._own, owed)
             except redis.ResponseError as exc:
+                self._release_index()
                 owed = []  # unacked, so its commands come back with the pending ones, their results remembered
                 # NOGROUP: Redis restarted or was flushed. UNBLOCKED: the stream was deleted (reaped) while read.
                 if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
@@ -122,6 +130,7 @@ class CommandConsumer:
                 on_lost_group()
                 need_pending = True
             except redis_conn.ERRORS as exc:
+                self._release_index()
                 owed = []
                 need_pending = True
                 stop.wait(outage.failed(exc))
@@ -136,15 +145,40 @@ class CommandConsumer:
         An answer goes out as soon as it is ready either way, since the thread reads right after it
         answers; sharing the write saves the thread a round trip and a wake-up per batch.
         """
-        own.send([*owed, self._read_args(">", BLOCK_MS)])
+        read = self._read_args(">", BLOCK_MS)
         if owed:
+            self._send_after_index(own, [*owed, read])
             self._after_reply()
+        else:
+            own.send([read])
         entries = self._entries(own.read(len(owed) + 1)[-1])
-        return self._prepare(entries, redelivered=False) if entries else []
+        return self._prepare(entries, redelivered=False, index_ahead=True) if entries else []
+
+    def _send_after_index(self, own: OwnConnection, commands: list[Args]) -> None:
+        """Send `commands` in one write after the index's pending writes, and hand the index their replies;
+        the caller reads the replies of `commands`. Should the write fail, the index keeps its writes pending."""
+        taken = self._index.take() if self._index is not None else None
+        if taken is None:
+            own.send(commands)
+            return
+        assert self._index is not None
+        try:
+            own.send(commands, ahead=taken.commands)
+            answers = own.read(taken.replies, raise_errors=False)
+        except BaseException:
+            self._index.not_written(taken)
+            raise
+        self._index.written(taken, answers)
+
+    def _release_index(self) -> None:
+        """The batch whose index writes were to go with its answer is dropped: the index writes them itself."""
+        if self._index is not None:
+            self._index.release()
 
     def _send_last(self, own: OwnConnection, owed: list[Args]) -> None:
         try:
-            own.batch(owed)
+            self._send_after_index(own, owed)
+            own.read(len(owed))
         except redis_conn.ERRORS as exc:
             log.warning(
                 "the last answers on %s were not sent (%s); their commands stay pending for the next start",
@@ -205,9 +239,14 @@ class CommandConsumer:
         finally:
             self._after_reply()
 
-    def _prepare(self, entries: list[Entry], *, redelivered: bool) -> list[Args]:
-        """Run each command and flush the index once; returns the writes of the answer: every result,
-        record and journal entry, then the XACK of every entry."""
+    def _prepare(self, entries: list[Entry], *, redelivered: bool, index_ahead: bool = False) -> list[Args]:
+        """Run each command and flush the index once, or with `index_ahead` leave the index's writes for the
+        caller to send ahead of the answer; returns the writes of the answer: every result, record and
+        journal entry, then the XACK of every entry."""
+        index_ahead = index_ahead and self._index is not None
+        if index_ahead:
+            assert self._index is not None
+            self._index.hold()
         replies: list[tuple[Command, Result]] = []
         for entry_id, fields in entries:
             command = self._command(entry_id, fields)
@@ -222,7 +261,7 @@ class CommandConsumer:
                 if len(self._results) > _REMEMBERED_RESULTS:
                     self._results.popitem(last=False)
             replies.append((command, result))
-        if replies:
+        if replies and not index_ahead:
             self._before_reply()
         writes = [
             args

@@ -15,7 +15,11 @@ no CPU and a trickle of admissions still reaches Redis within a few milliseconds
 
 On a single Redis the commands are encoded here (`shared.resp`) and written to one pooled
 connection at once; a Redis Cluster, whose head sets live in slots all over it, gets redis-py's
-cluster pipeline.
+cluster pipeline. On a single Redis the command thread does not flush before it answers: it
+`take`s the pending ops encoded and sends them in the same write as its answer, ahead of it, so
+Redis applies them before the answer is visible, at no round trip of their own; it hands the
+replies back (`written`, `not_written`). It `hold`s the writer while its handlers run, so what they
+report does not wake the background thread for ops the command thread is about to take itself.
 
 A clear drops the location's index hash at once. The global `head` sets are only hints
 that lookup verifies against that hash, so withdrawing this rank from them (one
@@ -102,6 +106,18 @@ class _LocationDelta:
         return self
 
 
+@dataclass(slots=True)
+class Taken:
+    """Pending ops taken by a caller that writes them itself, ahead of its own commands, on its own connection."""
+
+    commands: bytes  # encoded, to be sent before anything that must follow them
+    replies: int  # how many replies they get, read before the caller's own
+    deltas: dict[Location, _LocationDelta]
+    upto: int  # the count of ops reported when they were taken
+    count: int  # how many ops were taken
+    purged: list[tuple[Location, int]]  # purged locations, each with where the reply to its SMEMBERS is
+
+
 class IndexWriter:
     """The IndexListener of every backend of one agent (one rank of an instance)."""
 
@@ -133,6 +149,9 @@ class IndexWriter:
         self._written_count = 0
         self._written = threading.Condition()
         self._late_since = 0  # the target of the last wait that ran out; no waiting until it is written
+        # The thread (its ident) that will take what is pending itself soon: what it reports until then does not
+        # wake the background thread. What other threads report does, so an engine's admissions never wait on it.
+        self._held_by: int | None = None
 
     # IndexListener: called by backends under their lock, so ops land in the order they happened. One per chunk
     # an engine computes, so admitted() is the delta's fold written out in line: a call less is a tenth less.
@@ -152,10 +171,8 @@ class IndexWriter:
             pending = queued - self._taken_count
             if pending > MAX_QUEUED_OPS:
                 self._overflow()
-        if pending == 1:
-            self._wake.set()
-        elif pending == HURRY_OPS:
-            self._hurry.set()
+        if pending == 1 or pending == HURRY_OPS or self._held_by is not None:
+            self._nudge(pending)
 
     def evicted(self, location: Location, entry: IndexEntry) -> None:
         with self._ops_lock:
@@ -191,7 +208,12 @@ class IndexWriter:
         return pending
 
     def _nudge(self, pending: int) -> None:
-        if pending == 1:
+        held_by = self._held_by
+        if held_by is not None:
+            # What the holder reports it takes itself; another thread's op, or too many to wait, is flushed.
+            if held_by != threading.get_ident() or pending >= HURRY_OPS:
+                self._wake.set()
+        elif pending == 1:
             self._wake.set()
         elif pending == HURRY_OPS:
             self._hurry.set()
@@ -218,24 +240,81 @@ class IndexWriter:
     def flush(self) -> None:
         """Write every pending op to Redis now. Raises redis.RedisError; the ops then stay pending."""
         with self._send_lock:
-            with self._ops_lock:
-                deltas, self._deltas = self._deltas, {}
-                upto, taken = self._queued_count, self._queued_count - self._taken_count
-                self._taken_count = upto
-                self._clean.difference_update(location for location, delta in deltas.items() if delta.admit)
+            deltas, upto, taken = self._take_deltas()
             if deltas:
                 try:
                     self._write(deltas)
                 except redis_conn.ERRORS:
                     self._put_back(deltas, taken)
                     raise
-                with self._ops_lock:
-                    self._clean.update(
-                        location for location, delta in deltas.items() if delta.purge and not delta.admit
-                    )
-            with self._written:
-                self._written_count = max(self._written_count, upto)
-                self._written.notify_all()
+            self._done(deltas, upto)
+
+    def hold(self) -> None:
+        """The calling thread will `take` what is pending soon: until then, what it reports does not wake the
+        background thread (past HURRY_OPS it does)."""
+        self._held_by = threading.get_ident()
+
+    def release(self) -> None:
+        """The holder will not `take` after all: the background thread writes what is pending."""
+        self._held_by = None
+        self._wake.set()
+
+    def take(self) -> Taken | None:
+        """Take every pending op, encoded for a single Redis, for the caller to send ahead of its own commands;
+        None when there is nothing to send. Until the caller hands the replies back (`written`) or gives up
+        (`not_written`), no other flush is sent, so nothing reported since can reach Redis before these."""
+        self._send_lock.acquire()
+        try:
+            deltas, upto, count = self._take_deltas()
+            commands, replies, purged = self._encode_raw(deltas)
+        except BaseException:
+            self._send_lock.release()
+            raise
+        if not commands:
+            self._done(deltas, upto)
+            self._send_lock.release()
+            return None
+        return Taken(commands, replies, deltas, upto, count, purged)
+
+    def written(self, taken: Taken, answers: list[Any]) -> None:
+        """`taken` was sent and these are its replies (an error reply as a redis.ResponseError in its place)."""
+        try:
+            self._absorb_purges(taken.deltas, taken.purged, answers)
+            error = next((answer for answer in answers if isinstance(answer, redis.ResponseError)), None)
+            if error is not None:
+                # Its answer is out already: the ops go back for the thread's next flush, as a failed flush's do.
+                log.warning("index writes sent with a command's answer failed (%s); retrying them", error)
+                self._put_back(taken.deltas, taken.count)
+                return
+            self._done(taken.deltas, taken.upto)
+        finally:
+            self._send_lock.release()
+
+    def not_written(self, taken: Taken) -> None:
+        """`taken` may not have reached Redis: its ops stay pending, as a failed flush's do."""
+        try:
+            self._put_back(taken.deltas, taken.count)
+        finally:
+            self._send_lock.release()
+
+    def _take_deltas(self) -> tuple[dict[Location, _LocationDelta], int, int]:
+        """Take every pending op (under the send lock): the deltas, the op count they go up to, how many."""
+        with self._ops_lock:
+            self._held_by = None
+            deltas, self._deltas = self._deltas, {}
+            upto, taken = self._queued_count, self._queued_count - self._taken_count
+            self._taken_count = upto
+            self._clean.difference_update(location for location, delta in deltas.items() if delta.admit)
+        return deltas, upto, taken
+
+    def _done(self, deltas: dict[Location, _LocationDelta], upto: int) -> None:
+        """`deltas`, the ops up to `upto`, are in Redis."""
+        if deltas:
+            with self._ops_lock:
+                self._clean.update(location for location, delta in deltas.items() if delta.purge and not delta.admit)
+        with self._written:
+            self._written_count = max(self._written_count, upto)
+            self._written.notify_all()
 
     def _put_back(self, deltas: dict[Location, _LocationDelta], taken: int) -> None:
         with self._ops_lock:
@@ -292,9 +371,19 @@ class IndexWriter:
         self._wake.set()
 
     def _write_raw(self, deltas: dict[Location, _LocationDelta], client: redis.Redis) -> None:
+        commands, replies, purged = self._encode_raw(deltas)
+        if not commands:
+            return
+        answers = _exchange(client, commands, replies)
+        self._absorb_purges(deltas, purged, answers)
+        _raise_any(answers)
+
+    def _encode_raw(self, deltas: dict[Location, _LocationDelta]) -> tuple[bytes, int, list[tuple[Location, int]]]:
+        """The commands that apply `deltas`, encoded; how many replies they get; each purged location with where
+        the reply to its SMEMBERS is."""
         commands: list[bytes] = []
         replies = 0
-        purged: list[tuple[Location, int]] = []  # and where the reply to its SMEMBERS is
+        purged: list[tuple[Location, int]] = []
         for location, delta in deltas.items():
             index_key = keys.index(self._instance, self._worker, location)
             heads_key = keys.heads(self._instance, self._worker, location)
@@ -305,14 +394,15 @@ class IndexWriter:
             for encoded, count in self._encoded(location, index_key, heads_key, delta):
                 commands.append(encoded)
                 replies += count
-        if not commands:
-            return
-        answers = _exchange(client, b"".join(commands), replies)
+        return b"".join(commands), replies, purged
+
+    def _absorb_purges(
+        self, deltas: dict[Location, _LocationDelta], purged: list[tuple[Location, int]], answers: list[Any]
+    ) -> None:
         for location, at in purged:
             # Even when a later reply is an error: the purge is done, and its hints are known only from here.
             if not isinstance(answers[at], redis.ResponseError):
                 self._forget_later(location, answers[at], deltas[location].heads_added)
-        _raise_any(answers)
 
     def _encoded(
         self, location: Location, index_key: str, heads_key: str, delta: _LocationDelta

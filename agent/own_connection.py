@@ -39,12 +39,13 @@ class OwnConnection:
         self.send(commands)
         return self.read(len(commands), raise_errors=raise_errors)
 
-    def send(self, commands: Sequence[Args]) -> None:
-        """Send `commands` in one write; `read` their replies before anything else is sent."""
+    def send(self, commands: Sequence[Args], *, ahead: bytes = b"") -> None:
+        """Send `commands` in one write, after `ahead` (commands encoded already, in the same write);
+        `read` the replies of all of them, in that order, before anything else is sent."""
         if self._conn is None:
             self._conn = self._pool.get_connection()
         try:
-            self._conn.send_packed_command([b"".join([_pack(args) for args in commands])])
+            self._conn.send_packed_command([b"".join([ahead, *[_pack(args) for args in commands]])])
         except BaseException:
             self._conn.disconnect()
             raise

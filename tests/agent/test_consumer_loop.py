@@ -8,9 +8,12 @@ import time
 
 import redis
 
+from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.consumer import CommandConsumer
+from kvbus.agent.index_writer import IndexWriter
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import encode
+from kvbus.shared.locations import Location
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.records import decode_result
 
@@ -67,3 +70,48 @@ def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_red
 
 def _results(client: redis.Redis) -> list[Result]:
     return [result for _, fields in client.xrange(REPLY) if (result := decode_result(fields)) is not None]
+
+
+def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real_redis: redis.Redis) -> None:
+    client = redis_conn.connect(redis_url, blocking=True)
+    index = IndexWriter(client, INSTANCE, 0)  # its thread not started: only the command thread writes
+    seen_at_answer: list[int] = []
+
+    def handler(command: Command) -> Result:
+        if command.event_id.startswith("Admit"):
+            index.admitted(Location.CPU, IndexEntry(command.event_id, 4, False))
+        else:
+            index.cleared(Location.CPU)
+        return Result(
+            event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=4
+        )
+
+    consumer = CommandConsumer(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=handler,
+        before_reply=index.flush,
+        now_ms=lambda: int(time.time() * 1000),
+        index=index,
+    )
+    consumer.ensure_group()
+    real_redis.xadd(REPLY, {"controller": "ctl-loop"})
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
+    thread.start()
+    events = ["Admit-1", "Admit-2", "Clear-1", "Admit-3"]
+    try:
+        for n, event_id in enumerate(events):
+            command = Command(event_id=event_id, kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=5000, location="")
+            real_redis.xadd(keys.commands(INSTANCE), encode(command))
+            deadline = time.monotonic() + 5
+            while len(_results(real_redis)) < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen_at_answer.append(real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU)))
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        client.close()
+    assert [r.event_id for r in _results(real_redis)] == events
+    assert seen_at_answer == [1, 2, 0, 1]

@@ -17,6 +17,7 @@ import redis.cluster
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
 from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.own_connection import OwnConnection
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
@@ -474,3 +475,58 @@ def test_a_purge_whose_flush_failed_later_on_still_withdraws_the_hints(client: r
     assert client.exists(keys.head(CPU, SPACE.chunks(first)[0].key)) == 0
     assert set(client.hkeys(keys.index(INSTANCE, 0, CPU))) == {c.key for c in SPACE.chunks(second)}
     assert client.smembers(second_head) == {MEMBER}
+
+
+def test_ops_taken_by_a_caller_apply_once_it_hands_back_their_replies(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    writer.flush()
+    head = SPACE.chunks(prompt)[0].key
+    backend.clear()
+    taken = writer.take()
+    assert taken is not None
+    own = OwnConnection(client.connection_pool)
+    own.send([("PING",)], ahead=taken.commands)
+    writer.written(taken, own.read(taken.replies, raise_errors=False))
+    assert own.read(1) == ["PONG"]
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 0  # in Redis before anything sent after it
+    assert client.smembers(keys.head(CPU, head)) == {MEMBER}  # the hint is withdrawn later, as after a flush
+    writer.drain()
+    assert client.smembers(keys.head(CPU, head)) == set()
+    assert writer.take() is None  # a clear of what this writer left empty sends nothing
+
+
+def test_ops_taken_by_a_caller_whose_write_failed_stay_pending(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    prompt = list(range(8))
+    backend.store(prompt, kv(prompt))
+    taken = writer.take()
+    assert taken is not None
+    later = [50, 51]
+    backend.store(later, kv(later))
+    writer.not_written(taken)
+    writer.flush()
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 3
+
+
+def test_what_the_holder_reports_waits_for_it_and_what_others_report_does_not(client: redis.Redis) -> None:
+    backend, writer = make(client)
+    writer.start()
+    try:
+        writer.hold()
+        prompt = list(range(8))
+        backend.store(prompt, kv(prompt))
+        time.sleep(0.05)
+        assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 0  # left for the holder to take
+        later = [50, 51]
+        engine = threading.Thread(target=backend.store, args=(later, kv(later)))
+        engine.start()
+        engine.join()
+        wait_for(lambda: client.hlen(keys.index(INSTANCE, 0, CPU)) == 3, timeout=5, what="background flush")
+        writer.hold()
+        backend.clear()
+        writer.release()
+        wait_for(lambda: client.hlen(keys.index(INSTANCE, 0, CPU)) == 0, timeout=5, what="background flush")
+    finally:
+        writer.stop()
