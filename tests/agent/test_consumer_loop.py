@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import redis
 
 from kvbus.agent.backends.base import IndexEntry
@@ -115,3 +116,52 @@ def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real
         client.close()
     assert [r.event_id for r in _results(real_redis)] == events
     assert seen_at_answer == [1, 2, 0, 1]
+
+
+def test_an_answer_whose_write_failed_is_sent_again_after_its_index_writes(
+    redis_url: str, real_redis: redis.Redis, redis_backend: str
+) -> None:
+    if redis_backend == "cluster":
+        pytest.skip("a cluster flushes the index in a round trip of its own, as tested above")
+    client = redis_conn.connect(redis_url, blocking=True)
+    index = IndexWriter(client, INSTANCE, 0)  # its thread not started: only the command thread writes
+    calls: list[str] = []
+
+    def handler(command: Command) -> Result:
+        calls.append(command.event_id)
+        index.admitted(Location.CPU, IndexEntry(command.event_id, 4, False))
+        # Every other connection drops: the write that carries this answer and its index writes fails.
+        real_redis.client_kill_filter(_type="normal", skipme=True)
+        return Result(
+            event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=4
+        )
+
+    consumer = CommandConsumer(
+        client,
+        instance_id=INSTANCE,
+        worker_id=0,
+        handler=handler,
+        before_reply=index.flush,
+        now_ms=lambda: int(time.time() * 1000),
+        index=index,
+    )
+    consumer.ensure_group()
+    real_redis.xadd(REPLY, {"controller": "ctl-loop"})
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
+    thread.start()
+    try:
+        command = Command(event_id="Admit-1", kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=5000, location="")
+        real_redis.xadd(keys.commands(INSTANCE), encode(command))
+        deadline = time.monotonic() + 10
+        while not _results(real_redis) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        index_at_answer = real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU))
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        client.close()
+    assert [r.event_id for r in _results(real_redis)] == ["Admit-1"]
+    assert calls == ["Admit-1"]  # redelivered after the failure, answered from the result it remembered
+    assert index_at_answer == 1
+    assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
