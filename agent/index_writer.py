@@ -40,6 +40,7 @@ import redis
 import redis.cluster
 
 from kvbus.agent.backends.base import IndexEntry
+from kvbus.agent.own_connection import read_replies
 from kvbus.shared import keys, redis_conn, resp
 from kvbus.shared.locations import Location
 from kvbus.shared.outage import Outage
@@ -530,13 +531,7 @@ def _exchange(client: redis.Redis, commands: bytes, replies: int) -> list[Any]:
 
     def send() -> list[Any]:
         connection.send_packed_command([commands])
-        answers: list[Any] = []
-        for _ in range(replies):
-            try:
-                answers.append(connection.read_response())
-            except redis.ResponseError as exc:
-                answers.append(exc)
-        return answers
+        return read_replies(connection, replies)
 
     try:
         return connection.retry.call_with_retry(send, lambda _: connection.disconnect())

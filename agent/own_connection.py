@@ -54,13 +54,8 @@ class OwnConnection:
         """The replies of the `count` commands sent last; raises the first error reply, once all are read,
         or with `raise_errors` false leaves it in its place."""
         conn = self._conn
-        replies: list[Any] = []
         try:
-            for _ in range(count):
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
+            replies = read_replies(conn, count)
         except BaseException:
             conn.disconnect()  # replies may be left unread: the connection is out of step
             raise
@@ -68,3 +63,14 @@ class OwnConnection:
             if raise_errors and isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
+
+
+def read_replies(connection: redis.Connection, count: int) -> list[Any]:
+    """The next `count` replies on `connection`, a reply that is an error in its place as a redis.ResponseError."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(connection.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
