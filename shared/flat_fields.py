@@ -66,7 +66,7 @@ def field_names(kind: type[msgspec.Struct]) -> tuple[str, ...]:
 def _text_of(value: Any) -> str:
     if isinstance(value, str):
         return str(value)
-    return json.dumps(msgspec.to_builtins(value), separators=(",", ":"))
+    return msgspec.json.encode(value).decode()
 
 
 _REQUIRED = object()
