@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis
 
 from kvbus.agent.own_connection import Args, OwnConnection
@@ -31,6 +32,30 @@ from kvbus.shared.records import (
 )
 
 log = logging.getLogger("kvbus.agent.registration")
+
+# The heartbeat on a single Redis, in one call. KEYS: the alive key, the instance's info, the worker record,
+# the command stream, the fleet shard, then the rank's index keys. ARGV: the worker id, the TTL in ms, the
+# command group, the fleet entry's field, what the last beat's reads found (`seen`, or empty), the entry
+# built from them, then the worker record's heartbeat fields. Refreshes liveness; unless Redis lost the
+# instance (info or record gone: the agent re-registers), rewrites the record, makes fleet_entry's reads
+# and, if they find what `seen` says, writes the entry, which is then exact. Returns Redis's clock, what
+# the reads found (nil when the instance is lost), whether the entry was written, then the reads.
+_BEAT = (
+    fleet_entry.READS_LUA
+    + """
+local now = redis.call('TIME')
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[2], KEYS[3]) ~= 2 then return {now[1], now[2], false, 0} end
+redis.call('HSET', KEYS[3], unpack(ARGV, 7))
+local reads = fleet_reads({unpack(KEYS, 6)}, KEYS[4], ARGV[3])
+local seen, written = cjson.encode(reads), 0
+if seen == ARGV[5] then
+  redis.call('HSET', KEYS[5], ARGV[4], ARGV[6])
+  written = 1
+end
+return {now[1], now[2], seen, written, unpack(reads)}
+"""
+)
 
 StatsByLocation = dict[str, BackendStats]
 
@@ -72,6 +97,28 @@ class Registration:
         self.registered_at = time.time()
         # The heartbeat thread's, on a single Redis: a beat a second costs an idle engine its CPU.
         self._own = OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
+        self._published: FleetEntry | None = None  # the fleet entry this worker wrote last
+        self._seen = ""  # what the reads it came from found, as the beat script spells it (JSON)
+        self._stats_sent: StatsByLocation | None = None  # what the worker record has, as the own beat wrote it
+        beat_keys = (
+            keys.alive(instance_id),
+            keys.info(instance_id),
+            keys.worker(instance_id, worker_id),
+            keys.commands(instance_id),
+            keys.fleet_shard(instance_id),
+            *(keys.index(instance_id, worker_id, str(location)) for location in locations),
+        )
+        # What starts every call of `_BEAT`: the script, its keys and its first four arguments.
+        self._beat_start: Args = (
+            "EVAL",
+            _BEAT,
+            len(beat_keys),
+            *beat_keys,
+            worker_id,
+            self._ttl_ms,
+            keys.command_group(worker_id),
+            keys.head_member(instance_id, worker_id),
+        )
 
     def now_ms(self) -> int:
         """Redis server time, in ms, as estimated at the last heartbeat."""
@@ -110,6 +157,7 @@ class Registration:
         pipe.sadd(keys.workers(self._instance), self._worker)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.execute()
+        self._stats_sent = None
         self._sync_clock()
         self.lifecycle(LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
 
@@ -158,35 +206,27 @@ class Registration:
         return known
 
     def _beat_own(self, own: OwnConnection, now: float, stats: StatsByLocation | None, locations: list[str]) -> bool:
-        """`heartbeat` on the own connection: the same writes and reads (fleet_entry's, as its `queue_reads`
-        spells them), with the clock read in the same round trip, a single Redis taking TIME in a pipeline."""
-        worker = keys.worker(self._instance, self._worker)
-        stream = keys.commands(self._instance)
-        record = WorkerRecord.heartbeat(now, stats)
-        commands: list[Args] = [
-            ("SET", keys.alive(self._instance), self._worker, "PX", self._ttl_ms),
-            ("EXISTS", keys.info(self._instance), worker),
-            ("HSET", worker, *(str(v) for item in record.items() for v in item)),
-            *(("HLEN", keys.index(self._instance, self._worker, location)) for location in locations),
-            ("XLEN", stream),
-            ("XINFO", "GROUPS", stream),
-            ("XPENDING", stream, keys.command_group(self._worker)),
-            ("TIME",),
-        ]
+        """`heartbeat` on the own connection, in one script call (`_BEAT`): the same writes and reads, and the
+        clock. When the reads find what the last beat's did, the script writes the fleet entry built from them,
+        which is then exact, so an idle agent's beat is one round trip; otherwise the entry follows."""
+        entry = self._entry(now, stats) if self._published is not None else None
+        # Stats the record has already are not sent again: an idle engine's stay the same for hours.
+        record = WorkerRecord.heartbeat(now, stats if stats != self._stats_sent else None)
         before = time.time()
-        replies = own.batch(commands, raise_errors=False)
-        after = time.time()
-        # Only the backlog reads may fail (no group yet); an error of the heartbeat's own writes is raised.
-        for reply in (*replies[:3], replies[-1]):
-            if isinstance(reply, Exception):
-                raise reply
-        seconds, micros = replies[-1]
-        self._set_clock((int(seconds), int(micros)), before, after)
-        if replies[1] != 2:
+        seconds, micros, seen, written, *reads = own.call(
+            *self._beat_start,
+            self._seen if entry is not None else "",
+            entry.encode() if entry is not None else "",
+            *(str(v) for item in record.items() for v in item),
+        )
+        self._set_clock((int(seconds), int(micros)), before, time.time())
+        if seen is None:
             return False
-        *counts, groups, pending = replies[3:-1]
-        found = fleet_entry.found(iter([*counts, _groups(groups), _pending(pending)]), self._worker, locations)
-        self._publish(now, stats, found)
+        self._seen, self._stats_sent = seen, stats
+        if not written:
+            *counts, groups, pending = reads
+            found = fleet_entry.found(iter([*counts, _groups(groups), _pending(pending)]), self._worker, locations)
+            self._publish(now, stats, found)
         return True
 
     def _publish(self, now: float, stats: StatsByLocation | None, found: fleet_entry.Found) -> None:
@@ -196,7 +236,7 @@ class Registration:
             pipe = self._redis.pipeline(transaction=False)
             fleet_entry.queue_first_after(pipe, self._instance, found.after)
             oldest = fleet_entry.first_ms(pipe.execute()[0])
-        entry = FleetEntry(
+        self._published = FleetEntry(
             last_heartbeat_time=now,
             ip=self.address.host,
             hostname=socket.gethostname(),
@@ -206,11 +246,17 @@ class Registration:
             unacked=found.unacked,
             oldest_unacked_ms=oldest,
         )
+        entry = self._published.encode()
         field = keys.head_member(self._instance, self._worker)
         if self._own is not None:
-            self._own.call("HSET", keys.fleet_shard(self._instance), field, entry.encode())
+            self._own.call("HSET", keys.fleet_shard(self._instance), field, entry)
         else:
-            self._redis.hset(keys.fleet_shard(self._instance), field, entry.encode())
+            self._redis.hset(keys.fleet_shard(self._instance), field, entry)
+
+    def _entry(self, now: float, stats: StatsByLocation | None) -> FleetEntry:
+        """The last entry published, as of now: exact for as long as the reads it came from find the same."""
+        assert self._published is not None
+        return msgspec.structs.replace(self._published, last_heartbeat_time=now, stats=stats)
 
     def deregister(self) -> bool:
         """Remove this worker and its index; the instance goes with its last worker. True if this was the last.

@@ -36,6 +36,23 @@ def queue_reads(pipe: Pipe, instance_id: str, worker_id: int, locations: Sequenc
     return len(locations) + 3
 
 
+# `queue_reads`'s reads as a Lua function, for a script that makes them inside a call of its own:
+# `fleet_reads(index_keys, stream, group)` returns their replies in the same order, a read that fails
+# (no group yet, no stream) as false, which `found` decodes as it decodes that read's error.
+READS_LUA = """
+local function fleet_reads(index_keys, stream, group)
+  local out = {}
+  for _, key in ipairs(index_keys) do out[#out + 1] = redis.call('HLEN', key) end
+  out[#out + 1] = redis.call('XLEN', stream)
+  local listed, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+  out[#out + 1] = listed and groups
+  local summed, pending = pcall(redis.call, 'XPENDING', stream, group)
+  out[#out + 1] = summed and pending
+  return out
+end
+"""
+
+
 def found(replies: Iterator[Any], worker_id: int, locations: Sequence[str]) -> Found:
     """Decode what `queue_reads` queued, consuming exactly its replies."""
     index = {location: _count(next(replies)) for location in locations}
