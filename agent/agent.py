@@ -140,6 +140,7 @@ class Agent:
         nothing this rank no longer serves. The last worker also takes the instance away.
         """
         self._stop.set()
+        self.consumer.interrupt()
         self._detached.set()  # wakes the reclaim thread, to end
         for thread in self._threads:
             thread.join(timeout=10)

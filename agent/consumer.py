@@ -38,7 +38,7 @@ from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, decode
 from kvbus.shared.messages import Command, Result, ResultStatus
 from kvbus.shared.outage import Outage
-from kvbus.shared.redis_conn import BLOCK_MS
+from kvbus.shared.redis_conn import BLOCK_MS, IDLE_BLOCK_MS
 from kvbus.shared.replies import Args, deadline_ms, reply_commands
 
 log = logging.getLogger("kvbus.agent.consumer")
@@ -82,6 +82,10 @@ class CommandConsumer:
         self._own = OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
         # Whose writes the own connection sends ahead of each answer instead of `before_reply`'s flush.
         self._index = index if self._own is not None else None
+        # On the own connection the thread waits long for commands; `interrupt` ends the wait.
+        self._wait = threading.Lock()
+        self._waiting = False
+        self._stopping = False
 
     def ensure_group(self) -> None:
         """Create this worker's group, from the stream's start, so no command sent before it is missed."""
@@ -133,6 +137,8 @@ class CommandConsumer:
                 self._release_index()
                 owed = []
                 need_pending = True
+                if stop.is_set():
+                    break  # an interrupted wait, most likely: nothing to report
                 stop.wait(outage.failed(exc))
                 continue
             outage.succeeded()
@@ -145,14 +151,31 @@ class CommandConsumer:
         An answer goes out as soon as it is ready either way, since the thread reads right after it
         answers; sharing the write saves the thread a round trip and a wake-up per batch.
         """
-        read = self._read_args(">", BLOCK_MS)
+        read = self._read_args(">", IDLE_BLOCK_MS)
         if owed:
             self._send_after_index(own, [*owed, read])
             self._after_reply()
         else:
             own.send([read])
-        entries = self._entries(own.read(len(owed) + 1)[-1])
+        with self._wait:
+            self._waiting = True
+            if self._stopping:
+                own.interrupt()
+        try:
+            replies = own.read(len(owed) + 1)
+        finally:
+            with self._wait:
+                self._waiting = False
+        entries = self._entries(replies[-1])
         return self._prepare(entries, redelivered=False, index_ahead=True) if entries else []
+
+    def interrupt(self) -> None:
+        """For a stopping agent, after setting `run`'s stop: end a wait for commands now rather than when its
+        block (IDLE_BLOCK_MS) ends. Only a wait: a command in hand is still answered, and its answer sent."""
+        with self._wait:
+            self._stopping = True
+            if self._waiting and self._own is not None:
+                self._own.interrupt()
 
     def _send_after_index(self, own: OwnConnection, commands: list[Args]) -> None:
         """Send `commands` in one write after the index's pending writes, and hand the index their replies;

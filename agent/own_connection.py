@@ -11,6 +11,8 @@ On a cluster, whose keys live on several nodes, those threads use the cluster cl
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -63,6 +65,14 @@ class OwnConnection:
             if raise_errors and isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
+
+    def interrupt(self) -> None:
+        """Make a read that another thread is blocked in end now, as on a lost connection: for a thread that
+        waits long for commands to stop without waiting out its block. The next `send` reconnects."""
+        sock = getattr(self._conn, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing left to end
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def read_replies(connection: redis.Connection, count: int) -> list[Any]:

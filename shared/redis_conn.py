@@ -32,6 +32,9 @@ log = logging.getLogger("kvbus.redis")
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 BLOCK_MS = 1000  # XREAD/XREADGROUP BLOCK; kept well under the reader's socket timeout
+# An agent's read of its commands on a connection of its own (a single Redis), which a stopping agent
+# interrupts: every wake-up costs the idle engine that hosts it CPU, about 0.1-0.2 ms on a small VM.
+IDLE_BLOCK_MS = 10_000
 # A healthy Redis answers in well under a millisecond; a request waits at most about this (one try)
 # on a stalled one, and a slow answer only costs a cache miss.
 REQUEST_PATH_TIMEOUT_S = 0.5
@@ -64,11 +67,11 @@ class _Options(TypedDict):
     decode_responses: Literal[True]
 
 
-def _options(blocking: bool, request_path: bool = False) -> _Options:
+def _options(block_ms: int, request_path: bool = False) -> _Options:
     if request_path:
         connect_timeout = timeout = REQUEST_PATH_TIMEOUT_S
     else:
-        connect_timeout, timeout = CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S + (BLOCK_MS / 1000 if blocking else 0)
+        connect_timeout, timeout = CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S + block_ms / 1000
     return {
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": timeout,
@@ -166,11 +169,12 @@ def _host_port(url: str) -> tuple[str, int]:
 def connect(url: str, *, blocking: bool = False, request_path: bool = False) -> Client:
     """A sync client, for agent threads that must not touch the engine's event loop.
 
+    `blocking`: for the agent's command reads, which block up to IDLE_BLOCK_MS.
     `request_path`: for a caller a request waits on, which would rather miss than wait; each call
     is tried once, with REQUEST_PATH_TIMEOUT_S to connect and to read, instead of up to 3 x 5 s.
     """
     retry = redis.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 0 if request_path else 2)
-    options = _options(blocking, request_path)
+    options = _options(IDLE_BLOCK_MS if blocking else 0, request_path)
     if is_cluster(url):
         first, *others = seed_urls(url)
         nodes = [_SyncNode(*_host_port(u)) for u in others] or None
@@ -179,10 +183,10 @@ def connect(url: str, *, blocking: bool = False, request_path: bool = False) -> 
 
 
 async def connect_async(url: str, *, blocking: bool = False) -> AsyncClient:
-    """An asyncio client, for the controller."""
+    """An asyncio client, for the controller; `blocking`: for reads that block up to BLOCK_MS."""
     # The asyncio client needs the asyncio Retry: given the sync one it silently never retries.
     retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
-    options = _options(blocking)
+    options = _options(BLOCK_MS if blocking else 0)
     if await is_cluster_async(url):
         first, *others = seed_urls(url)
         nodes = [redis.asyncio.cluster.ClusterNode(*_host_port(u)) for u in others] or None

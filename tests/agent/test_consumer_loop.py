@@ -60,8 +60,10 @@ def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_red
             assert [r.event_id for r in _results(real_redis)] == [f"Clear-{i}" for i in range(n + 1)]
     finally:
         stop.set()
+        consumer.interrupt()
         thread.join(timeout=5)
         client.close()
+    assert not thread.is_alive()
     assert calls == [f"Clear-{n}" for n in range(5)]
     assert [r.num_tokens for r in _results(real_redis)] == [7] * 5
     assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
@@ -112,8 +114,10 @@ def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real
             seen_at_answer.append(real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU)))
     finally:
         stop.set()
+        consumer.interrupt()
         thread.join(timeout=5)
         client.close()
+    assert not thread.is_alive()
     assert [r.event_id for r in _results(real_redis)] == events
     assert seen_at_answer == [1, 2, 0, 1]
 
@@ -159,9 +163,65 @@ def test_an_answer_whose_write_failed_is_sent_again_after_its_index_writes(
         index_at_answer = real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU))
     finally:
         stop.set()
+        consumer.interrupt()
         thread.join(timeout=5)
         client.close()
+    assert not thread.is_alive()
     assert [r.event_id for r in _results(real_redis)] == ["Admit-1"]
     assert calls == ["Admit-1"]  # redelivered after the failure, answered from the result it remembered
     assert index_at_answer == 1
+    assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
+
+
+def test_a_stop_ends_the_long_wait_for_commands_at_once_and_still_answers_the_command_in_hand(
+    redis_url: str, real_redis: redis.Redis
+) -> None:
+    """An idle thread waits for commands up to IDLE_BLOCK_MS in one read (each wake-up costs the engine
+    CPU); a stop must not wait that out, nor drop the answer of a command the thread is running."""
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(command: Command) -> Result:
+        entered.set()
+        release.wait(5)
+        return Result(
+            event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=3
+        )
+
+    def start() -> tuple[CommandConsumer, threading.Event, threading.Thread, redis_conn.Client]:
+        client = redis_conn.connect(redis_url, blocking=True)
+        consumer = CommandConsumer(
+            client,
+            instance_id=INSTANCE,
+            worker_id=0,
+            handler=handler,
+            before_reply=lambda: None,
+            now_ms=lambda: int(time.time() * 1000),
+        )
+        consumer.ensure_group()
+        stop = threading.Event()
+        thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
+        thread.start()
+        return consumer, stop, thread, client
+
+    real_redis.xadd(REPLY, {"controller": "ctl-loop"})
+    consumer, stop, thread, client = start()
+    time.sleep(0.3)  # into its wait
+    stopped_at = time.monotonic()
+    stop.set()
+    consumer.interrupt()
+    thread.join(timeout=5)
+    client.close()
+    assert not thread.is_alive() and time.monotonic() - stopped_at < 2
+
+    consumer, stop, thread, client = start()
+    command = Command(event_id="Clear-held", kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=5000, location="cpu")
+    real_redis.xadd(keys.commands(INSTANCE), encode(command))
+    assert entered.wait(5)
+    stop.set()
+    consumer.interrupt()
+    release.set()
+    thread.join(timeout=5)
+    client.close()
+    assert not thread.is_alive()
+    assert [(r.event_id, r.num_tokens) for r in _results(real_redis)] == [("Clear-held", 3)]
     assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
