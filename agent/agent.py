@@ -93,6 +93,7 @@ class Agent:
         self.registration.register()
         self._publish_all()  # replaces whatever a crashed predecessor left in the index
         self.consumer.ensure_group()
+        self.consumer.rehearse()
         if self.peer is None:
             self.peer = self._listen_for_peers()
         self.index.start()

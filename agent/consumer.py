@@ -35,8 +35,8 @@ import redis
 from kvbus.agent.index_writer import IndexWriter
 from kvbus.agent.own_connection import OwnConnection
 from kvbus.shared import keys, redis_conn
-from kvbus.shared.flat_fields import DecodeError, decode
-from kvbus.shared.messages import Command, Result, ResultStatus
+from kvbus.shared.flat_fields import DecodeError, decode, encode
+from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
 from kvbus.shared.redis_conn import BLOCK_MS, IDLE_BLOCK_MS
 from kvbus.shared.replies import Args, deadline_ms, reply_commands
@@ -94,6 +94,14 @@ class CommandConsumer:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    def rehearse(self) -> None:
+        """Decode, run and answer a made-up health check, sending nothing (it changes nothing either): a first
+        command would otherwise pay for inspecting the message types and for its first pass through this code
+        (5 ms of CPU against 0.3 ms), and a fleet's agents all meet their first commands in the same burst."""
+        made_up = Command(event_id="rehearsal", kind=CommandKind.HEALTH, reply_to=self._stream, timeout_ms=1)
+        command = decode(Command, encode(made_up))
+        reply_commands(command, self._handler(command), retention_s=self._event_retention_s)
 
     def drain_pending(self) -> int:
         """Answer what this worker had read but not acked (a previous run crashed); returns how many."""

@@ -206,3 +206,19 @@ def test_a_pending_command_trimmed_away_is_acked_unanswered(fake_redis: fakeredi
     fake_redis.xtrim(keys.commands(INSTANCE), maxlen=0)
     assert consumer.drain_pending() == 1
     assert handler.calls == [] and results(fake_redis) == [] and pending(fake_redis) == 0
+
+
+def test_a_rehearsal_runs_a_health_check_through_the_handler_and_writes_nothing(
+    fake_redis: fakeredis.FakeRedis,
+) -> None:
+    handler = CountingHandler()
+    consumer = make_consumer(fake_redis, handler)
+    before = {key: fake_redis.type(key) for key in fake_redis.keys("*")}
+    lengths = {key: fake_redis.xlen(key) for key, kind in before.items() if kind == "stream"}
+    consumer.rehearse()
+    assert handler.calls == ["rehearsal"]  # the handler ran once, on the made-up command
+    assert {key: fake_redis.type(key) for key in fake_redis.keys("*")} == before
+    assert {key: fake_redis.xlen(key) for key in lengths} == lengths
+    send(fake_redis, "Clear-after")
+    assert consumer.poll(block_ms=10) == 1  # and the consumer serves as before
+    assert [r.event_id for _, f in fake_redis.xrange(REPLY) if (r := decode_result(f))] == ["Clear-after"]
