@@ -5,8 +5,8 @@ than `command_timeout`, more so on a loaded machine. While one runs, a thread of
 `Working` sign on the command's result stream every `interval`, the first one `interval` after the
 command began, so a short command sends none. The controller waits `command_timeout` from the newest
 sign instead of answering 504 while the work goes on; its own bound (a dozen command_timeouts) ends a
-handler that never returns. The thread sleeps on a condition while no command runs: an idle agent
-pays nothing for it.
+handler that never returns. The thread sleeps on a condition while no command runs, and a command
+wakes it only when it was idle: an idle agent pays nothing for it, a busy one about a wake-up a second.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class WorkingSigns:
         self._changed = threading.Condition()
         self._command: Command | None = None
         self._began = 0.0
+        self._due = 0.0  # when the command in hand's next sign falls due (monotonic)
+        self._idle = False  # the thread waits for a command to begin, with no timeout
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -55,32 +57,43 @@ class WorkingSigns:
         """Sign for `command` while the body runs."""
         with self._changed:
             self._command, self._began = command, time.monotonic()
-            self._changed.notify_all()
+            self._due = self._began + self._every(command)
+            if self._idle:
+                self._changed.notify_all()
         try:
             yield
         finally:
             with self._changed:
+                # The thread finds out when the sign falls due: waking it now would cost every command a wake-up.
                 self._command = None
-                self._changed.notify_all()
+
+    def _every(self, command: Command) -> float:
+        return min(self._interval, command.timeout_ms / 1000 / _SHARE_OF_TIMEOUT)
 
     def _run(self) -> None:
         while (due := self._next_sign()) is not None:
             self._sign(*due)
 
     def _next_sign(self) -> tuple[Command, float] | None:
-        """Wait for a command that has run one more interval; None once stopping. The Redis write is the
+        """Wait until the command in hand has run one more interval; None once stopping. The thread wakes
+        when a command begins while it is idle and when a sign falls due (signing only if a command still
+        runs then): under a stream of short commands, about once an interval. The Redis write is the
         caller's, outside the lock, so a command ending never waits for it."""
         with self._changed:
             while not self._stopping:
-                command, began = self._command, self._began
-                if command is None:
-                    self._changed.wait()
+                # Until the last sign due, even when its command already ended: the next command, most
+                # likely as short, then begins without waking the thread.
+                early = self._due - time.monotonic()
+                if early > 0:
+                    self._changed.wait(early)
                     continue
-                every = min(self._interval, command.timeout_ms / 1000 / _SHARE_OF_TIMEOUT)
-                # Wakes early when the command ends (or another begins): then it signs nothing for it.
-                self._changed.wait(every)
-                if self._command is command and self._began == began and not self._stopping:
-                    return command, time.monotonic() - began
+                if self._command is None:
+                    self._idle = True
+                    self._changed.wait()
+                    self._idle = False
+                    continue
+                self._due += self._every(self._command)
+                return self._command, time.monotonic() - self._began
             return None
 
     def _sign(self, command: Command, working_s: float) -> None:
