@@ -3,9 +3,10 @@
 redis-py's client and pipeline cost 30-100 us of CPU per round trip in Python bookkeeping alone,
 several times what the bytes cost, and an agent pays that inside the engine that hosts it. The
 command and heartbeat threads talk to Redis often enough for that to count, so on a single Redis
-each sends its commands packed by hiredis over a connection of its own. redis-py's Connection
-still connects, authenticates, checks an idle connection's health and drops a connection that
-failed (the next call reconnects); what is skipped is the client's and pipeline's per-command work.
+each sends its commands packed by hiredis over a connection of its own, and parses the replies with
+a hiredis reader of its own, straight from the socket (redis-py's per-reply wrapper costs ~7 us, and
+a clear's answer has seven replies). redis-py's Connection still connects, authenticates and drops a
+connection that failed (the next call reconnects); what is skipped is its per-command and per-reply work.
 On a cluster, whose keys live on several nodes, those threads use the cluster client instead.
 """
 
@@ -21,6 +22,8 @@ import redis
 
 Args = tuple[str | int | bytes, ...]  # a command: its name and arguments
 
+_MORE = object()  # what the reader gives while a reply is still incomplete
+
 # hiredis's stub declares a tuple of one argument; it packs any number.
 _pack = cast(Callable[[Args], bytes], hiredis.pack_command)
 
@@ -32,6 +35,9 @@ class OwnConnection:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._conn: Any = None  # taken at first use: Redis may be away when the agent is built
+        self._sock: Any = None  # the socket `_reader` parses: a new one (a reconnect) gets a new reader
+        self._reader: Any = None
+        self._buffer = bytearray(65536)
 
     def call(self, *args: str | int | bytes) -> Any:
         return self.batch([args])[0]
@@ -46,6 +52,9 @@ class OwnConnection:
         `read` the replies of all of them, in that order, before anything else is sent."""
         if self._conn is None:
             self._conn = self._pool.get_connection()
+            # Its health is checked by reading its replies, which redis-py no longer sees: left on, its check
+            # would PING before every send once the interval passed.
+            self._conn.health_check_interval = 0
         try:
             self._conn.send_packed_command([b"".join([ahead, *[_pack(args) for args in commands]])])
         except BaseException:
@@ -55,16 +64,41 @@ class OwnConnection:
     def read(self, count: int, *, raise_errors: bool = True) -> list[Any]:
         """The replies of the `count` commands sent last; raises the first error reply, once all are read,
         or with `raise_errors` false leaves it in its place."""
-        conn = self._conn
         try:
-            replies = read_replies(conn, count)
+            if isinstance(self._conn._sock, socket.socket):
+                replies = [self._reply() for _ in range(count)]
+            else:  # a connection with no socket of its own to read (fakeredis's) reads its replies itself
+                replies = read_replies(self._conn, count)
         except BaseException:
-            conn.disconnect()  # replies may be left unread: the connection is out of step
+            self._conn.disconnect()  # replies may be left unread: the connection is out of step
             raise
         for reply in replies:
             if raise_errors and isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
+
+    def _reply(self) -> Any:
+        """The next reply, an error reply as a redis.ResponseError in its place; raises redis.ConnectionError or
+        redis.TimeoutError (after the client's socket timeout) as redis-py would."""
+        sock = self._conn._sock
+        if sock is not self._sock:
+            encoder = self._conn.encoder
+            encoding = (
+                {"encoding": encoder.encoding, "errors": encoder.encoding_errors} if encoder.decode_responses else {}
+            )
+            self._sock = sock
+            self._reader = hiredis.Reader(replyError=redis.ResponseError, notEnoughData=_MORE, **encoding)
+        while (reply := self._reader.gets()) is _MORE:
+            try:
+                received = sock.recv_into(self._buffer)
+            except TimeoutError as exc:
+                raise redis.TimeoutError("Timeout reading from Redis") from exc
+            except OSError as exc:
+                raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
+            if not received:
+                raise redis.ConnectionError("Connection closed by server.")
+            self._reader.feed(self._buffer, 0, received)
+        return reply
 
     def interrupt(self) -> None:
         """Make a read that another thread is blocked in end now, as on a lost connection: for a thread that
