@@ -9,7 +9,6 @@ goes through these functions only.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -53,7 +52,7 @@ def decode(kind: type[Record], fields: Mapping[Any, Any]) -> Record:
         values: dict[str, Any] = {}
         for name, is_text in _field_kinds(kind):
             if name in raw:
-                values[name] = raw[name] if is_text else json.loads(raw[name])
+                values[name] = raw[name] if is_text else msgspec.json.decode(raw[name])
         return msgspec.convert(values, type=kind)
     except (msgspec.ValidationError, ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"not a valid {kind.__name__}: {exc}") from exc
