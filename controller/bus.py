@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgspec
 import redis
 import redis.asyncio
 
@@ -250,7 +251,7 @@ class CommandBus:
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
-            settings = json.dumps(self._settings(command, instance_id))
+            settings = msgspec.json.encode(self._settings(command, instance_id)).decode()
             sent = await self._deliver(command, instance_id, settings)
             # On a cluster the record is written while the workers run the command: it costs the answer no time.
             recording = (
@@ -295,6 +296,7 @@ class CommandBus:
         minid = str(int(time.time() * 1000) - COMMAND_RETENTION_MS)
         send_keys = [keys.workers(instance_id), keys.commands(instance_id), keys.alive(instance_id)]
         fields = _flat(encode(command))
+        args: list[str | int]
         if self._one_redis:
             send_keys += [*self._record_keys(command), keys.JOURNAL]
             args = [settings, minid, *fields]
@@ -302,7 +304,10 @@ class CommandBus:
             args = [minid, *fields]
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                reply = await self._send(keys=send_keys, args=args)
+                if isinstance(self._redis, redis.asyncio.Redis):
+                    reply = await redis_conn.run_script_packed(self._redis, self._send, send_keys, args)
+                else:
+                    reply = await self._send(keys=send_keys, args=args)
         except TimeoutError:
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None

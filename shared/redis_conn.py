@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeAlias, TypedDict
+from typing import Any, Literal, TypeAlias, TypedDict, cast
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -258,6 +259,45 @@ async def run_script(
     except redis.exceptions.NoScriptError:
         await client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+
+
+# hiredis's stub declares a tuple of one argument; it packs any number.
+_pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
+
+
+async def run_script_packed(
+    client: redis.asyncio.Redis, script: redis.commands.core.AsyncScript, keys: list[str], args: list[str | int]
+) -> Any:
+    """`script(keys=keys, args=args)` on a single Redis, packed by hiredis and sent on a pooled connection: the
+    client encodes each argument in Python and wraps the call in retry, event and parsing layers, about 0.1 ms
+    of CPU for a script of thirty arguments, on the path of every command the controller sends. Loads the
+    script where Redis lost it (a restart), and tries once more on a new connection when the pooled one was
+    closed, as the client would."""
+    pool = client.connection_pool
+    acquire: Callable[[], Awaitable[redis.asyncio.connection.AbstractConnection]] = pool.get_connection
+    connection = await acquire()
+    command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+    try:
+        try:
+            try:
+                return await _exchange(connection, command)
+            except redis.ConnectionError:
+                await connection.disconnect()
+                return await _exchange(connection, command)  # connects again
+        except redis.exceptions.NoScriptError:
+            await _exchange(connection, _pack(("SCRIPT", "LOAD", cast(str | bytes, script.script))))
+            return await _exchange(connection, command)
+    except BaseException:
+        await connection.disconnect()  # a reply may be left unread: the connection is out of step
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def _exchange(connection: redis.asyncio.connection.AbstractConnection, command: bytes) -> Any:
+    """Send one packed command and read its reply (an error reply raised)."""
+    await connection.send_packed_command(command)
+    return await connection.read_response()
 
 
 async def warm(client: AsyncClient, connections: int, scripts: list[redis.commands.core.AsyncScript]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from kvbus.shared import redis_conn
 from tests.conftest import RedisServer, free_port
@@ -78,4 +79,28 @@ def test_a_request_path_client_gives_up_on_a_stalled_redis_within_its_bound(tmp_
         os.kill(server.process.pid, signal.SIGCONT)
         client.close()
         fresh.close()
+        server.kill()
+
+
+def test_a_packed_script_call_rides_through_a_redis_restart_that_lost_its_scripts(tmp_path: Path) -> None:
+    """The controller's send path: after a restart the pooled connection is dead and the script is gone;
+    the call reconnects, loads the script and answers, as the client's own script call would."""
+    server = RedisServer(free_port(), tmp_path)
+
+    async def scenario() -> list[object]:
+        client = await redis_conn.connect_async(server.url)
+        assert isinstance(client, redis.asyncio.Redis)
+        script = client.register_script("redis.call('SET', KEYS[1], ARGV[1]) return {KEYS[1], ARGV[1], #ARGV}")
+        replies = [await redis_conn.run_script_packed(client, script, ["k"], ["v", 7])]
+        server.kill()
+        server.start()  # keeps nothing: its script cache is empty, the pooled connection dead
+        replies.append(await redis_conn.run_script_packed(client, script, ["k"], ["w", 8]))
+        replies.append(await client.get("k"))
+        await client.aclose()
+        return replies
+
+    server.start()
+    try:
+        assert asyncio.run(scenario()) == [["k", "v", 2], ["k", "w", 2], "w"]
+    finally:
         server.kill()
