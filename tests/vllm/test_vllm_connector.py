@@ -43,6 +43,23 @@ def run(stack: Stack, tokens: list[int]) -> tuple[int, list[Any]]:
     )
 
 
+# A prefill that resumes after a cached prefix need not sum its attention in the order one pass over the
+# whole prompt does. Measured on an AMD EPYC without AVX-512 (CPU attention, 128-token blocks): resuming at
+# 512 or 768 tokens gave bitwise the logprobs of one pass; resuming at 640 (a partial chunk's first block)
+# moved the first token's by 1-3e-5 and, through the decode that follows, a later one's by 8e-3. On the
+# machine this test was written on, 640 was bitwise equal too.
+FIRST_LOGPROB_TOLERANCE = 1e-4
+
+
+def assert_same_generation(got: list[Any], expected: list[Any]) -> None:
+    """The same greedy tokens, each with the same top 5 in the same order, and the first token's logprobs
+    within FIRST_LOGPROB_TOLERANCE: for a resume where bitwise equality does not hold on every CPU."""
+    assert [list(top) for _, top in got] == [list(top) for _, top in expected]
+    (first, top), (expected_first, expected_top) = got[0], expected[0]
+    assert first == pytest.approx(expected_first, abs=FIRST_LOGPROB_TOLERANCE)
+    assert list(top.values()) == pytest.approx(list(expected_top.values()), abs=FIRST_LOGPROB_TOLERANCE)
+
+
 def test_seed_flow(stack: Stack) -> None:
     stack.clear()
     answer = stack.vllm.complete(SEED_TEXT, max_tokens=3)
@@ -61,7 +78,7 @@ def test_a_hit_gives_the_logprobs_of_a_full_recompute(stack: Stack) -> None:
     assert stack.lookup(tokens) == {INSTANCE: [CPU, 600]}
     hit_cached, hit = run(stack, tokens)
     assert hit_cached == 512  # two chunks; the trailing 88 tokens are less than a block
-    assert hit == cold
+    assert hit == cold  # resuming at 512 tokens was bitwise equal wherever measured
 
 
 def test_a_partial_chunk_gives_its_whole_blocks(stack: Stack) -> None:
@@ -69,7 +86,7 @@ def test_a_partial_chunk_gives_its_whole_blocks(stack: Stack) -> None:
     _, cold = run(stack, tokens)
     hit_cached, hit = run(stack, tokens)
     assert hit_cached == 640  # two chunks and the first block of the trailing 188-token chunk
-    assert hit == cold
+    assert_same_generation(hit, cold)
 
 
 def test_after_a_clear_the_next_request_recomputes_and_the_one_after_hits(stack: Stack) -> None:
