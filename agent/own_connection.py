@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import hiredis
 import redis
 
+from kvbus.shared import redis_conn
+
 Args = tuple[str | int | bytes, ...]  # a command: its name and arguments
 
 _MORE = object()  # what the reader gives while a reply is still incomplete
-
-# hiredis's stub declares a tuple of one argument; it packs any number.
-_pack = cast(Callable[[Args], bytes], hiredis.pack_command)
 
 
 class OwnConnection:
@@ -56,7 +55,7 @@ class OwnConnection:
             # would PING before every send once the interval passed.
             self._conn.health_check_interval = 0
         try:
-            self._conn.send_packed_command([b"".join([ahead, *[_pack(args) for args in commands]])])
+            self._conn.send_packed_command([b"".join([ahead, *[redis_conn.pack(args) for args in commands]])])
         except BaseException:
             self._conn.disconnect()
             raise

@@ -304,10 +304,7 @@ class CommandBus:
             args = [minid, *fields]
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                if isinstance(self._redis, redis.asyncio.Redis):
-                    reply = await redis_conn.run_script_packed(self._redis, self._send, send_keys, args)
-                else:
-                    reply = await self._send(keys=send_keys, args=args)
+                reply = await redis_conn.run_script(self._redis, self._send, send_keys, args, None)
         except TimeoutError:
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None

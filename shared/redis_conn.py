@@ -243,6 +243,10 @@ def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, lis
     return list(groups.values())
 
 
+# hiredis's stub declares a tuple of one argument; it packs any number.
+pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
+
+
 async def run_script(
     client: AsyncClient,
     script: redis.commands.core.AsyncScript,
@@ -252,7 +256,9 @@ async def run_script(
 ) -> Any:
     """Run `script` on `node` (on a single Redis, on it), its keys spanning that node's slots: a script
     flagged `allow-cross-slot-keys` may touch any key the node serves. Loads the script where it is missing."""
-    if node is None or not isinstance(client, redis.asyncio.cluster.RedisCluster):
+    if isinstance(client, redis.asyncio.Redis):
+        return await _run_packed(client, script, keys, args)
+    if node is None:
         return await script(keys=keys, args=args)
     try:
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
@@ -261,37 +267,39 @@ async def run_script(
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
 
 
-# hiredis's stub declares a tuple of one argument; it packs any number.
-_pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
-
-
-async def run_script_packed(
+async def _run_packed(
     client: redis.asyncio.Redis, script: redis.commands.core.AsyncScript, keys: list[str], args: list[str | int]
 ) -> Any:
     """`script(keys=keys, args=args)` on a single Redis, packed by hiredis and sent on a pooled connection: the
     client encodes each argument in Python and wraps the call in retry, event and parsing layers, about 0.1 ms
-    of CPU for a script of thirty arguments, on the path of every command the controller sends. Loads the
-    script where Redis lost it (a restart), and tries once more on a new connection when the pooled one was
-    closed, as the client would."""
+    of CPU for a script of thirty arguments, on the path of every command and lookup the controller sends.
+    Tries once more on a new connection when the pooled one was closed, as the client would."""
     pool = client.connection_pool
     acquire: Callable[[], Awaitable[redis.asyncio.connection.AbstractConnection]] = pool.get_connection
     connection = await acquire()
-    command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+    command = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
     try:
         try:
-            try:
-                return await _exchange(connection, command)
-            except redis.ConnectionError:
-                await connection.disconnect()
-                return await _exchange(connection, command)  # connects again
-        except redis.exceptions.NoScriptError:
-            await _exchange(connection, _pack(("SCRIPT", "LOAD", cast(str | bytes, script.script))))
-            return await _exchange(connection, command)
+            return await _evalsha(connection, command, script)
+        except redis.ConnectionError:
+            await connection.disconnect()
+            return await _evalsha(connection, command, script)  # connects again
     except BaseException:
         await connection.disconnect()  # a reply may be left unread: the connection is out of step
         raise
     finally:
         await pool.release(connection)
+
+
+async def _evalsha(
+    connection: redis.asyncio.connection.AbstractConnection, command: bytes, script: redis.commands.core.AsyncScript
+) -> Any:
+    """Send the packed EVALSHA `command` and read its reply, loading `script` first where Redis lost it (a restart)."""
+    try:
+        return await _exchange(connection, command)
+    except redis.exceptions.NoScriptError:
+        await _exchange(connection, pack(("SCRIPT", "LOAD", cast(str | bytes, script.script))))
+        return await _exchange(connection, command)
 
 
 async def _exchange(connection: redis.asyncio.connection.AbstractConnection, command: bytes) -> Any:

@@ -91,10 +91,10 @@ def test_a_packed_script_call_rides_through_a_redis_restart_that_lost_its_script
         client = await redis_conn.connect_async(server.url)
         assert isinstance(client, redis.asyncio.Redis)
         script = client.register_script("redis.call('SET', KEYS[1], ARGV[1]) return {KEYS[1], ARGV[1], #ARGV}")
-        replies = [await redis_conn.run_script_packed(client, script, ["k"], ["v", 7])]
+        replies = [await redis_conn.run_script(client, script, ["k"], ["v", 7], None)]
         server.kill()
         server.start()  # keeps nothing: its script cache is empty, the pooled connection dead
-        replies.append(await redis_conn.run_script_packed(client, script, ["k"], ["w", 8]))
+        replies.append(await redis_conn.run_script(client, script, ["k"], ["w", 8], None))
         replies.append(await client.get("k"))
         await client.aclose()
         return replies
