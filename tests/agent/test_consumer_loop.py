@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -34,20 +36,8 @@ def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_red
         )
 
     client = redis_conn.connect(redis_url, blocking=True)
-    consumer = CommandConsumer(
-        client,
-        instance_id=INSTANCE,
-        worker_id=0,
-        handler=handler,
-        before_reply=lambda: None,
-        now_ms=lambda: int(time.time() * 1000),
-        after_reply=lambda: after.append(1),
-    )
-    consumer.ensure_group()
     real_redis.xadd(REPLY, {"controller": "ctl-loop"})
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
-    thread.start()
+    consumer, stop, thread = _running(client, handler, before_reply=lambda: None, after_reply=lambda: after.append(1))
     try:
         for n in range(5):
             command = Command(
@@ -59,9 +49,7 @@ def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_red
                 time.sleep(0.005)
             assert [r.event_id for r in _results(real_redis)] == [f"Clear-{i}" for i in range(n + 1)]
     finally:
-        stop.set()
-        consumer.interrupt()
-        thread.join(timeout=5)
+        _stop(consumer, stop, thread)
         client.close()
     assert not thread.is_alive()
     assert calls == [f"Clear-{n}" for n in range(5)]
@@ -73,6 +61,27 @@ def test_the_loop_answers_each_command_once_and_acks_it(redis_url: str, real_red
 
 def _results(client: redis.Redis) -> list[Result]:
     return [result for _, fields in client.xrange(REPLY) if (result := decode_result(fields)) is not None]
+
+
+def _running(
+    client: redis_conn.Client, handler: Callable[[Command], Result], **options: Any
+) -> tuple[CommandConsumer, threading.Event, threading.Thread]:
+    """INSTANCE's worker 0 consumer on `client`, its group made and its loop running on a thread of its own."""
+    consumer = CommandConsumer(
+        client, instance_id=INSTANCE, worker_id=0, handler=handler, now_ms=lambda: int(time.time() * 1000), **options
+    )
+    consumer.ensure_group()
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
+    thread.start()
+    return consumer, stop, thread
+
+
+def _stop(consumer: CommandConsumer, stop: threading.Event, thread: threading.Thread) -> None:
+    """Stop the loop as a stopping agent does: set its stop, then end its wait for commands."""
+    stop.set()
+    consumer.interrupt()
+    thread.join(timeout=5)
 
 
 def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real_redis: redis.Redis) -> None:
@@ -89,20 +98,8 @@ def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real
             event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=4
         )
 
-    consumer = CommandConsumer(
-        client,
-        instance_id=INSTANCE,
-        worker_id=0,
-        handler=handler,
-        before_reply=index.flush,
-        now_ms=lambda: int(time.time() * 1000),
-        index=index,
-    )
-    consumer.ensure_group()
     real_redis.xadd(REPLY, {"controller": "ctl-loop"})
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
-    thread.start()
+    consumer, stop, thread = _running(client, handler, before_reply=index.flush, index=index)
     events = ["Admit-1", "Admit-2", "Clear-1", "Admit-3"]
     try:
         for n, event_id in enumerate(events):
@@ -113,9 +110,7 @@ def test_the_index_is_written_before_each_answer_is_visible(redis_url: str, real
                 time.sleep(0.001)
             seen_at_answer.append(real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU)))
     finally:
-        stop.set()
-        consumer.interrupt()
-        thread.join(timeout=5)
+        _stop(consumer, stop, thread)
         client.close()
     assert not thread.is_alive()
     assert [r.event_id for r in _results(real_redis)] == events
@@ -140,20 +135,8 @@ def test_an_answer_whose_write_failed_is_sent_again_after_its_index_writes(
             event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=4
         )
 
-    consumer = CommandConsumer(
-        client,
-        instance_id=INSTANCE,
-        worker_id=0,
-        handler=handler,
-        before_reply=index.flush,
-        now_ms=lambda: int(time.time() * 1000),
-        index=index,
-    )
-    consumer.ensure_group()
     real_redis.xadd(REPLY, {"controller": "ctl-loop"})
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
-    thread.start()
+    consumer, stop, thread = _running(client, handler, before_reply=index.flush, index=index)
     try:
         command = Command(event_id="Admit-1", kind=CommandKind.CLEAR, reply_to=REPLY, timeout_ms=5000, location="")
         real_redis.xadd(keys.commands(INSTANCE), encode(command))
@@ -162,9 +145,7 @@ def test_an_answer_whose_write_failed_is_sent_again_after_its_index_writes(
             time.sleep(0.001)
         index_at_answer = real_redis.hlen(keys.index(INSTANCE, 0, Location.CPU))
     finally:
-        stop.set()
-        consumer.interrupt()
-        thread.join(timeout=5)
+        _stop(consumer, stop, thread)
         client.close()
     assert not thread.is_alive()
     assert [r.event_id for r in _results(real_redis)] == ["Admit-1"]
@@ -189,27 +170,13 @@ def test_a_stop_ends_the_long_wait_for_commands_at_once_and_still_answers_the_co
 
     def start() -> tuple[CommandConsumer, threading.Event, threading.Thread, redis_conn.Client]:
         client = redis_conn.connect(redis_url, blocking=True)
-        consumer = CommandConsumer(
-            client,
-            instance_id=INSTANCE,
-            worker_id=0,
-            handler=handler,
-            before_reply=lambda: None,
-            now_ms=lambda: int(time.time() * 1000),
-        )
-        consumer.ensure_group()
-        stop = threading.Event()
-        thread = threading.Thread(target=consumer.run, args=(stop, lambda: None), daemon=True)
-        thread.start()
-        return consumer, stop, thread, client
+        return *_running(client, handler, before_reply=lambda: None), client
 
     real_redis.xadd(REPLY, {"controller": "ctl-loop"})
     consumer, stop, thread, client = start()
     time.sleep(0.3)  # into its wait
     stopped_at = time.monotonic()
-    stop.set()
-    consumer.interrupt()
-    thread.join(timeout=5)
+    _stop(consumer, stop, thread)
     client.close()
     assert not thread.is_alive() and time.monotonic() - stopped_at < 2
 
