@@ -9,6 +9,8 @@ own connection, the thread sends that write together with its read of the next c
 index's pending writes go in the same write, ahead of the answer: Redis applies them before the
 answer is visible, without a round trip of their own. Elsewhere (a cluster, a drain of pending
 commands) the index is flushed in a round trip of its own before the answer is sent.
+A write of an answer that Redis refuses (out of memory, say) is logged, and the thread goes on: its
+caller gets no answer before its deadline, but the agent still answers the commands after it.
 On a single Redis the thread reads and answers over one connection of its own, with its commands
 packed by hiredis: a redis-py call or pipeline costs the engine that hosts the agent 30-100 us of
 CPU per round trip in Python bookkeeping alone, several times what the bytes cost. On a cluster,
@@ -157,7 +159,9 @@ class CommandConsumer:
         """Send `owed` and the read of the next commands in one write; returns the answer to those commands.
 
         An answer goes out as soon as it is ready either way, since the thread reads right after it
-        answers; sharing the write saves the thread a round trip and a wake-up per batch.
+        answers; sharing the write saves the thread a round trip and a wake-up per batch. (Sending answers on a
+        second connection, to skip the wake-up for their replies, saved nothing: a write that wakes Redis
+        costs the engine about as much CPU in the kernel as the wake-up it saves.)
         """
         read = self._read_args(">", IDLE_BLOCK_MS)
         if owed:
@@ -170,12 +174,27 @@ class CommandConsumer:
             if self._stopping:
                 own.interrupt()
         try:
-            replies = own.read(len(owed) + 1)
+            replies = own.read(len(owed) + 1, raise_errors=False)
         finally:
             with self._wait:
                 self._waiting = False
+        self._report_refused(replies[:-1])
+        if isinstance(replies[-1], redis.ResponseError):
+            raise replies[-1]
         entries = self._entries(replies[-1])
         return self._prepare(entries, redelivered=False, index_ahead=True) if entries else []
+
+    def _report_refused(self, replies: list[Any]) -> None:
+        refused = [reply for reply in replies if isinstance(reply, redis.ResponseError)]
+        if refused:
+            log.error(
+                "Redis refused %d of an answer's %d writes on %s (first: %s): callers waiting on them get no "
+                "answer before their deadline; see Redis's log and maxmemory",
+                len(refused),
+                len(replies),
+                self._stream,
+                refused[0],
+            )
 
     def interrupt(self) -> None:
         """For a stopping agent, after setting `run`'s stop: end a wait for commands now rather than when its
@@ -209,7 +228,7 @@ class CommandConsumer:
     def _send_last(self, own: OwnConnection, owed: list[Args]) -> None:
         try:
             self._send_after_index(own, owed)
-            own.read(len(owed))
+            self._report_refused(own.read(len(owed), raise_errors=False))
         except redis_conn.ERRORS as exc:
             log.warning(
                 "the last answers on %s were not sent (%s); their commands stay pending for the next start",
@@ -261,12 +280,12 @@ class CommandConsumer:
         writes = self._prepare(entries, redelivered=redelivered)
         try:
             if self._own is not None:
-                self._own.batch(writes)
+                self._report_refused(self._own.batch(writes, raise_errors=False))
             else:
                 pipe = self._redis.pipeline(transaction=False)
                 for args in writes:
                     pipe.execute_command(*args)
-                pipe.execute()
+                self._report_refused(pipe.execute(raise_on_error=False))
         finally:
             self._after_reply()
 

@@ -192,3 +192,37 @@ def test_a_stop_ends_the_long_wait_for_commands_at_once_and_still_answers_the_co
     assert not thread.is_alive()
     assert [(r.event_id, r.num_tokens) for r in _results(real_redis)] == [("Clear-held", 3)]
     assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
+
+
+def test_an_answer_redis_refuses_is_logged_and_the_commands_after_it_are_still_answered(
+    redis_url: str, real_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused write (here WRONGTYPE: the command's result stream is a string; in production an out-of-memory
+    Redis) costs that command's caller its answer, not the agent its command thread."""
+
+    def handler(command: Command) -> Result:
+        return Result(
+            event_id=command.event_id, instance_id=INSTANCE, worker_id=0, status=ResultStatus.OK, num_tokens=5
+        )
+
+    not_a_stream = keys.results("ctl-not-a-stream")
+    real_redis.set(not_a_stream, "a string")
+    real_redis.xadd(REPLY, {"controller": "ctl-loop"})
+    client = redis_conn.connect(redis_url, blocking=True)
+    consumer, stop, thread = _running(client, handler, before_reply=lambda: None)
+    try:
+        for event_id, reply_to in (("Clear-refused", not_a_stream), ("Clear-after", REPLY)):
+            command = Command(event_id=event_id, kind=CommandKind.CLEAR, reply_to=reply_to, timeout_ms=5000)
+            real_redis.xadd(keys.commands(INSTANCE), encode(command))
+        deadline = time.monotonic() + 5
+        while not _results(real_redis) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert thread.is_alive()
+    finally:
+        _stop(consumer, stop, thread)
+        client.close()
+    assert [(r.event_id, r.num_tokens) for r in _results(real_redis)] == [("Clear-after", 5)]
+    assert real_redis.get(not_a_stream) == "a string"
+    assert int(real_redis.xpending(keys.commands(INSTANCE), keys.command_group(0))["pending"]) == 0
+    refused = [r for r in caplog.records if r.levelname == "ERROR" and "refused" in r.getMessage()]
+    assert len(refused) == 1 and "WRONGTYPE" in refused[0].getMessage()
