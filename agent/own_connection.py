@@ -20,7 +20,7 @@ from typing import Any
 import hiredis
 import redis
 
-from kvbus.shared import redis_conn
+from kvbus.shared import resp
 
 Args = tuple[str | int | bytes, ...]  # a command: its name and arguments
 
@@ -55,7 +55,7 @@ class OwnConnection:
             # would PING before every send once the interval passed.
             self._conn.health_check_interval = 0
         try:
-            self._conn.send_packed_command([b"".join([ahead, *[redis_conn.pack(args) for args in commands]])])
+            self._conn.send_packed_command([b"".join([ahead, *[resp.pack(args) for args in commands]])])
         except BaseException:
             self._conn.disconnect()
             raise

@@ -121,6 +121,7 @@ def create_app(config: KVBusConfig) -> Starlette:
                 await reaping
             await bridge.stop()
             await bus.stop()
+            await index.aclose()
             await redis_client.aclose()
             await reader_client.aclose()
             log.info("controller %s stopped", bus.controller_id)

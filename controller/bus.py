@@ -25,6 +25,7 @@ from kvbus.shared import keys, redis_conn
 from kvbus.shared.flat_fields import DecodeError, encode
 from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
+from kvbus.shared.pipelined import Pipelined
 from kvbus.shared.records import (
     CommandRecord,
     JournaledCommand,
@@ -34,6 +35,7 @@ from kvbus.shared.records import (
     decode_result,
 )
 from kvbus.shared.redis_conn import BLOCK_MS
+from kvbus.shared.resp import pack
 
 log = logging.getLogger("kvbus.controller.bus")
 
@@ -197,6 +199,9 @@ class CommandBus:
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
         self._one_redis = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._scripts = redis_conn.scripts_via(client)
+        # On one Redis the results come over a pipelined connection of their own: it blocks in XREAD.
+        self._results = Pipelined(reader.connection_pool) if isinstance(reader, redis.asyncio.Redis) else None
         self._send = client.register_script(_SEND_AND_RECORD if self._one_redis else _SEND)
         self._record = client.register_script(_RECORD)
         self.scripts = [self._send] if self._one_redis else [self._send, self._record]
@@ -223,6 +228,9 @@ class CommandBus:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for pipelined in (self._scripts, self._results):
+            if isinstance(pipelined, Pipelined):
+                await pipelined.aclose()
         with contextlib.suppress(redis.RedisError):  # otherwise it expires by itself
             await self._redis.unlink(self.results_key)
 
@@ -304,7 +312,7 @@ class CommandBus:
             args = [minid, *fields]
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                reply = await redis_conn.run_script(self._redis, self._send, send_keys, args, None)
+                reply = await redis_conn.run_script(self._scripts, self._send, send_keys, args, None)
         except TimeoutError:
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None
@@ -390,11 +398,7 @@ class CommandBus:
                     if not await self._reader.expire(self.results_key, RESULTS_TTL_S):
                         last_id = await self._create_results_stream()
                     next_refresh = time.monotonic() + _TTL_REFRESH_S
-                reply = await self._reader.execute_command(
-                    "XREAD",
-                    *("COUNT", 512, "BLOCK", BLOCK_MS, "STREAMS", self.results_key, last_id),
-                    **await redis_conn.routed(self._reader, self.results_key),
-                )
+                entries = await self._read_entries(last_id)
             except REDIS_DOWN as exc:
                 if self._closing:
                     return
@@ -404,10 +408,26 @@ class CommandBus:
                     await redis_conn.heal(self._reader)
                 continue
             outage.succeeded()
-            for _, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    self._resolve(fields)
+            for entry_id, fields in entries:
+                last_id = entry_id
+                self._resolve(fields)
+
+    async def _read_entries(self, last_id: str) -> list[tuple[str, dict[str, str]]]:
+        """The result stream's entries after `last_id`, waiting up to BLOCK_MS for one."""
+        read = ("XREAD", "COUNT", 512, "BLOCK", BLOCK_MS, "STREAMS", self.results_key, last_id)
+        if self._results is None:
+            reply = await self._reader.execute_command(*read, **await redis_conn.routed(self._reader, self.results_key))
+            return [
+                entry
+                for _, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply)
+                for entry in entries
+            ]
+        raw = await self._results.call(pack(read))
+        # RESP2 gives [[stream, entries]] or nil, RESP3 {stream: entries}; an entry is [id, [name, value, ...]].
+        if not raw:
+            return []
+        listed = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
+        return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in listed]
 
     async def _create_results_stream(self) -> str:
         pipe = self._reader.pipeline(transaction=False)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import Chunk, LMCacheHashSpace, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
+from kvbus.shared.pipelined import Pipelined
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
 _EACH_AT_ONCE = 16  # candidates walked one by one while slots move, at most this many at a time
@@ -144,9 +145,14 @@ class _Scope:
 class PrefixIndex:
     def __init__(self, client: redis_conn.AsyncClient) -> None:
         self._redis = client
+        self._scripts = redis_conn.scripts_via(client)
         self._scope = _Scope()
         self._walk = client.register_script(_WALK)
         self.scripts = [self._walk]
+
+    async def aclose(self) -> None:
+        if isinstance(self._scripts, Pipelined):
+            await self._scripts.aclose()
 
     async def lookup(self, tokens: Sequence[int]) -> list[Match]:
         """Every live instance whose registered ranks all hold a prefix of `tokens`, longest first."""
@@ -216,7 +222,7 @@ class PrefixIndex:
     async def _walk_group(
         self, node: redis_conn.Node | None, chain_args: list[str | int], holders: list[_Holder]
     ) -> list[tuple[int, int]]:
-        reply = await redis_conn.run_script(self._redis, self._walk, [], [*chain_args, _packed(holders)], node)
+        reply = await redis_conn.run_script(self._scripts, self._walk, [], [*chain_args, _packed(holders)], node)
         return list(zip(reply[::2], reply[1::2], strict=True))
 
     async def _walk_each(

@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeAlias, TypedDict, cast
+from typing import Any, Literal, TypeAlias, TypedDict
 
-import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -27,6 +26,8 @@ import redis.cluster
 import redis.commands.core
 import redis.retry
 from redis.backoff import ExponentialWithJitterBackoff
+
+from kvbus.shared.pipelined import Pipelined
 
 log = logging.getLogger("kvbus.redis")
 
@@ -243,69 +244,31 @@ def by_node(client: AsyncClient, keys: list[str]) -> list[tuple[Node | None, lis
     return list(groups.values())
 
 
-# hiredis's stub declares a tuple of one argument; it packs any number.
-pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
-
-
 async def run_script(
-    client: AsyncClient,
+    via: Pipelined | redis.asyncio.cluster.RedisCluster,
     script: redis.commands.core.AsyncScript,
     keys: list[str],
     args: list[str | int],
     node: Node | None,
 ) -> Any:
-    """Run `script` on `node` (on a single Redis, on it), its keys spanning that node's slots: a script
-    flagged `allow-cross-slot-keys` may touch any key the node serves. Loads the script where it is missing."""
-    if isinstance(client, redis.asyncio.Redis):
-        return await _run_packed(client, script, keys, args)
+    """Run `script` on a single Redis (`via` its pipelined connection) or on a cluster's `node`, its keys spanning
+    that node's slots: a script flagged `allow-cross-slot-keys` may touch any key the node serves. Loads the
+    script where it is missing."""
+    if isinstance(via, Pipelined):
+        return await via.run_script(script, keys, args)
     if node is None:
         return await script(keys=keys, args=args)
     try:
-        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+        return await via.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
     except redis.exceptions.NoScriptError:
-        await client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
-        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+        await via.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+        return await via.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
 
 
-async def _run_packed(
-    client: redis.asyncio.Redis, script: redis.commands.core.AsyncScript, keys: list[str], args: list[str | int]
-) -> Any:
-    """`script(keys=keys, args=args)` on a single Redis, packed by hiredis and sent on a pooled connection: the
-    client encodes each argument in Python and wraps the call in retry, event and parsing layers, about 0.1 ms
-    of CPU for a script of thirty arguments, on the path of every command and lookup the controller sends.
-    Tries once more on a new connection when the pooled one was closed, as the client would."""
-    pool = client.connection_pool
-    acquire: Callable[[], Awaitable[redis.asyncio.connection.AbstractConnection]] = pool.get_connection
-    connection = await acquire()
-    command = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-    try:
-        try:
-            return await _evalsha(connection, command, script)
-        except redis.ConnectionError:
-            await connection.disconnect()
-            return await _evalsha(connection, command, script)  # connects again
-    except BaseException:
-        await connection.disconnect()  # a reply may be left unread: the connection is out of step
-        raise
-    finally:
-        await pool.release(connection)
-
-
-async def _evalsha(
-    connection: redis.asyncio.connection.AbstractConnection, command: bytes, script: redis.commands.core.AsyncScript
-) -> Any:
-    """Send the packed EVALSHA `command` and read its reply, loading `script` first where Redis lost it (a restart)."""
-    try:
-        return await _exchange(connection, command)
-    except redis.exceptions.NoScriptError:
-        await _exchange(connection, pack(("SCRIPT", "LOAD", cast(str | bytes, script.script))))
-        return await _exchange(connection, command)
-
-
-async def _exchange(connection: redis.asyncio.connection.AbstractConnection, command: bytes) -> Any:
-    """Send one packed command and read its reply (an error reply raised)."""
-    await connection.send_packed_command(command)
-    return await connection.read_response()
+def scripts_via(client: AsyncClient) -> Pipelined | redis.asyncio.cluster.RedisCluster:
+    """What `run_script` sends through for `client`: on a single Redis, a pipelined connection of its own (the
+    caller closes it), since a script per request through the pool costs ~30 us of CPU more a call."""
+    return client if isinstance(client, redis.asyncio.cluster.RedisCluster) else Pipelined(client.connection_pool)
 
 
 async def warm(client: AsyncClient, connections: int, scripts: list[redis.commands.core.AsyncScript]) -> None:

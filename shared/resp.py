@@ -8,8 +8,14 @@ anything else is encoded argument by argument, as redis-py would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain, compress, repeat
+from typing import cast
+
+import hiredis
+
+# One command of few arguments, packed by hiredis in C; its stub declares a tuple of one argument.
+pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
 
 
 def _bulk(arg: str | int) -> bytes:

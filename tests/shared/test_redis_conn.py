@@ -14,6 +14,7 @@ import redis
 import redis.asyncio
 
 from kvbus.shared import redis_conn
+from kvbus.shared.pipelined import Pipelined
 from tests.conftest import RedisServer, free_port
 
 
@@ -82,20 +83,22 @@ def test_a_request_path_client_gives_up_on_a_stalled_redis_within_its_bound(tmp_
         server.kill()
 
 
-def test_a_packed_script_call_rides_through_a_redis_restart_that_lost_its_scripts(tmp_path: Path) -> None:
-    """The controller's send path: after a restart the pooled connection is dead and the script is gone;
+def test_a_script_call_rides_through_a_redis_restart_that_lost_its_scripts(tmp_path: Path) -> None:
+    """The controller's send path: after a restart its pipelined connection is dead and the script is gone;
     the call reconnects, loads the script and answers, as the client's own script call would."""
     server = RedisServer(free_port(), tmp_path)
 
     async def scenario() -> list[object]:
         client = await redis_conn.connect_async(server.url)
-        assert isinstance(client, redis.asyncio.Redis)
+        via = redis_conn.scripts_via(client)
+        assert isinstance(via, Pipelined)
         script = client.register_script("redis.call('SET', KEYS[1], ARGV[1]) return {KEYS[1], ARGV[1], #ARGV}")
-        replies = [await redis_conn.run_script(client, script, ["k"], ["v", 7], None)]
+        replies = [await redis_conn.run_script(via, script, ["k"], ["v", 7], None)]
         server.kill()
-        server.start()  # keeps nothing: its script cache is empty, the pooled connection dead
-        replies.append(await redis_conn.run_script(client, script, ["k"], ["w", 8], None))
+        server.start()  # keeps nothing: its script cache is empty, the old connection dead
+        replies.append(await redis_conn.run_script(via, script, ["k"], ["w", 8], None))
         replies.append(await client.get("k"))
+        await via.aclose()
         await client.aclose()
         return replies
 

@@ -1,0 +1,167 @@
+"""The pipelined connection the controller sends its scripts and reads its results over, against real Redis
+servers: each caller gets its own reply in order, errors typed as redis-py types them, a caller that stops
+waiting does not shift the replies of the others, and a lost or stalled connection fails its callers and is
+replaced at the next call."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+import redis.exceptions
+
+from kvbus.shared import redis_conn
+from kvbus.shared.pipelined import Pipelined
+from kvbus.shared.resp import pack
+from tests.conftest import RedisServer, free_port
+
+T = TypeVar("T")
+
+
+def _with_pipelined(url: str, scenario: Callable[[Pipelined, redis.asyncio.Redis], Awaitable[T]]) -> T:
+    async def run() -> T:
+        client = await redis_conn.connect_async(url)
+        assert isinstance(client, redis.asyncio.Redis)
+        pipelined = Pipelined(client.connection_pool)
+        try:
+            return await scenario(pipelined, client)
+        finally:
+            await pipelined.aclose()
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_concurrent_callers_each_get_their_own_reply_and_errors_come_typed(redis_server: RedisServer) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        await client.set("pipelined:text", "a string")
+
+        async def one(n: int) -> Any:
+            if n % 50 == 7:
+                return await pipelined.call(pack(("LPUSH", "pipelined:text", n)))  # WRONGTYPE
+            if n % 50 == 8:
+                return await pipelined.call(pack(("EVALSHA", "0" * 40, 0)))  # NOSCRIPT
+            return await pipelined.call(pack(("ECHO", f"reply-{n}")))
+
+        return await asyncio.gather(*(one(n) for n in range(400)), return_exceptions=True)
+
+    replies = _with_pipelined(redis_server.url, scenario)
+    for n, reply in enumerate(replies):
+        if n % 50 == 7:
+            assert type(reply) is redis.ResponseError and "WRONGTYPE" in str(reply)
+        elif n % 50 == 8:
+            assert isinstance(reply, redis.exceptions.NoScriptError)
+        else:
+            assert reply == f"reply-{n}"
+
+
+def test_a_caller_that_stops_waiting_leaves_the_others_their_own_replies(redis_server: RedisServer) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> tuple[bool, list[Any]]:
+        await client.delete("pipelined:empty")
+        timed_out = False
+        try:
+            async with asyncio.timeout(0.2):
+                await pipelined.call(pack(("BLPOP", "pipelined:empty", 1)))  # answers nil after 1 s
+        except TimeoutError:
+            timed_out = True
+        # Sent behind the abandoned BLPOP: its nil reply comes first and must go nowhere.
+        return timed_out, await asyncio.gather(*(pipelined.call(pack(("ECHO", n))) for n in range(3)))
+
+    timed_out, replies = _with_pipelined(redis_server.url, scenario)
+    assert timed_out
+    assert replies == ["0", "1", "2"]
+
+
+def test_a_script_is_loaded_where_redis_lost_it(redis_server: RedisServer) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        script = client.register_script("return {KEYS[1], ARGV[1]}")
+        first = await pipelined.run_script(script, ["k"], ["v"])
+        await client.script_flush()
+        return [first, await pipelined.run_script(script, ["k"], ["w"])]
+
+    assert _with_pipelined(redis_server.url, scenario) == [["k", "v"], ["k", "w"]]
+
+
+def test_the_connection_outlives_the_collection_of_the_client_object_that_opened_it(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py's connection object opened the socket; collecting it must not close what was taken over."""
+
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        first = await pipelined.call(pack(("ECHO", "before")))
+        gc.collect()
+        await asyncio.sleep(0.05)
+        ids = {await pipelined.call(pack(("CLIENT", "ID"))) for _ in range(3)}
+        return [first, await pipelined.call(pack(("ECHO", "after"))), len(ids)]
+
+    assert _with_pipelined(redis_server.url, scenario) == ["before", "after", 1]
+
+
+def test_a_killed_connection_is_replaced_and_its_caller_retried_once(redis_server: RedisServer) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        before = await pipelined.call(pack(("CLIENT", "ID")))
+        await client.client_kill_filter(_id=before)
+        await asyncio.sleep(0.05)  # the loop sees the connection close
+        after = await pipelined.call(pack(("CLIENT", "ID")))
+        # Killed while a command waits on it: that command fails over to a new connection and is answered.
+        blocked = asyncio.ensure_future(pipelined.call(pack(("BLPOP", "pipelined:never", 0.5))))
+        await asyncio.sleep(0.1)
+        await client.client_kill_filter(_id=after)
+        return [before != after, await blocked, await pipelined.call(pack(("ECHO", "still here")))]
+
+    assert _with_pipelined(redis_server.url, scenario) == [True, None, "still here"]
+
+
+def test_a_stalled_redis_fails_the_waiting_callers_after_the_socket_timeout_and_the_next_call_reconnects(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    assert server.process is not None
+    pid = server.process.pid
+
+    async def scenario() -> tuple[list[Any], float, Any]:
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.5)
+        pipelined = Pipelined(client.connection_pool)
+        try:
+            assert await pipelined.call(pack(("PING",))) == "PONG"
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            stalled = await asyncio.gather(
+                *(pipelined.call(pack(("ECHO", n))) for n in range(3)), return_exceptions=True
+            )
+            waited = time.monotonic() - started
+            os.kill(pid, signal.SIGCONT)
+            return stalled, waited, await pipelined.call(pack(("ECHO", "back")))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await pipelined.aclose()
+            await client.aclose()
+
+    try:
+        stalled, waited, back = asyncio.run(scenario())
+    finally:
+        server.kill()
+    assert all(isinstance(error, redis.TimeoutError) for error in stalled)
+    assert 0.4 < waited < 2.0
+    assert back == "back"
+
+
+def test_a_closed_connection_fails_its_callers_and_does_not_reopen(redis_server: RedisServer) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        waiting = asyncio.ensure_future(pipelined.call(pack(("BLPOP", "pipelined:never", 1))))
+        await asyncio.sleep(0.05)
+        await pipelined.aclose()
+        after = await asyncio.gather(pipelined.call(pack(("PING",))), return_exceptions=True)
+        return [await asyncio.gather(waiting, return_exceptions=True), after]
+
+    (waited,), (after,) = _with_pipelined(redis_server.url, scenario)
+    assert isinstance(waited, redis.ConnectionError) and isinstance(after, redis.ConnectionError)
