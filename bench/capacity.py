@@ -133,6 +133,7 @@ async def _lookups(
         elapsed = time.perf_counter() - started
         cost = meter.stop(samples)
     finally:
+        await index.aclose()
         await aclient.aclose()
     return elapsed / samples, cost
 

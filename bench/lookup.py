@@ -80,6 +80,7 @@ async def _in_process(redis_url: str, tokens: list[int], samples: int) -> list[f
             await index.lookup(tokens)
             latencies.append(time.perf_counter() - started)
     finally:
+        await index.aclose()
         await client.aclose()
     return latencies
 

@@ -283,18 +283,32 @@ class CommandBus:
 
     async def _await_results(self, waiter: _Waiter, started: float, extended: Callable[[float], None] | None) -> None:
         """Until every result is in (TimeoutError otherwise): `timeout_s` from the send or from the newest
-        sign of work, and at most LONGEST_COMMAND_TIMEOUTS times `timeout_s` from the send."""
+        sign of work, and at most LONGEST_COMMAND_TIMEOUTS times `timeout_s` from the send. One timer checks
+        at the wait's end whether a sign moved it, and sets itself again if so: an asyncio.wait or a timeout
+        context per command would cost its request more than the check."""
         loop = asyncio.get_running_loop()
         longest = started + self.timeout_s * LONGEST_COMMAND_TIMEOUTS
         told = started + self.timeout_s
-        while not waiter.done.done():
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal told, timer
+            if waiter.done.done():
+                return
             deadline = min(max(started, waiter.working_at) + self.timeout_s, longest)
             if deadline > told and extended is not None:
                 extended(deadline)
                 told = deadline
             if deadline <= loop.time():
-                raise TimeoutError
-            await asyncio.wait([waiter.done], timeout=deadline - loop.time())
+                waiter.done.set_exception(TimeoutError())
+            else:
+                timer = loop.call_at(deadline, check)
+
+        timer = loop.call_at(told, check)
+        try:
+            await waiter.done
+        finally:
+            timer.cancel()  # the last one set
 
     async def _deliver(self, command: Command, instance_id: str, settings: str) -> _Sent:
         """Put the command on the instance's stream, unless the instance is unknown (UnknownInstance) or has no

@@ -20,12 +20,13 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import Chunk, LMCacheHashSpace, space_from_name
 from kvbus.shared.locations import FASTEST_FIRST, Location
 from kvbus.shared.pipelined import Pipelined
+from kvbus.shared.resp import pack
 
 _INLINE_HASH_TOKENS = 32_768  # longer prompts are hashed off the event loop
 _EACH_AT_ONCE = 16  # candidates walked one by one while slots move, at most this many at a time
@@ -171,19 +172,24 @@ class PrefixIndex:
         """
         guess = self._scope
         guess_chains = await self._hash(tokens, guess.spaces)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.smembers(keys.HASH_SPACES)
-        pipe.smembers(keys.LOCATIONS)
-        _read_heads(pipe, guess_chains, guess.locations)
-        spaces, locations, *heads = await pipe.execute()
+        spaces, locations, *heads = await self._members(
+            [keys.HASH_SPACES, keys.LOCATIONS, *_head_keys(guess_chains, guess.locations)]
+        )
         scope = _Scope(tuple(sorted(spaces)), tuple(loc for loc in FASTEST_FIRST if loc in locations))
         if scope == guess:
             return scope, guess_chains, heads
         self._scope = scope
         chains = await self._hash(tokens, scope.spaces)
+        return scope, chains, await self._members(_head_keys(chains, scope.locations))
+
+    async def _members(self, set_keys: list[str]) -> list[set[str]]:
+        """Each set's members, read in one round trip."""
+        if isinstance(self._scripts, Pipelined):
+            return [set(members) for members in await self._scripts.batch([pack(("SMEMBERS", k)) for k in set_keys])]
         pipe = self._redis.pipeline(transaction=False)
-        _read_heads(pipe, chains, scope.locations)
-        return scope, chains, await pipe.execute()
+        for key in set_keys:
+            pipe.smembers(key)
+        return cast(list[set[str]], await pipe.execute())
 
     async def _walk_chain(self, scope: _Scope, chain: _Chain, holders: list[_Holder]) -> list[Match]:
         chain_args: list[str | int] = [
@@ -257,10 +263,8 @@ class _Chain(NamedTuple):
         return [keys.space_instances(self.space)]
 
 
-def _read_heads(pipe: redis_conn.AsyncPipeline, chains: list[_Chain], locations: tuple[Location, ...]) -> None:
-    for chain in chains:
-        for key in chain.candidate_sets(locations):
-            pipe.smembers(key)
+def _head_keys(chains: list[_Chain], locations: tuple[Location, ...]) -> list[str]:
+    return [key for chain in chains for key in chain.candidate_sets(locations)]
 
 
 # A candidate instance and the ranks the head sets name for it, at any location (a plain tuple: a

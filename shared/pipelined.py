@@ -79,27 +79,50 @@ class Pipelined:
         self._closed = False
 
     async def call(self, command: bytes) -> Any:
-        """Send one command, packed already, and await its reply; an error reply is raised as redis-py raises it,
-        a lost connection as redis.ConnectionError, no reply within the socket timeout as redis.TimeoutError.
-        A command whose connection was lost is sent once more on a new one, as redis-py retries: after a Redis
-        restart, the first command finds the old connection dead. (Every command kvbus sends this way is safe
-        to repeat: a command's second delivery is answered from its first, by event id.)"""
-        try:
-            return await self._send(command)
-        except redis.ConnectionError:
-            return await self._send(command)
+        """Send one command, packed already, and await its reply; see `batch`."""
+        return (await self.batch([command]))[0]
 
-    async def _send(self, command: bytes) -> Any:
+    async def batch(self, commands: list[bytes]) -> list[Any]:
+        """Send `commands`, packed already, in one write and await their replies, in order. The first error reply
+        is raised, as redis-py raises it, once every reply is in; a lost connection raises redis.ConnectionError,
+        no reply within the socket timeout redis.TimeoutError. Commands whose connection was lost are sent once
+        more on a new one, as redis-py retries: after a Redis restart, the first call finds the old connection
+        dead. (Everything kvbus sends this way is safe to repeat: a command's second delivery is answered from
+        its first, by event id.)"""
+        try:
+            return await self._send(commands)
+        except redis.ConnectionError:
+            return await self._send(commands)
+
+    async def _send(self, commands: list[bytes]) -> list[Any]:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._open()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        protocol.waiting.append((future, loop.time()))
-        protocol.transport.write(command)
+        now = loop.time()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        protocol.waiting.extend((future, now) for future in futures)
+        protocol.transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
         if self._watchdog is None and self._timeout_s is not None:
-            self._watchdog = loop.call_at(loop.time() + self._timeout_s, self._watch)
-        return await future
+            self._watchdog = loop.call_at(now + self._timeout_s, self._watch)
+        replies: list[Any] = []
+        refused: redis.ResponseError | None = None
+        try:
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except redis.ResponseError as exc:  # an error reply: the replies after it still come
+                    refused = refused or exc
+                    replies.append(exc)
+        finally:
+            for future in futures:  # a caller that stopped waiting drops the rest; a failure is seen once
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
+        if refused is not None:
+            raise refused
+        return replies
 
     async def run_script(self, script: redis.commands.core.AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         """`script(keys=keys, args=args)`, loading the script first where Redis lost it (a restart)."""

@@ -160,10 +160,11 @@ def test_a_prefix_spread_over_locations_counts_whole_and_names_the_last_chunks_p
 
 async def _lookups(url: str, *prompts: list[int]) -> list[list[Match]]:
     client = await redis_conn.connect_async(url)
+    index = PrefixIndex(client)
     try:
-        index = PrefixIndex(client)
         return [await index.lookup(prompt) for prompt in prompts]
     finally:
+        await index.aclose()
         await client.aclose()
 
 
@@ -203,15 +204,15 @@ def test_the_scope_guessed_from_the_last_lookup_is_checked_and_replaced_when_it_
 
     async def scenario() -> list[tuple[int, set[Match]]]:
         client = await redis_conn.connect_async(redis_url)
-        pipelines: list[object] = []
-        original = client.pipeline
-
-        def counted(*args: object, **kwargs: object) -> redis.asyncio.client.Pipeline:
-            pipelines.append(args)
-            return original(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(client, "pipeline", counted)
         index = PrefixIndex(client)
+        pipelines: list[list[str]] = []  # each round trip of set reads
+        original = index._members
+
+        async def counted(set_keys: list[str]) -> list[set[str]]:
+            pipelines.append(set_keys)
+            return await original(set_keys)
+
+        monkeypatch.setattr(index, "_members", counted)
         rounds = []
 
         async def look() -> None:
@@ -229,6 +230,7 @@ def test_the_scope_guessed_from_the_last_lookup_is_checked_and_replaced_when_it_
             await look()
             await look()
         finally:
+            await index.aclose()
             await client.aclose()
         return rounds
 

@@ -165,3 +165,32 @@ def test_a_closed_connection_fails_its_callers_and_does_not_reopen(redis_server:
 
     (waited,), (after,) = _with_pipelined(redis_server.url, scenario)
     assert isinstance(waited, redis.ConnectionError) and isinstance(after, redis.ConnectionError)
+
+
+def test_a_batch_goes_in_one_write_and_an_error_reply_in_it_is_raised_once_every_reply_is_in(
+    redis_server: RedisServer,
+) -> None:
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        await client.set("pipelined:text", "a string")
+        await client.delete("pipelined:set")
+        replies = [
+            await pipelined.batch([pack(("SADD", "pipelined:set", "a", "b")), pack(("SMEMBERS", "pipelined:set"))])
+        ]
+        refused = await asyncio.gather(
+            pipelined.batch(
+                [
+                    pack(("SADD", "pipelined:set", "c")),
+                    pack(("SADD", "pipelined:text", "x")),
+                    pack(("SCARD", "pipelined:set")),
+                ]
+            ),
+            return_exceptions=True,
+        )
+        replies.append(refused[0])
+        replies.append(await pipelined.call(pack(("SCARD", "pipelined:set"))))  # nothing of the batch left unread
+        return replies
+
+    added, refused, count = _with_pipelined(redis_server.url, scenario)
+    assert added[0] == 2 and sorted(added[1]) == ["a", "b"]
+    assert type(refused) is redis.ResponseError and "WRONGTYPE" in str(refused)
+    assert count == 3  # the command after the refused one ran too
