@@ -45,7 +45,17 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        while (reply := self.reader.gets()) is not _MORE:
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._out_of_step(f"unparsable reply ({exc})")
+                return
+            if reply is _MORE:
+                return
+            if not self.waiting:
+                self._out_of_step("a reply no command was waiting for")
+                return
             future, _ = self.waiting.popleft()
             if future.done():
                 continue  # its caller stopped waiting
@@ -53,6 +63,11 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    def _out_of_step(self, what: str) -> None:
+        """Replies can no longer be matched to commands: every caller fails and the next call reconnects."""
+        self.fail(redis.ConnectionError(f"Redis connection out of step: {what}"))
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(redis.ConnectionError(f"Error while reading from Redis: {exc or 'connection closed by server'}"))

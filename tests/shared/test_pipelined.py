@@ -194,3 +194,19 @@ def test_a_batch_goes_in_one_write_and_an_error_reply_in_it_is_raised_once_every
     assert added[0] == 2 and sorted(added[1]) == ["a", "b"]
     assert type(refused) is redis.ResponseError and "WRONGTYPE" in str(refused)
     assert count == 3  # the command after the refused one ran too
+
+
+def test_a_reply_no_command_waits_for_fails_the_connection_and_the_next_call_reconnects(
+    redis_server: RedisServer,
+) -> None:
+    """Replies that can no longer be matched to commands must not be handed to the wrong callers."""
+
+    async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
+        first = await pipelined.call(pack(("CLIENT", "ID")))
+        protocol = pipelined._protocol
+        assert protocol is not None
+        protocol.transport.write(pack(("PING",)))  # behind the pipelined connection's back
+        await asyncio.sleep(0.1)
+        return [protocol.lost is not None, first != await pipelined.call(pack(("CLIENT", "ID")))]
+
+    assert _with_pipelined(redis_server.url, scenario) == [True, True]
