@@ -42,6 +42,7 @@ from kvbus.shared.messages import Command, CommandKind, Result, ResultStatus
 from kvbus.shared.outage import Outage
 from kvbus.shared.redis_conn import BLOCK_MS, IDLE_BLOCK_MS
 from kvbus.shared.replies import Args, deadline_ms, reply_commands
+from kvbus.shared.resp import Entry, stream_entries
 
 log = logging.getLogger("kvbus.agent.consumer")
 
@@ -49,7 +50,6 @@ _REMEMBERED_RESULTS = 10_000
 _LOGGED_FROM_S = 0.1  # a command that took this long is logged at INFO, the rest at DEBUG
 
 Handler = Callable[[Command], Result]
-Entry = tuple[str, dict[str, str] | None]
 
 
 class CommandConsumer:
@@ -181,7 +181,7 @@ class CommandConsumer:
         self._report_refused(replies[:-1])
         if isinstance(replies[-1], redis.ResponseError):
             raise replies[-1]
-        entries = self._entries(replies[-1])
+        entries = stream_entries(replies[-1])
         return self._prepare(entries, redelivered=False, index_ahead=True) if entries else []
 
     def _report_refused(self, replies: list[Any]) -> None:
@@ -245,7 +245,7 @@ class CommandConsumer:
             )
             # One stream asked, so one (stream, entries) pair back; decode_responses makes every name text.
             return cast(list[tuple[str, list[Entry]]], reply)[0][1] if reply else []
-        return self._entries(self._own.call(*self._read_args(start, block_ms)))
+        return stream_entries(self._own.call(*self._read_args(start, block_ms)))
 
     def _read_args(self, start: str, block_ms: int | None) -> Args:
         block: Args = () if block_ms is None else ("BLOCK", block_ms)
@@ -261,19 +261,6 @@ class CommandConsumer:
             self._stream,
             start,
         )
-
-    @staticmethod
-    def _entries(raw: Any) -> list[Entry]:
-        """The entries of an XREADGROUP reply of one stream, as redis-py's client would give them."""
-        if not raw:
-            return []
-        # RESP2 gives [[stream, entries]], RESP3 {stream: entries}; an entry is [id, [name, value, ...]],
-        # its fields nil when it was trimmed while pending.
-        entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
-        return [
-            (entry_id, None if not flat else dict(zip(flat[::2], flat[1::2], strict=True)))
-            for entry_id, flat in entries
-        ]
 
     def _answer(self, entries: list[Entry], *, redelivered: bool) -> None:
         """Answer `entries` and send the answer at once."""

@@ -35,7 +35,7 @@ from kvbus.shared.records import (
     decode_result,
 )
 from kvbus.shared.redis_conn import BLOCK_MS
-from kvbus.shared.resp import pack
+from kvbus.shared.resp import Entry, pack, stream_entries
 
 log = logging.getLogger("kvbus.controller.bus")
 
@@ -424,24 +424,16 @@ class CommandBus:
             outage.succeeded()
             for entry_id, fields in entries:
                 last_id = entry_id
-                self._resolve(fields)
+                if fields is not None:  # XREAD reads no pending entries: never None here
+                    self._resolve(fields)
 
-    async def _read_entries(self, last_id: str) -> list[tuple[str, dict[str, str]]]:
+    async def _read_entries(self, last_id: str) -> list[Entry]:
         """The result stream's entries after `last_id`, waiting up to BLOCK_MS for one."""
         read = ("XREAD", "COUNT", 512, "BLOCK", BLOCK_MS, "STREAMS", self.results_key, last_id)
         if self._results is None:
             reply = await self._reader.execute_command(*read, **await redis_conn.routed(self._reader, self.results_key))
-            return [
-                entry
-                for _, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply)
-                for entry in entries
-            ]
-        raw = await self._results.call(pack(read))
-        # RESP2 gives [[stream, entries]] or nil, RESP3 {stream: entries}; an entry is [id, [name, value, ...]].
-        if not raw:
-            return []
-        listed = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
-        return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in listed]
+            return cast(list[tuple[str, list[Entry]]], reply)[0][1] if reply else []
+        return stream_entries(await self._results.call(pack(read)))
 
     async def _create_results_stream(self) -> str:
         pipe = self._reader.pipeline(transaction=False)

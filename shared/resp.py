@@ -3,19 +3,35 @@
 redis-py encodes each argument in Python (a type check, an encode and a length per argument), which
 costs more than Redis spends executing the command. These build the same bytes with a few joins
 over the whole argument list at once. ASCII text (chunk keys are hex digests) takes the fast way;
-anything else is encoded argument by argument, as redis-py would.
+anything else is encoded argument by argument, as redis-py would. Senders that skip redis-py also
+read one reply shape themselves: a stream read's entries (`stream_entries`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import chain, compress, repeat
-from typing import cast
+from typing import Any, cast
 
 import hiredis
 
 # One command of few arguments, packed by hiredis in C; its stub declares a tuple of one argument.
 pack = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
+
+# A stream entry as redis-py's client gives it: its id and fields, None when it was trimmed while pending.
+Entry = tuple[str, dict[str, str] | None]
+
+
+def stream_entries(raw: Any) -> list[Entry]:
+    """The entries of an XREAD or XREADGROUP reply of one stream, as hiredis parsed it."""
+    if not raw:
+        return []
+    # RESP2 gives [[stream, entries]], RESP3 {stream: entries}; an entry is [id, [name, value, ...]],
+    # its fields nil when it was trimmed while pending.
+    entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
+    return [
+        (entry_id, None if not flat else dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in entries
+    ]
 
 
 def _bulk(arg: str | int) -> bytes:
