@@ -174,14 +174,15 @@ class CommandConsumer:
             if self._stopping:
                 own.interrupt()
         try:
-            replies = own.read(len(owed) + 1, raise_errors=False)
+            if owed:  # reported now: the read's reply may not come before the next command, or a stop
+                self._report_refused(own.read(len(owed), raise_errors=False))
+            (reply,) = own.read(1, raise_errors=False)
         finally:
             with self._wait:
                 self._waiting = False
-        self._report_refused(replies[:-1])
-        if isinstance(replies[-1], redis.ResponseError):
-            raise replies[-1]
-        entries = stream_entries(replies[-1])
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        entries = stream_entries(reply)
         return self._prepare(entries, redelivered=False, index_ahead=True) if entries else []
 
     def _report_refused(self, replies: list[Any]) -> None:
