@@ -133,6 +133,13 @@ def index(instance_id: str, worker_id: int, location: str) -> str:
     return f"{_instance(instance_id)}:idx:{worker_id}:{location}"
 
 
+# A field of no index hash: set and deleted again inside one transaction by a writer that is about to add
+# more fields than Redis 7.0 keeps in a compact listpack (see agent/index_writer.py), only for its length.
+# A name longer than hash-max-listpack-value (64 bytes by default) makes Redis turn the hash into a
+# hashtable at once; no chunk key is this long.
+INDEX_HASHTABLE_NOW = "kvbus:index:hashtable-now:" + "." * 102
+
+
 def script_key_parts() -> tuple[str, str, str, str]:
     """For a script that builds many instances' keys from their ids (lookup's walk): with parts `head, alive_,
     workers_, index_`, `head..id..alive_` is alive(id), `head..id..workers_` is workers(id) and

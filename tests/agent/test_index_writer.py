@@ -16,7 +16,7 @@ import redis.cluster
 
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.backends.cpu import LocalCPUBackend
-from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.index_writer import LISTPACK_ENTRIES, IndexWriter
 from kvbus.agent.own_connection import OwnConnection
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
@@ -127,8 +127,48 @@ def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
     writer.flush()
     stats = client.info("commandstats")
     assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 5000
-    assert stats["cmdstat_hset"]["calls"] <= 5  # 1000 fields per HSET, not one round trip per chunk
+    # 1000 fields per HSET, not one round trip per chunk; the first batch's one-field HSET makes it a hashtable.
+    assert stats["cmdstat_hset"]["calls"] <= 6
     client.close()
+
+
+def test_a_batch_past_the_listpack_size_makes_the_index_a_hashtable_first_and_leaves_no_trace(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        # Left to itself, Redis would keep these hashes in a listpack whatever their size: only the writer converts.
+        client.config_set("hash-max-listpack-entries", 100_000)
+        writer = IndexWriter(client, INSTANCE, 0)
+        big, small = keys.index(INSTANCE, 0, CPU), keys.index(INSTANCE, 0, Location.DISK)
+        for n in range(LISTPACK_ENTRIES + 1):
+            writer.admitted(CPU, IndexEntry(f"{n:032x}", 256, n == 0))
+        for n in range(LISTPACK_ENTRIES):
+            writer.admitted(Location.DISK, IndexEntry(f"{n:032x}", 256, n == 0))
+        writer.flush()
+        assert client.object("encoding", big) == "hashtable"
+        assert client.object("encoding", small) == "listpack"  # a batch that fits keeps the compact encoding
+        assert client.hlen(big) == LISTPACK_ENTRIES + 1
+        assert client.hlen(small) == LISTPACK_ENTRIES
+        assert not client.hexists(big, keys.INDEX_HASHTABLE_NOW)
+        assert client.hget(big, f"{LISTPACK_ENTRIES:032x}") == "256"
+    finally:
+        client.close()
+        server.kill()
+
+
+def test_a_write_redis_refuses_inside_the_conversion_s_transaction_is_raised_and_kept(client: redis.Redis) -> None:
+    writer = IndexWriter(client, INSTANCE, 0)
+    client.set(keys.index(INSTANCE, 0, CPU), "not a hash")
+    for n in range(LISTPACK_ENTRIES + 1):
+        writer.admitted(CPU, IndexEntry(f"{n:032x}", 256, n == 0))
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        writer.flush()
+    client.delete(keys.index(INSTANCE, 0, CPU))
+    writer.flush()  # the ops stayed pending
+    assert client.hlen(keys.index(INSTANCE, 0, CPU)) == LISTPACK_ENTRIES + 1
 
 
 def test_a_failed_flush_keeps_its_ops_for_the_next(fake_server: fakeredis.FakeServer) -> None:
