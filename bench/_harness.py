@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 import yaml
 
 from kvbus.agent.backends.base import IndexEntry
-from kvbus.agent.index_writer import IndexWriter
+from kvbus.agent.index_writer import IndexWriter, Taken
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
@@ -546,6 +547,55 @@ def ingest(client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry]
     for entry in admitted:
         writer.admitted(CPU, entry)
     writer.flush()
+
+
+def encoded_admissions(
+    client: redis.Redis, instance_id: str, admitted: Sequence[IndexEntry], worker_id: int = 0
+) -> tuple[IndexWriter, Taken]:
+    """Rank `worker_id`'s IndexWriter with `admitted` at LocalCPUBackend, and its writes for them encoded, as the
+    agent's command thread takes them to send ahead of an answer; `write_encoded` sends them."""
+    writer = IndexWriter(client, instance_id, worker_id)
+    for entry in admitted:
+        writer.admitted(CPU, entry)
+    taken = writer.take()
+    if taken is None:
+        raise ValueError(f"nothing to write for {instance_id}: no entries")
+    return writer, taken
+
+
+def write_encoded(client: redis.Redis, encoded: Sequence[tuple[IndexWriter, Taken]], window: int = 8) -> None:
+    """Send `encoded_admissions`' writes on one connection, `window` instances' worth in flight, handing each
+    writer its replies; raises the first error reply once its instance's replies are in."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    in_flight: deque[tuple[IndexWriter, Taken]] = deque()
+
+    def settle() -> None:
+        writer, taken = in_flight.popleft()
+        replies: list[object] = []
+        for _ in range(taken.replies):
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        writer.written(taken, replies)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+
+    try:
+        for writer, taken in encoded:
+            conn.send_packed_command([taken.commands])
+            in_flight.append((writer, taken))
+            if len(in_flight) >= window:
+                settle()
+        while in_flight:
+            settle()
+    except BaseException:
+        conn.disconnect()  # replies may be left unread
+        raise
+    finally:
+        pool.release(conn)
 
 
 def publish(client: redis.Redis, instance_id: str, held: Sequence[IndexEntry], worker_id: int = 0) -> None:
