@@ -12,6 +12,11 @@ comes. When the oldest command on the connection has waited past the client's so
 connection is dropped and every caller on it fails, as redis-py drops a connection whose read timed out;
 the next call opens a new one. A blocking command (XREAD BLOCK) holds up the commands after it, so a
 connection that sends one sends nothing else.
+
+A connection that has carried nothing for the pool's health-check interval is replaced before its next
+command: a firewall or NAT may have dropped it silently meanwhile, and that command would only fail after
+the socket timeout. redis-py's own pool PINGs such a connection first, at a round trip before the command
+and the same wait when the connection is gone; opening a new one costs its handshake, once per quiet spell.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ _MORE = object()  # what the reader gives while a reply is still incomplete
 class _Protocol(asyncio.Protocol):
     """The connection once taken over: the callers waiting on it, oldest first, with when each sent."""
 
-    def __init__(self, writer: asyncio.StreamWriter, reader: hiredis.Reader) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, reader: hiredis.Reader, opened_at: float) -> None:
         self.writer = writer  # kept: collecting a StreamWriter closes its transport
         self.transport = cast(asyncio.Transport, writer.transport)
         self.reader = reader
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.lost: Exception | None = None
+        self.sent_at = opened_at  # loop time of the last write
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -90,6 +96,8 @@ class Pipelined:
         self._opening = asyncio.Lock()
         timeout = pool.connection_kwargs.get("socket_timeout")
         self._timeout_s: float | None = float(timeout) if timeout else None
+        quiet = pool.connection_kwargs.get("health_check_interval")
+        self._quiet_s: float | None = float(quiet) if quiet else None
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -110,11 +118,11 @@ class Pipelined:
             return await self._send(commands)
 
     async def _send(self, commands: list[bytes]) -> list[Any]:
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._open()
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        protocol = self._protocol
+        if protocol is None or not self._usable(protocol, loop.time()):
+            protocol = await self._open()
+        now = protocol.sent_at = loop.time()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         protocol.waiting.extend((future, now) for future in futures)
         protocol.transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
@@ -162,12 +170,23 @@ class Pipelined:
         protocol.fail(redis.TimeoutError(f"Timeout reading from Redis: no reply within {self._timeout_s:g} s"))
         protocol.transport.abort()
 
+    def _usable(self, protocol: _Protocol, now: float) -> bool:
+        """Not lost, and not quiet for so long that it may be gone without a word (see the module's doc)."""
+        if protocol.lost is not None:
+            return False
+        return self._quiet_s is None or bool(protocol.waiting) or now - protocol.sent_at < self._quiet_s
+
     async def _open(self) -> _Protocol:
         if self._closed:
             raise redis.ConnectionError("this connection was closed")
         async with self._opening:
-            if self._protocol is not None and self._protocol.lost is None:
-                return self._protocol  # another caller opened it meanwhile
+            loop = asyncio.get_running_loop()
+            old = self._protocol
+            if old is not None and self._usable(old, loop.time()):
+                return old  # another caller opened it meanwhile
+            if old is not None and old.lost is None:
+                old.lost = redis.ConnectionError("replaced after a quiet spell")
+                old.transport.close()
             make: Callable[[], redis.asyncio.connection.AbstractConnection] = self._pool.make_connection
             connection = make()
             connect: Callable[[], Awaitable[None]] = connection.connect  # redis-py leaves it unannotated
@@ -179,7 +198,7 @@ class Pipelined:
             encoder = connection.encoder
             text = {"encoding": encoder.encoding, "errors": encoder.encoding_errors} if encoder.decode_responses else {}
             reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE, **text)
-            protocol = _Protocol(writer, reader)
+            protocol = _Protocol(writer, reader, loop.time())
             protocol.transport.set_protocol(protocol)
             self._protocol = protocol
             return protocol

@@ -210,3 +210,75 @@ def test_a_reply_no_command_waits_for_fails_the_connection_and_the_next_call_rec
         return [protocol.lost is not None, first != await pipelined.call(pack(("CLIENT", "ID")))]
 
     assert _with_pipelined(redis_server.url, scenario) == [True, True]
+
+
+class _SilencingProxy:
+    """A TCP relay to Redis that can go silent on the connections it carries, keeping them open, as a
+    firewall or NAT that dropped them would; connections made after that are relayed as before."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._live: list[asyncio.StreamWriter] = []
+        self._silenced: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.accepted = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    def silence(self) -> None:
+        self._silenced.update(self._live)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._live.append(writer)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if writer not in self._silenced:
+                    sink.write(data)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        for writer in self._live:
+            writer.close()
+        self.server.close()
+
+
+def test_a_connection_quiet_past_the_health_check_interval_is_replaced_before_its_next_command(
+    redis_server: RedisServer,
+) -> None:
+    async def scenario() -> tuple[type[BaseException] | None, Any, float, int]:
+        proxy = _SilencingProxy(redis_server.port)
+        url = await proxy.start()
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=0.5, health_check_interval=1)
+        pipelined = Pipelined(client.connection_pool)
+        try:
+            assert await pipelined.call(pack(("PING",))) == "PONG"
+            proxy.silence()
+            # Used again at once, the dropped connection is trusted: its command fails after the socket timeout.
+            try:
+                await pipelined.call(pack(("PING",)))
+                unanswered: type[BaseException] | None = None
+            except redis.TimeoutError as exc:
+                unanswered = type(exc)
+            assert await pipelined.call(pack(("PING",))) == "PONG"
+            proxy.silence()
+            await asyncio.sleep(1.1)
+            started = time.monotonic()
+            after_quiet = await pipelined.call(pack(("ECHO", "after a quiet spell")))
+            return unanswered, after_quiet, time.monotonic() - started, proxy.accepted
+        finally:
+            await pipelined.aclose()
+            await client.aclose()
+            await proxy.stop()
+
+    unanswered, after_quiet, waited, accepted = asyncio.run(scenario())
+    assert unanswered is redis.TimeoutError
+    assert after_quiet == "after a quiet spell"
+    assert waited < 0.4  # a new connection, not the socket timeout on the silent one
+    assert accepted == 3
