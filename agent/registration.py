@@ -125,7 +125,9 @@ class Registration:
         return int(time.time() * 1000) + self._clock_offset_ms
 
     def register(self) -> None:
-        self._warn_if_claimed()
+        """Write this worker's registration. One round trip on a single Redis: the read of who held the worker
+        before, the writes, the clock and the lifecycle entry go in one pipeline, in that order (a cluster
+        pipeline takes no TIME, so a cluster asks for the clock after)."""
         record = WorkerRecord(
             instance_id=self._instance,
             worker_id=self._worker,
@@ -145,7 +147,9 @@ class Registration:
             locations=[str(loc) for loc in self._locations],
             hash_space=self._space.name,
         )
+        one_redis = isinstance(self._redis, redis.Redis)
         pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(keys.worker(self._instance, self._worker))  # read before the writes below replace it
         pipe.sadd(keys.INSTANCES, self._instance)
         pipe.sadd(keys.HASH_SPACES, self._space.name)
         if self._locations:
@@ -156,15 +160,23 @@ class Registration:
         pipe.hset(keys.worker(self._instance, self._worker), mapping=record.encode())
         pipe.sadd(keys.workers(self._instance), self._worker)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
-        pipe.execute()
+        if one_redis:
+            pipe.time()
+        self._queue_lifecycle(pipe, LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+        before = time.time()
+        replies = pipe.execute()
+        if one_redis:
+            self._set_clock(replies[-2], before, time.time())
+        else:
+            self._sync_clock()
         self._stats_sent = None
-        self._sync_clock()
-        self.lifecycle(LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+        self._warn_if_claimed(replies[0])
 
-    def _warn_if_claimed(self) -> None:
-        """Two live agents under one (instance, worker) would split its commands between them."""
+    def _warn_if_claimed(self, fields: dict[str, str]) -> None:
+        """Two live agents under one (instance, worker) would split its commands between them; `fields` is the
+        worker's record as it was before this registration."""
         try:
-            claimed = WorkerRecord.decode(self._redis.hgetall(keys.worker(self._instance, self._worker)))
+            claimed = WorkerRecord.decode(fields)
         except DecodeError:
             return  # nothing registered there, or nothing readable: nobody to warn about
         if claimed.pid is None or (claimed.pid, claimed.hostname) == (os.getpid(), socket.gethostname()):
@@ -277,8 +289,13 @@ class Registration:
         return last
 
     def lifecycle(self, kind: LifecycleKind, detail: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        self._queue_lifecycle(pipe, kind, detail)
+        pipe.execute()
+
+    def _queue_lifecycle(self, pipe: redis_conn.Pipeline, kind: LifecycleKind, detail: str) -> None:
         entry = LifecycleEntry(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
-        self._redis.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
+        pipe.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
 
     def _sync_clock(self) -> None:
         before = time.time()

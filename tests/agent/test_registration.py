@@ -131,3 +131,35 @@ def test_the_own_connection_beat_writes_the_fleet_entry_the_client_beat_does(red
         assert own.heartbeat() is True
     finally:
         client.close()
+
+
+def test_registration_is_one_round_trip_on_a_single_redis_and_still_warns_reads_the_clock_and_logs(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        other = WorkerRecord(
+            instance_id=INSTANCE, worker_id=0, pid=1, hostname="elsewhere", last_heartbeat_time=time.time()
+        )
+        client.hset(keys.worker(INSTANCE, 0), mapping=other.encode())
+        lifecycle_before = client.xlen(keys.LIFECYCLE)
+        registration = make(client)
+        writes: list[object] = []
+        send = redis.connection.Connection.send_packed_command
+
+        def counted(self: redis.connection.Connection, command: object, check_health: bool = True) -> None:
+            writes.append(command)
+            send(self, command, check_health)
+
+        monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counted)
+        registration.register()
+        monkeypatch.undo()
+        assert len(writes) == 1
+        assert any("already served by pid 1 on elsewhere" in m for m in caplog.messages)
+        assert WorkerRecord.decode(client.hgetall(keys.worker(INSTANCE, 0))).pid == os.getpid()
+        assert client.xlen(keys.LIFECYCLE) == lifecycle_before + 1
+        seconds, micros = client.time()
+        assert abs(registration.now_ms() - (seconds * 1000 + micros // 1000)) < 1000
+        registration.deregister()
+    finally:
+        client.close()
