@@ -162,7 +162,7 @@ class Registration:
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         if one_redis:
             pipe.time()
-        self._queue_lifecycle(pipe, LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
+        self._add_lifecycle(pipe, LifecycleKind.REGISTERED, f"pid {os.getpid()} on {socket.gethostname()}")
         before = time.time()
         replies = pipe.execute()
         if one_redis:
@@ -289,13 +289,12 @@ class Registration:
         return last
 
     def lifecycle(self, kind: LifecycleKind, detail: str) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        self._queue_lifecycle(pipe, kind, detail)
-        pipe.execute()
+        self._add_lifecycle(self._redis, kind, detail)
 
-    def _queue_lifecycle(self, pipe: redis_conn.Pipeline, kind: LifecycleKind, detail: str) -> None:
+    def _add_lifecycle(self, to: redis_conn.Client | redis_conn.Pipeline, kind: LifecycleKind, detail: str) -> None:
+        """XADD the lifecycle entry, now on a client or queued on a pipeline."""
         entry = LifecycleEntry(kind=kind, instance_id=self._instance, worker_id=self._worker, detail=detail)
-        pipe.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
+        to.xadd(keys.LIFECYCLE, entry.encode(), maxlen=keys.LIFECYCLE_MAXLEN, approximate=True)
 
     def _sync_clock(self) -> None:
         before = time.time()

@@ -31,6 +31,7 @@ import yaml
 
 from kvbus.agent.backends.base import IndexEntry
 from kvbus.agent.index_writer import IndexWriter, Taken
+from kvbus.agent.own_connection import read_replies
 from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.hashing import HashSpace
@@ -572,12 +573,7 @@ def write_encoded(client: redis.Redis, encoded: Sequence[tuple[IndexWriter, Take
 
     def settle() -> None:
         writer, taken = in_flight.popleft()
-        replies: list[object] = []
-        for _ in range(taken.replies):
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
+        replies = read_replies(conn, taken.replies)
         writer.written(taken, replies)
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
