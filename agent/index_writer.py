@@ -13,13 +13,14 @@ out. A background thread flushes the rest: it sleeps until something is reported
 moment for more to coalesce (less when many are queued or a caller waits), so an idle agent costs
 no CPU and a trickle of admissions still reaches Redis within a few milliseconds.
 
-On a single Redis the commands are encoded here (`shared.resp`) and written to one pooled
-connection at once; a Redis Cluster, whose head sets live in slots all over it, gets redis-py's
-cluster pipeline. On a single Redis the command thread does not flush before it answers: it
-`take`s the pending ops encoded and sends them in the same write as its answer, ahead of it, so
-Redis applies them before the answer is visible, at no round trip of their own; it hands the
-replies back (`written`, `not_written`). It `hold`s the writer while its handlers run, so what they
-report does not wake the background thread for ops the command thread is about to take itself.
+On a single Redis the commands are encoded here (`shared.resp`) and written to one pooled connection
+as they are made, so Redis applies the first while the rest are encoded; a Redis Cluster, whose head
+sets live in slots all over it, gets redis-py's cluster pipeline. On a single Redis the command
+thread does not flush before it answers: it `take`s the pending ops encoded and sends them in the
+same write as its answer, ahead of it, so Redis applies them before the answer is visible, at no
+round trip of their own; it hands the replies back (`written`, `not_written`). It `hold`s the writer
+while its handlers run, so what they report does not wake the background thread for ops the command
+thread is about to take itself.
 
 A clear drops the location's index hash at once. The global `head` sets are only hints
 that lookup verifies against that hash, so withdrawing this rank from them (one
@@ -30,9 +31,10 @@ round trip.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,8 @@ FIELDS_PER_COMMAND = 1000
 # scanning it, until the 513th converts it. Filling a 1000-chunk index from empty cost Redis 2.1 us of CPU a
 # chunk that way against 0.6 us as a hashtable, so such an HSET converts the hash itself (keys.INDEX_HASHTABLE_NOW).
 LISTPACK_ENTRIES = 512
+# What a flush writes to Redis at a time while it encodes the rest: about one HSET of FIELDS_PER_COMMAND fields.
+SEND_BYTES = 64 * 1024
 MAX_QUEUED_OPS = 1_000_000  # past this, while Redis is away, queueing gives way to a full resync
 # Reported ops that make the background thread flush without waiting out its coalescing delay.
 HURRY_OPS = FIELDS_PER_COMMAND
@@ -377,30 +381,35 @@ class IndexWriter:
         self._wake.set()
 
     def _write_raw(self, deltas: dict[Location, _LocationDelta], client: redis.Redis) -> None:
-        commands, replies, purged = self._encode_raw(deltas)
-        if not commands:
-            return
-        answers = _exchange(client, commands, replies)
+        purged: list[tuple[Location, int]] = []
+        answers = _exchange(client, self._commands(deltas, purged))
         self._absorb_purges(deltas, purged, answers)
         _raise_any(answers)
 
     def _encode_raw(self, deltas: dict[Location, _LocationDelta]) -> tuple[bytes, int, list[tuple[Location, int]]]:
         """The commands that apply `deltas`, encoded; how many replies they get; each purged location with where
         the reply to its SMEMBERS is."""
-        commands: list[bytes] = []
-        replies = 0
         purged: list[tuple[Location, int]] = []
+        commands = list(self._commands(deltas, purged))
+        return b"".join(encoded for encoded, _ in commands), sum(count for _, count in commands), purged
+
+    def _commands(
+        self, deltas: dict[Location, _LocationDelta], purged: list[tuple[Location, int]]
+    ) -> Iterator[tuple[bytes, int]]:
+        """The commands that apply `deltas`, each encoded with its number of replies, made as they are consumed;
+        each purged location goes into `purged` with where the reply to its SMEMBERS is."""
+        replies = 0
         for location, delta in deltas.items():
             index_key = keys.index(self._instance, self._worker, location)
             heads_key = keys.heads(self._instance, self._worker, location)
             if delta.purge:
                 purged.append((location, replies))
-                commands += (resp.command("SMEMBERS", heads_key), resp.command("UNLINK", index_key, heads_key))
+                yield resp.command("SMEMBERS", heads_key), 1
+                yield resp.command("UNLINK", index_key, heads_key), 1
                 replies += 2
             for encoded, count in self._encoded(location, index_key, heads_key, delta):
-                commands.append(encoded)
+                yield encoded, count
                 replies += count
-        return b"".join(commands), replies, purged
 
     def _absorb_purges(
         self, deltas: dict[Location, _LocationDelta], purged: list[tuple[Location, int]], answers: list[Any]
@@ -448,18 +457,17 @@ class IndexWriter:
         (the slot moved or is moving, the node went away): the cluster pipeline then sends them, following
         redirections and refreshing its slot map as it does. Index fields are safe to write twice."""
         assert isinstance(self._redis, redis.cluster.RedisCluster)
-        commands: list[bytes] = []
-        replies = 0
-        for location, delta in deltas.items():
-            index_key = keys.index(self._instance, self._worker, location)
-            for encoded, count in _fields(index_key, delta):
-                commands.append(encoded)
-                replies += count
-        if not commands:
+        fields = [
+            (encoded, count)
+            for location, delta in deltas.items()
+            for encoded, count in _fields(keys.index(self._instance, self._worker, location), delta)
+        ]
+        if not fields:
             return True
         try:
-            node = self._redis.get_node_from_key(index_key)
-            _raise_any(_exchange(self._redis.get_redis_connection(node), b"".join(commands), replies))
+            # Every index key of this instance, whatever its rank or location, is in the slot of its hash tag.
+            node = self._redis.get_node_from_key(keys.index(self._instance, self._worker, next(iter(deltas))))
+            _raise_any(_exchange(self._redis.get_redis_connection(node), fields))
         except redis_conn.ERRORS as exc:
             log.debug("index fields go by the cluster pipeline this time: %s", exc)
             return False
@@ -543,15 +551,41 @@ def _fields(index_key: str, delta: _LocationDelta) -> Iterable[tuple[bytes, int]
         yield resp.command("HDEL", index_key, *evicted[start : start + FIELDS_PER_COMMAND]), 1
 
 
-def _exchange(client: redis.Redis, commands: bytes, replies: int) -> list[Any]:
-    """Send `commands` (already encoded) on one pooled connection and read their `replies`, a reply that is an
-    error in its place as a redis.ResponseError. Retried as redis-py retries a pipeline: every command the
-    index writer sends is safe to repeat."""
+def _exchange(client: redis.Redis, commands: Iterable[tuple[bytes, int]]) -> list[Any]:
+    """Send `commands` (each encoded, with its number of replies) on one pooled connection and read their replies,
+    a reply that is an error in its place as a redis.ResponseError.
+
+    They go out as they are made, SEND_BYTES at a time, so that Redis applies the first while the rest are
+    encoded: sent in one write after all were encoded, a flush of 80k chunks kept Redis idle for the 10-30 ms
+    the encoding took. Retried as redis-py retries a pipeline: every command the index writer sends is safe to
+    repeat, and a retry sends again what the failed try sent before the rest."""
+    pending = iter(commands)
+    first = next(pending, None)
+    if first is None:
+        return []
+    pending = itertools.chain((first,), pending)
     pool = client.connection_pool
     connection = pool.get_connection()
+    sent: list[bytes] = []
+    replies = 0
 
     def send() -> list[Any]:
-        connection.send_packed_command([commands])
+        nonlocal replies
+        for data in sent:
+            connection.send_packed_command([data])
+        batch: list[bytes] = []
+        size = 0
+        for encoded, count in pending:
+            batch.append(encoded)
+            size += len(encoded)
+            replies += count
+            if size >= SEND_BYTES:
+                sent.append(b"".join(batch))
+                batch, size = [], 0
+                connection.send_packed_command([sent[-1]])
+        if batch:
+            sent.append(b"".join(batch))
+            connection.send_packed_command([sent[-1]])
         return read_replies(connection, replies)
 
     try:

@@ -6,8 +6,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -129,6 +130,70 @@ def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
     assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 5000
     # 1000 fields per HSET, not one round trip per chunk; the first batch's one-field HSET makes it a hashtable.
     assert stats["cmdstat_hset"]["calls"] <= 6
+    client.close()
+
+
+def _watch_fields(monkeypatch: pytest.MonkeyPatch, steps: dict[int, Callable[[str], None]]) -> None:
+    """Run `steps[n](index_key)` when a flush has made n of a location's index commands, before the next one."""
+    from kvbus.agent import index_writer
+
+    fields = index_writer._fields
+
+    def watched(index_key: str, delta: Any) -> Iterator[tuple[bytes, int]]:
+        for n, command in enumerate(fields(index_key, delta)):
+            if n in steps:
+                steps[n](index_key)
+            yield command
+
+    monkeypatch.setattr(index_writer, "_fields", watched)
+
+
+def _admit_5000(writer: IndexWriter) -> None:
+    """Five HSETs of 1000 fields, each more than SEND_BYTES, so each goes out as soon as it is made."""
+    for n in range(5000):
+        writer.admitted(CPU, IndexEntry(f"{n:064x}", 256, n % 32 == 0))
+
+
+def test_a_flush_sends_its_first_commands_while_it_encodes_the_rest(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_conn.connect(redis_url)
+    observer = redis.Redis.from_url(redis_url, decode_responses=True)
+    # Redis applies the first 1000 fields while the writer is still making its fourth HSET: it is not left
+    # idle until the whole flush is encoded.
+    _watch_fields(monkeypatch, {3: lambda index: wait_for(lambda: observer.hlen(index) >= 1000, 10, "1000 fields")})
+    writer = IndexWriter(client, INSTANCE, 0)
+    _admit_5000(writer)
+    writer.flush()
+    assert observer.hlen(keys.index(INSTANCE, 0, CPU)) == 5000
+    observer.close()
+    client.close()
+
+
+def test_a_connection_lost_in_the_middle_of_a_flush_sends_it_all_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_conn.connect(redis_url)
+    observer = redis.Redis.from_url(redis_url, decode_responses=True)
+    killed: list[int] = []
+
+    def kill_the_writer_s_connection(_: str) -> None:
+        killed.append(observer.client_kill_filter(_type="normal", skipme=True))
+        observer.client_unpause()
+
+    # Redis holds writes back while the first two HSETs go out, so they are sent but not applied when the
+    # connection goes: only the retry sending them again puts their fields in.
+    _watch_fields(monkeypatch, {0: lambda _: observer.client_pause(10_000, all=False), 2: kill_the_writer_s_connection})
+    writer = IndexWriter(client, INSTANCE, 0)
+    _admit_5000(writer)
+    writer.flush()
+    assert killed == [1]
+    index = keys.index(INSTANCE, 0, CPU)
+    assert observer.hlen(index) == 5000
+    assert observer.hget(index, f"{0:064x}") == observer.hget(index, f"{4999:064x}") == "256"
+    assert observer.smembers(keys.head(CPU, f"{4992:064x}")) == {MEMBER}
+    assert not observer.hexists(index, keys.INDEX_HASHTABLE_NOW)
+    observer.close()
     client.close()
 
 
@@ -470,9 +535,9 @@ def test_on_a_cluster_fields_go_to_the_instance_s_node_or_else_by_the_pipeline(
     sent: list[redis.Redis] = []
     exchange = index_writer._exchange
 
-    def to_the_node(node: redis.Redis, commands: bytes, replies: int) -> list[object]:
+    def to_the_node(node: redis.Redis, commands: Iterable[tuple[bytes, int]]) -> list[object]:
         sent.append(node)
-        return exchange(node, commands, replies)
+        return exchange(node, commands)
 
     monkeypatch.setattr(index_writer, "_exchange", to_the_node)
     first, second = list(range(8)), list(range(100, 108))
@@ -481,7 +546,7 @@ def test_on_a_cluster_fields_go_to_the_instance_s_node_or_else_by_the_pipeline(
     assert sent  # straight to the node, not through the pipeline
     assert client.hgetall(keys.index(INSTANCE, 0, CPU)) == {c.key: str(c.num_tokens) for c in SPACE.chunks(first)}
 
-    def node_gone(node: redis.Redis, commands: bytes, replies: int) -> list[object]:
+    def node_gone(node: redis.Redis, commands: Iterable[tuple[bytes, int]]) -> list[object]:
         raise redis.ConnectionError("the node went away")
 
     monkeypatch.setattr(index_writer, "_exchange", node_gone)
