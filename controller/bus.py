@@ -199,7 +199,8 @@ class CommandBus:
         self.controller_id = uuid.uuid4().hex[:12]
         self.results_key = keys.results(self.controller_id)
         self._one_redis = not isinstance(client, redis.asyncio.cluster.RedisCluster)
-        self._scripts = redis_conn.scripts_via(client)
+        # On one Redis its connection bounds each send (Pipelined's timeout): no timer per command.
+        self._scripts = redis_conn.scripts_via(client, timeout_s=redis_timeout_s)
         # On one Redis the results come over a pipelined connection of their own: it blocks in XREAD.
         self._results = Pipelined(reader.connection_pool) if isinstance(reader, redis.asyncio.Redis) else None
         self._send = client.register_script(_SEND_AND_RECORD if self._one_redis else _SEND)
@@ -325,9 +326,12 @@ class CommandBus:
         else:
             args = [minid, *fields]
         try:
-            async with asyncio.timeout(self.redis_timeout_s):
+            if self._one_redis:
                 reply = await redis_conn.run_script(self._scripts, self._send, send_keys, args, None)
-        except TimeoutError:
+            else:
+                async with asyncio.timeout(self.redis_timeout_s):
+                    reply = await redis_conn.run_script(self._scripts, self._send, send_keys, args, None)
+        except (TimeoutError, redis.TimeoutError):
             then = "; the command may still reach the instance once Redis answers: /check_finish tells"
             raise redis_stalled(self.redis_timeout_s, then, event_id=command.event_id) from None
         if not reply:

@@ -8,10 +8,11 @@ it encodes and parses itself, on the path of every command the controller sends.
 connection (address, TLS, AUTH, SELECT, protocol) before this takes it over.
 
 A caller that stops waiting (a timeout) keeps its place in the order, and its reply is dropped when it
-comes. When the oldest command on the connection has waited past the client's socket timeout, the
-connection is dropped and every caller on it fails, as redis-py drops a connection whose read timed out;
-the next call opens a new one. A blocking command (XREAD BLOCK) holds up the commands after it, so a
-connection that sends one sends nothing else.
+comes. When the oldest command on the connection has waited past its timeout (the client's socket timeout,
+or a shorter one it was given), the connection is dropped and every caller on it fails, as redis-py drops a
+connection whose read timed out; the next call opens a new one, within the same timeout. One timer serves
+every caller that way, where a timeout per call would set and cancel one per command. A blocking command
+(XREAD BLOCK) holds up the commands after it, so a connection that sends one sends nothing else.
 
 A connection that has carried nothing for the pool's health-check interval is replaced before its next
 command: a firewall or NAT may have dropped it silently meanwhile, and that command would only fail after
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -90,11 +92,13 @@ class _Protocol(asyncio.Protocol):
 class Pipelined:
     """Opens on first use, from `pool`'s settings; its own connection, never one of the pool's."""
 
-    def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
+    def __init__(self, pool: redis.asyncio.ConnectionPool, *, timeout_s: float | None = None) -> None:
+        """`timeout_s`: how long a call may wait for its reply, or for the connection to open, before it fails with
+        redis.TimeoutError; the pool's socket timeout by default. It bounds each call with no timer of its own."""
         self._pool = pool
         self._protocol: _Protocol | None = None
         self._opening = asyncio.Lock()
-        timeout = pool.connection_kwargs.get("socket_timeout")
+        timeout = timeout_s or pool.connection_kwargs.get("socket_timeout")
         self._timeout_s: float | None = float(timeout) if timeout else None
         quiet = pool.connection_kwargs.get("health_check_interval")
         self._quiet_s: float | None = float(quiet) if quiet else None
@@ -179,6 +183,13 @@ class Pipelined:
     async def _open(self) -> _Protocol:
         if self._closed:
             raise redis.ConnectionError("this connection was closed")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._take_over()
+        except TimeoutError:
+            raise redis.TimeoutError(f"Timeout connecting to Redis: not open within {self._timeout_s:g} s") from None
+
+    async def _take_over(self) -> _Protocol:
         async with self._opening:
             loop = asyncio.get_running_loop()
             old = self._protocol
@@ -190,7 +201,12 @@ class Pipelined:
             make: Callable[[], redis.asyncio.connection.AbstractConnection] = self._pool.make_connection
             connection = make()
             connect: Callable[[], Awaitable[None]] = connection.connect  # redis-py leaves it unannotated
-            await connect()
+            try:
+                await connect()
+            except BaseException:  # a timeout, say: the socket it may have opened goes with it
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+                raise
             # Taken over: the transport delivers to this module's protocol from here on, and redis-py's connection
             # object lets go of it (as its own close does), or collecting that object would close the connection.
             writer = cast(asyncio.StreamWriter, connection._writer)  # noqa: SLF001

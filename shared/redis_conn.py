@@ -265,10 +265,15 @@ async def run_script(
         return await via.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
 
 
-def scripts_via(client: AsyncClient) -> Pipelined | redis.asyncio.cluster.RedisCluster:
+def scripts_via(
+    client: AsyncClient, *, timeout_s: float | None = None
+) -> Pipelined | redis.asyncio.cluster.RedisCluster:
     """What `run_script` sends through for `client`: on a single Redis, a pipelined connection of its own (the
-    caller closes it), since a script per request through the pool costs ~30 us of CPU more a call."""
-    return client if isinstance(client, redis.asyncio.cluster.RedisCluster) else Pipelined(client.connection_pool)
+    caller closes it), since a script per request through the pool costs ~30 us of CPU more a call. There
+    `timeout_s` bounds each script's call (Pipelined's); a cluster's calls are the caller's to bound."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return client
+    return Pipelined(client.connection_pool, timeout_s=timeout_s)
 
 
 async def warm(client: AsyncClient, connections: int, scripts: list[redis.commands.core.AsyncScript]) -> None:

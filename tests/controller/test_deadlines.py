@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from kvbus.controller.app import create_app
-from kvbus.controller.deadlines import Deadlines
+from kvbus.controller.deadlines import Deadlines, extend
 from kvbus.shared import redis_conn
 from tests.conftest import SEED_TOKENS, Processes, RedisServer, free_port, wait_for, write_config
 from tests.controller.conftest import CheckedClient
@@ -242,3 +242,84 @@ def test_the_deadline_counts_from_the_body_s_arrival_so_a_slow_upload_is_no_stal
     assert status == 200 and body_in > 0.8  # three times the budget to upload, and still answered
     status, body_in, answered = _request(app_wait_s=5.0, upload=[b"{}"], gap_s=0.0)
     assert status == 503 and 0.3 <= answered - body_in < 0.3 + SLACK_S
+
+
+def _requests(plan: list[tuple[float, Callable[[Scope], Awaitable[None]]]]) -> list[tuple[int | None, float]]:
+    """Drive Deadlines (0.3 s for a lookup) around an app that runs each request's own work: request i starts at
+    plan[i][0] s and runs plan[i][1](scope). Answers each request's status (None when its task was cancelled by
+    something other than its deadline) and when its answer came, from its start."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await scope["work"](scope)
+        await Response(b"{}", media_type="application/json")(scope, receive, send)
+
+    middleware = Deadlines(app, redis_timeout_s=0.3, command_timeout_s=1.0)
+
+    async def one(at: float, work: Callable[[Scope], Awaitable[None]]) -> tuple[int | None, float]:
+        await asyncio.sleep(at)
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/lookup", "headers": [(b"content-length", b"2")]}
+        scope["work"] = work
+        try:
+            await middleware(scope, receive, send)
+        except asyncio.CancelledError:
+            return None, loop.time() - begun
+        return sent[0]["status"], loop.time() - begun
+
+    async def scenario() -> list[tuple[int | None, float]]:
+        return list(await asyncio.gather(*(one(at, work) for at, work in plan)))
+
+    return asyncio.run(scenario())
+
+
+async def _stall(scope: Scope) -> None:
+    await asyncio.sleep(5.0)
+
+
+async def _quick(scope: Scope) -> None:
+    await asyncio.sleep(0.1)
+
+
+def test_requests_sharing_a_budget_each_get_their_503_at_their_own_deadline() -> None:
+    # One timer serves every request of a budget: each stalled one still ends at its own start + 0.3 s, whether
+    # the requests before it ended early or stalled too.
+    starts = [0.0, 0.05, 0.1, 0.15, 0.2, 0.5]
+    answers = _requests([(at, _quick if n % 2 else _stall) for n, at in enumerate(starts)])
+    for n, (status, took) in enumerate(answers):
+        if n % 2:
+            assert status == 200 and took < 0.3, (n, status, took)
+        else:
+            assert status == 503 and 0.3 <= took < 0.3 + SLACK_S, (n, status, took)
+
+
+def test_an_extended_request_runs_past_its_budget_while_the_others_keep_theirs() -> None:
+    async def still_working(scope: Scope) -> None:
+        await asyncio.sleep(0.2)
+        # As the bus does when a worker signs it is still at it: the deadline moves to 2 x SILENCE_S past this.
+        extend(scope, asyncio.get_running_loop().time())
+        await asyncio.sleep(0.4)  # ends 0.6 s in: past the budget, within the extension
+
+    (extended, _), (stalled, took) = _requests([(0.0, still_working), (0.05, _stall)])
+    assert extended == 200
+    assert stalled == 503 and 0.3 <= took < 0.3 + SLACK_S
+
+
+def test_a_cancellation_that_is_not_the_deadline_s_goes_on_as_it_came() -> None:
+    async def cancelled_by_another(scope: Scope) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.1, task.cancel)  # a client that went away, say
+        await asyncio.sleep(5.0)
+
+    ((status, took),) = _requests([(0.0, cancelled_by_another)])
+    assert status is None and took < 0.3  # no 503 made up for it, and no wait for the deadline

@@ -155,6 +155,45 @@ def test_a_stalled_redis_fails_the_waiting_callers_after_the_socket_timeout_and_
     assert back == "back"
 
 
+def test_its_own_timeout_bounds_a_reply_and_a_reconnect_to_a_stalled_redis_short_of_the_socket_timeout(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    assert server.process is not None
+    pid = server.process.pid
+
+    async def timed(call: Awaitable[Any]) -> tuple[Any, float]:
+        started = time.monotonic()
+        try:
+            return await call, time.monotonic() - started
+        except redis.RedisError as exc:
+            return exc, time.monotonic() - started
+
+    async def scenario() -> list[tuple[Any, float]]:
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True, socket_timeout=5.0)
+        pipelined = Pipelined(client.connection_pool, timeout_s=0.3)
+        try:
+            assert await pipelined.call(pack(("PING",))) == "PONG"
+            os.kill(pid, signal.SIGSTOP)
+            # The first waits on the open connection; the second on a new one, whose handshake gets no answer.
+            answers = [await timed(pipelined.call(pack(("ECHO", n)))) for n in range(2)]
+            os.kill(pid, signal.SIGCONT)
+            return [*answers, await timed(pipelined.call(pack(("ECHO", "back"))))]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await pipelined.aclose()
+            await client.aclose()
+
+    try:
+        (stalled, waited), (reopening, reopen_waited), (back, _) = asyncio.run(scenario())
+    finally:
+        server.kill()
+    assert isinstance(stalled, redis.TimeoutError) and 0.25 < waited < 1.0
+    assert isinstance(reopening, redis.TimeoutError) and "connecting" in str(reopening) and reopen_waited < 1.0
+    assert back == "back"
+
+
 def test_a_closed_connection_fails_its_callers_and_does_not_reopen(redis_server: RedisServer) -> None:
     async def scenario(pipelined: Pipelined, client: redis.asyncio.Redis) -> list[Any]:
         waiting = asyncio.ensure_future(pipelined.call(pack(("BLPOP", "pipelined:never", 1))))
