@@ -26,8 +26,9 @@ from tests.engine.conftest import SHAPE
 
 INSTANCE = "engine-stalled"
 STALL_S = 6.0  # past one 5 s socket timeout of the agent's client, so its retries happen mid-stall too
-# 300 tokens each: a full chunk and a 44-token tail, so two index entries a prompt.
-PROMPTS = [list(range(1000 + 300 * i, 1300 + 300 * i)) for i in range(40)]
+# 300 tokens each: a full chunk and a 44-token tail, so two index entries a prompt. Enough for a fast box to
+# serve a cold one every 20 ms of the stall.
+PROMPTS = [list(range(1000 + 300 * i, 1300 + 300 * i)) for i in range(int(STALL_S / 0.02))]
 
 
 @pytest.fixture
