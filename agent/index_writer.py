@@ -195,10 +195,14 @@ class IndexWriter:
 
     def cleared(self, location: Location) -> None:
         with self._ops_lock:
-            delta = self._deltas.setdefault(location, _LocationDelta())
+            delta = self._deltas.get(location)
             if location in self._clean:
+                if delta is None:
+                    return  # Redis holds nothing of it and nothing is pending: nothing to do, nothing to count
                 delta.dropped()  # Redis holds nothing of it: what is pending is all there is to clear
             else:
+                if delta is None:
+                    delta = self._deltas[location] = _LocationDelta()
                 delta.replaced(())
             pending = self._counted()
         self._nudge(pending)
@@ -273,6 +277,11 @@ class IndexWriter:
         """Take every pending op, encoded for a single Redis, for the caller to send ahead of its own commands;
         None when there is nothing to send. Until the caller hands the replies back (`written`) or gives up
         (`not_written`), no other flush is sent, so nothing reported since can reach Redis before these."""
+        if self._written_count >= self._queued_count:
+            # Every op reported is in Redis, none pending or in flight: nothing to send ahead, no lock to take.
+            # (An op another thread reports meanwhile wakes the background thread, as when the hold ends.)
+            self._held_by = None
+            return None
         self._send_lock.acquire()
         try:
             deltas, upto, count = self._take_deltas()

@@ -635,3 +635,44 @@ def test_what_the_holder_reports_waits_for_it_and_what_others_report_does_not(cl
         wait_for(lambda: client.hlen(keys.index(INSTANCE, 0, CPU)) == 0, timeout=5, what="background flush")
     finally:
         writer.stop()
+
+
+def test_the_holder_s_take_waits_for_a_background_flush_in_flight_that_carries_its_ops(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvbus.agent import index_writer
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    backend, writer = make(client)
+    release, flushing = threading.Event(), threading.Event()
+    exchange = index_writer._exchange
+
+    def slow(connection: redis.Redis, commands: Iterable[tuple[bytes, int]]) -> list[object]:
+        flushing.set()
+        release.wait(10)
+        return exchange(connection, commands)
+
+    monkeypatch.setattr(index_writer, "_exchange", slow)
+    writer.start()
+    try:
+        writer.hold()
+        mine = list(range(8))
+        backend.store(mine, kv(mine))  # the holder's: left for it to take
+        other = [50, 51]
+        engine = threading.Thread(target=backend.store, args=(other, kv(other)))
+        engine.start()  # another thread's op wakes the background thread, which takes the holder's with it
+        engine.join()
+        assert flushing.wait(5)
+        taken: list[object] = []
+        holder = threading.Thread(target=lambda: taken.append(writer.take()))
+        holder.start()
+        holder.join(0.3)
+        assert holder.is_alive()  # its ops are in flight, not yet in Redis: it may not answer before they are
+        release.set()
+        holder.join(10)
+        assert taken == [None]  # nothing left to send ahead of its answer
+        assert client.hlen(keys.index(INSTANCE, 0, CPU)) == 3  # and what it reported is in Redis
+    finally:
+        release.set()
+        writer.stop()
+        client.close()
