@@ -134,9 +134,11 @@ def test_many_chunks_go_out_in_few_commands(redis_url: str) -> None:
 
 
 def _watch_fields(monkeypatch: pytest.MonkeyPatch, steps: dict[int, Callable[[str], None]]) -> None:
-    """Run `steps[n](index_key)` when a flush has made n of a location's index commands, before the next one."""
+    """Run `steps[n](index_key)` when a flush has made n of a location's index commands, before the next one;
+    the flush sends every HSET as soon as it is made."""
     from kvbus.agent import index_writer
 
+    monkeypatch.setattr(index_writer, "SEND_BYTES", 64 * 1024)
     fields = index_writer._fields
 
     def watched(index_key: str, delta: Any) -> Iterator[tuple[bytes, int]]:
@@ -149,7 +151,7 @@ def _watch_fields(monkeypatch: pytest.MonkeyPatch, steps: dict[int, Callable[[st
 
 
 def _admit_5000(writer: IndexWriter) -> None:
-    """Five HSETs of 1000 fields, each more than SEND_BYTES, so each goes out as soon as it is made."""
+    """Five HSETs of 1000 fields, of ~80 KiB each."""
     for n in range(5000):
         writer.admitted(CPU, IndexEntry(f"{n:064x}", 256, n % 32 == 0))
 
