@@ -66,17 +66,19 @@ class _Budget:
     set and cancelled per request, as asyncio.timeout does, cost the controller a tenth of its CPU at 32
     requests in flight.) A request extended past its budget leaves the order for a timer of its own."""
 
-    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._loop = loop
         self._running: dict[_Running, None] = {}  # in the order they started, so in the order they are due
-        self._timer: asyncio.TimerHandle | None = None
+        # Whether the timer is set. Only a flag: the handle would hold the loop, which Deadlines holds weakly.
+        self._armed = False
 
     def start(self, running: _Running) -> None:
-        running.due = self._loop.time() + self.seconds
+        loop = asyncio.get_running_loop()
+        running.due = loop.time() + self.seconds
         self._running[running] = None
-        if self._timer is None:
-            self._timer = self._loop.call_at(running.due, self._expire)
+        if not self._armed:
+            self._armed = True
+            loop.call_at(running.due, self._expire)
 
     def stop(self, running: _Running) -> None:
         """Its answer is out, or it failed: its deadline no longer applies. The timer stays for the next due."""
@@ -89,16 +91,18 @@ class _Budget:
         if running.timer is not None:
             running.timer.cancel()
         running.due = due
-        running.timer = self._loop.call_at(due, running.expire)
+        running.timer = asyncio.get_running_loop().call_at(due, running.expire)
 
     def _expire(self) -> None:
-        self._timer = None
-        now = self._loop.time()
+        self._armed = False
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         while self._running:
             oldest = next(iter(self._running))
             assert oldest.due is not None
             if oldest.due > now:
-                self._timer = self._loop.call_at(oldest.due, self._expire)
+                self._armed = True
+                loop.call_at(oldest.due, self._expire)
                 return
             del self._running[oldest]
             oldest.expire()
@@ -129,7 +133,7 @@ class Deadlines:
     def _budget(self, loop: asyncio.AbstractEventLoop, path: str) -> _Budget:
         budgets = self._loops.get(loop)
         if budgets is None:
-            budgets = self._loops[loop] = (_Budget(self._query_s, loop), _Budget(self._command_s, loop))
+            budgets = self._loops[loop] = (_Budget(self._query_s), _Budget(self._command_s))
         return budgets[path in COMMAND_PATHS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,8 +6,10 @@ Redis does. Before, each request waited out three 5 s socket timeouts: 15 s for 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,3 +325,25 @@ def test_a_cancellation_that_is_not_the_deadline_s_goes_on_as_it_came() -> None:
 
     ((status, took),) = _requests([(0.0, cancelled_by_another)])
     assert status is None and took < 0.3  # no 503 made up for it, and no wait for the deadline
+
+
+def test_the_middleware_keeps_no_event_loop_it_served_alive() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await Response(b"{}", media_type="application/json")(scope, receive, send)
+
+    middleware = Deadlines(app, redis_timeout_s=1.0, command_timeout_s=1.0)
+
+    async def one() -> asyncio.AbstractEventLoop:
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await middleware({"type": "http", "method": "GET", "path": "/healthz", "headers": []}, receive, send)
+        return asyncio.get_running_loop()
+
+    served = [weakref.ref(asyncio.run(one())) for _ in range(3)]  # as tests serve one app from loop after loop
+    gc.collect()
+    assert [loop() for loop in served] == [None, None, None]  # each went with its run, its deadline timer set
