@@ -87,9 +87,7 @@ class _Budget:
             running.timer.cancel()
 
     def extend(self, running: _Running, due: float) -> None:
-        self._running.pop(running, None)
-        if running.timer is not None:
-            running.timer.cancel()
+        self.stop(running)  # out of the order, and any timer of its own replaced
         running.due = due
         running.timer = asyncio.get_running_loop().call_at(due, running.expire)
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
@@ -21,7 +18,7 @@ import redis.exceptions
 from kvbus.shared import redis_conn
 from kvbus.shared.pipelined import Pipelined
 from kvbus.shared.resp import pack
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 
 T = TypeVar("T")
 
@@ -120,49 +117,50 @@ def test_a_killed_connection_is_replaced_and_its_caller_retried_once(redis_serve
     assert _with_pipelined(redis_server.url, scenario) == [True, None, "still here"]
 
 
-def test_a_stalled_redis_fails_the_waiting_callers_after_the_socket_timeout_and_the_next_call_reconnects(
-    tmp_path: Path,
-) -> None:
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    assert server.process is not None
-    pid = server.process.pid
+def _through_a_stall(
+    server: RedisServer,
+    socket_timeout_s: float,
+    timeout_s: float | None,
+    stalled: Callable[[Pipelined], Awaitable[T]],
+) -> tuple[T, Any]:
+    """A Pipelined on `server` (a PING first), `stalled(pipelined)` while Redis is stopped, then one more call
+    once it is back: what `stalled` returned and that call's reply."""
 
-    async def scenario() -> tuple[list[Any], float, Any]:
-        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.5)
-        pipelined = Pipelined(client.connection_pool)
+    async def run() -> tuple[T, Any]:
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True, socket_timeout=socket_timeout_s)
+        pipelined = Pipelined(client.connection_pool, timeout_s=timeout_s)
         try:
             assert await pipelined.call(pack(("PING",))) == "PONG"
-            os.kill(pid, signal.SIGSTOP)
-            started = time.monotonic()
-            stalled = await asyncio.gather(
-                *(pipelined.call(pack(("ECHO", n))) for n in range(3)), return_exceptions=True
-            )
-            waited = time.monotonic() - started
-            os.kill(pid, signal.SIGCONT)
-            return stalled, waited, await pipelined.call(pack(("ECHO", "back")))
+            server.pause()
+            try:
+                during = await stalled(pipelined)
+            finally:
+                server.resume()
+            return during, await pipelined.call(pack(("ECHO", "back")))
         finally:
-            os.kill(pid, signal.SIGCONT)
             await pipelined.aclose()
             await client.aclose()
 
-    try:
-        stalled, waited, back = asyncio.run(scenario())
-    finally:
-        server.kill()
+    return asyncio.run(run())
+
+
+def test_a_stalled_redis_fails_the_waiting_callers_after_the_socket_timeout_and_the_next_call_reconnects(
+    stallable_redis: RedisServer,
+) -> None:
+    async def three(pipelined: Pipelined) -> tuple[list[Any], float]:
+        started = time.monotonic()
+        stalled = await asyncio.gather(*(pipelined.call(pack(("ECHO", n))) for n in range(3)), return_exceptions=True)
+        return stalled, time.monotonic() - started
+
+    (stalled, waited), back = _through_a_stall(stallable_redis, 0.5, None, three)
     assert all(isinstance(error, redis.TimeoutError) for error in stalled)
     assert 0.4 < waited < 2.0
     assert back == "back"
 
 
 def test_its_own_timeout_bounds_a_reply_and_a_reconnect_to_a_stalled_redis_short_of_the_socket_timeout(
-    tmp_path: Path,
+    stallable_redis: RedisServer,
 ) -> None:
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    assert server.process is not None
-    pid = server.process.pid
-
     async def timed(call: Awaitable[Any]) -> tuple[Any, float]:
         started = time.monotonic()
         try:
@@ -170,25 +168,11 @@ def test_its_own_timeout_bounds_a_reply_and_a_reconnect_to_a_stalled_redis_short
         except redis.RedisError as exc:
             return exc, time.monotonic() - started
 
-    async def scenario() -> list[tuple[Any, float]]:
-        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True, socket_timeout=5.0)
-        pipelined = Pipelined(client.connection_pool, timeout_s=0.3)
-        try:
-            assert await pipelined.call(pack(("PING",))) == "PONG"
-            os.kill(pid, signal.SIGSTOP)
-            # The first waits on the open connection; the second on a new one, whose handshake gets no answer.
-            answers = [await timed(pipelined.call(pack(("ECHO", n)))) for n in range(2)]
-            os.kill(pid, signal.SIGCONT)
-            return [*answers, await timed(pipelined.call(pack(("ECHO", "back"))))]
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            await pipelined.aclose()
-            await client.aclose()
+    async def two(pipelined: Pipelined) -> list[tuple[Any, float]]:
+        # The first waits on the open connection; the second on a new one, whose handshake gets no answer.
+        return [await timed(pipelined.call(pack(("ECHO", n)))) for n in range(2)]
 
-    try:
-        (stalled, waited), (reopening, reopen_waited), (back, _) = asyncio.run(scenario())
-    finally:
-        server.kill()
+    [(stalled, waited), (reopening, reopen_waited)], back = _through_a_stall(stallable_redis, 5.0, 0.3, two)
     assert isinstance(stalled, redis.TimeoutError) and 0.25 < waited < 1.0
     assert isinstance(reopening, redis.TimeoutError) and "connecting" in str(reopening) and reopen_waited < 1.0
     assert back == "back"
