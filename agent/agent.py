@@ -84,6 +84,10 @@ class Agent:
         )
         self.peer: PeerServer | None = None
         self._stop = threading.Event()
+        # Held until stop(): the heartbeat thread sleeps by acquiring it with a timeout, one call into C, where
+        # Event.wait runs a Condition's Python code, which an idle engine pays for every second on cold caches.
+        self._beating = threading.Lock()
+        self._beating.acquire()
         self._detached = threading.Event()  # set once an answer is out while a backend holds detached chunks
         self._reregistering = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -141,6 +145,8 @@ class Agent:
         nothing this rank no longer serves. The last worker also takes the instance away.
         """
         self._stop.set()
+        if self._beating.locked():
+            self._beating.release()
         self.consumer.interrupt()
         self._detached.set()  # wakes the reclaim thread, to end
         for thread in self._threads:
@@ -216,7 +222,7 @@ class Agent:
         # Heartbeats keep their own cadence during an outage: the next one is the retry.
         outage = Outage(log, "heartbeat to Redis", backoff_s=self.config.heartbeat_interval)
         serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
-        while not self._stop.wait(self.config.heartbeat_interval):
+        while not self._beating.acquire(timeout=self.config.heartbeat_interval):
             try:
                 if not self.registration.heartbeat():
                     self._reregister("Redis no longer knows this instance (restarted or flushed)")

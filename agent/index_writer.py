@@ -248,6 +248,8 @@ class IndexWriter:
 
     def take_resync_request(self) -> list[Location]:
         """Locations whose queued ops were dropped; the owner republishes them from its backends."""
+        if not self._resync_needed and not self._overflowed:
+            return []  # without the lock: the heartbeat asks every second, and a request missed now waits a beat
         with self._ops_lock:
             locations, self._resync_needed = self._resync_needed, []
             self._overflowed = False

@@ -31,7 +31,7 @@ def encode(record: msgspec.Struct) -> Fields:
         value = getattr(record, name)
         if default is not _REQUIRED and value == default:
             continue
-        fields[name] = _text_of(value)
+        fields[name] = text_of(value)
     return fields
 
 
@@ -41,7 +41,7 @@ def encode_some(record_type: type[msgspec.Struct], /, **values: Any) -> Fields:
     unknown = values.keys() - names
     if unknown:
         raise TypeError(f"{record_type.__name__} has no field {', '.join(sorted(unknown))}")
-    encoded: Fields = {name: _text_of(value) for name, value in values.items()}
+    encoded: Fields = {name: text_of(value) for name, value in values.items()}
     return encoded
 
 
@@ -62,7 +62,8 @@ def field_names(kind: type[msgspec.Struct]) -> tuple[str, ...]:
     return tuple(name for name, _ in _defaults(kind))
 
 
-def _text_of(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """One field's value as `encode` writes it: text as it is, anything else as JSON."""
     if isinstance(value, str):
         return str(value)
     return msgspec.json.encode(value).decode()
