@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+import redis
+
 from kvbus.agent.backends import StorageBackend, make_backends
 from kvbus.agent.consumer import CommandConsumer
 from kvbus.agent.handlers import CommandHandlers
@@ -222,11 +224,13 @@ class Agent:
         # Heartbeats keep their own cadence during an outage: the next one is the retry.
         outage = Outage(log, "heartbeat to Redis", backoff_s=self.config.heartbeat_interval)
         serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
+        # Asked once: redis-py's clients are typing Protocols, whose isinstance runs Python code.
+        cluster = isinstance(self._redis, redis.cluster.RedisCluster)
         while not self._beating.acquire(timeout=self.config.heartbeat_interval):
             try:
                 if not self.registration.heartbeat():
                     self._reregister("Redis no longer knows this instance (restarted or flushed)")
-                now_serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
+                now_serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id)) if cluster else None
                 if now_serving != serving:
                     # A replica that took over may lack the master's last writes (replication is asynchronous).
                     self._reregister(f"its slot moved from {serving} to {now_serving} (a failover or a resharding)")
