@@ -47,3 +47,23 @@ def test_a_stop_ends_the_wait() -> None:
     stop.set()
     waiting.join(10)
     assert outcome == [False]
+
+
+def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
+    config = KVBusConfig(
+        enable_controller=True,
+        redis_url=redis_url,
+        lmcache_instance_id=INSTANCE,
+        heartbeat_interval=600.0,
+        heartbeat_ttl=900.0,
+    )
+    agent = Agent(config, model=MODEL)
+    agent.start()
+    beating = [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+    assert len(beating) == 1 and beating[0].is_alive()
+    agent.stop()
+    # stop() waits 10 s for each thread: one still asleep in its 600 s beat interval would outlive it.
+    assert not beating[0].is_alive()
+    client = redis.Redis.from_url(redis_url)
+    assert not client.sismember(keys.INSTANCES, INSTANCE)
+    client.close()
