@@ -59,6 +59,8 @@ return {now[1], now[2], seen, written, unpack(reads)}
 
 StatsByLocation = dict[str, BackendStats]
 
+WAKE = "stop"  # what `wake` pushes
+
 
 @dataclass(frozen=True)
 class WorkerAddress:
@@ -96,10 +98,17 @@ class Registration:
         self._clock_offset_ms = 0
         self.registered_at = time.time()
         # The heartbeat thread's, on a single Redis: a beat a second costs an idle engine its CPU.
-        self._own = OwnConnection(client.connection_pool) if isinstance(client, redis.Redis) else None
+        self._own: OwnConnection | None = None
+        self._longest_wait_s = 0.0  # what `heartbeat` may wait in Redis: nothing on a cluster
+        if isinstance(client, redis.Redis):
+            self._own = OwnConnection(client.connection_pool)
+            # A beat's wait and its reply come within the connection's socket timeout, with room to spare.
+            timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+            self._longest_wait_s = timeout_s / 2 if timeout_s else float("inf")
         self._published: FleetEntry | None = None  # the fleet entry this worker wrote last
         self._seen = ""  # what the reads it came from found, as the beat script spells it (JSON)
         self._stats_sent: StatsByLocation | None = None  # what the worker record has, as the own beat wrote it
+        self._wake_key = keys.beat_wake(instance_id, worker_id)
         beat_keys = (
             keys.alive(instance_id),
             keys.info(instance_id),
@@ -119,6 +128,19 @@ class Registration:
             keys.command_group(worker_id),
             keys.head_member(instance_id, worker_id),
         )
+
+    def waits_in_redis(self, seconds: float) -> bool:
+        """Whether `heartbeat` can wait `seconds` in Redis before it beats: on a single Redis (the heartbeat's own
+        connection), for waits well within the connection's socket timeout."""
+        return seconds <= self._longest_wait_s
+
+    def wake(self) -> None:
+        """End the wait of a `heartbeat` under way now, or else the next one's at once: for a stopping agent. The
+        push expires with the heartbeat TTL, in case no heartbeat takes it. Raises redis.RedisError."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lpush(self._wake_key, WAKE)
+        pipe.pexpire(self._wake_key, self._ttl_ms)
+        pipe.execute()
 
     def now_ms(self) -> int:
         """Redis server time, in ms, as estimated at the last heartbeat."""
@@ -193,14 +215,21 @@ class Registration:
                 age,
             )
 
-    def heartbeat(self) -> bool:
+    def heartbeat(self, wait_s: float = 0.0) -> bool:
         """Refresh liveness and this worker's fleet entry; False when Redis no longer knows this instance (it
-        restarted, or was flushed): the entry then waits for the registration that follows."""
-        now = time.time()
+        restarted, or was flushed): the entry then waits for the registration that follows.
+
+        `wait_s`: beat that long from now, or at `wake`, waiting in Redis (where `waits_in_redis`). The beat goes
+        out at once behind a BLPOP of that long, and Redis runs it when the BLPOP ends and answers both together:
+        the thread wakes once a beat, by its socket, where sleeping first woke it twice, once by a timer. On cold
+        caches that was 0.04 against 0.032 % of a core for an idle agent. The beat is stamped with the time it is
+        due, and its stats are those of when it went out, a wait before it runs."""
+        assert wait_s <= self._longest_wait_s, "the wait must be one waits_in_redis allows"
+        now = time.time() + wait_s
         stats = self._stats() if self._stats is not None else None
         locations = [str(location) for location in self._locations]
         if self._own is not None:
-            return self._beat_own(self._own, now, stats, locations)
+            return self._beat_own(self._own, now, stats, locations, wait_s)
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
@@ -217,21 +246,28 @@ class Registration:
         self._sync_clock()  # a call of its own: a cluster pipeline takes no TIME
         return known
 
-    def _beat_own(self, own: OwnConnection, now: float, stats: StatsByLocation | None, locations: list[str]) -> bool:
+    def _beat_own(
+        self, own: OwnConnection, now: float, stats: StatsByLocation | None, locations: list[str], wait_s: float
+    ) -> bool:
         """`heartbeat` on the own connection, in one script call (`_BEAT`): the same writes and reads, and the
         clock. When the reads find what the last beat's did, the script writes the fleet entry built from them,
         which is then exact, so an idle agent's beat is one round trip; otherwise the entry follows."""
         entry = self._entry(now, stats) if self._published is not None else None
         # Stats the record has already are not sent again: an idle engine's stay the same for hours.
         record = WorkerRecord.heartbeat(now, stats if stats != self._stats_sent else None)
-        before = time.time()
-        seconds, micros, seen, written, *reads = own.call(
+        beat: Args = (
             *self._beat_start,
             self._seen if entry is not None else "",
             entry.encode() if entry is not None else "",
             *(str(v) for item in record.items() for v in item),
         )
-        self._set_clock((int(seconds), int(micros)), before, time.time())
+        # BLPOP's 0 would wait for good; the timeout is in seconds, to the ms.
+        commands = [("BLPOP", self._wake_key, f"{wait_s:.3f}"), beat] if wait_s >= 0.001 else [beat]
+        before = time.time()
+        *_, (seconds, micros, seen, written, *reads) = own.batch(commands)
+        after = time.time()
+        # After a wait, the script ran just before the answer came: as if sent then.
+        self._set_clock((int(seconds), int(micros)), after if len(commands) > 1 else before, after)
         if seen is None:
             return False
         self._seen, self._stats_sent = seen, stats
@@ -277,12 +313,15 @@ class Registration:
         which also withdraws this rank's head hints; removing them here keeps a bare deregistration whole.
         """
         rank_keys = [
-            key
-            for location in self._locations
-            for key in (
-                keys.index(self._instance, self._worker, location),
-                keys.heads(self._instance, self._worker, location),
-            )
+            self._wake_key,
+            *(
+                key
+                for location in self._locations
+                for key in (
+                    keys.index(self._instance, self._worker, location),
+                    keys.heads(self._instance, self._worker, location),
+                )
+            ),
         ]
         last = deregistration.deregister(self._redis, self._instance, self._worker, own=rank_keys)
         self.lifecycle(LifecycleKind.DEREGISTERED, "clean shutdown" + (", last worker of the instance" if last else ""))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from kvbus.agent.agent import Agent
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
-from tests.conftest import MODEL, RedisServer, free_port
+from tests.conftest import MODEL, RedisServer, free_port, wait_for
 
 INSTANCE = "late-redis"
 
@@ -67,3 +69,53 @@ def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     assert not client.sismember(keys.INSTANCES, INSTANCE)
     client.close()
+
+
+def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connections with a long socket timeout, so that a 20 s beat interval can be waited in Redis.
+    monkeypatch.setattr(redis_conn, "COMMAND_TIMEOUT_S", 60.0)
+    config = KVBusConfig(
+        enable_controller=True,
+        redis_url=redis_url,
+        lmcache_instance_id=INSTANCE,
+        heartbeat_interval=20.0,
+        heartbeat_ttl=60.0,
+    )
+    agent = Agent(config, model=MODEL)
+    agent.start()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="the heartbeat's wait in Redis")
+    beating = [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+    agent.stop()
+    # stop() waits 10 s for each thread: one left in its 20 s wait would outlive it.
+    assert not beating[0].is_alive()
+    assert not client.exists(keys.beat_wake(INSTANCE, 0)) and not client.sismember(keys.INSTANCES, INSTANCE)
+    client.close()
+
+
+def test_a_heartbeat_whose_wait_fails_still_beats_at_its_pace(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = KVBusConfig(
+        enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.2
+    )
+    agent = Agent(config, model=MODEL)
+    beats: list[float] = []
+    heartbeat = agent.registration.heartbeat
+
+    def counted(wait_s: float = 0.0) -> bool:
+        beats.append(wait_s)
+        return heartbeat(wait_s)
+
+    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.set(keys.beat_wake(INSTANCE, 0), "not a list")  # every wait fails at once: WRONGTYPE
+    agent.start()
+    try:
+        time.sleep(1.0)
+        assert 2 <= len(beats) <= 20, f"{len(beats)} beats in 1 s at a 0.2 s interval"
+        assert 0.0 in beats  # the beats that followed a failure slept first and did not wait in Redis
+        assert client.pttl(keys.alive(INSTANCE)) > 0
+    finally:
+        agent.stop()
+        client.close()
