@@ -264,8 +264,13 @@ class Registration:
         # BLPOP's 0 would wait for good; the timeout is in seconds, to the ms.
         commands = [("BLPOP", self._wake_key, f"{wait_s:.3f}"), beat] if wait_s >= 0.001 else [beat]
         before = time.time()
-        *_, (seconds, micros, seen, written, *reads) = own.batch(commands)
+        *waited, answer = own.batch(commands, raise_errors=False)
         after = time.time()
+        if waited and isinstance(waited[0], redis.ResponseError):
+            self._refused_wait(waited[0])  # the beat itself ran at once
+        if isinstance(answer, redis.ResponseError):
+            raise answer
+        seconds, micros, seen, written, *reads = answer
         # After a wait, the script ran just before the answer came: as if sent then.
         self._set_clock((int(seconds), int(micros)), after if len(commands) > 1 else before, after)
         if seen is None:
@@ -276,6 +281,17 @@ class Registration:
             found = fleet_entry.found(iter([*counts, _groups(groups), _pending(pending)]), self._worker, locations)
             self._publish(now, stats, found)
         return True
+
+    def _refused_wait(self, error: redis.ResponseError) -> None:
+        """Redis refused a beat's wait (an ACL without BLPOP, or something else stored at the wake key): the beats
+        sleep before they go from now on, rather than fail every other time."""
+        self._longest_wait_s = 0.0
+        log.warning(
+            "Redis refused the heartbeat's wait on %s (%s); heartbeats sleep on their own from now on, at some "
+            "CPU cost to an idle engine: allow BLPOP on that key, or delete what is stored there, then restart",
+            self._wake_key,
+            error,
+        )
 
     def _publish(self, now: float, stats: StatsByLocation | None, found: fleet_entry.Found) -> None:
         """Write the entry /metrics and the dashboard read: a field of a fleet-wide hash, in another slot."""

@@ -95,7 +95,9 @@ def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
     client.close()
 
 
-def test_a_heartbeat_whose_wait_fails_still_beats_at_its_pace(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     config = KVBusConfig(
         enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.2
     )
@@ -114,8 +116,11 @@ def test_a_heartbeat_whose_wait_fails_still_beats_at_its_pace(redis_url: str, mo
     try:
         time.sleep(1.0)
         assert 2 <= len(beats) <= 20, f"{len(beats)} beats in 1 s at a 0.2 s interval"
-        assert 0.0 in beats  # the beats that followed a failure slept first and did not wait in Redis
+        assert beats[0] == 0.2 and set(beats[1:]) == {0.0}  # after the refusal, each beat sleeps first
         assert client.pttl(keys.alive(INSTANCE)) > 0
+        refused = [m for m in caplog.messages if "refused the heartbeat's wait" in m]
+        assert len(refused) == 1 and keys.beat_wake(INSTANCE, 0) in refused[0] and "WRONGTYPE" in refused[0]
+        assert not any("heartbeat to Redis" in m for m in caplog.messages)  # no outage: the beats ran
     finally:
         agent.stop()
         client.close()
