@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class Registration:
         self.registered_at = time.time()
         # The heartbeat thread's, on a single Redis: a beat a second costs an idle engine its CPU.
         self._own: OwnConnection | None = None
+        self._own_turn = threading.Lock()
         self._longest_wait_s = 0.0  # what `heartbeat` may wait in Redis: nothing on a cluster
         if isinstance(client, redis.Redis):
             self._own = OwnConnection(client.connection_pool)
@@ -223,13 +225,17 @@ class Registration:
         out at once behind a BLPOP of that long, and Redis runs it when the BLPOP ends and answers both together:
         the thread wakes once a beat, by its socket, where sleeping first woke it twice, once by a timer: eight
         idle agents beside eight that slept first used 0.033 against 0.042 % of a core each. The beat is stamped
-        with the time it is due, and its stats are those of when it went out, a wait before it runs."""
+        with the time it is due. Its stats are those of when it went out: should they change during the wait,
+        a beat with those of now follows at once, so that the entry's stats and index are of one moment."""
         assert wait_s <= self._longest_wait_s, "the wait must be one waits_in_redis allows"
-        now = time.time() + wait_s
+        if self._own is not None:
+            # The heartbeat thread's beat waits on the own connection; another caller's beat (a test's, say)
+            # takes its turn after it, and its stamp and stats are of its turn.
+            with self._own_turn:
+                return self._beat_own(self._own, wait_s)
+        now = time.time()
         stats = self._stats() if self._stats is not None else None
         locations = [str(location) for location in self._locations]
-        if self._own is not None:
-            return self._beat_own(self._own, now, stats, locations, wait_s)
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.alive(self._instance), self._worker, px=self._ttl_ms)
         pipe.exists(keys.info(self._instance), keys.worker(self._instance, self._worker))
@@ -246,12 +252,13 @@ class Registration:
         self._sync_clock()  # a call of its own: a cluster pipeline takes no TIME
         return known
 
-    def _beat_own(
-        self, own: OwnConnection, now: float, stats: StatsByLocation | None, locations: list[str], wait_s: float
-    ) -> bool:
+    def _beat_own(self, own: OwnConnection, wait_s: float) -> bool:
         """`heartbeat` on the own connection, in one script call (`_BEAT`): the same writes and reads, and the
         clock. When the reads find what the last beat's did, the script writes the fleet entry built from them,
         which is then exact, so an idle agent's beat is one round trip; otherwise the entry follows."""
+        now = time.time() + wait_s
+        stats = self._stats() if self._stats is not None else None
+        locations = [str(location) for location in self._locations]
         entry = self._entry(now, stats) if self._published is not None else None
         # Stats the record has already are not sent again: an idle engine's stay the same for hours.
         record = WorkerRecord.heartbeat(now, stats if stats != self._stats_sent else None)
@@ -280,6 +287,8 @@ class Registration:
             *counts, groups, pending = reads
             found = fleet_entry.found(iter([*counts, _groups(groups), _pending(pending)]), self._worker, locations)
             self._publish(now, stats, found)
+        if wait_s and self._stats is not None and self._stats() != stats:
+            return self._beat_own(own, 0.0)  # what the backends hold changed during the wait
         return True
 
     def _refused_wait(self, error: redis.ResponseError) -> None:

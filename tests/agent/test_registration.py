@@ -13,7 +13,7 @@ from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from kvbus.shared.records import FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
+from kvbus.shared.records import BackendStats, FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
 from tests.conftest import wait_for
 
 INSTANCE = "inst-r"
@@ -215,5 +215,33 @@ def test_a_cluster_beat_never_waits_in_redis(cluster_url: str) -> None:
         assert not registration.waits_in_redis(0.001) and registration.waits_in_redis(0.0)
         registration.register()
         assert registration.heartbeat() is True
+    finally:
+        client.close()
+
+
+def test_stats_that_change_during_a_beats_wait_go_out_at_once_after_it(redis_url: str) -> None:
+    held = [BackendStats(chunks=1, tokens=256, bytes=100, capacity_bytes=1000)]
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
+    try:
+        registration = Registration(
+            client,
+            instance_id=INSTANCE,
+            worker_id=0,
+            space=HashSpace("m", 256),
+            locations=[Location.CPU],
+            address=WorkerAddress("10.0.0.7", 8001, None),
+            ttl_s=5,
+            stats=lambda: {"LocalCPUBackend": held[0]},
+        )
+        registration.register()
+        waiting = threading.Thread(target=registration.heartbeat, kwargs={"wait_s": 1.0})
+        waiting.start()
+        wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="the beat's wait in Redis")
+        held[0] = BackendStats(chunks=0, tokens=0, bytes=0, capacity_bytes=1000)  # a clear, during the wait
+        waiting.join(5.0)
+        record = WorkerRecord.decode(client.hgetall(keys.worker(INSTANCE, 0)))
+        assert record.stats == {"LocalCPUBackend": held[0]}
+        entry = msgspec.json.decode(client.hget(keys.fleet_shard(INSTANCE), f"0:{INSTANCE}"), type=FleetEntry)
+        assert entry.stats == {"LocalCPUBackend": held[0]}
     finally:
         client.close()
