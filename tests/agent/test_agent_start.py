@@ -12,7 +12,7 @@ import redis
 from kvbus.agent.agent import Agent
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
-from tests.conftest import MODEL, RedisServer, free_port, wait_for
+from tests.conftest import MODEL, RedisServer, free_port, wait_for_a_beat_waiting
 
 INSTANCE = "late-redis"
 
@@ -51,17 +51,25 @@ def test_a_stop_ends_the_wait() -> None:
     assert outcome == [False]
 
 
-def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
+def beating_agent(redis_url: str, *, interval_s: float, ttl_s: float) -> Agent:
     config = KVBusConfig(
         enable_controller=True,
         redis_url=redis_url,
         lmcache_instance_id=INSTANCE,
-        heartbeat_interval=600.0,
-        heartbeat_ttl=900.0,
+        heartbeat_interval=interval_s,
+        heartbeat_ttl=ttl_s,
     )
-    agent = Agent(config, model=MODEL)
+    return Agent(config, model=MODEL)
+
+
+def heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+
+
+def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
+    agent = beating_agent(redis_url, interval_s=600.0, ttl_s=900.0)
     agent.start()
-    beating = [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+    beating = heartbeat_threads()
     assert len(beating) == 1 and beating[0].is_alive()
     agent.stop()
     # stop() waits 10 s for each thread: one still asleep in its 600 s beat interval would outlive it.
@@ -76,18 +84,11 @@ def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
 ) -> None:
     # Connections with a long socket timeout, so that a 20 s beat interval can be waited in Redis.
     monkeypatch.setattr(redis_conn, "COMMAND_TIMEOUT_S", 60.0)
-    config = KVBusConfig(
-        enable_controller=True,
-        redis_url=redis_url,
-        lmcache_instance_id=INSTANCE,
-        heartbeat_interval=20.0,
-        heartbeat_ttl=60.0,
-    )
-    agent = Agent(config, model=MODEL)
+    agent = beating_agent(redis_url, interval_s=20.0, ttl_s=60.0)
     agent.start()
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="the heartbeat's wait in Redis")
-    beating = [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+    wait_for_a_beat_waiting(client)
+    beating = heartbeat_threads()
     agent.stop()
     # stop() waits 10 s for each thread: one left in its 20 s wait would outlive it.
     assert not beating[0].is_alive()
@@ -98,10 +99,7 @@ def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
 def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = KVBusConfig(
-        enable_controller=True, redis_url=redis_url, lmcache_instance_id=INSTANCE, heartbeat_interval=0.2
-    )
-    agent = Agent(config, model=MODEL)
+    agent = beating_agent(redis_url, interval_s=0.2, ttl_s=5.0)
     beats: list[float] = []
     heartbeat = agent.registration.heartbeat
 

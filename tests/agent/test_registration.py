@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import fakeredis
 import msgspec
@@ -14,12 +15,14 @@ from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from kvbus.shared.records import BackendStats, FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
-from tests.conftest import wait_for
+from tests.conftest import wait_for_a_beat_waiting
 
 INSTANCE = "inst-r"
 
 
-def make(client: fakeredis.FakeRedis, worker_id: int = 0) -> Registration:
+def make(
+    client: fakeredis.FakeRedis, worker_id: int = 0, stats: Callable[[], dict[str, BackendStats]] | None = None
+) -> Registration:
     return Registration(
         client,
         instance_id=INSTANCE,
@@ -28,6 +31,7 @@ def make(client: fakeredis.FakeRedis, worker_id: int = 0) -> Registration:
         locations=[Location.CPU],
         address=WorkerAddress("10.0.0.7", 8001, "10.0.0.7:8200"),
         ttl_s=5,
+        stats=stats,
     )
 
 
@@ -193,7 +197,7 @@ def test_wake_ends_a_beat_waiting_in_redis_at_once_or_else_the_next(redis_url: s
         outcome: list[bool] = []
         waiting = threading.Thread(target=lambda: outcome.append(registration.heartbeat(wait_s=4.0)))
         waiting.start()
-        wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="the beat's wait in Redis")
+        wait_for_a_beat_waiting(client)
         registration.wake()
         waiting.join(3.0)
         assert outcome == [True], "the woken beat did not run at once"
@@ -223,20 +227,11 @@ def test_stats_that_change_during_a_beats_wait_go_out_at_once_after_it(redis_url
     held = [BackendStats(chunks=1, tokens=256, bytes=100, capacity_bytes=1000)]
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
     try:
-        registration = Registration(
-            client,
-            instance_id=INSTANCE,
-            worker_id=0,
-            space=HashSpace("m", 256),
-            locations=[Location.CPU],
-            address=WorkerAddress("10.0.0.7", 8001, None),
-            ttl_s=5,
-            stats=lambda: {"LocalCPUBackend": held[0]},
-        )
+        registration = make(client, stats=lambda: {"LocalCPUBackend": held[0]})
         registration.register()
         waiting = threading.Thread(target=registration.heartbeat, kwargs={"wait_s": 1.0})
         waiting.start()
-        wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="the beat's wait in Redis")
+        wait_for_a_beat_waiting(client)
         held[0] = BackendStats(chunks=0, tokens=0, bytes=0, capacity_bytes=1000)  # a clear, during the wait
         waiting.join(5.0)
         record = WorkerRecord.decode(client.hgetall(keys.worker(INSTANCE, 0)))
