@@ -21,6 +21,7 @@ from kvbus.agent.synthetic import synthetic_kv
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
 from kvbus.shared.records import BackendStats
+from tests.agent.int8_bound import int8_bound
 
 SPACE = HashSpace("test/model", chunk_size=4)
 CHUNK_BYTES = 4 * 8 * 2  # 4 tokens x 8 values x fp16
@@ -334,8 +335,7 @@ def test_int8_shrinks_used_bytes_and_lookups_still_hit_within_its_bound(make_mem
     restored = backend.retrieve(prompt)
     for got, want in zip(restored, original, strict=True):
         assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, device)
-        bound = want.abs().amax(dim=-2, keepdim=True) / 254
-        assert bool(((got.cpu() - want).abs() <= bound * (1 + 1e-6)).all())
+        assert bool(((got.cpu() - want).abs() <= int8_bound(want, -2)).all())
     assert backend.compress(prompt, "int8") == 12  # already compressed with it: counted, untouched
     assert backend.compress(prompt, "zlib") == 0  # compressed with another method: left alone
     assert backend.decompress(prompt, "zlib") == 0
@@ -443,7 +443,7 @@ def test_pinned_chunks_can_be_compressed_and_survive_clear_compressed(make_memor
     stats = backend.stats()
     assert (stats.pinned_chunks, stats.compressed_chunks, stats.bytes) == (3, 3, 3 * INT8_CHUNK)
     for got, want in zip(backend.retrieve(prompt), original, strict=True):
-        assert bool(((got.cpu() - want).abs() <= want.abs().amax(dim=-2, keepdim=True) / 254 * (1 + 1e-6)).all())
+        assert bool(((got.cpu() - want).abs() <= int8_bound(want, -2)).all())
 
 
 class Bare(StorageBackend):
