@@ -209,17 +209,21 @@ class CommandBus:
         self._pending: dict[str, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Set while Redis is away, as it may come back empty (restarted), without the result stream.
+        self._results_unsure = False
 
     async def start(self) -> None:
         """Open the result stream, then read it on a task of its own.
 
         Agents answer with XADD NOMKSTREAM, so a command sent before the stream exists would have
         its results dropped: the stream is made before the first request can be served. If Redis
-        is unreachable now, the task makes it as soon as Redis answers.
+        is unreachable now, the task or the first request makes it once Redis answers.
         """
         opened = "0-0"
-        with contextlib.suppress(*REDIS_DOWN):
-            opened = await self._create_results_stream()
+        try:
+            opened = await self._create_results_stream(self._reader)
+        except REDIS_DOWN:
+            self._results_unsure = True
         # The reader task uses only its own client: cancelling it midway through a command
         # leaves that connection unusable, and nothing else must depend on it.
         self._task = asyncio.create_task(self._read_results(opened), name="kvbus-results")
@@ -260,6 +264,8 @@ class CommandBus:
         waiter = _Waiter()
         self._pending[event_id] = waiter
         try:
+            if self._results_unsure:
+                await self._reopen_results(event_id)
             settings = msgspec.json.encode(self._settings(command, instance_id)).decode()
             sent = await self._deliver(command, instance_id, settings)
             # On a cluster the record is written while the workers run the command: it costs the answer no time.
@@ -310,6 +316,21 @@ class CommandBus:
             await waiter.done
         finally:
             timer.cancel()  # the last one set
+
+    async def _reopen_results(self, event_id: str) -> None:
+        """Make sure the result stream exists, making it again if Redis came back without it.
+
+        Agents answer with XADD NOMKSTREAM, and after an outage the reader task makes the stream again only at its
+        next try, up to its longest backoff later: an agent that re-registered first would have its answers to
+        the commands sent meanwhile dropped, and their requests would wait out command_timeout for nothing.
+        Raises what Redis raised, or BusUnavailable after `redis_timeout_s`."""
+        try:
+            async with asyncio.timeout(self.redis_timeout_s):
+                if not await self._redis.expire(self.results_key, RESULTS_TTL_S):
+                    await self._create_results_stream(self._redis)
+        except (TimeoutError, redis.TimeoutError):
+            raise redis_stalled(self.redis_timeout_s, event_id=event_id) from None
+        self._results_unsure = False
 
     async def _deliver(self, command: Command, instance_id: str, settings: str) -> _Sent:
         """Put the command on the instance's stream, unless the instance is unknown (UnknownInstance) or has no
@@ -414,13 +435,19 @@ class CommandBus:
             try:
                 if time.monotonic() >= next_refresh:
                     if not await self._reader.expire(self.results_key, RESULTS_TTL_S):
-                        last_id = await self._create_results_stream()
+                        await self._create_results_stream(self._reader)
+                        # All of a new stream is unread, including what came after a request made it (one may
+                        # have made it just before this did).
+                        last_id = "0-0"
+                    self._results_unsure = False
                     next_refresh = time.monotonic() + _TTL_REFRESH_S
                 entries = await self._read_entries(last_id)
             except REDIS_DOWN as exc:
                 if self._closing:
                     return
-                next_refresh = 0.0  # Redis may have restarted empty: recreate the stream first
+                # Redis may have restarted empty: the stream is made again first, here or by the next request.
+                self._results_unsure = True
+                next_refresh = 0.0
                 await asyncio.sleep(outage.failed(exc))
                 with contextlib.suppress(*REDIS_DOWN):
                     await redis_conn.heal(self._reader)
@@ -439,8 +466,8 @@ class CommandBus:
             return cast(list[tuple[str, list[Entry]]], reply)[0][1] if reply else []
         return stream_entries(await self._results.call(pack(read)))
 
-    async def _create_results_stream(self) -> str:
-        pipe = self._reader.pipeline(transaction=False)
+    async def _create_results_stream(self, client: redis_conn.AsyncClient) -> str:
+        pipe = client.pipeline(transaction=False)
         pipe.xadd(self.results_key, ResultsOpened(controller=self.controller_id).encode())
         pipe.expire(self.results_key, RESULTS_TTL_S)
         entry_id, _ = await pipe.execute()

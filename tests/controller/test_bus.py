@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -34,7 +35,7 @@ from kvbus.shared.records import (
     decode_journal,
     decode_result,
 )
-from tests.conftest import MODEL, SEED_TOKENS, wait_for
+from tests.conftest import MODEL, SEED_TOKENS, RedisServer, free_port, wait_for
 from tests.controller.test_lookup import hold
 from tests.controller.test_routes import BASE, INSTANCE, PROMPT, post, store
 
@@ -88,7 +89,7 @@ async def answer(url: str, instance_id: str, worker_id: int, num_tokens: int) ->
             status=ResultStatus.OK,
             num_tokens=num_tokens,
         )
-        await client.xadd(command.reply_to, encode(result))
+        await client.xadd(command.reply_to, encode(result), nomkstream=True)  # as agents answer
         await client.xack(keys.commands(instance_id), group, entry_id)
         return entry_id, command
     finally:
@@ -405,6 +406,30 @@ def test_the_result_stream_exists_once_start_returns(redis_url: str, real_redis:
             return int(real_redis.exists(bus.results_key))
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_command_sent_as_redis_comes_back_empty_is_answered(tmp_path: Path) -> None:
+    """Redis restarted empty and an agent re-registered at its next heartbeat: a command sent before the reader task
+    made the result stream again (it backs off while Redis is away) still gets its answer, which an agent writes
+    only into a stream that exists."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+
+    async def scenario() -> Outcome:
+        async with command_bus(server.url, timeout_s=5) as bus:
+            server.kill()
+            await asyncio.sleep(1.5)  # the reader's backoff grows to its longest, a second
+            server.start()
+            enlist(redis.Redis.from_url(server.url), INSTANCE, 0)
+            request = asyncio.create_task(bus.request(INSTANCE, CommandKind.CLEAR, "Clear-after", location=LOCATION))
+            await answer(server.url, INSTANCE, 0, num_tokens=12)
+            return await request
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        server.kill()
+    assert {w: (r.status, r.num_tokens) for w, r in outcome.results.items()} == {0: ("ok", 12)}
 
 
 async def answer_slowly(url: str, worker_id: int, signs: int, every_s: float, *, then_answer: bool) -> float:
