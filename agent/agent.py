@@ -7,6 +7,7 @@ never touches the host's event loop, and installs no signal handlers: the host c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -86,8 +87,9 @@ class Agent:
         )
         self.peer: PeerServer | None = None
         self._stop = threading.Event()
-        # Held until stop(): the heartbeat thread sleeps by acquiring it with a timeout, one call into C, where
-        # Event.wait runs a Condition's Python code, which an idle engine pays for every second on cold caches.
+        # Held until stop(): where the heartbeat cannot wait in Redis (`_next_wait`), the thread sleeps by acquiring
+        # this with a timeout, one call into C, where Event.wait runs a Condition's Python code, which an idle
+        # engine pays for every second on cold caches.
         self._beating = threading.Lock()
         self._beating.acquire()
         self._detached = threading.Event()  # set once an answer is out while a backend holds detached chunks
@@ -149,6 +151,9 @@ class Agent:
         self._stop.set()
         if self._beating.locked():
             self._beating.release()
+        if self._threads and self.registration.waits_in_redis(self.config.heartbeat_interval):
+            with contextlib.suppress(*redis_conn.ERRORS):  # then the waiting beat fails by itself, and the thread ends
+                self.registration.wake()
         self.consumer.interrupt()
         self._detached.set()  # wakes the reclaim thread, to end
         for thread in self._threads:
@@ -226,9 +231,9 @@ class Agent:
         serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id))
         # Asked once: redis-py's clients are typing Protocols, whose isinstance runs Python code.
         cluster = isinstance(self._redis, redis.cluster.RedisCluster)
-        while not self._beating.acquire(timeout=self.config.heartbeat_interval):
+        while (wait_s := self._next_wait(outage.ongoing)) is not None:
             try:
-                if not self.registration.heartbeat():
+                if not self.registration.heartbeat(wait_s):
                     self._reregister("Redis no longer knows this instance (restarted or flushed)")
                 now_serving = redis_conn.serving_node(self._redis, keys.alive(self.instance_id)) if cluster else None
                 if now_serving != serving:
@@ -242,6 +247,15 @@ class Agent:
                 outage.failed(exc)
                 continue
             outage.succeeded()
+
+    def _next_wait(self, redis_away: bool) -> float | None:
+        """How long the next heartbeat waits in Redis before it beats (Registration.heartbeat), None once the agent
+        is stopping. Where it cannot wait there, and while Redis is away, so that a failing Redis never makes the
+        thread spin, the thread sleeps out the interval first."""
+        interval = self.config.heartbeat_interval
+        if not redis_away and self.registration.waits_in_redis(interval):
+            return None if self._stop.is_set() else interval
+        return None if self._beating.acquire(timeout=interval) else 0.0
 
     def _reregister(self, reason: str) -> None:
         with self._reregistering:

@@ -118,6 +118,12 @@ def worker(instance_id: str, worker_id: int) -> str:
     return f"{_instance(instance_id)}:worker:{worker_id}"
 
 
+def beat_wake(instance_id: str, worker_id: int) -> str:
+    """LIST, empty but for a moment: each heartbeat of one worker waits its interval in Redis, blocked on it
+    (BLPOP), and a stopping agent pushes onto it to end the wait. Pushed with a TTL, so nothing outlives that."""
+    return f"{_instance(instance_id)}:worker:{worker_id}:wake"
+
+
 def commands(instance_id: str) -> str:
     """STREAM of commands for the instance; each worker reads it through its own group."""
     return f"{_instance(instance_id)}:cmd"

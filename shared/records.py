@@ -386,6 +386,7 @@ REDIS_VALUES: dict[str, tuple[type[msgspec.Struct], ...] | str] = {
     "kvbus:{<inst>}:cmd": (Command,),
     "kvbus:ctl:<controller_id>:results": (Result, Working, ResultsOpened),
     "kvbus:{<inst>}:alive": "the id of the worker that heartbeated last",
+    "kvbus:{<inst>}:worker:<worker_id>:wake": "A stopping agent pushes `stop`",
     "kvbus:{<inst>}:done:<worker_id>:<event_id>": "the token count a worker answered for a command",
     "kvbus:{<inst>}:idx:<worker_id>:<location>": "chunk key -> tokens in that chunk",
     "kvbus:{<inst>}:ticket:<digest>": (MoveTicket,),

@@ -43,6 +43,11 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_a_beat_waiting(client: redis.Redis) -> None:
+    """Until some client of `client`'s Redis is blocked in a BLPOP: a heartbeat waiting its interval there."""
+    wait_for(lambda: any(c["cmd"] == "blpop" for c in client.client_list()), what="a heartbeat's wait in Redis")
+
+
 @dataclass
 class RedisServer:
     """A redis-server of the test's own, on a free loopback port, stopped by pid."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from kvbus.agent.agent import Agent
-from kvbus.shared import keys
+from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
-from tests.conftest import MODEL, RedisServer, free_port
+from tests.conftest import MODEL, RedisServer, free_port, wait_for_a_beat_waiting
 
 INSTANCE = "late-redis"
 
@@ -49,17 +51,25 @@ def test_a_stop_ends_the_wait() -> None:
     assert outcome == [False]
 
 
-def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
+def beating_agent(redis_url: str, *, interval_s: float, ttl_s: float) -> Agent:
     config = KVBusConfig(
         enable_controller=True,
         redis_url=redis_url,
         lmcache_instance_id=INSTANCE,
-        heartbeat_interval=600.0,
-        heartbeat_ttl=900.0,
+        heartbeat_interval=interval_s,
+        heartbeat_ttl=ttl_s,
     )
-    agent = Agent(config, model=MODEL)
+    return Agent(config, model=MODEL)
+
+
+def heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+
+
+def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
+    agent = beating_agent(redis_url, interval_s=600.0, ttl_s=900.0)
     agent.start()
-    beating = [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
+    beating = heartbeat_threads()
     assert len(beating) == 1 and beating[0].is_alive()
     agent.stop()
     # stop() waits 10 s for each thread: one still asleep in its 600 s beat interval would outlive it.
@@ -67,3 +77,48 @@ def test_a_stop_wakes_the_heartbeat_from_a_long_sleep(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     assert not client.sismember(keys.INSTANCES, INSTANCE)
     client.close()
+
+
+def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connections with a long socket timeout, so that a 20 s beat interval can be waited in Redis.
+    monkeypatch.setattr(redis_conn, "COMMAND_TIMEOUT_S", 60.0)
+    agent = beating_agent(redis_url, interval_s=20.0, ttl_s=60.0)
+    agent.start()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    wait_for_a_beat_waiting(client)
+    beating = heartbeat_threads()
+    agent.stop()
+    # stop() waits 10 s for each thread: one left in its 20 s wait would outlive it.
+    assert not beating[0].is_alive()
+    assert not client.exists(keys.beat_wake(INSTANCE, 0)) and not client.sismember(keys.INSTANCES, INSTANCE)
+    client.close()
+
+
+def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = beating_agent(redis_url, interval_s=0.2, ttl_s=5.0)
+    beats: list[float] = []
+    heartbeat = agent.registration.heartbeat
+
+    def counted(wait_s: float = 0.0) -> bool:
+        beats.append(wait_s)
+        return heartbeat(wait_s)
+
+    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.set(keys.beat_wake(INSTANCE, 0), "not a list")  # every wait fails at once: WRONGTYPE
+    agent.start()
+    try:
+        time.sleep(1.0)
+        assert 2 <= len(beats) <= 20, f"{len(beats)} beats in 1 s at a 0.2 s interval"
+        assert beats[0] == 0.2 and set(beats[1:]) == {0.0}  # after the refusal, each beat sleeps first
+        assert client.pttl(keys.alive(INSTANCE)) > 0
+        refused = [m for m in caplog.messages if "refused the heartbeat's wait" in m]
+        assert len(refused) == 1 and keys.beat_wake(INSTANCE, 0) in refused[0] and "WRONGTYPE" in refused[0]
+        assert not any("heartbeat to Redis" in m for m in caplog.messages)  # no outage: the beats ran
+    finally:
+        agent.stop()
+        client.close()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 
 import fakeredis
 import msgspec
@@ -12,12 +14,15 @@ from kvbus.agent.registration import Registration, WorkerAddress
 from kvbus.shared import keys
 from kvbus.shared.hashing import HashSpace
 from kvbus.shared.locations import Location
-from kvbus.shared.records import FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
+from kvbus.shared.records import BackendStats, FleetEntry, InstanceInfo, LifecycleEntry, LifecycleKind, WorkerRecord
+from tests.conftest import wait_for_a_beat_waiting
 
 INSTANCE = "inst-r"
 
 
-def make(client: fakeredis.FakeRedis, worker_id: int = 0) -> Registration:
+def make(
+    client: fakeredis.FakeRedis, worker_id: int = 0, stats: Callable[[], dict[str, BackendStats]] | None = None
+) -> Registration:
     return Registration(
         client,
         instance_id=INSTANCE,
@@ -26,6 +31,7 @@ def make(client: fakeredis.FakeRedis, worker_id: int = 0) -> Registration:
         locations=[Location.CPU],
         address=WorkerAddress("10.0.0.7", 8001, "10.0.0.7:8200"),
         ttl_s=5,
+        stats=stats,
     )
 
 
@@ -161,5 +167,76 @@ def test_registration_is_one_round_trip_on_a_single_redis_and_still_warns_reads_
         seconds, micros = client.time()
         assert abs(registration.now_ms() - (seconds * 1000 + micros // 1000)) < 1000
         registration.deregister()
+    finally:
+        client.close()
+
+
+def test_a_beat_that_waits_in_redis_runs_after_its_wait_stamped_with_its_due_time(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
+    try:
+        registration = make(client)
+        registration.register()
+        assert registration.waits_in_redis(2.5) and not registration.waits_in_redis(2.6)  # half the socket timeout
+        client.hset(keys.worker(INSTANCE, 0), WorkerRecord.HEARTBEAT_FIELD, "0")
+        before = time.time()
+        assert registration.heartbeat(wait_s=0.4) is True
+        assert time.time() - before >= 0.4  # Redis held the beat for its wait
+        beat = WorkerRecord.decode(client.hgetall(keys.worker(INSTANCE, 0))).last_heartbeat_time
+        assert before + 0.4 <= beat <= time.time() + 0.4
+        assert abs(registration.now_ms() - int(time.time() * 1000)) < 1000  # the clock still read at the beat
+        assert client.exists(keys.beat_wake(INSTANCE, 0)) == 0  # a wait leaves nothing behind
+    finally:
+        client.close()
+
+
+def test_wake_ends_a_beat_waiting_in_redis_at_once_or_else_the_next(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
+    try:
+        registration = make(client)
+        registration.register()
+        outcome: list[bool] = []
+        waiting = threading.Thread(target=lambda: outcome.append(registration.heartbeat(wait_s=4.0)))
+        waiting.start()
+        wait_for_a_beat_waiting(client)
+        registration.wake()
+        waiting.join(3.0)
+        assert outcome == [True], "the woken beat did not run at once"
+        registration.wake()  # with no beat waiting: the next one takes the push and beats at once
+        assert 0 < client.pttl(keys.beat_wake(INSTANCE, 0)) <= 5000
+        outcome.clear()
+        waiting = threading.Thread(target=lambda: outcome.append(registration.heartbeat(wait_s=4.0)))
+        waiting.start()
+        waiting.join(3.0)
+        assert outcome == [True] and client.exists(keys.beat_wake(INSTANCE, 0)) == 0
+    finally:
+        client.close()
+
+
+def test_a_cluster_beat_never_waits_in_redis(cluster_url: str) -> None:
+    client = redis.RedisCluster.from_url(cluster_url, decode_responses=True)
+    try:
+        registration = make(client)  # type: ignore[arg-type]
+        assert not registration.waits_in_redis(0.001) and registration.waits_in_redis(0.0)
+        registration.register()
+        assert registration.heartbeat() is True
+    finally:
+        client.close()
+
+
+def test_stats_that_change_during_a_beats_wait_go_out_at_once_after_it(redis_url: str) -> None:
+    held = [BackendStats(chunks=1, tokens=256, bytes=100, capacity_bytes=1000)]
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
+    try:
+        registration = make(client, stats=lambda: {"LocalCPUBackend": held[0]})
+        registration.register()
+        waiting = threading.Thread(target=registration.heartbeat, kwargs={"wait_s": 1.0})
+        waiting.start()
+        wait_for_a_beat_waiting(client)
+        held[0] = BackendStats(chunks=0, tokens=0, bytes=0, capacity_bytes=1000)  # a clear, during the wait
+        waiting.join(5.0)
+        record = WorkerRecord.decode(client.hgetall(keys.worker(INSTANCE, 0)))
+        assert record.stats == {"LocalCPUBackend": held[0]}
+        entry = msgspec.json.decode(client.hget(keys.fleet_shard(INSTANCE), f"0:{INSTANCE}"), type=FleetEntry)
+        assert entry.stats == {"LocalCPUBackend": held[0]}
     finally:
         client.close()
