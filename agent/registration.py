@@ -110,6 +110,10 @@ class Registration:
         self._published: FleetEntry | None = None  # the fleet entry this worker wrote last
         self._seen = ""  # what the reads it came from found, as the beat script spells it (JSON)
         self._stats_sent: StatsByLocation | None = None  # what the worker record has, as the own beat wrote it
+        self._last_found: tuple[StatsByLocation | None, fleet_entry.Found] | None = None  # the cluster beat's
+        # Whether the last beat found what the one before it did: stats, index counts and command backlog (the
+        # heartbeat thread then beats less often).
+        self.quiet = False
         self._wake_key = keys.beat_wake(instance_id, worker_id)
         beat_keys = (
             keys.alive(instance_id),
@@ -228,6 +232,7 @@ class Registration:
         with the time it is due. Its stats are those of when it went out: should they change during the wait,
         a beat with those of now follows at once, so that the entry's stats and index are of one moment."""
         assert wait_s <= self._longest_wait_s, "the wait must be one waits_in_redis allows"
+        self.quiet = False
         if self._own is not None:
             # The heartbeat thread's beat waits on the own connection; another caller's beat (a test's, say)
             # takes its turn after it, and its stamp and stats are of its turn.
@@ -248,7 +253,10 @@ class Registration:
                 raise reply
         known = replies[1] == 2
         if known:
-            self._publish(now, stats, fleet_entry.found(iter(replies[3:]), self._worker, locations))
+            found = fleet_entry.found(iter(replies[3:]), self._worker, locations)
+            self.quiet = (stats, found) == self._last_found
+            self._last_found = (stats, found)
+            self._publish(now, stats, found)
         self._sync_clock()  # a call of its own: a cluster pipeline takes no TIME
         return known
 
@@ -261,7 +269,8 @@ class Registration:
         locations = [str(location) for location in self._locations]
         entry = self._entry(now, stats) if self._published is not None else None
         # Stats the record has already are not sent again: an idle engine's stay the same for hours.
-        record = WorkerRecord.heartbeat(now, stats if stats != self._stats_sent else None)
+        changed = stats != self._stats_sent
+        record = WorkerRecord.heartbeat(now, stats if changed else None)
         beat: Args = (
             *self._beat_start,
             self._seen if entry is not None else "",
@@ -289,6 +298,7 @@ class Registration:
             self._publish(now, stats, found)
         if wait_s and self._stats is not None and self._stats() != stats:
             return self._beat_own(own, 0.0)  # what the backends hold changed during the wait
+        self.quiet = bool(written) and not changed  # written: the reads found what the last beat's did
         return True
 
     def _refused_wait(self, error: redis.ResponseError) -> None:

@@ -188,7 +188,9 @@ class KVBusConfig:
     max_local_gpu_size: float = _spec(_non_negative, 1.0, "GB of CUDA memory for chunks")
     redis_url: str = _spec(_redis_url, "redis://127.0.0.1:6379/0", "Redis bus and index")
     command_timeout: float = _spec(_positive, 5.0, "seconds the controller waits for an agent")
-    heartbeat_interval: float = _spec(_positive, 1.0, "seconds between agent heartbeats")
+    heartbeat_interval: float = _spec(
+        _positive, 1.0, "seconds between agent heartbeats; heartbeat_ttl / 3, if longer, after one that found no change"
+    )
     heartbeat_ttl: float = _spec(_positive, 5.0, "seconds after the last heartbeat an agent counts as dead")
     reap_after: float = _spec(
         _non_negative, 600.0, "seconds without a heartbeat before a controller removes an instance; 0: never"

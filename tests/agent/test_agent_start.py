@@ -10,9 +10,10 @@ import pytest
 import redis
 
 from kvbus.agent.agent import Agent
+from kvbus.agent.synthetic import synthetic_kv
 from kvbus.shared import keys, redis_conn
 from kvbus.shared.config import KVBusConfig
-from tests.conftest import MODEL, RedisServer, free_port, wait_for_a_beat_waiting
+from tests.conftest import MODEL, RedisServer, free_port, wait_for, wait_for_a_beat_waiting
 
 INSTANCE = "late-redis"
 
@@ -99,7 +100,7 @@ def test_an_idle_agents_heartbeat_waits_in_redis_and_a_stop_wakes_it(
 def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent = beating_agent(redis_url, interval_s=0.2, ttl_s=5.0)
+    agent = beating_agent(redis_url, interval_s=0.2, ttl_s=0.6)  # quiet beats too come every 0.2 s
     beats: list[float] = []
     heartbeat = agent.registration.heartbeat
 
@@ -119,6 +120,39 @@ def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
         refused = [m for m in caplog.messages if "refused the heartbeat's wait" in m]
         assert len(refused) == 1 and keys.beat_wake(INSTANCE, 0) in refused[0] and "WRONGTYPE" in refused[0]
         assert not any("heartbeat to Redis" in m for m in caplog.messages)  # no outage: the beats ran
+    finally:
+        agent.stop()
+        client.close()
+
+
+def test_a_quiet_agent_beats_every_third_of_its_ttl_and_a_change_brings_its_interval_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = beating_agent(redis_url, interval_s=0.1, ttl_s=1.5)  # quiet: every 0.5 s
+    waits: list[float] = []
+    heartbeat = agent.registration.heartbeat
+
+    def counted(wait_s: float = 0.0) -> bool:
+        waits.append(wait_s)
+        return heartbeat(wait_s)
+
+    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    client = redis.Redis.from_url(redis_url)
+    agent.start()
+    try:
+        wait_for(lambda: len(waits) > 1, what="two beats")
+        assert waits[0] == 0.1  # the first beat, right after registering, is not quiet
+        wait_for(lambda: waits[-2:] == [0.5, 0.5], what="quiet beats")
+        alive_ms = []
+        for _ in range(10):  # two quiet beats and more: liveness never comes near its end
+            alive_ms.append(client.pttl(keys.alive(INSTANCE)))
+            time.sleep(0.1)
+        assert min(alive_ms) > 500, alive_ms
+        seen = len(waits)
+        tokens = list(range(256))
+        agent.tiers.store(tokens, synthetic_kv(agent.space, tokens))
+        wait_for(lambda: 0.1 in waits[seen:], what="a beat at heartbeat_interval after the store")
+        wait_for(lambda: waits[-2:] == [0.5, 0.5], what="quiet beats again")
     finally:
         agent.stop()
         client.close()

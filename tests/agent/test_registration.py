@@ -240,3 +240,30 @@ def test_stats_that_change_during_a_beats_wait_go_out_at_once_after_it(redis_url
         assert entry.stats == {"LocalCPUBackend": held[0]}
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("backend", ["single", "cluster"])
+def test_a_beat_is_quiet_when_it_finds_what_the_last_one_did(backend: str, request: pytest.FixtureRequest) -> None:
+    """Quiet: the same stats, index counts and command backlog as the beat before (the agent then beats less)."""
+    url = str(request.getfixturevalue("redis_url" if backend == "single" else "cluster_url"))
+    client = (redis.Redis if backend == "single" else redis.RedisCluster).from_url(url, decode_responses=True)
+    held = [BackendStats(chunks=1, tokens=256, bytes=100, capacity_bytes=1000)]
+    try:
+        client.xgroup_create(keys.commands(INSTANCE), keys.command_group(0), id="0", mkstream=True)
+        registration = make(client, stats=lambda: {"LocalCPUBackend": held[0]})  # type: ignore[arg-type]
+        registration.register()
+        assert registration.heartbeat()
+        assert registration.heartbeat() and registration.quiet
+        held[0] = BackendStats(chunks=0, tokens=0, bytes=0, capacity_bytes=1000)  # a clear
+        assert registration.heartbeat() and not registration.quiet
+        assert registration.heartbeat() and registration.quiet
+        client.hset(keys.index(INSTANCE, 0, str(Location.CPU)), "chunk", 256)  # an index write
+        assert registration.heartbeat() and not registration.quiet
+        assert registration.heartbeat() and registration.quiet
+        client.xadd(keys.commands(INSTANCE), {"event_id": "e"})  # a command not read yet
+        assert registration.heartbeat() and not registration.quiet
+        assert registration.heartbeat() and registration.quiet
+        client.delete(keys.info(INSTANCE))  # Redis forgot the instance
+        assert not registration.heartbeat() and not registration.quiet
+    finally:
+        client.close()
