@@ -61,7 +61,7 @@ class Reaper:
 
     async def reap_once(self) -> list[str]:
         """Remove every instance silent for `reap_after` seconds; returns their ids."""
-        snapshot = await fleet.read(self._redis, backlogs=False)
+        snapshot = await fleet.read(self._redis, backlogs=False, silent_only=True)
         reaped = []
         for instance in snapshot.instances:
             if instance.alive:

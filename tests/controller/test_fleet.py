@@ -30,11 +30,11 @@ def config(redis_url: str) -> KVBusConfig:
     return BASE.with_overrides(redis_url=redis_url)
 
 
-def read(url: str, only: str | None = None, *, backlogs: bool = True) -> Fleet:
+def read(url: str, only: str | None = None, *, backlogs: bool = True, silent_only: bool = False) -> Fleet:
     async def once() -> Fleet:
         client = await redis_conn.connect_async(url)
         try:
-            return await fleet.read(client, only, backlogs=backlogs)
+            return await fleet.read(client, only, backlogs=backlogs, silent_only=silent_only)
         finally:
             await client.aclose()
 
@@ -132,6 +132,22 @@ def test_only_reads_one_instance_and_backlogs_can_be_left_out(redis_url: str, ra
     assert [(i.instance_id, i.index, [w.worker_id for w in i.workers]) for i in without.instances] == [
         (i.instance_id, i.index, [w.worker_id for w in i.workers]) for i in with_backlogs.instances
     ]
+
+
+def test_silent_only_reads_just_the_instances_without_a_heartbeat_whole(redis_url: str, ranks: list[Agent]) -> None:
+    hold(redis_url, "dead", PROMPT, alive=False)
+    hold(redis_url, "other", PROMPT)
+    everyone = read(redis_url, backlogs=False)
+    silent = read(redis_url, backlogs=False, silent_only=True)
+    assert [i.instance_id for i in everyone.instances] == ["dead", "other", INSTANCE]
+
+    def whole(instances: list[fleet.Instance]) -> list[tuple[str, bool, list[tuple[object, dict[str, int]]]]]:
+        return [(i.instance_id, i.alive, [(w.record, w.index) for w in i.workers]) for i in instances]
+
+    assert whole(silent.instances) == whole([i for i in everyone.instances if i.instance_id == "dead"])
+    assert silent.instances[0].workers  # its records and index sizes too, not just its id
+    assert silent.locations == everyone.locations
+    assert read(redis_url, INSTANCE, silent_only=True).instances == []
 
 
 def test_a_worker_whose_hash_is_gone_or_unreadable_is_skipped_and_a_gone_stream_has_no_backlog(
