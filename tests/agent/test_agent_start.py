@@ -63,6 +63,19 @@ def beating_agent(redis_url: str, *, interval_s: float, ttl_s: float) -> Agent:
     return Agent(config, model=MODEL)
 
 
+def beat_waits(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The wait each of `agent`'s beats asks for, in order, from now on."""
+    waits: list[float] = []
+    heartbeat = agent.registration.heartbeat
+
+    def counted(wait_s: float = 0.0) -> bool:
+        waits.append(wait_s)
+        return heartbeat(wait_s)
+
+    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    return waits
+
+
 def heartbeat_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("kvbus-heartbeat-")]
 
@@ -101,14 +114,7 @@ def test_a_heartbeat_whose_wait_redis_refuses_sleeps_instead_and_says_so(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     agent = beating_agent(redis_url, interval_s=0.2, ttl_s=0.6)  # quiet beats too come every 0.2 s
-    beats: list[float] = []
-    heartbeat = agent.registration.heartbeat
-
-    def counted(wait_s: float = 0.0) -> bool:
-        beats.append(wait_s)
-        return heartbeat(wait_s)
-
-    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    beats = beat_waits(agent, monkeypatch)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.set(keys.beat_wake(INSTANCE, 0), "not a list")  # every wait fails at once: WRONGTYPE
     agent.start()
@@ -129,14 +135,7 @@ def test_a_quiet_agent_beats_every_third_of_its_ttl_and_a_change_brings_its_inte
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent = beating_agent(redis_url, interval_s=0.1, ttl_s=1.5)  # quiet: every 0.5 s
-    waits: list[float] = []
-    heartbeat = agent.registration.heartbeat
-
-    def counted(wait_s: float = 0.0) -> bool:
-        waits.append(wait_s)
-        return heartbeat(wait_s)
-
-    monkeypatch.setattr(agent.registration, "heartbeat", counted)
+    waits = beat_waits(agent, monkeypatch)
     client = redis.Redis.from_url(redis_url)
     agent.start()
     try:

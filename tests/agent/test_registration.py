@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import fakeredis
 import msgspec
@@ -33,6 +34,18 @@ def make(
         ttl_s=5,
         stats=stats,
     )
+
+
+@contextlib.contextmanager
+def registered(redis_url: str, *, socket_timeout: float) -> Iterator[tuple[redis.Redis, Registration]]:
+    """A client of the test's Redis, and a registration made and registered through it."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=socket_timeout)
+    try:
+        registration = make(client)
+        registration.register()
+        yield client, registration
+    finally:
+        client.close()
 
 
 def test_register_writes_what_controllers_and_operators_read(fake_redis: fakeredis.FakeRedis) -> None:
@@ -172,10 +185,7 @@ def test_registration_is_one_round_trip_on_a_single_redis_and_still_warns_reads_
 
 
 def test_a_beat_that_waits_in_redis_runs_after_its_wait_stamped_with_its_due_time(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
-    try:
-        registration = make(client)
-        registration.register()
+    with registered(redis_url, socket_timeout=5) as (client, registration):
         assert registration.waits_in_redis(2.5) and not registration.waits_in_redis(2.6)  # half the socket timeout
         client.hset(keys.worker(INSTANCE, 0), WorkerRecord.HEARTBEAT_FIELD, "0")
         before = time.time()
@@ -185,15 +195,10 @@ def test_a_beat_that_waits_in_redis_runs_after_its_wait_stamped_with_its_due_tim
         assert before + 0.4 <= beat <= time.time() + 0.4
         assert abs(registration.now_ms() - int(time.time() * 1000)) < 1000  # the clock still read at the beat
         assert client.exists(keys.beat_wake(INSTANCE, 0)) == 0  # a wait leaves nothing behind
-    finally:
-        client.close()
 
 
 def test_wake_ends_a_beat_waiting_in_redis_at_once_or_else_the_next(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
-    try:
-        registration = make(client)
-        registration.register()
+    with registered(redis_url, socket_timeout=10) as (client, registration):
         outcome: list[bool] = []
         waiting = threading.Thread(target=lambda: outcome.append(registration.heartbeat(wait_s=4.0)))
         waiting.start()
@@ -208,8 +213,6 @@ def test_wake_ends_a_beat_waiting_in_redis_at_once_or_else_the_next(redis_url: s
         waiting.start()
         waiting.join(3.0)
         assert outcome == [True] and client.exists(keys.beat_wake(INSTANCE, 0)) == 0
-    finally:
-        client.close()
 
 
 def test_a_cluster_beat_never_waits_in_redis(cluster_url: str) -> None:
