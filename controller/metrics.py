@@ -95,12 +95,14 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        # Series that exist from the start make rate() and ratios correct from the first increment.
-        for kind in COMMAND_PATHS.values():
-            for outcome in OUTCOMES:
-                self.commands.labels(kind, outcome)
-        for result in ("hit", "miss"):
-            self.lookups.labels(result)
+        # Series that exist from the start make rate() and ratios correct from the first increment; kept, as
+        # the request series are, so that no request asks labels() for them.
+        self._commands = {
+            (kind, outcome): self.commands.labels(kind, outcome)
+            for kind in COMMAND_PATHS.values()
+            for outcome in OUTCOMES
+        }
+        self._lookups = {hit: self.lookups.labels("hit" if hit else "miss") for hit in (True, False)}
 
     def observe(self, method: str, path: str, status: int, seconds: float, body: bytes) -> None:
         series = self._series.get((method, path, status))
@@ -117,11 +119,11 @@ class Metrics:
                 hit = bool(msgspec.json.decode(body, type=_LookupAnswer).layout_info)
             except msgspec.DecodeError:
                 return  # not the answer shape this counts; the request itself is counted above
-            self.lookups.labels("hit" if hit else "miss").inc()
+            self._lookups[hit].inc()
         elif (kind := COMMAND_PATHS.get(path)) is not None:
             outcome = "ok" if status == 200 else _OUTCOMES.get(_error_code(body))
             if outcome is not None:
-                self.commands.labels(kind, outcome).inc()
+                self._commands[kind, outcome].inc()
 
     def lookup_counts(self) -> tuple[int, int]:
         """(hits, misses) since this process started."""

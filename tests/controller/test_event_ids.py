@@ -18,6 +18,15 @@ def test_an_id_is_the_operation_s_lmcache_name_followed_by_a_fresh_uuid4() -> No
     assert event_ids.new(Operation.HEALTH).startswith("health")  # LMCache spells this one in lowercase
 
 
+def test_an_id_s_uuid4_is_in_the_canonical_text_with_its_version_and_variant_bits() -> None:
+    texts = [event_ids.new(Operation.LOOKUP).removeprefix("Lookup") for _ in range(2000)]
+    parsed = [uuid.UUID(text) for text in texts]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert [str(u) for u in parsed] == texts  # lower case, dashes where uuid prints them
+    assert {text[19] for text in texts} == set("89ab")  # every variant digit turns up: the bits are random
+    assert len(set(texts)) == len(texts)
+
+
 def test_every_command_kind_has_its_operation() -> None:
     assert {kind: Operation.of(kind) for kind in CommandKind} == {
         CommandKind.CLEAR: "Clear",
