@@ -6,19 +6,21 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
+import msgspec
 import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from kvbus.controller import dashboard, event_ids, metrics
+from kvbus.controller import dashboard, metrics, rehearsal
 from kvbus.controller.bus import CommandBus
 from kvbus.controller.deadlines import Deadlines
-from kvbus.controller.errors import EXCEPTION_HANDLERS, REDIS_DOWN, UnknownInstance, credentials_problem
-from kvbus.controller.event_ids import Operation
+from kvbus.controller.errors import EXCEPTION_HANDLERS, credentials_problem
 from kvbus.controller.guard import Guard
 from kvbus.controller.lmcache.bridge import Bridge
 from kvbus.controller.lookup import PrefixIndex
@@ -27,7 +29,6 @@ from kvbus.controller.routes import ROUTES
 from kvbus.shared import redis_conn
 from kvbus.shared.config import KVBusConfig
 from kvbus.shared.locations import Location
-from kvbus.shared.messages import CommandKind
 
 log = logging.getLogger("kvbus.controller")
 
@@ -35,14 +36,16 @@ PROBE_TIMEOUT_S = 2.0  # start-up's check of Redis: long enough for a cold conne
 # Connections opened at start-up: a first burst of this many concurrent requests pays no connects. A
 # fresh controller's first 32 concurrent clears took 67-201 ms p50 against 20-40 ms once warm.
 WARM_CONNECTIONS = 32
-WARM_RUNS = 16  # CPython specializes a code path after 8 runs or so
+# Each of the rehearsal's requests this many times: CPython specializes a code path after 8 runs or so, and
+# 32 clears closed most of a first burst's extra CPU where 16 did not.
+WARM_RUNS = 32
 WARM_TOKENS = 1024
 
 
-async def _probe(client: redis_conn.AsyncClient, redis_url: str, scripts: list[AsyncScript]) -> None:
+async def _probe(client: redis_conn.AsyncClient, redis_url: str, scripts: list[AsyncScript]) -> bool:
     """Say at start-up what is wrong with Redis, if anything: the controller starts all the same and serves
     503s until Redis answers, but a wrong password never fixes itself, so the log names the setting. When
-    Redis answers, open the pool's connections and load the scripts, for the first requests' sake."""
+    Redis answers, open the pool's connections and load the scripts, for the first requests' sake; True then."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await client.ping()
@@ -58,20 +61,30 @@ async def _probe(client: redis_conn.AsyncClient, redis_url: str, scripts: list[A
                 redis_conn.redacted(redis_url),
                 reason,
             )
+        return False
+    return True
 
 
-async def _warm_paths(bus: CommandBus, index: PrefixIndex) -> None:
-    """Run the lookup and command paths a few times before serving: CPython specializes code as it runs it,
-    and the first requests would pay for it. The clears go to an instance no agent registers (this
-    controller's own id), so they find it unknown and write nothing."""
-    instance = f"kvbus-warm-up-{bus.controller_id}"
-    with contextlib.suppress(*REDIS_DOWN, TimeoutError):
-        for _ in range(WARM_RUNS):
-            await index.lookup(range(WARM_TOKENS))
-            with contextlib.suppress(UnknownInstance):
-                await bus.request(
-                    instance, CommandKind.CLEAR, event_ids.new(Operation.CLEAR), location=str(Location.CPU)
-                )
+async def _rehearse(app: Starlette, config: KVBusConfig, controller_id: str) -> None:
+    """Lookups and clears through the HTTP path, to a twin of `app` (rehearsal.py says why). The clears go to an
+    instance no agent registers (this controller's own id), so they find it unknown and write nothing."""
+    twin = _starlette(config, metrics.Metrics(), lifespan=None)
+    twin.state = app.state
+    lookup = rehearsal.post("/lookup", msgspec.json.encode({"tokens": list(range(WARM_TOKENS))}), config.api_token)
+    clear = rehearsal.post(
+        "/clear",
+        msgspec.json.encode({"instance_id": f"kvbus-warm-up-{controller_id}", "location": str(Location.CPU)}),
+        config.api_token,
+    )
+    started = time.perf_counter()
+    try:
+        statuses = await rehearsal.rehearse(twin, [lookup, clear] * WARM_RUNS)
+    except (OSError, EOFError, TimeoutError) as exc:
+        log.warning("start-up's rehearsal of the HTTP path stopped (%s); the first requests may be slower", exc)
+        return
+    if set(statuses) != {200, 404}:
+        log.warning("start-up's rehearsal of the HTTP path got statuses %s, not 200 and 404", sorted(set(statuses)))
+    log.debug("rehearsed the HTTP path: %d requests in %.1f ms", len(statuses), (time.perf_counter() - started) * 1000)
 
 
 def create_app(config: KVBusConfig) -> Starlette:
@@ -93,9 +106,10 @@ def create_app(config: KVBusConfig) -> Starlette:
         app.state.redis = redis_client
         app.state.bus = bus
         app.state.index = index = PrefixIndex(redis_client)
-        await _probe(redis_client, config.redis_url, [*bus.scripts, *index.scripts])
+        redis_answers = await _probe(redis_client, config.redis_url, [*bus.scripts, *index.scripts])
         await bus.start()
-        await _warm_paths(bus, index)
+        if redis_answers:  # otherwise every rehearsed request would be a 503, and each one a log line
+            await _rehearse(app, config, bus.controller_id)
         # What start-up made lives as long as the process: no collection needs to scan it again.
         gc.freeze()
         bridge = Bridge(redis_client, config, controller_id=bus.controller_id)
@@ -127,7 +141,14 @@ def create_app(config: KVBusConfig) -> Starlette:
             log.info("controller %s stopped", bus.controller_id)
 
     # Counters live as long as the app, not the process: tests and embedders create several apps.
-    own_metrics = metrics.Metrics()
+    return _starlette(config, metrics.Metrics(), lifespan)
+
+
+def _starlette(
+    config: KVBusConfig,
+    own_metrics: metrics.Metrics,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None,
+) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *metrics.ROUTES, *dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
