@@ -36,9 +36,9 @@ PROBE_TIMEOUT_S = 2.0  # start-up's check of Redis: long enough for a cold conne
 # Connections opened at start-up: a first burst of this many concurrent requests pays no connects. A
 # fresh controller's first 32 concurrent clears took 67-201 ms p50 against 20-40 ms once warm.
 WARM_CONNECTIONS = 32
-# Each of the rehearsal's requests this many times: CPython specializes a code path after 8 runs or so, and
-# 32 clears closed most of a first burst's extra CPU where 16 did not.
-WARM_RUNS = 32
+# The rehearsal's lookups and clears, this many of each over WARM_CONNECTIONS connections at once: CPython
+# specializes a code path after 8 runs or so, and a first burst finds the memory of that many requests in flight.
+WARM_RUNS = 64
 WARM_TOKENS = 1024
 
 
@@ -78,7 +78,7 @@ async def _rehearse(app: Starlette, config: KVBusConfig, controller_id: str) -> 
     )
     started = time.perf_counter()
     try:
-        statuses = await rehearsal.rehearse(twin, [lookup, clear] * WARM_RUNS)
+        statuses = await rehearsal.rehearse(twin, [lookup, clear] * WARM_RUNS, connections=WARM_CONNECTIONS)
     except (OSError, EOFError, TimeoutError) as exc:
         log.warning("start-up's rehearsal of the HTTP path stopped (%s); the first requests may be slower", exc)
         return

@@ -54,6 +54,28 @@ def test_each_request_goes_through_uvicorn_s_protocol_to_the_app_and_its_status_
     assert app.seen == [("POST", "/200", b'{"a":1}', None), ("POST", "/404", b"[]", "Bearer s3cret")] * 3
 
 
+def test_connections_send_at_once_each_its_share_in_order() -> None:
+    in_flight = 0
+    all_in = asyncio.Event()
+    paths: list[str] = []
+
+    async def barrier(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal in_flight
+        paths.append(scope["path"])
+        in_flight += 1
+        if in_flight == 3:
+            all_in.set()
+        await all_in.wait()  # only three connections at once get past this
+        length = [(b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": int(scope["path"].strip("/")), "headers": length})
+        await send({"type": "http.response.body", "body": b""})
+
+    requests = [rehearsal.post(f"/{status}", b"{}", None) for status in (200, 201, 202, 203, 206, 207)]
+    statuses = asyncio.run(rehearsal.rehearse(barrier, requests, connections=3))
+    assert statuses == [200, 203, 201, 206, 202, 207]  # connection by connection: every third request
+    assert sorted(paths[:3]) == ["/200", "/201", "/202"]
+
+
 def test_an_app_that_never_answers_ends_the_rehearsal_at_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     async def silent(scope: Scope, receive: Receive, send: Send) -> None:
         await asyncio.Event().wait()
