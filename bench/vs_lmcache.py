@@ -810,7 +810,8 @@ def _bursts(stack: Stack) -> None:
     where kvbus's agents and LMCache's workers meet their first command. Then a kvbus controller started
     just before, its first burst against its own later ones, each after the same pause: after any pause
     every process on the box wakes cold (a warm controller's burst after a pause of a second measured
-    1.1-1.2x back-to-back bursts), and a first burst always follows one, the controller's start-up."""
+    1.1-1.2x back-to-back bursts), and a first burst always follows one, the controller's start-up. Last, the
+    control: the same starts and pauses, with the bursts to the warm controller."""
     sizes, lm, kv = stack.sizes, stack.lm, stack.kv
     base = sizes.instances // 2  # LMCache instances no command has reached yet
     lm_targets = [_clear(_lm_instance(base + i)) for i in range(CONCURRENCY)]
@@ -825,21 +826,11 @@ def _bursts(stack: Stack) -> None:
     for _ in range(sizes.bursts):
         kv_steady += stack.run(kv.url, kv_targets, CONCURRENCY, CONCURRENCY, _clear_check(0), warmup=0)
     note(f"vs_lmcache: {FRESH_TRIALS} fresh controllers' first bursts, each burst after a {PAUSE_S:g} s pause")
-    ratios: list[float] = []
-    firsts, laters = Sampled(), Sampled()
-    for _ in range(FRESH_TRIALS):
-        paused = time.monotonic()
-        with controller(stack.redis_url, stack.tmp) as fresh:
-            time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused)))
-            first = stack.run(fresh.url, kv_targets, CONCURRENCY, CONCURRENCY, _clear_check(0), warmup=0)
-            later = Sampled()
-            for _ in range(FRESH_LATER):
-                time.sleep(PAUSE_S)
-                later += stack.run(fresh.url, kv_targets, CONCURRENCY, CONCURRENCY, _clear_check(0), warmup=0)
-        ratios.append(first.p(50) / later.p(50))
-        firsts += first
-        laters += later
+    firsts, laters, ratios = _restart_bursts(stack, kv_targets, fresh=True)
+    note("vs_lmcache: the same bursts to the warm controller, while a controller starts beside it")
+    warm_firsts, warm_laters, warm_ratios = _restart_bursts(stack, kv_targets, fresh=False)
     fresh_ratio = firsts.p(50) / laters.p(50)
+    warm_ratio = warm_firsts.p(50) / warm_laters.p(50)
     stack.rows += [
         Row(
             "first burst of 32 concurrent clears, p50",
@@ -876,7 +867,50 @@ def _bursts(stack: Stack) -> None:
             f"{PAUSE_S:g} s pause (the first's is the start-up); one controller's ratio "
             f"{min(ratios):.2f}-{max(ratios):.2f}; kvbus {(firsts + laters).error_text()}",
         ),
+        Row(
+            "  the same, to the warm controller while one starts",
+            "x",
+            None,
+            warm_ratio,
+            "-",
+            None,
+            "the control: the same starts, stops and pauses on the box, the bursts to the controller that served "
+            f"the whole run; one trial's ratio {min(warm_ratios):.2f}-{max(warm_ratios):.2f}; "
+            f"kvbus {(warm_firsts + warm_laters).error_text()}",
+        ),
+        Row(
+            "  first bursts, fresh controller / warm one",
+            "x",
+            None,
+            firsts.p(50) / warm_firsts.p(50),
+            "-",
+            None,
+            "p50s of the two rows above' first bursts: what being fresh costs, the box's state alike",
+        ),
     ]
+
+
+def _restart_bursts(stack: Stack, targets: list[bytes], *, fresh: bool) -> tuple[Sampled, Sampled, list[float]]:
+    """FRESH_TRIALS times: a controller starts, a burst comes PAUSE_S after its start began, then FRESH_LATER
+    bursts PAUSE_S apart, all to that controller (`fresh`) or all to the stack's warm one. The warm one is the
+    control: every first burst follows a longer idle with a process starting on the box, which slows the agents
+    and Redis too. Returns the first bursts, the later ones, and each trial's p50 ratio."""
+    ratios: list[float] = []
+    firsts, laters = Sampled(), Sampled()
+    for _ in range(FRESH_TRIALS):
+        paused = time.monotonic()
+        with controller(stack.redis_url, stack.tmp) as started:
+            url = started.url if fresh else stack.kv.url
+            time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused)))
+            first = stack.run(url, targets, CONCURRENCY, CONCURRENCY, _clear_check(0), warmup=0)
+            later = Sampled()
+            for _ in range(FRESH_LATER):
+                time.sleep(PAUSE_S)
+                later += stack.run(url, targets, CONCURRENCY, CONCURRENCY, _clear_check(0), warmup=0)
+        ratios.append(first.p(50) / later.p(50))
+        firsts += first
+        laters += later
+    return firsts, laters, ratios
 
 
 def _concurrent(stack: Stack) -> None:
