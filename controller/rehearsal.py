@@ -36,15 +36,17 @@ async def rehearse(app: ASGIApp, requests: Sequence[bytes], connections: int = 1
     config.load()
     serving = cast(Callable[..., asyncio.Protocol], config.http_protocol_class)
     state = ServerState()
+
+    def protocol() -> asyncio.Protocol:
+        return serving(config=config, server_state=state, app_state={})
+
     loop = asyncio.get_running_loop()
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         async with asyncio.timeout(TIMEOUT_S):
             for _ in range(connections):
                 ours, theirs = socket.socketpair()
-                await loop.connect_accepted_socket(
-                    lambda: serving(config=config, server_state=state, app_state={}), ours
-                )
+                await loop.connect_accepted_socket(protocol, ours)
                 opened.append(await asyncio.open_connection(sock=theirs))
             shares = await asyncio.gather(
                 *(_send(reader, writer, requests[n::connections]) for n, (reader, writer) in enumerate(opened))
